@@ -1,0 +1,49 @@
+"""The ``sharecl`` command line.
+
+Each command group lives in its own module under ``jobs/commands`` and exposes
+``register(subparsers)``. Modules import their heavy dependencies (ray, redis,
+mlflow) inside the command functions so that ``sharecl compress`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_COMMAND_MODULES = ("offline", "store", "cluster")
+
+
+class CLIError(Exception):
+    """An error to show the user as one line, with exit status 2 (no traceback)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharecl",
+        description="Share continual learning: one shared LoRA subspace, many tasks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(f"jobs.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as err:
+        print(f"sharecl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        # Library errors are written to be shown as they are: they name the input and the fix.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sharecl {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
