@@ -1,0 +1,276 @@
+"""The Share subspace state: per module two orthonormal bases, per task small coefficients.
+
+For a module with frozen weight ``W0`` (``n x d``) the subspace holds ``U_A`` (``d x k_A``) and
+``U_B`` (``n x k_B``). Task ``t`` holds ``E_A`` (``k_A x p``) and ``E_B`` (``k_B x p``); its update is
+``dW_t = U_B E_B (U_A E_A).T``. Scalings are absorbed into the coefficients (see ``gauge``), so the
+update needs no ``lora_alpha``. A task may also carry its own head (e.g. a classifier's weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import KPolicy
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BASES_FILE = "bases.safetensors"
+TASKS_DIR = "tasks"
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_task_name(name: str) -> str:
+    if not isinstance(name, str) or not _TASK_NAME.match(name):
+        raise ValueError(
+            f"invalid task name {name!r}: use 1-128 letters, digits, '_', '.', '-' starting with a "
+            "letter or digit (it becomes a file and key name)"
+        )
+    return name
+
+
+@dataclass
+class ModuleBasis:
+    """Orthonormal bases of one module: ``U_A`` spans the input side, ``U_B`` the output side."""
+
+    U_A: Tensor
+    U_B: Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.U_A.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.U_B.shape[0]
+
+    @property
+    def k_A(self) -> int:
+        return self.U_A.shape[1]
+
+    @property
+    def k_B(self) -> int:
+        return self.U_B.shape[1]
+
+
+@dataclass
+class TaskCoefficients:
+    """One task: coefficient pair per module, its head tensors, and JSON-able metadata."""
+
+    E: dict[str, tuple[Tensor, Tensor]]  # module -> (E_A: k_A x p, E_B: k_B x p)
+    head: dict[str, Tensor] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Subspace:
+    """Bases per module plus coefficients per task. ``modules`` keeps insertion order."""
+
+    modules: dict[str, ModuleBasis]
+    tasks: dict[str, TaskCoefficients] = field(default_factory=dict)
+    policy: KPolicy = field(default_factory=KPolicy)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # -- derived views -------------------------------------------------------------------------
+    def delta_weight(self, task: str, module: str) -> Tensor:
+        """``dW`` (``n x d``) of ``task`` at ``module``; materializes a full matrix, for tests/export."""
+        basis = self.modules[module]
+        E_A, E_B = self.task(task).E[module]
+        return (basis.U_B @ E_B) @ (basis.U_A @ E_A).T
+
+    def factors(self, task: str, module: str) -> tuple[Tensor, Tensor]:
+        """PEFT-style ``(B, A)`` of ``task`` at ``module`` with scaling 1: ``B`` is ``n x p``, ``A`` ``p x d``."""
+        basis = self.modules[module]
+        E_A, E_B = self.task(task).E[module]
+        return basis.U_B @ E_B, (basis.U_A @ E_A).T
+
+    def task(self, name: str) -> TaskCoefficients:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            known = ", ".join(self.tasks) or "none"
+            raise KeyError(f"unknown task {name!r}; this subspace holds: {known}") from None
+
+    def k(self) -> dict[str, tuple[int, int]]:
+        return {name: (b.k_A, b.k_B) for name, b in self.modules.items()}
+
+    def num_parameters(self) -> dict[str, int]:
+        """Stored parameter counts: shared bases, all coefficients, all heads."""
+        bases = sum(b.U_A.numel() + b.U_B.numel() for b in self.modules.values())
+        coeffs = sum(a.numel() + b.numel() for t in self.tasks.values() for a, b in t.E.values())
+        heads = sum(v.numel() for t in self.tasks.values() for v in t.head.values())
+        return {"bases": bases, "coefficients": coeffs, "heads": heads, "total": bases + coeffs + heads}
+
+    def equivalent_lora_parameters(self) -> int:
+        """Parameters of the separate LoRA adapters (rank ``p`` each) this subspace replaces, heads included."""
+        total = 0
+        for t in self.tasks.values():
+            for module, (E_A, _) in t.E.items():
+                basis = self.modules[module]
+                total += E_A.shape[1] * (basis.in_features + basis.out_features)
+            total += sum(v.numel() for v in t.head.values())
+        return total
+
+    def validate(self) -> None:
+        """Check internal consistency; raise ValueError naming the task/module at fault."""
+        for name, basis in self.modules.items():
+            for side, U in (("U_A", basis.U_A), ("U_B", basis.U_B)):
+                if U.ndim != 2:
+                    raise ValueError(f"module {name!r}: {side} must be 2-D, got shape {tuple(U.shape)}")
+                if not torch.isfinite(U).all():
+                    raise ValueError(f"module {name!r}: {side} holds NaN or Inf")
+        for tname, t in self.tasks.items():
+            check_task_name(tname)
+            missing = set(self.modules) - set(t.E)
+            extra = set(t.E) - set(self.modules)
+            if missing or extra:
+                raise ValueError(
+                    f"task {tname!r}: modules differ from the subspace's "
+                    f"(missing {sorted(missing)}, unknown {sorted(extra)})"
+                )
+            for mname, (E_A, E_B) in t.E.items():
+                basis = self.modules[mname]
+                if E_A.shape[0] != basis.k_A or E_B.shape[0] != basis.k_B or E_A.shape[1] != E_B.shape[1]:
+                    raise ValueError(
+                        f"task {tname!r}, module {mname!r}: coefficient shapes {tuple(E_A.shape)} and "
+                        f"{tuple(E_B.shape)} do not fit k_A={basis.k_A}, k_B={basis.k_B}"
+                    )
+                if not (torch.isfinite(E_A).all() and torch.isfinite(E_B).all()):
+                    raise ValueError(f"task {tname!r}, module {mname!r}: coefficients hold NaN or Inf")
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+        """Write to a folder atomically: a temporary sibling is written, then renamed over ``path``.
+
+        Layout: ``manifest.json``, ``bases.safetensors`` (``<module>.U_A``/``.U_B``), and
+        ``tasks/<task>.safetensors`` (``<module>.E_A``/``.E_B``, ``head.<name>``). Bit-exact.
+        """
+        self.validate()
+        target = Path(path)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True or choose another folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self._write(tmp)
+            if target.exists():
+                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.rename(target, backup)
+                os.rename(tmp, target)
+                shutil.rmtree(backup)
+            else:
+                os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    def _write(self, folder: Path) -> None:
+        bases = {}
+        for name, b in self.modules.items():
+            bases[f"{name}.U_A"] = b.U_A.contiguous()
+            bases[f"{name}.U_B"] = b.U_B.contiguous()
+        save_file(bases, str(folder / BASES_FILE))
+        (folder / TASKS_DIR).mkdir()
+        checksums = {BASES_FILE: _sha256(folder / BASES_FILE)}
+        tasks_manifest = {}
+        for tname, t in self.tasks.items():
+            tensors = {}
+            for mname, (E_A, E_B) in t.E.items():
+                tensors[f"{mname}.E_A"] = E_A.contiguous()
+                tensors[f"{mname}.E_B"] = E_B.contiguous()
+            for key, value in t.head.items():
+                tensors[f"head.{key}"] = value.contiguous()
+            rel = f"{TASKS_DIR}/{tname}.safetensors"
+            save_file(tensors, str(folder / rel))
+            checksums[rel] = _sha256(folder / rel)
+            tasks_manifest[tname] = {"metadata": t.metadata, "head": list(t.head)}
+        manifest = {
+            "format": "share-cl-subspace",
+            "format_version": FORMAT_VERSION,
+            "policy": self.policy.to_dict(),
+            "metadata": self.metadata,
+            "modules": {
+                name: {"in_features": b.in_features, "out_features": b.out_features, "k_A": b.k_A, "k_B": b.k_B}
+                for name, b in self.modules.items()
+            },
+            "tasks": tasks_manifest,
+            "checksums": checksums,
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], tasks: list[str] | None = None) -> Subspace:
+        """Read a folder written by ``save``; ``tasks`` limits which tasks' files are read."""
+        folder = Path(path)
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a Share subspace folder (no {MANIFEST}); create one with "
+                "`sharecl compress ADAPTER_DIR... -o DIR`"
+            )
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != "share-cl-subspace" or manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path}: unsupported format {manifest.get('format')!r} "
+                f"version {manifest.get('format_version')!r}"
+            )
+        checksums = manifest["checksums"]
+        bases = _load_checked(folder, BASES_FILE, checksums)
+        modules = {}
+        for name in manifest["modules"]:
+            try:
+                modules[name] = ModuleBasis(U_A=bases[f"{name}.U_A"], U_B=bases[f"{name}.U_B"])
+            except KeyError as err:
+                raise ValueError(f"{folder / BASES_FILE}: missing tensor {err.args[0]!r}") from None
+        wanted = list(manifest["tasks"]) if tasks is None else tasks
+        task_entries = {}
+        for tname in wanted:
+            if tname not in manifest["tasks"]:
+                raise KeyError(f"unknown task {tname!r}; {folder} holds: {', '.join(manifest['tasks']) or 'none'}")
+            tensors = _load_checked(folder, f"{TASKS_DIR}/{tname}.safetensors", checksums)
+            E = {}
+            for mname in modules:
+                try:
+                    E[mname] = (tensors[f"{mname}.E_A"], tensors[f"{mname}.E_B"])
+                except KeyError as err:
+                    raise ValueError(f"task {tname!r}: missing tensor {err.args[0]!r}") from None
+            head = {key: tensors[f"head.{key}"] for key in manifest["tasks"][tname]["head"]}
+            task_entries[tname] = TaskCoefficients(E=E, head=head, metadata=manifest["tasks"][tname]["metadata"])
+        subspace = cls(
+            modules=modules,
+            tasks=task_entries,
+            policy=KPolicy.from_dict(manifest["policy"]),
+            metadata=manifest["metadata"],
+        )
+        subspace.validate()
+        return subspace
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_checked(folder: Path, rel: str, checksums: dict[str, str]) -> dict[str, Tensor]:
+    path = folder / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the subspace folder {folder} is incomplete")
+    expected = checksums.get(rel)
+    if expected is not None and _sha256(path) != expected:
+        raise ValueError(f"{path}: checksum mismatch, the file is corrupted; restore it from a store version")
+    return load_file(str(path))
