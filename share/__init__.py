@@ -7,6 +7,7 @@ from .adapter import LoraAdapter
 from .config import KPolicy
 from .gauge import canonicalize
 from .merge import MergeReport, merge
+from .model import ShareModel, match_modules
 from .subspace import ModuleBasis, Subspace, TaskCoefficients
 
 __all__ = [
@@ -14,8 +15,10 @@ __all__ = [
     "LoraAdapter",
     "MergeReport",
     "ModuleBasis",
+    "ShareModel",
     "Subspace",
     "TaskCoefficients",
     "canonicalize",
+    "match_modules",
     "merge",
 ]

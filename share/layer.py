@@ -1,0 +1,190 @@
+"""``ShareLinear``: a frozen ``nn.Linear`` plus a Share update, in one of several modes.
+
+Modes (set by ``ShareModel``; a layer is in exactly one):
+
+- ``"off"``: the base layer alone.
+- ``"lora"``: plain LoRA training (cold start): trainable ``lora_A`` (``r x d``), ``lora_B`` (``n x r``).
+- ``"coefficients"``: Phase 2 training against frozen bases: trainable ``E_A``, ``E_B`` and
+  ``phi`` temporary directions per side, ``A_t.T = U_A E_A + V_A F_A``, ``B_t = U_B E_B + V_B F_B``.
+- ``"tasks"``: inference with stored tasks; row ``i`` of the batch uses task ``task_ids[i]``
+  (``-1``: no update). ``U_A.T x`` is shared by every row; per-row work is ``k x p`` sized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class ShareLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"ShareLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        for param in self.base_layer.parameters():
+            param.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.mode = "off"
+        self.scaling = 1.0
+        factory = {"dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
+        # Bases and stacked task coefficients are buffers: saved with the model, never trained.
+        self.register_buffer("U_A", torch.zeros(self.in_features, 0, **factory), persistent=False)
+        self.register_buffer("U_B", torch.zeros(self.out_features, 0, **factory), persistent=False)
+        self.register_buffer("task_E_A", torch.zeros(1, 0, 0, **factory), persistent=False)
+        self.register_buffer("task_E_B", torch.zeros(1, 0, 0, **factory), persistent=False)
+        self.task_ids: Tensor | None = None  # set per forward by ShareModel
+        self.trainable = nn.ParameterDict()
+        self._merged_weight: Tensor | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def set_subspace(self, U_A: Tensor, U_B: Tensor, E_A: list[Tensor], E_B: list[Tensor]) -> None:
+        """Install bases and every task's coefficients (zero-padded to a common ``p``).
+
+        A zero slot is appended so that task id ``-1`` (no update) indexes it.
+        """
+        dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
+        self.U_A = U_A.to(device=device, dtype=dtype)
+        self.U_B = U_B.to(device=device, dtype=dtype)
+        p = max((e.shape[1] for e in E_A), default=1)
+        stack_A = torch.zeros(len(E_A) + 1, U_A.shape[1], p, dtype=dtype, device=device)
+        stack_B = torch.zeros(len(E_B) + 1, U_B.shape[1], p, dtype=dtype, device=device)
+        for i, (ea, eb) in enumerate(zip(E_A, E_B, strict=True)):
+            stack_A[i, :, : ea.shape[1]] = ea
+            stack_B[i, :, : eb.shape[1]] = eb
+        self.task_E_A, self.task_E_B = stack_A, stack_B
+
+    def start_lora(self, r: int, lora_alpha: float, generator: torch.Generator) -> None:
+        """Fresh LoRA factors: ``A`` random (Kaiming-uniform as PEFT), ``B`` zero, so ``dW = 0`` exactly."""
+        factory = {"dtype": self.base_layer.weight.dtype, "device": self.base_layer.weight.device}
+        bound = 1.0 / math.sqrt(self.in_features)
+        A = (torch.rand(r, self.in_features, generator=generator) * 2 - 1) * bound
+        self.trainable = nn.ParameterDict(
+            {
+                "lora_A": nn.Parameter(A.to(**factory)),
+                "lora_B": nn.Parameter(torch.zeros(self.out_features, r, **factory)),
+            }
+        )
+        self.scaling = lora_alpha / r
+        self.mode = "lora"
+
+    def start_coefficients(
+        self,
+        p: int,
+        phi: int,
+        generator: torch.Generator,
+        init: tuple[Tensor, Tensor] | None = None,
+        init_scale: float = 1e-2,
+    ) -> None:
+        """Fresh coefficients against the frozen bases.
+
+        Without ``init``: ``E_B`` and ``F_B`` are zero and the A side small random, so ``dW = 0``
+        exactly. With ``init = (E_A, E_B)`` (an old task's), the new task warm-starts from it.
+        Temporary directions ``V`` are random unit directions orthogonal to the bases.
+        """
+        factory = {"dtype": self.base_layer.weight.dtype, "device": self.base_layer.weight.device}
+        k_A, k_B = self.U_A.shape[1], self.U_B.shape[1]
+        if init is None:
+            E_A = torch.randn(k_A, p, generator=generator) * init_scale
+            E_B = torch.zeros(k_B, p)
+            F_A = torch.randn(phi, p, generator=generator) * init_scale
+        else:
+            E_A, E_B = (t.detach().to("cpu", torch.float32).clone() for t in init)
+            if E_A.shape != (k_A, p) or E_B.shape != (k_B, p):
+                raise ValueError(
+                    f"warm-start coefficients {tuple(E_A.shape)}, {tuple(E_B.shape)} do not fit "
+                    f"k_A={k_A}, k_B={k_B}, p={p}; warm-start from a task with the same p"
+                )
+            F_A = torch.zeros(phi, p)
+        V_A = _orthogonal_directions(self.U_A.cpu().float(), phi, generator)
+        V_B = _orthogonal_directions(self.U_B.cpu().float(), phi, generator)
+        # A full-rank basis leaves no room for temporary directions on that side.
+        params = {
+            "E_A": E_A,
+            "E_B": E_B,
+            "V_A": V_A,
+            "F_A": F_A[: V_A.shape[1]],
+            "V_B": V_B,
+            "F_B": torch.zeros(V_B.shape[1], p),
+        }
+        self.trainable = nn.ParameterDict({k: nn.Parameter(v.to(**factory)) for k, v in params.items()})
+        self.scaling = 1.0
+        self.mode = "coefficients"
+
+    def trained_factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(B, A, scaling)`` of what is being trained, temporary directions included."""
+        t = self.trainable
+        if self.mode == "lora":
+            return t["lora_B"].detach().clone(), t["lora_A"].detach().clone(), self.scaling
+        if self.mode == "coefficients":
+            B = self.U_B @ t["E_B"] + t["V_B"] @ t["F_B"]
+            A_T = self.U_A @ t["E_A"] + t["V_A"] @ t["F_A"]
+            return B.detach().clone(), A_T.T.detach().clone(), 1.0
+        raise RuntimeError(f"layer is in mode {self.mode!r}, not training; start a task first")
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.mode == "off" or self._merged_weight is not None:
+            return out
+        if self.mode == "lora":
+            t = self.trainable
+            return out + self.scaling * ((x @ t["lora_A"].T) @ t["lora_B"].T)
+        if self.mode == "coefficients":
+            t = self.trainable
+            A_T = self.U_A @ t["E_A"] + t["V_A"] @ t["F_A"]
+            B = self.U_B @ t["E_B"] + t["V_B"] @ t["F_B"]
+            return out + (x @ A_T) @ B.T
+        return out + self._mixed_delta(x)
+
+    def _mixed_delta(self, x: Tensor) -> Tensor:
+        if self.task_ids is None:
+            raise RuntimeError("no task selected: call ShareModel.set_task(...) or pass task_ids=")
+        ids = self.task_ids
+        batch = x.shape[0]
+        if ids.shape[0] not in (1, batch):
+            raise ValueError(f"task_ids has {ids.shape[0]} entries but the batch has {batch} rows")
+        z = (x @ self.U_A).reshape(batch, -1, self.U_A.shape[1])  # shared by all rows: b x L x k_A
+        if ids.shape[0] == 1 or bool((ids == ids[0]).all()):  # one task for the batch: plain matmuls
+            y = (z @ self.task_E_A[ids[0]]) @ self.task_E_B[ids[0]].T
+        else:
+            y = torch.bmm(torch.bmm(z, self.task_E_A[ids]), self.task_E_B[ids].transpose(1, 2))
+        return (y @ self.U_B.T).reshape(*x.shape[:-1], self.out_features)
+
+    # -- materialize ---------------------------------------------------------------------------
+    def merge_task(self, index: int) -> None:
+        """Fold one task's ``dW`` into the base weight (zero inference overhead); ``unmerge`` restores."""
+        if self._merged_weight is not None:
+            raise RuntimeError("a task is already materialized here; call restore() first")
+        weight = self.base_layer.weight
+        self._merged_weight = weight.detach().clone()
+        dW = (self.U_B @ self.task_E_B[index]) @ (self.U_A @ self.task_E_A[index]).T
+        with torch.no_grad():
+            weight.add_(dW.to(weight.dtype))
+
+    def unmerge(self) -> None:
+        if self._merged_weight is not None:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._merged_weight)  # bit-exact restore
+            self._merged_weight = None
+
+    def extra_repr(self) -> str:
+        k = (self.U_A.shape[1], self.U_B.shape[1])
+        return f"in={self.in_features}, out={self.out_features}, k={k}, mode={self.mode}"
+
+
+def _orthogonal_directions(U: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` orthonormal columns orthogonal to ``U``'s (random, reproducible by ``generator``)."""
+    dim = U.shape[0]
+    if count == 0:
+        return torch.zeros(dim, 0)
+    count = min(count, dim - U.shape[1])
+    G = torch.randn(dim, count, generator=generator, dtype=torch.float64)
+    U64 = U.to(torch.float64)
+    for _ in range(2):  # twice is enough for orthogonality to working precision
+        G = G - U64 @ (U64.T @ G)
+    Q, _ = torch.linalg.qr(G)
+    return Q.to(torch.float32)
