@@ -57,16 +57,24 @@ class ShareLinear(nn.Module):
             stack_B[i, :, : eb.shape[1]] = eb
         self.task_E_A, self.task_E_B = stack_A, stack_B
 
-    def start_lora(self, r: int, lora_alpha: float, generator: torch.Generator) -> None:
-        """Fresh LoRA factors: ``A`` random (Kaiming-uniform as PEFT), ``B`` zero, so ``dW = 0`` exactly."""
+    def start_lora(
+        self, r: int, lora_alpha: float, generator: torch.Generator, init: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        """LoRA factors: ``A`` random (Kaiming-uniform as PEFT), ``B`` zero, so ``dW = 0`` exactly.
+
+        ``init = (B, A)`` continues training existing factors instead (sequential finetuning).
+        """
         factory = {"dtype": self.base_layer.weight.dtype, "device": self.base_layer.weight.device}
-        bound = 1.0 / math.sqrt(self.in_features)
-        A = (torch.rand(r, self.in_features, generator=generator) * 2 - 1) * bound
+        if init is None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            A = (torch.rand(r, self.in_features, generator=generator) * 2 - 1) * bound
+            B = torch.zeros(self.out_features, r)
+        else:
+            B, A = (t.detach().clone() for t in init)
+            if B.shape != (self.out_features, r) or A.shape != (r, self.in_features):
+                raise ValueError(f"initial factors {tuple(B.shape)}, {tuple(A.shape)} do not fit r={r} here")
         self.trainable = nn.ParameterDict(
-            {
-                "lora_A": nn.Parameter(A.to(**factory)),
-                "lora_B": nn.Parameter(torch.zeros(self.out_features, r, **factory)),
-            }
+            {"lora_A": nn.Parameter(A.to(**factory)), "lora_B": nn.Parameter(B.to(**factory))}
         )
         self.scaling = lora_alpha / r
         self.mode = "lora"

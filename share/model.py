@@ -113,13 +113,19 @@ class ShareModel(nn.Module):
         return self._subspace
 
     # -- training ------------------------------------------------------------------------------
-    def start_lora(self, task: str, r: int = 8, lora_alpha: float = 16.0, seed: int = 0) -> int:
-        """Plain LoRA training of a new task (cold start). Returns the trainable parameter count."""
+    def start_lora(
+        self, task: str, r: int = 8, lora_alpha: float = 16.0, seed: int = 0, init: LoraAdapter | None = None
+    ) -> int:
+        """Plain LoRA training of a new task (cold start). Returns the trainable parameter count.
+
+        ``init`` continues from an adapter's factors (its scaling must be ``lora_alpha / r``); the head
+        starts fresh either way.
+        """
         if r < 1:
             raise ValueError(f"r must be >= 1 (got {r})")
         generator = self._begin(task, seed)
-        for layer in self.layers.values():
-            layer.start_lora(r, lora_alpha, generator)
+        for name, layer in self.layers.items():
+            layer.start_lora(r, lora_alpha, generator, init=init.factors[name] if init is not None else None)
         return self._finish_start(generator)
 
     def start_coefficients(self, task: str, p: int, phi: int = 2, seed: int = 0, warm_start: str | None = None) -> int:
