@@ -72,7 +72,8 @@ def test_pins_match_this_environment(raw: dict) -> None:
         f"update docker.image in ray_cluster.yaml to Ray {ray.__version__}"
     )
     pinned = re.search(r"torch==([\w.]+)", _joined(raw["setup_commands"])).group(1)
-    assert importlib.metadata.version("torch").split("+")[0] == pinned
+    installed = importlib.metadata.version("torch").split("+")[0]
+    assert installed == pinned, f"tests ran with torch {installed}; update torch=={pinned} in ray_cluster.yaml"
 
 
 def test_every_node_gets_redis_and_mlflow_addresses(prepared: dict) -> None:
