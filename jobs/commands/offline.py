@@ -1,9 +1,209 @@
-"""Placeholder command group; filled in by its issue."""
+"""Offline commands (no services): ``compress``, ``add``, ``export``, ``info`` on a subspace folder.
+
+sharecl compress ADAPTER_DIR... -o SUBSPACE_DIR [--variance F | --k K] [--k-max K] [--task NAME ...]
+sharecl add SUBSPACE_DIR ADAPTER_DIR [--task NAME]
+sharecl export SUBSPACE_DIR --task NAME -o DIR
+sharecl info SUBSPACE_DIR [--json]
+
+Every write goes to a temporary folder that is then renamed, so an error leaves SUBSPACE_DIR as it was.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs.cli import CLIError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    del subparsers
+    compress = subparsers.add_parser(
+        "compress",
+        help="build a subspace folder from PEFT LoRA adapter folders",
+        description="Compress PEFT LoRA adapters into one Share subspace (Phase 1, data-free).",
+    )
+    compress.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA folders (save_pretrained)")
+    compress.add_argument("-o", "--output", required=True, metavar="SUBSPACE_DIR", help="folder to write")
+    choice = compress.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--variance", type=float, default=None, metavar="F", help="keep k explaining this fraction (default 0.6)"
+    )
+    choice.add_argument("--k", type=int, default=None, metavar="K", help="keep exactly K directions per side")
+    compress.add_argument("--k-max", type=int, default=None, metavar="K", help="never keep more than K directions")
+    compress.add_argument(
+        "--task",
+        dest="tasks",
+        action="extend",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="task names, one per adapter in order (default: the folder names)",
+    )
+    compress.add_argument(
+        "--overwrite", action="store_true", help="replace SUBSPACE_DIR if it already holds a subspace"
+    )
+    compress.set_defaults(func=run_compress)
+
+    add = subparsers.add_parser("add", help="merge one more PEFT LoRA adapter into a subspace folder")
+    add.add_argument("subspace", metavar="SUBSPACE_DIR")
+    add.add_argument("adapter", metavar="ADAPTER_DIR")
+    add.add_argument("--task", default=None, metavar="NAME", help="task name (default: the adapter folder's name)")
+    add.set_defaults(func=run_add)
+
+    export = subparsers.add_parser("export", help="write one task as a PEFT LoRA folder")
+    export.add_argument("subspace", metavar="SUBSPACE_DIR")
+    export.add_argument("--task", required=True, metavar="NAME")
+    export.add_argument("-o", "--output", required=True, metavar="DIR")
+    export.add_argument("--base-model", default=None, help="base_model_name_or_path to record in adapter_config.json")
+    export.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
+    export.set_defaults(func=run_export)
+
+    info = subparsers.add_parser("info", help="tasks, k per module, storage and reconstruction error")
+    info.add_argument("subspace", metavar="SUBSPACE_DIR")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=run_info)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _task_name(folder: str) -> str:
+    return Path(folder).resolve().name
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from share import KPolicy, merge
+    from share.peft_io import load_peft_adapter
+
+    names = args.tasks if args.tasks is not None else [_task_name(a) for a in args.adapters]
+    if len(names) != len(args.adapters):
+        raise CLIError(f"{len(args.adapters)} adapter folders but {len(names)} --task names; give one name per folder")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CLIError(f"task names {duplicates} repeat; name each adapter with --task NAME ... in order")
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    policy = KPolicy(k=args.k, variance=0.6 if args.variance is None else args.variance, k_max=args.k_max)
+    adapters = {}
+    for i, (name, folder) in enumerate(zip(names, args.adapters, strict=True), start=1):
+        adapter = load_peft_adapter(folder)
+        ranks = sorted({A.shape[0] for _, A in adapter.factors.values()})
+        _progress(f"[{i}/{len(names)}] read {folder} as task {name!r}: {len(adapter.factors)} modules, rank {ranks}")
+        adapters[name] = adapter
+    _progress(f"merging {len(adapters)} adapter(s)")
+    subspace, report = merge(None, adapters, policy)
+    subspace.save(output, overwrite=True)
+    k_values = [k for pair in report.k.values() for k in pair]
+    print(
+        f"wrote {output}: {len(subspace.tasks)} tasks, {len(subspace.modules)} modules, k {min(k_values)}-"
+        f"{max(k_values)}, worst reconstruction error {report.worst_error:.3g}"
+    )
+    return 0
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but an empty folder or, with --overwrite, an existing subspace."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise CLIError(f"{output} exists and is not a folder; choose another -o folder")
+    if not any(output.iterdir()):
+        return
+    if not (output / "manifest.json").is_file():
+        raise CLIError(f"{output} exists and is not a Share subspace folder; choose another -o folder")
+    if not overwrite:
+        raise CLIError(
+            f"{output} already holds a subspace; add adapters with `sharecl add {output} ADAPTER_DIR`, "
+            "or pass --overwrite to replace it"
+        )
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from share import Subspace, merge
+    from share.peft_io import load_peft_adapter
+
+    subspace = Subspace.load(args.subspace)
+    name = args.task or _task_name(args.adapter)
+    adapter = load_peft_adapter(args.adapter)
+    merged, report = merge(subspace, {name: adapter})
+    merged.save(args.subspace, overwrite=True)
+    worst = max(report.reconstruction_error, key=report.reconstruction_error.get)
+    print(
+        f"added task {name!r} to {args.subspace}: {len(merged.tasks)} tasks, new-task reconstruction error "
+        f"{report.reconstruction_error[name]:.3g}, worst {report.reconstruction_error[worst]:.3g} ({worst!r})"
+    )
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from share import Subspace
+    from share.peft_io import export_peft
+
+    subspace = Subspace.load(args.subspace, tasks=[args.task])
+    out = export_peft(
+        subspace, args.task, args.output, base_model_name_or_path=args.base_model, overwrite=args.overwrite
+    )
+    print(f"wrote task {args.task!r} as a PEFT LoRA adapter to {out}")
+    return 0
+
+
+def summarize(folder: str | Path) -> dict[str, Any]:
+    """What ``info`` reports, as one JSON-able dict."""
+    from share import Subspace
+
+    folder = Path(folder)
+    subspace = Subspace.load(folder)
+    tasks = {
+        name: {
+            "rank": sorted({E_A.shape[1] for E_A, _ in t.E.values()}),
+            "head": sorted(t.head),
+            "reconstruction_error": t.metadata.get("reconstruction_error"),
+        }
+        for name, t in subspace.tasks.items()
+    }
+    errors = {n: t["reconstruction_error"] for n, t in tasks.items() if t["reconstruction_error"] is not None}
+    worst = max(errors, key=errors.get) if errors else None
+    on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    separate = 4 * subspace.equivalent_lora_parameters()  # float32 factors of rank p plus heads, per task
+    return {
+        "path": str(folder),
+        "tasks": tasks,
+        "modules": {
+            name: {"in_features": b.in_features, "out_features": b.out_features, "k_A": b.k_A, "k_B": b.k_B}
+            for name, b in subspace.modules.items()
+        },
+        "policy": subspace.policy.to_dict(),
+        "parameters": subspace.num_parameters(),
+        "bytes_on_disk": on_disk,
+        "bytes_separate_adapters": separate,
+        "compression": separate / on_disk if on_disk else None,
+        "worst_reconstruction_error": errors.get(worst) if worst else None,
+        "worst_task": worst,
+    }
+
+
+def run_info(args: argparse.Namespace) -> int:
+    summary = summarize(args.subspace)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"subspace {summary['path']}: {len(summary['tasks'])} tasks, {len(summary['modules'])} modules")
+    for name, task in summary["tasks"].items():
+        error = task["reconstruction_error"]
+        print(f"  task {name}: rank {task['rank']}, head {task['head'] or '-'}, error {_fmt(error)}")
+    for name, module in summary["modules"].items():
+        print(f"  module {name}: k_A={module['k_A']} k_B={module['k_B']}")
+    print(
+        f"bytes on disk {summary['bytes_on_disk']:,}; separate float32 adapters {summary['bytes_separate_adapters']:,}"
+        f" (x{_fmt(summary['compression'])}); worst reconstruction error {_fmt(summary['worst_reconstruction_error'])}"
+        f" ({summary['worst_task']})"
+    )
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
