@@ -167,7 +167,11 @@ class Subspace:
             if target.exists():
                 backup = target.with_name(f".{target.name}.old-{os.getpid()}")
                 os.rename(target, backup)
-                os.rename(tmp, target)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.rename(backup, target)  # put the previous version back: an error leaves it untouched
+                    raise
                 shutil.rmtree(backup)
             else:
                 os.rename(tmp, target)
