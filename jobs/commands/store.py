@@ -1,9 +1,323 @@
-"""Placeholder command group; filled in by its issue."""
+"""Store commands: the embedded Redis and the versions it holds.
+
+sharecl store start|stop|status          embedded redis-server in <data dir>/redis
+sharecl versions [--json]
+sharecl show VERSION|TAG [--json]
+sharecl tag VERSION NAME / sharecl untag NAME
+sharecl pull VERSION|TAG [--task NAME ...] -o DIR [--format share|peft]
+sharecl push SUBSPACE_DIR [--meta KEY=VALUE ...] [--tag NAME]
+sharecl prune --keep N [--dry-run]
+
+Every command takes --redis-url (default $SHARECL_REDIS_URL, else the embedded server, started if
+needed) and --namespace (default $SHARECL_NAMESPACE, else "default").
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jobs.cli import CLIError
+
+NAMESPACE_ENV = "SHARECL_NAMESPACE"
+
+
+def _common() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="redis://[:password@]host:port/db or rediss://... (default: $SHARECL_REDIS_URL, else embedded Redis)",
+    )
+    parent.add_argument(
+        "--namespace",
+        default=None,
+        help="store namespace, so several subspaces share one Redis (default: $SHARECL_NAMESPACE, else 'default')",
+    )
+    return parent
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    del subparsers
+    common = _common()
+    store = subparsers.add_parser("store", parents=[common], help="start, stop or inspect the embedded Redis")
+    store.add_argument("action", choices=["start", "stop", "status"])
+    store.add_argument("--port", type=int, default=None, help="port for `start` (default: a free one)")
+    store.set_defaults(func=_guard(run_store))
+
+    versions = subparsers.add_parser("versions", parents=[common], help="list the subspace versions in the store")
+    versions.add_argument("--json", action="store_true", help="print one JSON list")
+    versions.set_defaults(func=_guard(run_versions))
+
+    show = subparsers.add_parser("show", parents=[common], help="show one version's manifest")
+    show.add_argument("ref", metavar="VERSION|TAG")
+    show.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    show.set_defaults(func=_guard(run_show))
+
+    tag = subparsers.add_parser("tag", parents=[common], help="point a tag (prod, canary, ...) at a version")
+    tag.add_argument("ref", metavar="VERSION")
+    tag.add_argument("name", metavar="NAME")
+    tag.set_defaults(func=_guard(run_tag))
+
+    untag = subparsers.add_parser("untag", parents=[common], help="delete a tag")
+    untag.add_argument("name", metavar="NAME")
+    untag.set_defaults(func=_guard(run_untag))
+
+    pull = subparsers.add_parser("pull", parents=[common], help="write a version (or some tasks) to a folder")
+    pull.add_argument("ref", metavar="VERSION|TAG")
+    pull.add_argument(
+        "--task", dest="tasks", action="append", default=None, metavar="NAME", help="only this task (repeatable)"
+    )
+    pull.add_argument("-o", "--output", required=True, metavar="DIR")
+    pull.add_argument(
+        "--format",
+        choices=["share", "peft"],
+        default="share",
+        help="share: a subspace folder (default); peft: a PEFT LoRA folder (DIR for one task, else DIR/<task>)",
+    )
+    pull.add_argument("--base-model", default=None, help="peft: base_model_name_or_path for adapter_config.json")
+    pull.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
+    pull.set_defaults(func=_guard(run_pull))
+
+    push = subparsers.add_parser("push", parents=[common], help="publish a subspace folder as a new version")
+    push.add_argument("folder", metavar="SUBSPACE_DIR")
+    push.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="version metadata (repeatable)")
+    push.add_argument("--tag", default=None, metavar="NAME", help="also point this tag at the new version")
+    push.set_defaults(func=_guard(run_push))
+
+    prune = subparsers.add_parser(
+        "prune", parents=[common], help="delete old versions (never the head, a tagged or a pinned one)"
+    )
+    prune.add_argument("--keep", type=int, required=True, metavar="N", help="keep the newest N versions")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    prune.set_defaults(func=_guard(run_prune))
+
+
+def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn Redis protocol/connection errors that escape the library into one-line CLI errors."""
+
+    def run(args: argparse.Namespace) -> int:
+        import redis
+
+        from subspace_store import redact
+
+        try:
+            return func(args)
+        except redis.RedisError as err:
+            where = redact(args.redis_url) if args.redis_url else "the configured Redis"
+            raise CLIError(f"Redis error at {where}: {err}; check the server with `sharecl store status`") from None
+
+    return run
+
+
+def _embedded_folder() -> Path:
+    from jobs.paths import data_dir
+
+    return data_dir() / "redis"
+
+
+def _url(args: argparse.Namespace) -> str | None:
+    from jobs.paths import resolve_redis_url
+
+    return resolve_redis_url(args.redis_url)
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from subspace_store import SubspaceStore, connect
+
+    url = _url(args)
+    client = connect(url, folder=None if url else _embedded_folder())
+    namespace = args.namespace or os.environ.get(NAMESPACE_ENV, "").strip() or "default"
+    return SubspaceStore(client, namespace)
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# -- store start|stop|status ------------------------------------------------------------------
+def run_store(args: argparse.Namespace) -> int:
+    from subspace_store import connect, redact
+    from subspace_store.embedded import ensure_running, running_server, stop_embedded
+
+    url = _url(args)
+    folder = _embedded_folder()
+    if args.action in ("start", "stop") and url:
+        raise CLIError(
+            f"`sharecl store {args.action}` manages the embedded Redis, but a Redis URL is set "
+            f"({redact(url)}); unset --redis-url / SHARECL_REDIS_URL, or manage that server yourself"
+        )
+    if args.action == "start":
+        before = running_server(folder)
+        server = before or ensure_running(folder, port=args.port)
+        state = "already running" if before else "started"
+        print(f"embedded Redis {state}: {redact(server.url)} (pid {server.pid}, data in {folder})")
+        print(f"password in {folder / 'password'}; other commands find this server on their own")
+        return 0
+    if args.action == "stop":
+        stopped = stop_embedded(folder)
+        print(f"embedded Redis stopped (data kept in {folder})" if stopped else "embedded Redis was not running")
+        return 0
+    if url:
+        client = connect(url)
+        where = redact(url)
+    else:
+        server = running_server(folder)
+        if server is None:
+            print(f"embedded Redis: not running (data folder {folder}); start it with `sharecl store start`")
+            return 1
+        client = server.client()
+        where = f"{redact(server.url)} (embedded, pid {server.pid}, data in {folder})"
+    info = client.info()
+    print(f"Redis {info.get('redis_version')} at {where}")
+    print(f"  memory used: {info.get('used_memory_human')}, keys: {client.dbsize()}")
+    print(f"  append-only persistence: {'on' if info.get('aof_enabled') else 'off'}")
+    return 0
+
+
+# -- versions / show / tag --------------------------------------------------------------------
+def run_versions(args: argparse.Namespace) -> int:
+    store = _open(args)
+    rows = store.list_versions()
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"namespace {store.namespace!r} holds no version; publish one with `sharecl push SUBSPACE_DIR`")
+        return 0
+    print(f"{'version':<9} {'created':<19} {'parent':<7} {'tasks':>5} {'k (min-max)':>11} {'size':>10}  tags / pins")
+    for r in rows:
+        ks = [k for pair in r.k.values() for k in pair] or [0]
+        marks = (["HEAD"] if r.is_head else []) + r.tags + [f"pin:{j}" for j in r.pins]
+        print(
+            f"{r.version:<9} {_when(r.created):<19} {r.parent or '-':<7} {len(r.tasks):>5} "
+            f"{f'{min(ks)}-{max(ks)}':>11} {_size(r.bytes):>10}  {', '.join(marks)}"
+        )
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    store = _open(args)
+    m = store.manifest(args.ref)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    tags = [t for t, v in store.tags().items() if v == m["version"]]
+    print(f"version {m['version']} of namespace {m['namespace']!r}" + (f" (tags: {', '.join(tags)})" if tags else ""))
+    print(f"  created {m['created_iso']}, parent {m['parent'] or '-'}, {_size(m['bytes'])} of payloads")
+    print(f"  policy {m['policy']}")
+    if m["metadata"]:
+        print(f"  metadata {json.dumps(m['metadata'])}")
+    if m["submissions"]:
+        print(f"  merged submissions: {', '.join(m['submissions'])}")
+    print(f"  modules ({len(m['modules'])}):")
+    for name, e in m["modules"].items():
+        print(f"    {name}: {e['out_features']}x{e['in_features']}, k_A={e['k_A']}, k_B={e['k_B']}")
+    print(f"  tasks ({len(m['tasks'])}):")
+    for name, e in m["tasks"].items():
+        err = e["reconstruction_error"]
+        shown = f"{err:.3g}" if err is not None else "n/a"
+        print(f"    {name}: reconstruction error {shown}, head {e['head'] or '-'}, {_size(e['bytes'])}")
+    return 0
+
+
+def run_tag(args: argparse.Namespace) -> int:
+    store = _open(args)
+    version = store.tag(args.ref, args.name)
+    print(f"{args.name} -> {version}")
+    return 0
+
+
+def run_untag(args: argparse.Namespace) -> int:
+    store = _open(args)
+    if not store.untag(args.name):
+        raise CLIError(f"no tag {args.name!r} in namespace {store.namespace!r}; see `sharecl versions`")
+    print(f"tag {args.name} deleted")
+    return 0
+
+
+# -- pull / push / prune ----------------------------------------------------------------------
+def _check_output(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise CLIError(f"{folder} exists and is not empty; pass --overwrite or choose another folder")
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    store = _open(args)
+    version = store.resolve(args.ref)
+    out = Path(args.output)
+    _check_output(out, args.overwrite)
+    subspace = store.get(version, tasks=args.tasks)
+    if args.format == "share":
+        subspace.save(out, overwrite=True)
+        print(f"{version} ({len(subspace.tasks)} task(s)) -> {out}")
+        return 0
+    from share.peft_io import export_peft
+
+    tasks = list(subspace.tasks)
+    if not tasks:
+        raise CLIError(f"version {version} holds no task to export")
+    for task in tasks:
+        target = out if len(tasks) == 1 else out / task
+        export_peft(subspace, task, target, base_model_name_or_path=args.base_model, overwrite=True)
+        print(f"{version} task {task} -> {target} (PEFT LoRA)")
+    return 0
+
+
+def _parse_meta(items: list[str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--meta {item!r}: use KEY=VALUE")
+        meta[key] = value
+    return meta
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from share import Subspace
+    from subspace_store import HeadConflictError
+
+    meta = {"pushed_from": str(Path(args.folder).resolve()), **_parse_meta(args.meta)}
+    subspace = Subspace.load(args.folder)
+    store = _open(args)
+    for attempt in range(5):
+        head = store.head()
+        try:
+            # The folder does not derive from any version; its parent is just the head it lands on.
+            version = store.publish(subspace, parent=head, metadata=meta)
+            break
+        except HeadConflictError:
+            if attempt == 4:
+                raise
+    print(f"published {version} ({len(subspace.tasks)} task(s), parent {head or '-'})")
+    if args.tag:
+        store.tag(version, args.tag)
+        print(f"{args.tag} -> {version}")
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    store = _open(args)
+    result = store.prune(args.keep, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(result.removed)} version(s): {', '.join(result.removed) or '-'}")
+    for version, why in result.kept.items():
+        print(f"  kept {version}: {', '.join(why)}")
+    if result.orphans:
+        print(f"  swept payloads of unfinished publishes: {', '.join(result.orphans)}", file=sys.stderr)
+    return 0

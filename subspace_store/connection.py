@@ -1,0 +1,89 @@
+"""Connecting to Redis with errors a user can act on (and never a password in them).
+
+``connect(url)``: ``url``, else ``$SHARECL_REDIS_URL``, else the embedded server (started if needed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from .embedded import ensure_running
+from .errors import StoreConnectionError
+
+ENV_URL = "SHARECL_REDIS_URL"
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+def resolve_url(url: str | None = None, folder: str | os.PathLike[str] | None = None) -> str:
+    """The URL to use: explicit, else the environment, else the embedded server in ``folder``."""
+    url = url or os.environ.get(ENV_URL)
+    if url:
+        return url
+    return ensure_running(Path(folder) if folder is not None else None).url
+
+
+def _scrub(text: str, url: str) -> str:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
+
+
+def connect(
+    url: str | None = None, *, folder: str | os.PathLike[str] | None = None, timeout_s: float = 5.0
+) -> redis.Redis:
+    """A checked client (PING answered). ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs work."""
+    url = resolve_url(url, folder)
+    shown = redact(url)
+    fix = f"fix --redis-url / ${ENV_URL}, or unset both to use the embedded server (`sharecl store start`)"
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_keepalive=True, health_check_interval=30
+        )
+    except (ValueError, TypeError) as err:
+        raise StoreConnectionError(
+            f"invalid Redis URL {shown!r}: {_scrub(str(err), url)}. "
+            f"Expected redis://[[user]:password@]host[:port][/db] or rediss://... for TLS; {fix}"
+        ) from None
+    if client.get_connection_kwargs().get("decode_responses"):
+        raise StoreConnectionError(f"Redis URL {shown!r} sets decode_responses; remove it (payloads are binary)")
+    try:
+        client.ping()
+    except redis.AuthenticationError as err:
+        raise StoreConnectionError(
+            f"Redis at {shown} rejected the credentials ({_scrub(str(err), url)}); put the right password in the "
+            f"URL (redis://:PASSWORD@host:port/0); {fix}"
+        ) from None
+    except redis.ResponseError as err:
+        text = _scrub(str(err), url)
+        if "NOAUTH" in text or "WRONGPASS" in text or "auth" in text.lower():
+            raise StoreConnectionError(
+                f"Redis at {shown} requires a password ({text}); put it in the URL (redis://:PASSWORD@host:port/0); "
+                f"{fix}"
+            ) from None
+        raise StoreConnectionError(f"Redis at {shown} refused PING ({text}); {fix}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
+        raise StoreConnectionError(
+            f"cannot reach Redis at {shown} ({_scrub(str(err), url)}). Is it running and is the URL right? {fix}"
+        ) from None
+    return client

@@ -1,0 +1,129 @@
+"""Pins and pruning.
+
+A pin (``version|job`` in a sorted set scored by its expiry on Redis's clock) keeps the version an
+in-flight job started from. ``prune`` runs in one WATCH/MULTI/EXEC over the versions, head, tags,
+pins and unfinished publishes, so a version that gets tagged or pinned while prune plans is never
+deleted (the transaction aborts and prune plans again).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from redis.exceptions import WatchError
+
+from .errors import StoreError
+from .refs import resolve, server_time
+
+if TYPE_CHECKING:
+    from .store import SubspaceStore
+
+_SEP = "|"
+
+
+@dataclass
+class PruneResult:
+    removed: list[str] = field(default_factory=list)  # versions deleted (or that would be, dry run)
+    kept: dict[str, list[str]] = field(default_factory=dict)  # version -> why it stays
+    orphans: list[str] = field(default_factory=list)  # unfinished publishes whose payloads were swept
+    dry_run: bool = False
+
+
+def _check_job(job_id: str) -> str:
+    if not job_id or _SEP in job_id:
+        raise ValueError(f"invalid job id {job_id!r}: use a non-empty id without '{_SEP}'")
+    return job_id
+
+
+def pin(store: SubspaceStore, ref: str, job_id: str, ttl_s: float) -> str:
+    _check_job(job_id)
+    if ttl_s <= 0:
+        raise ValueError(f"pin ttl_s must be > 0 (got {ttl_s}); it bounds how long a crashed job holds a version")
+    keys = store.keys
+    with store.client.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(keys.versions, keys.head, keys.tags)
+                version = resolve(pipe, keys, ref)
+                expiry = server_time(pipe) + ttl_s
+                pipe.multi()
+                pipe.zadd(keys.pins, {f"{version}{_SEP}{job_id}": expiry})
+                pipe.execute()
+                return version
+            except WatchError:
+                continue
+
+
+def unpin(store: SubspaceStore, version: str, job_id: str) -> None:
+    store.client.zrem(store.keys.pins, f"{version}{_SEP}{_check_job(job_id)}")
+
+
+def live_pins(store: SubspaceStore, client=None) -> dict[str, list[str]]:
+    client = client or store.client
+    now = server_time(client)
+    out: dict[str, list[str]] = {}
+    for member in client.zrangebyscore(store.keys.pins, now, "+inf"):
+        version, job = member.decode().split(_SEP, 1)
+        out.setdefault(version, []).append(job)
+    return out
+
+
+def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: float) -> PruneResult:
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0 (got {keep}); the head, tagged and pinned versions are always kept")
+    keys = store.keys
+    for _ in range(32):
+        try:
+            with store.client.pipeline() as pipe:
+                pipe.watch(keys.versions, keys.head, keys.tags, keys.pins, keys.writing)
+                versions = [v.decode() for v in pipe.zrange(keys.versions, 0, -1)]
+                head = pipe.get(keys.head)
+                kept: dict[str, list[str]] = {}
+                if head is not None:
+                    kept.setdefault(head.decode(), []).append("head")
+                for tag, version in pipe.hgetall(keys.tags).items():
+                    kept.setdefault(version.decode(), []).append(f"tag {tag.decode()}")
+                for version, jobs in live_pins(store, pipe).items():
+                    kept.setdefault(version, []).extend(f"pinned by {j}" for j in jobs)
+                for version in versions[max(0, len(versions) - keep) :] if keep else []:
+                    kept.setdefault(version, []).append(f"newest {keep}")
+                removed = [v for v in versions if v not in kept]
+                now = server_time(pipe)
+                orphans = {}
+                for version, raw in pipe.hgetall(keys.writing).items():
+                    record = json.loads(raw)
+                    if now - record["started"] >= orphan_grace_s:
+                        orphans[version.decode()] = record["keys"]
+                doomed: list[str] = []
+                manifests = pipe.mget([keys.manifest(v) for v in removed]) if removed else []
+                for version, raw in zip(removed, manifests, strict=True):
+                    doomed.append(keys.manifest(version))
+                    if raw is not None:
+                        m = json.loads(raw)
+                        doomed += [e["key"] for e in m["modules"].values()]
+                        doomed += [e["key"] for e in m["tasks"].values()]
+                for payload_keys in orphans.values():
+                    doomed += payload_keys
+                result = PruneResult(
+                    removed=removed,
+                    kept={v: kept[v] for v in versions if v in kept},
+                    orphans=sorted(orphans),
+                    dry_run=dry_run,
+                )
+                if dry_run:
+                    return result
+                pipe.multi()
+                if doomed:
+                    pipe.delete(*doomed)
+                if removed:
+                    pipe.zrem(keys.versions, *removed)
+                if orphans:
+                    pipe.hdel(keys.writing, *orphans)
+                pipe.zremrangebyscore(keys.pins, "-inf", f"({now}")  # expired pins
+                pipe.execute()
+                return result
+        except WatchError:
+            continue
+    raise StoreError(f"prune of namespace {keys.namespace!r} kept conflicting with concurrent writers; retry")

@@ -1,0 +1,347 @@
+"""``SubspaceStore``: immutable, versioned Share subspaces in Redis.
+
+A version ``vN`` is a JSON manifest plus one payload per module basis and one per task, all under
+version-scoped keys. Publishing writes the payloads first, then, in one WATCH/MULTI/EXEC
+transaction, the manifest, the head and (if given) the acknowledgement of the submissions it merges.
+Readers find versions only through the head, the tags and the committed-versions set, all of which
+change in that transaction, so they never see a half-written version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.exceptions import WatchError
+
+from share import Subspace
+
+from . import fetch, retention
+from .acks import DEFAULT_GROUP, check_open, queue_acks
+from .codec import EncodedSubspace, assemble, decode_basis, decode_task, encode_subspace
+from .errors import HeadConflictError, StoreError, TaskNotFoundError, VersionNotFoundError
+from .keys import Keys
+from .refs import resolve as _resolve
+from .refs import server_time
+from .tags import check_tag_name
+
+MANIFEST_FORMAT = "share-cl-store-version"
+MANIFEST_FORMAT_VERSION = 1
+_UNSET: Any = object()
+_WRITE_CHUNK = 32 << 20  # bytes per pipeline round-trip when writing payloads
+
+
+@dataclass
+class VersionInfo:
+    """One row of ``list_versions``."""
+
+    version: str
+    parent: str | None
+    created: float
+    tasks: list[str]
+    k: dict[str, tuple[int, int]]
+    bytes: int
+    submissions: list[str]
+    metadata: dict[str, Any]
+    tags: list[str] = field(default_factory=list)
+    pins: list[str] = field(default_factory=list)
+    is_head: bool = False
+
+
+class SubspaceStore:
+    """Versions of one namespace in one Redis. ``client`` must return bytes (no ``decode_responses``)."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "default") -> None:
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("the Redis client decodes responses; create it without decode_responses=True")
+        self.client = client
+        self.keys = Keys(namespace)
+        self.namespace = namespace
+
+    # -- reading -------------------------------------------------------------------------------
+    def head(self) -> str | None:
+        value = self.client.get(self.keys.head)
+        return value.decode() if value is not None else None
+
+    def resolve(self, ref: str = "head") -> str:
+        """A version id, a tag, or ``head``/``latest`` -> the committed version id it names."""
+        return _resolve(self.client, self.keys, ref)
+
+    def manifest(self, ref: str = "head") -> dict[str, Any]:
+        version = self.resolve(ref)
+        raw = self.client.get(self.keys.manifest(version))
+        if raw is None:
+            raise VersionNotFoundError(
+                f"version {version} of namespace {self.namespace!r} was pruned; list versions with `sharecl versions`"
+            )
+        return json.loads(raw)
+
+    def get(self, ref: str = "head", tasks: Sequence[str] | None = None) -> Subspace:
+        """Read a version (all tasks, or only ``tasks``); verifies every payload's checksum.
+
+        Only the bases and the requested tasks' payloads are transferred.
+        """
+        manifest = self.manifest(ref)
+        version = manifest["version"]
+        wanted = list(manifest["tasks"]) if tasks is None else list(tasks)
+        for name in wanted:
+            if name not in manifest["tasks"]:
+                held = ", ".join(manifest["tasks"]) or "none"
+                raise TaskNotFoundError(f"version {version} has no task {name!r}; it holds: {held}")
+        modules = list(manifest["modules"])
+        items = [fetch.Item(e["key"], e["sha256"], e["bytes"], decode_basis) for e in manifest["modules"].values()] + [
+            fetch.Item(
+                manifest["tasks"][t]["key"],
+                manifest["tasks"][t]["sha256"],
+                manifest["tasks"][t]["bytes"],
+                lambda data, t=t: decode_task(data, modules, manifest["tasks"][t]),
+            )
+            for t in wanted
+        ]
+        decoded = fetch.fetch_all(self.client, version, items)
+        bases = dict(zip(modules, decoded[: len(modules)], strict=True))
+        task_entries = dict(zip(wanted, decoded[len(modules) :], strict=True))
+        return assemble(manifest, bases, task_entries)
+
+    def tags(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.tags).items()}
+
+    def list_versions(self) -> list[VersionInfo]:
+        """Committed versions, oldest first, with their tags and live pins."""
+        names = [v.decode() for v in self.client.zrange(self.keys.versions, 0, -1)]
+        raws = self.client.mget([self.keys.manifest(v) for v in names]) if names else []
+        by_version: dict[str, list[str]] = {}
+        for tag, version in sorted(self.tags().items()):
+            by_version.setdefault(version, []).append(tag)
+        pins = self.pins()
+        head = self.head()
+        out = []
+        for name, raw in zip(names, raws, strict=True):
+            if raw is None:  # pruned between the two reads
+                continue
+            m = json.loads(raw)
+            out.append(
+                VersionInfo(
+                    version=name,
+                    parent=m["parent"],
+                    created=m["created"],
+                    tasks=list(m["tasks"]),
+                    k={mod: (e["k_A"], e["k_B"]) for mod, e in m["modules"].items()},
+                    bytes=m["bytes"],
+                    submissions=m["submissions"],
+                    metadata=m["metadata"],
+                    tags=by_version.get(name, []),
+                    pins=pins.get(name, []),
+                    is_head=name == head,
+                )
+            )
+        return out
+
+    # -- publishing ----------------------------------------------------------------------------
+    def publish(
+        self,
+        subspace: Subspace,
+        parent: str | None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        submission_ids: Sequence[str] = (),
+        group: str = DEFAULT_GROUP,
+        expected_head: str | None = _UNSET,
+        reconstruction_error: dict[str, float] | None = None,
+    ) -> str:
+        """Publish ``subspace`` as a new version and move the head to it; returns its id (``vN``).
+
+        ``parent`` is the version it was derived from (None for the first). The head moves only if
+        it still equals ``expected_head`` (default: ``parent``); otherwise ``HeadConflictError`` and
+        nothing is visible. ``submission_ids`` (stream entry ids read by consumer group ``group``)
+        are acknowledged and recorded as merged in the same transaction. ``metadata`` is free-form
+        JSON (e.g. ``{"mlflow_run_id": ...}``). Per-task reconstruction errors default to each
+        task's ``metadata["reconstruction_error"]`` (set by ``share.merge``).
+        """
+        expected = parent if expected_head is _UNSET else expected_head
+        encoded = encode_subspace(subspace, reconstruction_error)
+        meta = _jsonable(metadata or {}, "metadata")
+        _jsonable(subspace.metadata, "subspace.metadata")
+        for tname, task in subspace.tasks.items():
+            _jsonable(task.metadata, f"task {tname!r} metadata")
+        actual = self.head()
+        if actual != expected:  # fail before writing megabytes; the commit checks again
+            raise HeadConflictError(self.namespace, expected, actual)
+        publication = _Publication(self, encoded)
+        publication.begin()
+        try:
+            publication.write_payloads()
+            return publication.commit(subspace, parent, expected, meta, list(submission_ids), group)
+        except BaseException:
+            publication.abort()
+            raise
+
+    # -- tags, pins, retention -----------------------------------------------------------------
+    def tag(self, ref: str, name: str) -> str:
+        """Point tag ``name`` at the version ``ref`` names (moving it if it exists); returns the version."""
+        check_tag_name(name)
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.keys.versions, self.keys.head, self.keys.tags)
+                    version = _resolve(pipe, self.keys, ref)
+                    pipe.multi()
+                    pipe.hset(self.keys.tags, name, version)
+                    pipe.execute()
+                    return version
+                except WatchError:
+                    continue
+
+    def untag(self, name: str) -> bool:
+        return bool(self.client.hdel(self.keys.tags, name))
+
+    def pin(self, ref: str, job_id: str, ttl_s: float = 24 * 3600) -> str:
+        """Protect the version ``ref`` names from pruning while job ``job_id`` runs; returns the version."""
+        return retention.pin(self, ref, job_id, ttl_s)
+
+    def unpin(self, version: str, job_id: str) -> None:
+        retention.unpin(self, version, job_id)
+
+    def pins(self) -> dict[str, list[str]]:
+        """Live pins: version -> job ids."""
+        return retention.live_pins(self)
+
+    def prune(self, keep: int, *, dry_run: bool = False, orphan_grace_s: float = 3600.0) -> retention.PruneResult:
+        """Delete all but the newest ``keep`` versions, never the head, a tagged or a pinned one.
+
+        Also removes payloads of publishes that died before committing, ``orphan_grace_s`` after
+        they started.
+        """
+        return retention.prune(self, keep, dry_run=dry_run, orphan_grace_s=orphan_grace_s)
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} is not JSON-serializable ({err}); store only str/number/bool/list/dict") from None
+    return value
+
+
+class _Publication:
+    """One publish, in phases (begin, write_payloads, commit | abort).
+
+    Phases are separate so that crash tests can stop a publisher between them; ``publish`` is the
+    only normal caller.
+    """
+
+    def __init__(self, store: SubspaceStore, encoded: EncodedSubspace) -> None:
+        self.store = store
+        self.client = store.client
+        self.keys = store.keys
+        self.encoded = encoded
+        self.number = 0
+        self.version = ""
+        self.payload_keys: list[str] = []
+
+    def begin(self) -> str:
+        """Allocate the version id and register the unfinished publish (for the orphan sweep)."""
+        self.number = int(self.client.incr(self.keys.seq))
+        self.version = f"v{self.number}"
+        v = self.version
+        self.payload_keys = [self.keys.basis(v, m) for m in self.encoded.bases] + [
+            self.keys.task(v, t) for t in self.encoded.tasks
+        ]
+        record = {"started": server_time(self.client), "keys": self.payload_keys}
+        self.client.hset(self.keys.writing, v, json.dumps(record))
+        return v
+
+    def write_payloads(self) -> None:
+        v = self.version
+        blobs = [(self.keys.basis(v, m), d) for m, d in self.encoded.bases.items()]
+        blobs += [(self.keys.task(v, t), d) for t, d in self.encoded.tasks.items()]
+        pipe = self.client.pipeline(transaction=False)
+        pending = 0
+        for key, data in blobs:
+            pipe.set(key, data)
+            pending += len(data)
+            if pending >= _WRITE_CHUNK:
+                pipe.execute()
+                pending = 0
+        pipe.execute()
+
+    def commit(
+        self,
+        subspace: Subspace,
+        parent: str | None,
+        expected: str | None,
+        metadata: dict[str, Any],
+        submission_ids: list[str],
+        group: str,
+    ) -> str:
+        keys, v = self.keys, self.version
+        for _ in range(16):
+            try:
+                with self.client.pipeline() as pipe:
+                    pipe.watch(keys.head, keys.merged, keys.rejected)
+                    raw = pipe.get(keys.head)
+                    actual = raw.decode() if raw is not None else None
+                    if actual != expected:
+                        raise HeadConflictError(keys.namespace, expected, actual, attempted=v)
+                    entries = check_open(pipe, keys, group, submission_ids)
+                    manifest = self._manifest(subspace, parent, metadata, submission_ids, server_time(pipe))
+                    pipe.multi()
+                    pipe.set(keys.manifest(v), json.dumps(manifest))
+                    pipe.set(keys.head, v)
+                    pipe.zadd(keys.versions, {v: self.number})
+                    pipe.hdel(keys.writing, v)
+                    queue_acks(pipe, keys, group, entries, v)
+                    pipe.execute()
+                    return v
+            except WatchError:
+                # Either the head moved (the loop reports the conflict) or a submission changed
+                # state (the loop re-checks it). A dropped connection also lands here: see below.
+                if self.client.exists(keys.manifest(v)):
+                    return v  # our EXEC went through before the connection dropped
+                continue
+        raise StoreError(f"could not publish {v}: submissions kept changing concurrently; retry")
+
+    def _manifest(
+        self, subspace: Subspace, parent: str | None, metadata: dict[str, Any], submissions: list[str], now: float
+    ) -> dict[str, Any]:
+        v, enc = self.version, self.encoded
+        modules = {m: {**e, "key": self.keys.basis(v, m)} for m, e in enc.modules_manifest.items()}
+        tasks = {t: {**e, "key": self.keys.task(v, t)} for t, e in enc.tasks_manifest.items()}
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_FORMAT_VERSION,
+            "namespace": self.keys.namespace,
+            "version": v,
+            "parent": parent,
+            "created": now,
+            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "policy": subspace.policy.to_dict(),
+            "modules": modules,
+            "tasks": tasks,
+            "submissions": submissions,
+            "bytes": sum(len(d) for d in enc.bases.values()) + sum(len(d) for d in enc.tasks.values()),
+            "subspace_metadata": subspace.metadata,
+            "metadata": metadata,
+        }
+
+    def abort(self) -> None:
+        """Delete this publish's payloads unless it committed. Best effort: if Redis is unreachable,
+        the payloads stay invisible (no manifest) and ``prune`` sweeps them later."""
+        if not self.version:
+            return
+        try:
+            with self.client.pipeline() as pipe:
+                pipe.watch(self.keys.writing)
+                if not pipe.hexists(self.keys.writing, self.version):
+                    return  # committed: the commit removes the record in its transaction
+                pipe.multi()
+                if self.payload_keys:
+                    pipe.delete(*self.payload_keys)
+                pipe.hdel(self.keys.writing, self.version)
+                pipe.execute()
+        except (redis.RedisError, OSError):
+            pass

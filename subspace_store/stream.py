@@ -1,0 +1,294 @@
+"""The submission stream: workers submit trained adapters; the coordinator consumes them.
+
+A submission is a Redis Stream entry (task, base version, metadata, checksum) that references its
+tensors (the adapter's ``B``, ``A`` per module and the head, as one Arrow IPC payload) in a separate
+key; entry and payload are written in one MULTI/EXEC, so neither exists without the other. The
+coordinator reads through a consumer group. An entry is acknowledged only in the transaction that
+publishes the version containing it (``SubspaceStore.publish(submission_ids=...)``) or that records
+its rejection (``reject``), so after any crash it is still pending and ``recover`` hands it out again.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+from redis.exceptions import ResponseError, WatchError
+
+from share import LoraAdapter, Subspace
+from share.subspace import check_task_name
+
+from .acks import DEFAULT_GROUP, REJECTED_PAYLOAD_TTL_S
+from .errors import StoreError, SubmissionError
+from .keys import Keys
+from .payloads import PayloadFormatError, decode_tensors, encode_tensors, sha256
+from .refs import server_time
+
+if TYPE_CHECKING:
+    from .store import SubspaceStore
+
+DEFAULT_MAX_BYTES = 256 << 20  # Redis refuses values over 512 MB; a rank-16 7B q,v adapter is ~34 MB
+_B, _A, _HEAD = "B:", "A:", "head:"
+
+
+@dataclass
+class Submission:
+    """A task's trained adapter, trained from ``base_version``, plus free-form JSON metadata."""
+
+    task: str
+    adapter: LoraAdapter
+    base_version: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None  # stream entry id, set by submit/read
+    deliveries: int = 0  # how often it was handed out (>1 after a consumer died)
+
+
+@dataclass
+class PendingEntry:
+    id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
+class SubmissionStream:
+    """Submissions of one namespace, consumed by consumer group ``group``."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "default",
+        group: str = DEFAULT_GROUP,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.client = client
+        self.keys = Keys(namespace)
+        self.group = group
+        self.max_bytes = max_bytes
+        self._group_ready = False
+
+    def ensure_group(self) -> None:
+        """Create the stream and consumer group if missing (from the start: no submission is skipped)."""
+        if self._group_ready:
+            return
+        try:
+            self.client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+        self._group_ready = True
+
+    # -- producing -----------------------------------------------------------------------------
+    def submit(self, submission: Submission) -> str:
+        """Durably enqueue ``submission``; returns its id (the stream entry id)."""
+        check_task_name(submission.task)
+        submission.adapter.validate(submission.task)
+        for what, value in (("metadata", submission.metadata), ("adapter metadata", submission.adapter.metadata)):
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"submission {submission.task!r}: {what} is not JSON-serializable ({err})") from None
+        tensors = {}
+        for module, (B, A) in submission.adapter.factors.items():
+            tensors[_B + module] = B
+            tensors[_A + module] = A
+        for name, value in submission.adapter.head.items():
+            tensors[_HEAD + name] = value
+        data = encode_tensors(tensors)
+        if len(data) > self.max_bytes:
+            raise ValueError(
+                f"submission {submission.task!r} is {len(data) / 2**20:.1f} MiB, over the {self.max_bytes / 2**20:.0f} "
+                "MiB limit; lower the LoRA rank or the number of target modules, or raise max_bytes"
+            )
+        self.ensure_group()
+        payload_key = self.keys.submission_payload(uuid.uuid4().hex)
+        fields = {
+            "task": submission.task,
+            "base_version": submission.base_version or "",
+            "payload_key": payload_key,
+            "sha256": sha256(data),
+            "bytes": str(len(data)),
+            "scaling": json.dumps({m: submission.adapter.scale(m) for m in submission.adapter.factors}),
+            "adapter_metadata": json.dumps(submission.adapter.metadata),
+            "metadata": json.dumps(submission.metadata),
+        }
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(payload_key, data)
+        pipe.xadd(self.keys.stream, fields)
+        _, entry_id = pipe.execute()
+        submission.id = entry_id.decode()
+        return submission.id
+
+    # -- consuming -----------------------------------------------------------------------------
+    def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[Submission]:
+        """New submissions for ``consumer`` (waits up to ``block_ms`` for one; None: do not wait).
+
+        A submission whose payload is missing or corrupted is rejected on the spot with that reason.
+        """
+        self.ensure_group()
+        reply = self.client.xreadgroup(self.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms)
+        return self._load([entry for _, entries in reply or [] for entry in entries], default_deliveries=1)
+
+    def recover(self, consumer: str, min_idle_ms: int = 60_000, count: int = 1000) -> list[Submission]:
+        """After a restart: ``consumer``'s own unacknowledged submissions, plus those other consumers have
+        held for ``min_idle_ms`` (claimed for ``consumer``, XAUTOCLAIM)."""
+        self.ensure_group()
+        reply = self.client.xreadgroup(self.group, consumer, {self.keys.stream: "0"}, count=count)
+        entries = [entry for _, items in reply or [] for entry in items]
+        start = "0-0"
+        while len(entries) < count:
+            result = self.client.xautoclaim(
+                self.keys.stream, self.group, consumer, min_idle_time=min_idle_ms, start_id=start, count=count
+            )
+            start, claimed = result[0], result[1]
+            entries += [entry for entry in claimed if entry and entry[1]]
+            if start in (b"0-0", "0-0"):
+                break
+        seen, unique = set(), []
+        for entry in entries:
+            if entry[0] not in seen:
+                seen.add(entry[0])
+                unique.append(entry)
+        return self._load(unique, default_deliveries=0)
+
+    def pending(self, count: int = 1000) -> list[PendingEntry]:
+        """Delivered but not yet merged or rejected submissions."""
+        self.ensure_group()
+        rows = self.client.xpending_range(self.keys.stream, self.group, min="-", max="+", count=count)
+        return [
+            PendingEntry(
+                id=r["message_id"].decode(),
+                consumer=r["consumer"].decode(),
+                idle_ms=int(r["time_since_delivered"]),
+                deliveries=int(r["times_delivered"]),
+            )
+            for r in rows
+        ]
+
+    def _load(self, entries: list[Any], default_deliveries: int) -> list[Submission]:
+        deliveries = {}
+        if entries:
+            pipe = self.client.pipeline(transaction=False)
+            for raw_id, _ in entries:
+                pipe.xpending_range(self.keys.stream, self.group, min=raw_id, max=raw_id, count=1)
+            for rows in pipe.execute():
+                for row in rows:
+                    deliveries[row["message_id"].decode()] = int(row["times_delivered"])
+        out = []
+        for raw_id, raw_fields in entries:
+            sid = raw_id.decode()
+            fields = {k.decode(): v.decode() for k, v in raw_fields.items()}
+            data = self.client.get(fields["payload_key"])
+            problem = None
+            if data is None:
+                problem = f"payload {fields['payload_key']!r} is missing"
+            elif sha256(data) != fields["sha256"]:
+                problem = f"payload {fields['payload_key']!r} does not match its sha256 checksum"
+            else:
+                try:
+                    tensors, _ = decode_tensors(data)
+                except PayloadFormatError as err:
+                    problem = f"payload {fields['payload_key']!r} {err}"
+            if problem is not None:
+                self.reject(sid, f"unreadable submission: {problem}; resubmit the task")
+                continue
+            out.append(_to_submission(sid, fields, tensors, deliveries.get(sid, default_deliveries)))
+        return out
+
+    # -- outcomes ------------------------------------------------------------------------------
+    def reject(self, submission_id: str, reason: str) -> None:
+        """Acknowledge ``submission_id`` without merging it; its reason stays in ``rejections()``.
+
+        Rejecting an already-rejected submission is a no-op; a merged one raises SubmissionError.
+        """
+        keys = self.keys
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(keys.merged, keys.rejected)
+                    into = pipe.hget(keys.merged, submission_id)
+                    if into is not None:
+                        raise SubmissionError(
+                            f"submission {submission_id} was already merged into {into.decode()}; it cannot be rejected"
+                        )
+                    if pipe.hexists(keys.rejected, submission_id):
+                        return
+                    found = pipe.xrange(keys.stream, min=submission_id, max=submission_id, count=1)
+                    if not found:
+                        raise SubmissionError(
+                            f"submission {submission_id} is not in stream {keys.stream}; check the id"
+                        )
+                    fields = {k.decode(): v.decode() for k, v in found[0][1].items()}
+                    record = {
+                        "reason": reason,
+                        "task": fields["task"],
+                        "base_version": fields["base_version"] or None,
+                        "payload_key": fields["payload_key"],
+                        "rejected": server_time(pipe),
+                    }
+                    pipe.multi()
+                    pipe.hset(keys.rejected, submission_id, json.dumps(record))
+                    pipe.xack(keys.stream, self.group, submission_id)
+                    pipe.expire(fields["payload_key"], REJECTED_PAYLOAD_TTL_S)
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
+
+    def rejections(self) -> dict[str, dict[str, Any]]:
+        """Submission id -> {reason, task, base_version, payload_key, rejected (unix time)}."""
+        return {k.decode(): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
+
+    def status(self, submission_id: str) -> str:
+        """``merged into vN``, ``rejected: REASON``, ``pending``, ``queued`` or ``unknown``."""
+        into = self.client.hget(self.keys.merged, submission_id)
+        if into is not None:
+            return f"merged into {into.decode()}"
+        why = self.client.hget(self.keys.rejected, submission_id)
+        if why is not None:
+            return f"rejected: {json.loads(why)['reason']}"
+        if not self.client.xrange(self.keys.stream, min=submission_id, max=submission_id, count=1):
+            return "unknown"
+        self.ensure_group()
+        pending = self.client.xpending_range(
+            self.keys.stream, self.group, min=submission_id, max=submission_id, count=1
+        )
+        return "pending" if pending else "queued"
+
+    def publish_with_ack(
+        self,
+        store: SubspaceStore,
+        subspace: Subspace,
+        parent: str | None,
+        submissions: Sequence[Submission | str],
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Publish ``subspace`` and acknowledge ``submissions`` in the same transaction."""
+        if store.keys.namespace != self.keys.namespace:
+            raise StoreError(
+                f"store namespace {store.keys.namespace!r} differs from stream namespace {self.keys.namespace!r}"
+            )
+        ids = [s.id if isinstance(s, Submission) else s for s in submissions]
+        if any(i is None for i in ids):
+            raise SubmissionError("a submission has no id; pass submissions returned by read() or recover()")
+        return store.publish(subspace, parent, metadata, submission_ids=ids, group=self.group, **kwargs)
+
+
+def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], deliveries: int) -> Submission:
+    scaling = json.loads(fields["scaling"])
+    factors = {m: (tensors[_B + m], tensors[_A + m]) for m in scaling}
+    head = {k[len(_HEAD) :]: v for k, v in tensors.items() if k.startswith(_HEAD)}
+    adapter = LoraAdapter(factors=factors, scaling=scaling, head=head, metadata=json.loads(fields["adapter_metadata"]))
+    return Submission(
+        task=fields["task"],
+        adapter=adapter,
+        base_version=fields["base_version"] or None,
+        metadata=json.loads(fields["metadata"]),
+        id=sid,
+        deliveries=deliveries,
+    )
