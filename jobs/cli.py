@@ -11,11 +11,11 @@ import argparse
 import importlib
 import sys
 
+from jobs.errors import CLIError
+
 _COMMAND_MODULES = ("offline", "store", "cluster")
 
-
-class CLIError(Exception):
-    """An error to show the user as one line, with exit status 2 (no traceback)."""
+__all__ = ["CLIError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

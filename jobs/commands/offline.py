@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import CLIError
+from jobs.errors import CLIError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import CLIError
+from jobs.errors import CLIError
 
 NAMESPACE_ENV = "SHARECL_NAMESPACE"
 
