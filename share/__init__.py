@@ -8,7 +8,9 @@ from .config import KPolicy
 from .gauge import canonicalize
 from .merge import MergeReport, merge
 from .model import ShareModel, match_modules
+from .peft_io import export_peft, load_peft_adapter
 from .subspace import ModuleBasis, Subspace, TaskCoefficients
+from .update import TaskUpdate
 
 __all__ = [
     "KPolicy",
@@ -18,7 +20,10 @@ __all__ = [
     "ShareModel",
     "Subspace",
     "TaskCoefficients",
+    "TaskUpdate",
     "canonicalize",
+    "export_peft",
+    "load_peft_adapter",
     "match_modules",
     "merge",
 ]

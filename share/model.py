@@ -25,6 +25,7 @@ from .adapter import LoraAdapter
 from .head import TaskHead
 from .layer import ShareLinear
 from .subspace import Subspace, check_task_name
+from .update import TaskUpdate
 
 
 def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
@@ -159,6 +160,17 @@ class ShareModel(nn.Module):
             for k, v in h.training_head.named_parameters()
         }
         return LoraAdapter(factors=factors, scaling=scaling, head=head, metadata={"task": self.training_task})
+
+    def trained_update(self) -> TaskUpdate:
+        """The task being trained in coefficient mode, compactly (relative to the loaded subspace)."""
+        if self.training_task is None or any(layer.mode != "coefficients" for layer in self.layers.values()):
+            raise RuntimeError("trained_update() needs a task started with start_coefficients(); use trained_adapter()")
+        parts = {
+            name: {key: value.detach().float().cpu().clone() for key, value in layer.trainable.items()}
+            for name, layer in self.layers.items()
+        }
+        adapter_head = self.trained_adapter().head
+        return TaskUpdate(parts=parts, head=adapter_head, metadata={"task": self.training_task})
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
