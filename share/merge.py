@@ -115,6 +115,7 @@ def merge(
         errors[name] = (diff / norm) ** 0.5 if norm > 0 else 0.0
         module_errors[name] = {m: (e / n) ** 0.5 if n > 0 else 0.0 for m, (e, n) in sq_err[name].items()}
         metadata["reconstruction_error"] = errors[name]
+        _track_drift(metadata, diff, norm, entering=adapter is not None)
         tasks[name] = TaskCoefficients(E=new_E[name], head=head, metadata=metadata)
 
     merged = Subspace(
@@ -132,6 +133,23 @@ def merge(
         module_error=module_errors,
     )
     return merged, report
+
+
+def _track_drift(metadata: dict, sq_diff: float, sq_norm: float, entering: bool) -> None:
+    """Cumulative forgetting since the task entered, without its original factors.
+
+    Each merge orthogonally projects a task's update, so ``|dW_now|^2 = |dW_entry|^2 - sum |e_m|^2``
+    exactly: ``energy_kept`` is that ratio. ``drift_bound`` sums the per-merge errors relative to
+    the entry norm, an upper bound on ``|dW_now - dW_entry| / |dW_entry|`` (triangle inequality).
+    """
+    if entering:
+        metadata["entry_norm"] = sq_norm**0.5
+        metadata["energy_kept"] = 1.0
+        metadata["drift_bound"] = 0.0
+    entry = metadata.get("entry_norm", sq_norm**0.5)
+    if entry > 0:
+        metadata["energy_kept"] = metadata.get("energy_kept", 1.0) - sq_diff / entry**2
+        metadata["drift_bound"] = metadata.get("drift_bound", 0.0) + sq_diff**0.5 / entry
 
 
 def _merge_side(
