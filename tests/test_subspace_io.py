@@ -1,0 +1,157 @@
+"""``Subspace.save`` / ``load``: bit-exact round trip, corruption detected, atomic replacement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from share import KPolicy, LoraAdapter, Subspace, merge
+from share.subspace import BASES_FILE, MANIFEST, TASKS_DIR
+
+SHAPES = {"enc.0.query": (12, 10), "enc.0.value": (10, 12)}  # name -> (n, d)
+
+
+def random_adapter(seed: int, r: int = 3, with_head: bool = True) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(n, r, generator=g), torch.randn(r, d, generator=g)) for m, (n, d) in SHAPES.items()}
+    head = {"head.weight": torch.randn(4, 10, generator=g), "head.bias": torch.randn(4, generator=g)}
+    return LoraAdapter(
+        factors=factors,
+        scaling={m: 1.5 for m in SHAPES},
+        head=head if with_head else {},
+        metadata={"task": f"t{seed}", "accuracy": 0.5 + seed / 100, "notes": ["ü", None]},
+    )
+
+
+@pytest.fixture
+def subspace() -> Subspace:
+    first, _ = merge(None, {"t0": random_adapter(0), "t1": random_adapter(1, with_head=False)}, KPolicy(k=4))
+    second, _ = merge(first, {"t2": random_adapter(2)}, KPolicy(variance=0.8, k_max=5))
+    second.metadata = {"version": 3, "parent": 2}
+    return second
+
+
+def tensors_of(s: Subspace) -> dict[str, torch.Tensor]:
+    out = {}
+    for m, b in s.modules.items():
+        out[f"{m}.U_A"], out[f"{m}.U_B"] = b.U_A, b.U_B
+    for t, c in s.tasks.items():
+        for m, (E_A, E_B) in c.E.items():
+            out[f"{t}/{m}.E_A"], out[f"{t}/{m}.E_B"] = E_A, E_B
+        for key, value in c.head.items():
+            out[f"{t}/head.{key}"] = value
+    return out
+
+
+def assert_identical(left: Subspace, right: Subspace) -> None:
+    a, b = tensors_of(left), tensors_of(right)
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert list(left.modules) == list(right.modules)
+    assert list(left.tasks) == list(right.tasks)
+    assert left.policy == right.policy
+    assert left.metadata == right.metadata
+    for t in left.tasks:
+        assert left.tasks[t].metadata == right.tasks[t].metadata
+
+
+def test_round_trip_is_bit_exact(subspace: Subspace, tmp_path: Path) -> None:
+    folder = subspace.save(tmp_path / "sub")
+    loaded = Subspace.load(folder)
+    assert_identical(subspace, loaded)
+    # And once more: a loaded subspace saves to byte-identical tensor files.
+    again = Subspace.load(loaded.save(tmp_path / "again"))
+    assert_identical(subspace, again)
+    for rel in [BASES_FILE, *(f"{TASKS_DIR}/{t}.safetensors" for t in subspace.tasks)]:
+        assert (tmp_path / "sub" / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
+
+
+def test_partial_load_reads_only_the_named_tasks(subspace: Subspace, tmp_path: Path) -> None:
+    folder = subspace.save(tmp_path / "sub")
+    (folder / TASKS_DIR / "t0.safetensors").unlink()  # never read when only t2 is asked for
+    part = Subspace.load(folder, tasks=["t2"])
+    assert list(part.tasks) == ["t2"]
+    for m in SHAPES:
+        assert torch.equal(part.delta_weight("t2", m), subspace.delta_weight("t2", m))
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        Subspace.load(folder, tasks=["nope"])
+
+
+@pytest.mark.parametrize("target", [BASES_FILE, f"{TASKS_DIR}/t1.safetensors"])
+def test_corrupted_file_is_detected_by_checksum(subspace: Subspace, tmp_path: Path, target: str) -> None:
+    folder = subspace.save(tmp_path / "sub")
+    path = folder / target
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one flipped bit inside the last tensor's payload: safetensors alone would not notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        Subspace.load(folder)
+
+
+def test_missing_files_name_the_folder_and_the_fix(subspace: Subspace, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="sharecl compress"):
+        Subspace.load(tmp_path / "nothing-here")
+    folder = subspace.save(tmp_path / "sub")
+    (folder / TASKS_DIR / "t2.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="t2.safetensors is missing"):
+        Subspace.load(folder)
+
+
+def test_unknown_format_version_is_refused(subspace: Subspace, tmp_path: Path) -> None:
+    folder = subspace.save(tmp_path / "sub")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["format_version"] = 999
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="unsupported format"):
+        Subspace.load(folder)
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failing_save_leaves_the_old_folder_intact(subspace: Subspace, tmp_path: Path) -> None:
+    """The write fails half-way (bases already written): the previous folder stays byte for byte."""
+    folder = subspace.save(tmp_path / "sub")
+    before = folder_snapshot(folder)
+    broken, _ = merge(subspace, {"t3": random_adapter(3)}, KPolicy(k=4))
+    shared = torch.randn(4)
+    # Two head entries sharing memory pass validate() but make safetensors refuse the task file.
+    broken.tasks["t3"].head = {"head.bias": shared, "head.bias_copy": shared}
+    with pytest.raises(RuntimeError, match="share memory"):
+        broken.save(folder)
+    assert folder_snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # no temporary folder left behind
+    assert_identical(subspace, Subspace.load(folder))
+
+
+def test_invalid_subspace_is_refused_before_anything_is_written(subspace: Subspace, tmp_path: Path) -> None:
+    folder = subspace.save(tmp_path / "sub")
+    before = folder_snapshot(folder)
+    subspace.tasks["t1"].E["enc.0.query"][0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="task 't1', module 'enc.0.query': coefficients hold NaN"):
+        subspace.save(folder)
+    assert folder_snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+def test_save_without_overwrite_refuses_an_existing_folder(subspace: Subspace, tmp_path: Path) -> None:
+    folder = subspace.save(tmp_path / "sub")
+    before = folder_snapshot(folder)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        subspace.save(folder, overwrite=False)
+    assert folder_snapshot(folder) == before
+
+
+def test_save_replaces_an_existing_folder_completely(subspace: Subspace, tmp_path: Path) -> None:
+    """Overwriting with fewer tasks leaves no stale task file from the previous version."""
+    folder = subspace.save(tmp_path / "sub")
+    smaller, _ = merge(None, {"only": random_adapter(9)}, KPolicy(k=2))
+    smaller.save(folder)
+    assert sorted(p.name for p in (folder / TASKS_DIR).iterdir()) == ["only.safetensors"]
+    assert_identical(smaller, Subspace.load(folder))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
