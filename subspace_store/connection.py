@@ -52,13 +52,20 @@ def _scrub(text: str, url: str) -> str:
 def connect(
     url: str | None = None, *, folder: str | os.PathLike[str] | None = None, timeout_s: float = 5.0
 ) -> redis.Redis:
-    """A checked client (PING answered). ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs work."""
+    """A checked client (PING answered). ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs work.
+
+    ``timeout_s`` bounds connecting and each socket read (not a whole transfer).
+    """
     url = resolve_url(url, folder)
     shown = redact(url)
     fix = f"fix --redis-url / ${ENV_URL}, or unset both to use the embedded server (`sharecl store start`)"
     try:
         client = redis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_keepalive=True, health_check_interval=30
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,  # per read; SubmissionStream.read blocks in shorter slices
+            socket_keepalive=True,
+            health_check_interval=30,
         )
     except (ValueError, TypeError) as err:
         raise StoreConnectionError(
@@ -83,7 +90,12 @@ def connect(
             ) from None
         raise StoreConnectionError(f"Redis at {shown} refused PING ({text}); {fix}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
+        tls = (
+            " (rediss:// needs a server with TLS enabled; use redis:// for one without)"
+            if url.startswith("rediss:")
+            else ""
+        )
         raise StoreConnectionError(
-            f"cannot reach Redis at {shown} ({_scrub(str(err), url)}). Is it running and is the URL right? {fix}"
+            f"cannot reach Redis at {shown} ({_scrub(str(err), url)}){tls}. Is it running and is the URL right? {fix}"
         ) from None
     return client

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 CONF, PIDFILE, PORTFILE, PASSFILE, LOGFILE, LOCKFILE = (
     "redis.conf",
@@ -77,13 +79,20 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=5)
+    def client(self, retries: int = 3) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_connect_timeout=5,
+            retry=Retry(NoBackoff(), retries),
+        )
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Shut down cleanly (the append-only file is flushed), escalating to signals if needed."""
         try:
-            self.client().shutdown()
+            # No retries: the server closing the connection is the expected answer to SHUTDOWN.
+            self.client(retries=0).shutdown()
         except redis.ConnectionError:
             pass  # expected: the server closes the connection as it exits
         except redis.RedisError:
@@ -204,7 +213,7 @@ def start_redis(
 
 def _wait_ready(server: RedisServer, process: subprocess.Popen[bytes], detach: bool, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    client = server.client()
+    client = server.client(retries=0)
     while time.monotonic() < deadline:
         if server.pid is None:
             try:
@@ -261,7 +270,7 @@ def running_server(folder: str | os.PathLike[str] | None = None) -> RedisServer 
     password = _read_password(folder)
     server = RedisServer(port=port, folder=folder.resolve(), password=password, pid=pid)
     try:
-        server.client().ping()
+        server.client(retries=0).ping()
     except redis.BusyLoadingError:
         return server
     except redis.RedisError:

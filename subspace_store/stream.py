@@ -1,8 +1,10 @@
 """The submission stream: workers submit trained adapters; the coordinator consumes them.
 
 A submission is a Redis Stream entry (task, base version, metadata, checksum) that references its
-tensors (the adapter's ``B``, ``A`` per module and the head, as one Arrow IPC payload) in a separate
-key; entry and payload are written in one MULTI/EXEC, so neither exists without the other. The
+tensors in a separate key, as one Arrow IPC payload: either a full adapter (``B``, ``A`` per module
+and the head: a cold start or an external LoRA) or a compact ``share.TaskUpdate`` (coefficients and
+temporary directions relative to the base version: what coefficient-mode workers ship). Entry and
+payload are written in one MULTI/EXEC, so neither exists without the other. The
 coordinator reads through a consumer group. An entry is acknowledged only in the transaction that
 publishes the version containing it (``SubspaceStore.publish(submission_ids=...)``) or that records
 its rejection (``reject``), so after any crash it is still pending and ``recover`` hands it out again.
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import ResponseError, WatchError
 
-from share import LoraAdapter, Subspace
+from share import LoraAdapter, Subspace, TaskUpdate
 from share.subspace import check_task_name
 
 from .acks import DEFAULT_GROUP, REJECTED_PAYLOAD_TTL_S
@@ -32,19 +34,28 @@ if TYPE_CHECKING:
     from .store import SubspaceStore
 
 DEFAULT_MAX_BYTES = 256 << 20  # Redis refuses values over 512 MB; a rank-16 7B q,v adapter is ~34 MB
-_B, _A, _HEAD = "B:", "A:", "head:"
+_BLOCK_SLICE_MS = 1000
 
 
 @dataclass
 class Submission:
-    """A task's trained adapter, trained from ``base_version``, plus free-form JSON metadata."""
+    """A task trained from ``base_version``: a full ``adapter`` or a compact ``update`` (exactly one)."""
 
     task: str
-    adapter: LoraAdapter
+    adapter: LoraAdapter | None
     base_version: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
     id: str | None = None  # stream entry id, set by submit/read
     deliveries: int = 0  # how often it was handed out (>1 after a consumer died)
+    update: TaskUpdate | None = None
+
+    def to_adapter(self, base: Subspace | None) -> LoraAdapter:
+        """Full factors: the adapter itself, or the update rebuilt in ``base`` (its base version's subspace)."""
+        if self.adapter is not None:
+            return self.adapter
+        if base is None:
+            raise ValueError(f"submission {self.task!r} is a coefficient update; pass its base version's subspace")
+        return self.update.to_adapter(base, self.task)
 
 
 @dataclass
@@ -86,18 +97,30 @@ class SubmissionStream:
     def submit(self, submission: Submission) -> str:
         """Durably enqueue ``submission``; returns its id (the stream entry id)."""
         check_task_name(submission.task)
-        submission.adapter.validate(submission.task)
-        for what, value in (("metadata", submission.metadata), ("adapter metadata", submission.adapter.metadata)):
+        if (submission.adapter is None) == (submission.update is None):
+            raise ValueError(f"submission {submission.task!r}: set exactly one of adapter and update")
+        if submission.update is not None and submission.base_version is None:
+            raise ValueError(f"submission {submission.task!r}: an update needs the base_version it was trained from")
+        source = submission.adapter if submission.adapter is not None else submission.update
+        for what, value in (("metadata", submission.metadata), ("adapter metadata", source.metadata)):
             try:
                 json.dumps(value)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"submission {submission.task!r}: {what} is not JSON-serializable ({err})") from None
         tensors = {}
-        for module, (B, A) in submission.adapter.factors.items():
-            tensors[_B + module] = B
-            tensors[_A + module] = A
-        for name, value in submission.adapter.head.items():
-            tensors[_HEAD + name] = value
+        if submission.adapter is not None:
+            submission.adapter.validate(submission.task)
+            for module, (B, A) in submission.adapter.factors.items():
+                tensors[f"B:{module}"] = B
+                tensors[f"A:{module}"] = A
+            scaling = {m: submission.adapter.scale(m) for m in submission.adapter.factors}
+        else:
+            for module, parts in submission.update.parts.items():
+                for part, value in parts.items():
+                    tensors[f"{part}:{module}"] = value
+            scaling = {m: 1.0 for m in submission.update.parts}
+        for name, value in source.head.items():
+            tensors[f"head:{name}"] = value
         data = encode_tensors(tensors)
         if len(data) > self.max_bytes:
             raise ValueError(
@@ -112,8 +135,9 @@ class SubmissionStream:
             "payload_key": payload_key,
             "sha256": sha256(data),
             "bytes": str(len(data)),
-            "scaling": json.dumps({m: submission.adapter.scale(m) for m in submission.adapter.factors}),
-            "adapter_metadata": json.dumps(submission.adapter.metadata),
+            "kind": "adapter" if submission.adapter is not None else "update",
+            "scaling": json.dumps(scaling),
+            "adapter_metadata": json.dumps(source.metadata),
             "metadata": json.dumps(submission.metadata),
         }
         pipe = self.client.pipeline(transaction=True)
@@ -125,12 +149,21 @@ class SubmissionStream:
 
     # -- consuming -----------------------------------------------------------------------------
     def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[Submission]:
-        """New submissions for ``consumer`` (waits up to ``block_ms`` for one; None: do not wait).
+        """New submissions for ``consumer`` (waits up to ``block_ms`` for one; None or 0: do not wait).
 
         A submission whose payload is missing or corrupted is rejected on the spot with that reason.
         """
         self.ensure_group()
-        reply = self.client.xreadgroup(self.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms)
+        remaining = block_ms or 0
+        while True:
+            # Block in short slices: a single long BLOCK would outlast the client's socket timeout.
+            wait = min(remaining, _BLOCK_SLICE_MS)
+            reply = self.client.xreadgroup(
+                self.group, consumer, {self.keys.stream: ">"}, count=count, block=wait if wait > 0 else None
+            )
+            remaining -= wait
+            if reply or remaining <= 0:
+                break
         return self._load([entry for _, entries in reply or [] for entry in entries], default_deliveries=1)
 
     def recover(self, consumer: str, min_idle_ms: int = 60_000, count: int = 1000) -> list[Submission]:
@@ -281,9 +314,21 @@ class SubmissionStream:
 
 def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], deliveries: int) -> Submission:
     scaling = json.loads(fields["scaling"])
-    factors = {m: (tensors[_B + m], tensors[_A + m]) for m in scaling}
-    head = {k[len(_HEAD) :]: v for k, v in tensors.items() if k.startswith(_HEAD)}
-    adapter = LoraAdapter(factors=factors, scaling=scaling, head=head, metadata=json.loads(fields["adapter_metadata"]))
+    meta = json.loads(fields["adapter_metadata"])
+    split: dict[str, dict[str, Any]] = {}
+    head = {}
+    for name, value in tensors.items():
+        part, _, rest = name.partition(":")
+        if part == "head":
+            head[rest] = value
+        else:
+            split.setdefault(rest, {})[part] = value
+    adapter = update = None
+    if fields.get("kind", "adapter") == "adapter":
+        factors = {m: (split[m]["B"], split[m]["A"]) for m in scaling}
+        adapter = LoraAdapter(factors=factors, scaling=scaling, head=head, metadata=meta)
+    else:
+        update = TaskUpdate(parts={m: split[m] for m in scaling}, head=head, metadata=meta)
     return Submission(
         task=fields["task"],
         adapter=adapter,
@@ -291,4 +336,5 @@ def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], de
         metadata=json.loads(fields["metadata"]),
         id=sid,
         deliveries=deliveries,
+        update=update,
     )
