@@ -146,7 +146,7 @@ def test_iter_batches_shuffle_is_seeded(tokenizer) -> None:
 @pytest.fixture(scope="module")
 def wordnet_dir(request, tmp_path_factory) -> Path:
     """The real WordNet files; fetched once into pytest's cache when not installed."""
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     cache_dir = cache.mkdir("wordnet") if cache is not None else tmp_path_factory.mktemp("wordnet")
     try:
         return data_wordnet.locate_wordnet(None, cache_dir)
