@@ -1,0 +1,211 @@
+"""MLflow for task jobs: one run per task training, a child of its job's run.
+
+Runs are addressed by id through ``MlflowClient`` (never the fluent ``mlflow.start_run`` stack), so
+several runs can be open in one process and nothing depends on thread-local state. Tags name the job
+and the task, which is how ``sharecl status`` and a retried attempt find a task's runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Tag names shared by the job driver, the workers and `sharecl status`.
+TAG_KIND = "sharecl.kind"  # "job" or "task"
+TAG_JOB = "sharecl.job_id"
+TAG_TASK = "sharecl.task"
+TAG_NAMESPACE = "sharecl.namespace"
+TAG_STATUS = "sharecl.status"
+TAG_ERROR = "sharecl.error"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+_PARAM_MAX = 6000  # MLflow refuses longer param values
+_TAG_MAX = 5000
+_ATTEMPTS = 6
+
+
+def client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn: Callable[[], T], what: str) -> T:
+    """Retry ``fn`` on transient store errors: several processes write one sqlite file at once, and
+    sqlite answers a writer that waited too long with "database is locked"."""
+    delay = 0.2
+    for attempt in range(_ATTEMPTS):
+        try:
+            return fn()
+        except Exception as err:  # MlflowException wraps the driver's OperationalError
+            text = str(err).lower()
+            transient = "locked" in text or "busy" in text or "timed out" in text or "connection" in text
+            if not transient or attempt == _ATTEMPTS - 1:
+                raise
+            log.debug("MLflow %s failed (%s); retrying", what, err)
+            time.sleep(delay)
+            delay = min(delay * 2, 3.0)
+    raise AssertionError("unreachable")
+
+
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    """Next to a local sqlite file (not ./mlruns of whatever directory the process runs in);
+    None for tracking servers, which choose their own artifact store."""
+    parts = urlsplit(uri)
+    if parts.scheme == "sqlite" and uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment ``name`` at ``uri``, created if missing (two creators may race: both get its id)."""
+    mlflow_client = client(uri)
+    found = _retry(lambda: mlflow_client.get_experiment_by_name(name), "get_experiment")
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"MLflow experiment {name!r} at {uri} is deleted; restore it (`mlflow experiments restore`) "
+                "or set tracking.experiment to another name"
+            )
+        return found.experiment_id
+    try:
+        return _retry(lambda: mlflow_client.create_experiment(name, _artifact_root(uri, name)), "create_experiment")
+    except Exception:
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _param_value(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text if len(text) <= _PARAM_MAX else text[: _PARAM_MAX - 3] + "..."
+
+
+class TrackedRun:
+    """One open MLflow run. Step metrics are best effort (a tracking hiccup must not throw away a
+    training run); creating, params, final metrics and the outcome raise after retries."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self._client = client(uri)
+        self._warned = False
+
+    @classmethod
+    def start(
+        cls,
+        uri: str,
+        experiment_id: str,
+        name: str,
+        tags: Mapping[str, Any],
+        parent_run_id: str | None = None,
+    ) -> TrackedRun:
+        mlflow_client = client(uri)
+        all_tags = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items()}}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = _retry(lambda: mlflow_client.create_run(experiment_id, tags=all_tags, run_name=name), "create_run")
+        return cls(uri, run.info.run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            chunk = items[i : i + 100]
+            _retry(lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk), "log_params")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, best_effort: bool = False) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(str(k), float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and math.isfinite(float(v))
+        ]
+        if not items:
+            return
+        try:
+            _retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log_metrics")
+        except Exception as err:
+            if not best_effort:
+                raise
+            if not self._warned:
+                print(f"[sharecl] warning: MLflow metrics not logged ({err}); training goes on", file=sys.stderr)
+                self._warned = True
+
+    def log_series(self, key: str, points: list[tuple[int, float]]) -> None:
+        """One metric at many steps, e.g. the loss of every training step."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, int(step)) for step, v in points if math.isfinite(float(v))]
+        for i in range(0, len(items), 1000):  # MLflow's per-batch metric limit
+            chunk = items[i : i + 1000]
+            _retry(lambda chunk=chunk: self._client.log_batch(self.run_id, metrics=chunk), "log_series")
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)[:_TAG_MAX]) for k, v in tags.items()]
+        _retry(lambda: self._client.log_batch(self.run_id, tags=items), "set_tags")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        _retry(lambda: self._client.set_terminated(self.run_id, status), "set_terminated")
+
+
+def find_runs(uri: str, experiment_id: str, filter_string: str, max_results: int = 1000) -> list[Any]:
+    mlflow_client = client(uri)
+    return list(
+        _retry(
+            lambda: mlflow_client.search_runs([experiment_id], filter_string, max_results=max_results),
+            "search_runs",
+        )
+    )
+
+
+def close_stale_attempts(uri: str, experiment_id: str, job_id: str, task: str, status: str = "KILLED") -> int:
+    """Mark runs of ``task`` in ``job_id`` that are still RUNNING as ended (their worker died: a retried
+    attempt, or the job driver gave up on it). Returns how many were closed."""
+    runs = find_runs(
+        uri,
+        experiment_id,
+        f"tags.`{TAG_JOB}` = '{job_id}' and tags.`{TAG_TASK}` = '{task}' and attributes.status = 'RUNNING'",
+    )
+    mlflow_client = client(uri)
+    for run in runs:
+        run_id = run.info.run_id
+        _retry(lambda run_id=run_id: mlflow_client.set_tag(run_id, TAG_STATUS, "worker died"), "set_tag")
+        _retry(lambda run_id=run_id: mlflow_client.set_terminated(run_id, status), "set_terminated")
+    return len(runs)
+
+
+def progress_logger(run: TrackedRun | None, label: str, total_steps: int) -> Callable[[int, dict[str, float]], None]:
+    """``on_metrics`` for ``workers.train.train``: the loss curve as MLflow step metrics plus one log
+    line per report (Ray forwards worker output to the driver, so the user sees training progress)."""
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        if run is not None:
+            run.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step, best_effort=True)
+        print(
+            f"[{label}] step {step}/{total_steps} loss {metrics.get('loss', math.nan):.4f} "
+            f"({metrics.get('examples_per_s', math.nan):.1f} ex/s, {metrics.get('elapsed_s', 0.0):.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return on_metrics
