@@ -1,0 +1,177 @@
+"""The coordinator as a named, detached Ray actor that Ray restarts whenever it dies.
+
+One actor per store namespace (``sharecl-coordinator-<namespace>`` in Ray namespace ``sharecl``).
+Its merge loop runs in a background thread; methods answer while it runs (``max_concurrency``).
+A restart reruns ``__init__`` with the same settings: the loop starts again, takes back the
+submissions the dead incarnation held (same consumer name) and completes its MLflow run.
+Calls in flight when it dies are retried on the new incarnation (``max_task_retries=-1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+
+from subspace_store import SubmissionStream, redact, resolve_url
+
+from .config import CoordinatorConfig, build
+from .service import StepResult
+
+log = logging.getLogger(__name__)
+
+RAY_NAMESPACE = "sharecl"
+
+
+def actor_name(namespace: str) -> str:
+    return f"sharecl-coordinator-{namespace}"
+
+
+class CoordinatorActor:
+    def __init__(self, config: dict[str, Any]) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.config = CoordinatorConfig.from_dict(config)
+        self.service = build(self.config)
+        self.started = time.time()
+        self.idle_steps = 0  # steps that found nothing to do: flush waits for one after settling
+        self.last_step = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="coordinator-loop", daemon=True)
+        self._thread.start()
+        log.info("coordinator for namespace %r started (pid %d)", self.config.namespace, os.getpid())
+
+    def _loop(self) -> None:
+        self.service.run_forever(
+            self._stop, max_batch=self.config.max_batch, block_ms=self.config.block_ms, on_step=self._on_step
+        )
+
+    def _on_step(self, result: StepResult) -> None:
+        self.last_step = time.time()
+        if result.read == 0:
+            self.idle_steps += 1
+
+    # -- remote methods ------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def status(self) -> dict[str, Any]:
+        stream = self.service.stream
+        return {
+            **self.service.status(),
+            "pid": os.getpid(),
+            "running": self._thread.is_alive() and not self._stop.is_set(),
+            "started": self.started,
+            "last_step": self.last_step,
+            "pending": len(stream.pending()),
+            "settled": _settled(stream),
+            "crashes": self.service.crash.fired(),
+        }
+
+    def flush(self, timeout_s: float = 300.0) -> dict[str, Any]:
+        """Wait until every submission so far is merged or rejected and the loop has finished with it
+        (its MLflow run included). Raises TimeoutError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        stream = self.service.stream
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError("the coordinator loop is not running; call stop() only to shut it down")
+            if _settled(stream):
+                seen = self.idle_steps
+                while self.idle_steps == seen and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self.idle_steps != seen and _settled(stream):
+                    return self.status()
+            else:
+                time.sleep(0.1)
+        raise TimeoutError(
+            f"submissions of namespace {self.config.namespace!r} still pending after {timeout_s:.0f}s "
+            f"({len(stream.pending())} delivered, not settled); check status() for the last error"
+        )
+
+    def stop(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Stop the merge loop after its current step (the actor stays; ``stop_coordinator`` removes it)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        return self.status()
+
+
+def _settled(stream: SubmissionStream) -> bool:
+    """No submission is waiting: the newest entry is merged or rejected and none is delivered but open."""
+    newest = stream.client.xrevrange(stream.keys.stream, count=1)
+    if not newest:
+        return True
+    if stream.pending(count=1):
+        return False
+    return stream.status(newest[0][0].decode()).startswith(("merged", "rejected"))
+
+
+def get_or_start_coordinator(
+    namespace: str = "default",
+    redis_url: str | None = None,
+    mlflow_uri: str | None = None,
+    *,
+    tracking: bool = True,
+    num_cpus: float = 0,
+    **settings: Any,
+) -> Any:
+    """The namespace's coordinator actor, started if it is not running (needs ``ray.init`` first).
+
+    ``redis_url`` and ``mlflow_uri`` are resolved here, in the caller's process (the embedded Redis
+    is started if needed; MLflow defaults to ``jobs.paths.resolve_mlflow_uri``), so the actor gets
+    concrete addresses wherever Ray places it. ``settings`` are further ``CoordinatorConfig`` fields.
+    An existing actor is reused; it must use the same Redis. ``num_cpus`` is 0 by default so the
+    coordinator never takes a CPU slot a training task needs.
+    """
+    from jobs.paths import resolve_mlflow_uri, resolve_redis_url
+
+    url = resolve_url(resolve_redis_url(redis_url))
+    uri = resolve_mlflow_uri(mlflow_uri) if tracking else None
+    config = CoordinatorConfig(namespace=namespace, redis_url=url, mlflow_uri=uri, **settings)
+    handle = (
+        ray.remote(CoordinatorActor)
+        .options(
+            name=actor_name(namespace),
+            namespace=RAY_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_task_retries=-1,
+            max_concurrency=4,
+            num_cpus=num_cpus,
+        )
+        .remote(config.to_dict())
+    )
+    running = ray.get(handle.settings.remote())
+    if running["redis_url"] != url:
+        raise ValueError(
+            f"a coordinator for namespace {namespace!r} already runs against Redis {redact(running['redis_url'])}, "
+            f"not {redact(url)}; stop it first (coordinator.actor.stop_coordinator({namespace!r}))"
+        )
+    different = sorted(k for k, v in config.to_dict().items() if running.get(k) != v)
+    if different:
+        log.warning("reusing the running coordinator of %r; its settings differ in %s", namespace, different)
+    return handle
+
+
+def find_coordinator(namespace: str = "default") -> Any | None:
+    """The running coordinator actor of ``namespace``, or None."""
+    try:
+        return ray.get_actor(actor_name(namespace), namespace=RAY_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def stop_coordinator(namespace: str = "default", timeout_s: float = 60.0) -> bool:
+    """Stop the namespace's coordinator after its current step and remove the actor. False if none ran."""
+    handle = find_coordinator(namespace)
+    if handle is None:
+        return False
+    try:
+        ray.get(handle.stop.remote(timeout_s), timeout=timeout_s + 30)
+    finally:
+        ray.kill(handle, no_restart=True)
+    return True

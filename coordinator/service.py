@@ -1,0 +1,316 @@
+"""The merge service: read submissions, validate, merge in one batch, publish with the acks, track.
+
+Pure logic over a ``SubspaceStore`` and a ``SubmissionStream`` (no Ray here; ``actor.py`` wraps it).
+Exactly once rests on the store: a submission is acknowledged only in the transaction that
+publishes the version holding it, or that records its rejection. So whenever this process dies,
+everything it had read is still pending, and the next incarnation (same consumer name) is handed it
+again by ``recover`` before reading anything new. A merge already published is never redone: its
+submissions are no longer pending, and a task already in the head is never merged twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from share import KPolicy, Subspace, merge
+from subspace_store import HeadConflictError, StoreError, Submission, SubmissionError, SubmissionStream, SubspaceStore
+
+from .crash import AFTER_MERGE, AFTER_PUBLISH, AFTER_READ, CrashPoints
+from .evaluation import Evaluation
+from .matrix import AccuracyMatrix
+from .record import COORDINATOR_KEY, RUN_ID_KEY, MergeRecord
+from .tracking import MergeTracker
+from .validation import BASE_MODEL_KEY, BaseCache, check_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one ``step`` did. ``version`` is None when nothing was published."""
+
+    read: int = 0
+    recovered: int = 0  # of ``read``: handed out again (a previous incarnation died holding them)
+    version: str | None = None
+    parent: str | None = None
+    merged: dict[str, str] = field(default_factory=dict)  # submission id -> task
+    rejected: dict[str, str] = field(default_factory=dict)  # submission id -> reason
+    acknowledged: list[str] = field(default_factory=list)  # already merged earlier: acknowledged only
+    head_conflicts: int = 0
+    merge_seconds: float = 0.0
+    publish_seconds: float = 0.0
+    latency_s: dict[str, float] = field(default_factory=dict)  # submission id -> submit-to-published
+    accuracy: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    """Merges everything that arrives on ``stream`` into ``store``'s head, one batch per version.
+
+    ``policy`` chooses ``k`` (None: the head's own policy; ``KPolicy()`` at a cold start).
+    ``tracking`` and ``evaluation`` are optional. ``consumer`` must stay the same across restarts:
+    it is how a new incarnation finds what the old one held. ``keep_versions`` prunes older versions
+    after each publish (tagged and pinned ones are always kept).
+    """
+
+    def __init__(
+        self,
+        store: SubspaceStore,
+        stream: SubmissionStream,
+        policy: KPolicy | None = None,
+        tracking: MergeTracker | None = None,
+        evaluation: Evaluation | None = None,
+        *,
+        consumer: str = "coordinator",
+        recover_idle_ms: int = 60_000,
+        recover_every_s: float = 30.0,
+        keep_versions: int | None = None,
+        max_conflicts: int = 16,
+        crash: CrashPoints | None = None,
+    ) -> None:
+        if store.namespace != stream.keys.namespace:
+            raise ValueError(
+                f"store namespace {store.namespace!r} differs from stream namespace {stream.keys.namespace!r}; "
+                "give both the same namespace"
+            )
+        if keep_versions is not None and keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1 or None (got {keep_versions})")
+        self.store = store
+        self.stream = stream
+        self.policy = policy
+        self.tracking = tracking
+        self.evaluation = evaluation
+        self.consumer = consumer
+        self.recover_idle_ms = recover_idle_ms
+        self.recover_every_s = recover_every_s
+        self.keep_versions = keep_versions
+        self.max_conflicts = max_conflicts
+        self.crash = crash or CrashPoints()
+        self.bases = BaseCache(store)
+        self.matrix = AccuracyMatrix()
+        self._head: Subspace | None = None
+        self._head_version: str | None = None
+        self._started = False
+        self._need_recover = True  # a fresh incarnation first takes back what a dead one held
+        self._last_recover = 0.0
+        self._lock = threading.Lock()
+        self.counters = {"steps": 0, "merges": 0, "merged": 0, "rejected": 0, "recovered": 0, "head_conflicts": 0}
+        self.last_version: str | None = None
+        self.last_error: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Pick up after a previous incarnation: its accuracy matrix and its unfinished MLflow runs."""
+        if self._started:
+            return
+        if self.tracking is not None:
+            try:
+                self.matrix = self.tracking.load_matrix()
+                self._reconcile()
+            except Exception as err:  # tracking never blocks merging
+                log.warning("could not reconcile MLflow merge runs (%s); merging goes on", err)
+        self._started = True
+
+    def _reconcile(self) -> None:
+        assert self.tracking is not None
+        open_runs = self.tracking.open_runs()
+        if not open_runs:
+            return
+        by_run = {info.metadata.get(RUN_ID_KEY): info.version for info in self.store.list_versions()}
+        for run_id in open_runs:
+            version = by_run.get(run_id)
+            if version is None:
+                self.tracking.abandon(run_id, "the coordinator stopped before publishing; a later merge took its tasks")
+                continue
+            record = MergeRecord.from_manifest(self.store.manifest(version))
+            accuracy, errors = self._evaluate(self.store.get(version)) if self.evaluation else ({}, {})
+            if accuracy:
+                self.matrix.add(version, record.new_tasks, accuracy)
+            self.tracking.finish(run_id, record, self.matrix, accuracy, errors)
+            log.info("completed the MLflow run of %s left open by a previous incarnation", version)
+
+    def run_forever(
+        self,
+        stop: threading.Event,
+        max_batch: int = 64,
+        block_ms: int = 1000,
+        on_step: Callable[[StepResult], None] | None = None,
+    ) -> None:
+        """``step`` until ``stop`` is set. Errors (Redis down, a bug) are logged and retried with backoff."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                result = self.step(max_batch=max_batch, block_ms=block_ms)
+                delay = 0.5
+                if on_step is not None:
+                    on_step(result)
+            except Exception as err:
+                self.last_error = f"{type(err).__name__}: {err}"
+                log.exception("coordinator step failed; retrying in %.1fs", delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "namespace": self.store.namespace,
+            "consumer": self.consumer,
+            "head": self._head_version,
+            "last_version": self.last_version,
+            "last_error": self.last_error,
+            **self.counters,
+        }
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self, max_batch: int = 64, block_ms: int | None = 1000) -> StepResult:
+        """Take up to ``max_batch`` submissions (waiting up to ``block_ms`` for one) and merge them
+        into one new version. Returns what happened; an idle step returns an empty result."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
+        with self._lock:
+            self.start()
+            result = StepResult()
+            batch = self._take(max_batch, block_ms, result)
+            self.counters["steps"] += 1
+            if not batch:
+                return result
+            self.crash.fire(AFTER_READ)
+            try:
+                self._merge_batch(batch, result)
+            except BaseException:
+                self._need_recover = True  # what we hold is still pending: take it back next step
+                raise
+            self.counters["merged"] += len(result.merged)
+            self.counters["rejected"] += len(result.rejected)
+            self.counters["head_conflicts"] += result.head_conflicts
+            self.last_error = None
+            return result
+
+    def _take(self, max_batch: int, block_ms: int | None, result: StepResult) -> list[Submission]:
+        now = time.monotonic()
+        if self._need_recover or now - self._last_recover >= self.recover_every_s:
+            held = self.stream.recover(self.consumer, min_idle_ms=self.recover_idle_ms, count=max_batch)
+            self._last_recover = now
+            self._need_recover = len(held) >= max_batch  # more may be waiting behind this batch
+            if held:
+                log.info("recovered %d pending submission(s)", len(held))
+                result.read = result.recovered = len(held)
+                self.counters["recovered"] += len(held)
+                return held
+        batch = self.stream.read(self.consumer, count=max_batch, block_ms=block_ms)
+        result.read = len(batch)
+        return batch
+
+    def _load_head(self) -> tuple[str | None, Subspace | None]:
+        """The head, from memory when it is still the version this process published last."""
+        version = self.store.head()
+        if version != self._head_version:
+            self._head = self.store.get(version) if version is not None else None
+            self._head_version = version
+        return self._head_version, self._head
+
+    def _merge_batch(self, batch: list[Submission], result: StepResult) -> None:
+        todo = batch
+        for _ in range(self.max_conflicts):
+            parent, head = self._load_head()
+            verdicts = check_batch(todo, head, parent, self.bases)
+            for sid, reason in verdicts.rejected.items():
+                self.stream.reject(sid, reason)
+                log.info("rejected submission %s: %s", sid, reason)
+            result.rejected.update(verdicts.rejected)
+            for sid in verdicts.already_merged:
+                self._acknowledge_merged(sid)
+            result.acknowledged += verdicts.already_merged
+            if not verdicts.accepted:
+                return
+            accepted = [a.submission for a in verdicts.accepted]
+            adapters = {a.submission.task: a.adapter for a in verdicts.accepted}
+            merged, report = merge(head, adapters, self.policy)
+            if head is None:
+                models = [s.metadata[BASE_MODEL_KEY] for s in accepted if s.metadata.get(BASE_MODEL_KEY)]
+                if models:
+                    merged.metadata[BASE_MODEL_KEY] = models[0]
+            self.crash.fire(AFTER_MERGE)
+
+            run_id = self.tracking.start(parent, list(adapters)) if self.tracking is not None else None
+            metadata = {
+                RUN_ID_KEY: run_id,
+                COORDINATOR_KEY: {
+                    "consumer": self.consumer,
+                    "new_tasks": list(adapters),
+                    "submissions": {s.task: s.id for s in accepted},
+                    "explained_variance": {m: list(v) for m, v in report.explained_variance.items()},
+                    "merge_seconds": report.seconds,
+                    "batch_size": len(accepted),
+                    "head_conflicts": result.head_conflicts,
+                    "rejected": len(result.rejected),
+                },
+            }
+            started = time.perf_counter()
+            try:
+                version = self.stream.publish_with_ack(self.store, merged, parent, accepted, metadata)
+            except HeadConflictError as err:
+                # Someone else published first: re-validate against the new head and merge again.
+                log.info("head moved (%s); merging again on the new head", err.actual)
+                if self.tracking is not None:
+                    self.tracking.abandon(run_id, f"head conflict: {parent} -> {err.actual}")
+                result.head_conflicts += 1
+                todo = accepted
+                continue
+            except SubmissionError as err:
+                # Another consumer settled some of them meanwhile: keep the ones still pending.
+                if self.tracking is not None:
+                    self.tracking.abandon(run_id, str(err))
+                todo = [s for s in accepted if s.id is not None and self.stream.status(s.id) == "pending"]
+                log.info("%s; retrying with the %d still pending", err, len(todo))
+                continue
+            result.publish_seconds = time.perf_counter() - started
+            self._head, self._head_version = merged, version
+            self.bases.put(version, Subspace(modules=merged.modules, policy=merged.policy, metadata=merged.metadata))
+            self.crash.fire(AFTER_PUBLISH)
+            result.version, result.parent, result.merge_seconds = version, parent, report.seconds
+            result.merged = {s.id: s.task for s in accepted if s.id is not None}
+            self.counters["merges"] += 1
+            self.last_version = version
+            log.info("published %s: +%s (%d rejected)", version, list(adapters), len(result.rejected))
+            self._after_publish(version, merged, run_id, result)
+            return
+        raise StoreError(
+            f"gave up merging {len(todo)} submission(s) after {self.max_conflicts} head conflicts; another "
+            "publisher keeps moving the head of this namespace: run one coordinator per namespace"
+        )
+
+    def _after_publish(self, version: str, merged: Subspace, run_id: str | None, result: StepResult) -> None:
+        record = MergeRecord.from_manifest(self.store.manifest(version))
+        result.latency_s = record.latency_s
+        if self.evaluation is not None:
+            result.accuracy, errors = self._evaluate(merged)
+        else:
+            errors = {}
+        if result.accuracy:
+            self.matrix.add(version, record.new_tasks, result.accuracy)
+        if self.tracking is not None:
+            extra = {"publish_seconds": result.publish_seconds}
+            self.tracking.finish(run_id, record, self.matrix, result.accuracy, errors, extra)
+        if self.keep_versions is not None:
+            try:
+                self.store.prune(self.keep_versions)
+            except StoreError as err:
+                log.warning("pruning to %d versions failed (%s)", self.keep_versions, err)
+
+    def _evaluate(self, subspace: Subspace) -> tuple[dict[str, float], dict[str, str]]:
+        assert self.evaluation is not None
+        return self.evaluation(subspace)
+
+    def _acknowledge_merged(self, submission_id: str) -> None:
+        """A submission the head already holds, yet still pending: acknowledge it without merging.
+
+        Publishing acknowledges in its own transaction, so this only happens if Redis lost the ack
+        (e.g. an append-only file cut short); the check keeps exactly once even then.
+        """
+        keys = self.stream.keys
+        self.stream.client.xack(keys.stream, self.stream.group, submission_id)
+        log.warning("submission %s is already merged; acknowledged it without merging again", submission_id)

@@ -1,0 +1,218 @@
+"""MLflow for merges: one experiment per store namespace, one run per merge.
+
+The run is created before the publish, so the version can name it (``metadata["mlflow_run_id"]``),
+and finished after it from the published manifest (``MergeRecord``). If the coordinator dies in
+between, ``reconcile`` (run at every start) completes the runs whose version exists and marks the
+others FAILED: their submissions were still pending and were merged by a later run.
+
+Tracking is best effort: an MLflow outage is logged and merging goes on. Runs are addressed by id
+through ``MlflowClient`` (no fluent, thread-local ``mlflow.start_run`` state).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from .matrix import AccuracyMatrix
+from .record import MergeRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Tag names shared with the workers' runs (same strings, no shared import) and `sharecl status`.
+TAG_KIND = "sharecl.kind"
+TAG_NAMESPACE = "sharecl.namespace"
+TAG_VERSION = "sharecl.version"
+TAG_STATUS = "sharecl.status"
+TAG_NEW_TASKS = "sharecl.new_tasks"
+KIND_MERGE = "merge"
+MATRIX_CSV = "accuracy_matrix.csv"
+MATRIX_PNG = "accuracy_matrix.png"
+_ATTEMPTS = 6
+_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
+_TAG_MAX = 5000
+
+
+def _retry(fn: Callable[[], T], what: str) -> T:
+    """sqlite answers a writer that waited too long with "database is locked"; workers write too."""
+    delay = 0.2
+    for attempt in range(_ATTEMPTS):
+        try:
+            return fn()
+        except Exception as err:
+            text = str(err).lower()
+            transient = "locked" in text or "busy" in text or "timed out" in text or "connection" in text
+            if not transient or attempt == _ATTEMPTS - 1:
+                raise
+            log.debug("MLflow %s failed (%s); retrying", what, err)
+            time.sleep(delay)
+            delay = min(delay * 2, 3.0)
+    raise AssertionError("unreachable")
+
+
+def artifact_root(uri: str, experiment: str) -> str | None:
+    """Next to a local sqlite file (not ./mlruns of whatever folder the actor runs in); None for a
+    tracking server, which chooses its own artifact store."""
+    if urlsplit(uri).scheme == "sqlite" and uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+class MergeTracker:
+    def __init__(self, uri: str, experiment: str, namespace: str) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.experiment = experiment
+        self.namespace = namespace
+        self.client = MlflowClient(tracking_uri=uri)
+        self._experiment_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._ensure_experiment()
+        return self._experiment_id
+
+    def _ensure_experiment(self) -> str:
+        found = _retry(lambda: self.client.get_experiment_by_name(self.experiment), "get_experiment")
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                raise ValueError(
+                    f"MLflow experiment {self.experiment!r} at {self.uri} is deleted; restore it "
+                    "(`mlflow experiments restore`) or configure another experiment name"
+                )
+            return found.experiment_id
+        try:
+            root = artifact_root(self.uri, self.experiment)
+            return _retry(lambda: self.client.create_experiment(self.experiment, root), "create_experiment")
+        except Exception:
+            found = self.client.get_experiment_by_name(self.experiment)  # a worker created it first
+            if found is None:
+                raise
+            return found.experiment_id
+
+    # -- one merge -----------------------------------------------------------------------------
+    def start(self, parent: str | None, new_tasks: list[str]) -> str | None:
+        """Open the run of a merge about to be published; None if MLflow is unreachable."""
+        name = f"merge {parent or 'init'} +{len(new_tasks)}"
+        tags = {
+            TAG_KIND: KIND_MERGE,
+            TAG_NAMESPACE: self.namespace,
+            TAG_STATUS: "publishing",
+            TAG_NEW_TASKS: " ".join(new_tasks)[:_TAG_MAX],
+            "mlflow.runName": name,
+        }
+        try:
+            run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name), "create_run")
+            return run.info.run_id
+        except Exception as err:
+            log.warning("MLflow run for merge of %s not created (%s); merging goes on untracked", new_tasks, err)
+            return None
+
+    def finish(
+        self,
+        run_id: str | None,
+        record: MergeRecord,
+        matrix: AccuracyMatrix,
+        accuracy: dict[str, float],
+        eval_errors: dict[str, str],
+        extra_metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Log everything of the published merge into its run and end it. Best effort."""
+        if run_id is None:
+            return
+        try:
+            self._finish(run_id, record, matrix, accuracy, eval_errors, extra_metrics or {})
+        except Exception as err:
+            log.warning("MLflow run %s of %s not completed (%s); next start retries", run_id, record.version, err)
+
+    def _finish(
+        self,
+        run_id: str,
+        record: MergeRecord,
+        matrix: AccuracyMatrix,
+        accuracy: dict[str, float],
+        eval_errors: dict[str, str],
+        extra_metrics: dict[str, float],
+    ) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        step = int(record.version.lstrip("v") or 0)
+        metrics = {**record.metrics(), **extra_metrics, **{f"accuracy/{t}": a for t, a in accuracy.items()}}
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        params = [
+            Param("version", record.version),
+            Param("parent", str(record.parent)),
+            Param("new_tasks", " ".join(record.new_tasks)[:6000]),
+            Param("submissions", " ".join(f"{t}={s}" for t, s in record.submissions.items())[:6000]),
+        ]
+        tags = [RunTag(TAG_VERSION, record.version), RunTag("mlflow.runName", f"merge {record.version}")]
+        tags += [RunTag(f"eval_error/{t}", msg[:_TAG_MAX]) for t, msg in eval_errors.items()]
+        for i in range(0, max(len(items), 1), _METRICS_PER_BATCH):
+            chunk = items[i : i + _METRICS_PER_BATCH]
+            _retry(lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk), "log_metrics")
+        # A run restarted after a crash may already hold these params (MLflow refuses changing them).
+        logged = _retry(lambda: self.client.get_run(run_id), "get_run").data.params
+        params = [p for p in params if p.key not in logged]
+        _retry(lambda: self.client.log_batch(run_id, params=params, tags=tags), "log_params")
+        if matrix.rows:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(tmp)
+                matrix.write_csv(folder / MATRIX_CSV)
+                matrix.write_heatmap(folder / MATRIX_PNG, title=f"{self.namespace}: accuracy after each merge")
+                _retry(lambda: self.client.log_artifacts(run_id, str(folder)), "log_artifacts")
+        _retry(lambda: self.client.set_tag(run_id, TAG_STATUS, "published"), "set_tag")
+        _retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "set_terminated")
+
+    def abandon(self, run_id: str | None, reason: str) -> None:
+        """End a run whose merge was not published (head conflict, crash): its submissions stay pending."""
+        if run_id is None:
+            return
+        try:
+            _retry(lambda: self.client.set_tag(run_id, TAG_STATUS, f"not published: {reason}"[:_TAG_MAX]), "set_tag")
+            _retry(lambda: self.client.set_terminated(run_id, "FAILED"), "set_terminated")
+        except Exception as err:
+            log.warning("MLflow run %s could not be closed (%s)", run_id, err)
+
+    # -- restart -------------------------------------------------------------------------------
+    def _search(self, status: str) -> list[Any]:
+        query = (
+            f"tags.`{TAG_KIND}` = '{KIND_MERGE}' and tags.`{TAG_NAMESPACE}` = '{self.namespace}' "
+            f"and attributes.status = '{status}'"
+        )
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = _retry(
+                lambda token=token: self.client.search_runs(
+                    [self.experiment_id], query, max_results=1000, page_token=token
+                ),
+                "search_runs",
+            )
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def open_runs(self) -> list[str]:
+        """Ids of merge runs left RUNNING by an incarnation that died."""
+        return [run.info.run_id for run in self._search("RUNNING")]
+
+    def load_matrix(self) -> AccuracyMatrix:
+        """The accuracy matrix so far, from the finished merge runs (how a restart picks it up)."""
+        matrix = AccuracyMatrix()
+        for run in self._search("FINISHED"):
+            version = run.data.tags.get(TAG_VERSION)
+            accuracy = {k[len("accuracy/") :]: v for k, v in run.data.metrics.items() if k.startswith("accuracy/")}
+            if version and accuracy:
+                matrix.add(version, run.data.tags.get(TAG_NEW_TASKS, "").split(), accuracy)
+        return matrix
