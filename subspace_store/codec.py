@@ -81,12 +81,26 @@ def decode_task(data: bytes, modules: list[str], entry: dict[str, Any]) -> TaskC
 
 
 def assemble(manifest: dict[str, Any], bases: dict[str, ModuleBasis], tasks: dict[str, TaskCoefficients]) -> Subspace:
-    """Build the Subspace in the manifest's module and task order."""
-    subspace = Subspace(
+    """Build the Subspace in the manifest's module and task order, checking shapes against the manifest.
+
+    No full ``validate()`` (NaN scans): the payloads passed their checksums, so they are the bytes
+    that were validated at publish time.
+    """
+    version = manifest["version"]
+    for m, entry in manifest["modules"].items():
+        basis = bases[m]
+        want = (entry["in_features"], entry["k_A"], entry["out_features"], entry["k_B"])
+        if (*basis.U_A.shape, *basis.U_B.shape) != want:
+            raise ValueError(f"version {version}, module {m!r}: basis shapes do not match the manifest")
+    for t, task in tasks.items():
+        p = manifest["tasks"][t]["p"]
+        for m, (ea, eb) in task.E.items():
+            entry = manifest["modules"][m]
+            if tuple(ea.shape) != (entry["k_A"], p[m]) or tuple(eb.shape) != (entry["k_B"], p[m]):
+                raise ValueError(f"version {version}, task {t!r}, module {m!r}: coefficient shapes do not match")
+    return Subspace(
         modules={m: bases[m] for m in manifest["modules"]},
         tasks={t: tasks[t] for t in manifest["tasks"] if t in tasks},
         policy=KPolicy.from_dict(manifest["policy"]),
         metadata=dict(manifest["subspace_metadata"]),
     )
-    subspace.validate()
-    return subspace

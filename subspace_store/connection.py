@@ -15,6 +15,9 @@ from .embedded import ensure_running
 from .errors import StoreConnectionError
 
 ENV_URL = "SHARECL_REDIS_URL"
+# redis-py reads replies in chunks of this many bytes; its 64 KiB default makes multi-megabyte
+# payloads cost one Python-level round of buffering per 64 KiB.
+_READ_SIZE = 1 << 20
 
 
 def redact(url: str) -> str:
@@ -65,6 +68,7 @@ def connect(
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,  # per read; SubmissionStream.read blocks in shorter slices
             socket_keepalive=True,
+            socket_read_size=_READ_SIZE,
             health_check_interval=30,
         )
     except (ValueError, TypeError) as err:

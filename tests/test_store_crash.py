@@ -63,7 +63,9 @@ def test_publisher_killed_between_writes_leaves_no_visible_version(redis_server,
     assert store.prune(keep=10, orphan_grace_s=3600).orphans == []  # too fresh to be called dead
     result = store.prune(keep=10, orphan_grace_s=0)
     assert result.orphans == [doomed] and result.removed == []
-    assert store.client.keys(f"*v:{doomed}:*") == [] and not store.client.hexists(store.keys.writing, doomed)
+    assert store.client.keys(f"{store.keys.prefix}v:{doomed}:*") == [] and not store.client.hexists(
+        store.keys.writing, doomed
+    )
     assert list(store.get().tasks) == ["a", "b"]
 
 
@@ -118,4 +120,4 @@ def test_redis_down_mid_publish_commits_nothing(redis_factory, tmp_path, make_ad
     store = SubspaceStore(connect(server.url), "ns")
     assert store.head() == v1 and [i.version for i in store.list_versions()] == [v1]
     assert store.prune(keep=5, orphan_grace_s=0).orphans == [version]
-    assert store.client.keys(f"*v:{version}:*") == []
+    assert store.client.keys(f"{store.keys.prefix}v:{version}:*") == []

@@ -42,7 +42,7 @@ def test_prune_keeps_head_tagged_pinned_and_newest(redis_client, namespace, make
     for gone in ("v1", "v3", "v5"):
         with pytest.raises(VersionNotFoundError):
             store.get(gone)
-        assert store.client.keys(f"*v:{gone}:*") == []
+        assert store.client.keys(f"{store.keys.prefix}v:{gone}:*") == []
     for kept in ("v2", "v4", "v6", "v7"):
         store.get(kept)
     assert store.pins() == {"v4": ["job-17"]}

@@ -1,0 +1,248 @@
+"""Store benchmark: pull vs a raw redis-py GET of the same bytes, publish throughput, bytes per task.
+
+    python -m benchmarks.store [--write]
+
+Starts its own redis-server (append-only, fsync every second: the embedded default) in a temporary
+folder. Shapes: MiniLM (6 layers x query,value, 384x384, k=16, p=8) and 7B (32 layers x q,v,
+4096x4096, k=32, p=16). Subspaces are random but correctly shaped (orthonormal bases), since the
+store's cost depends only on shapes. The raw baseline GETs exactly the payload keys of the version,
+both one by one and in one pipeline; the faster of the two is the baseline. ``--write`` replaces
+the ``## Store`` section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import torch
+
+from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
+from subspace_store import SubspaceStore, start_redis
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADING = "## Store"
+
+
+@dataclass
+class Shape:
+    name: str
+    modules: list[str]
+    n: int
+    d: int
+    k: int
+    p: int
+    tasks: int
+
+
+def shapes(minilm_tasks: int, big_tasks: int) -> list[Shape]:
+    minilm = [f"encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "value")]
+    big = [f"model.layers.{i}.self_attn.{m}" for i in range(32) for m in ("q_proj", "v_proj")]
+    return [
+        Shape("MiniLM-L6 q,v 384x384", minilm, 384, 384, 16, 8, minilm_tasks),
+        Shape("7B q,v 4096x4096", big, 4096, 4096, 32, 16, big_tasks),
+    ]
+
+
+def random_subspace(shape: Shape, tasks: int, seed: int = 0) -> Subspace:
+    gen = torch.Generator().manual_seed(seed)
+
+    def orthonormal(rows: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(rows, shape.k, generator=gen))[0].contiguous()
+
+    modules = {m: ModuleBasis(U_A=orthonormal(shape.d), U_B=orthonormal(shape.n)) for m in shape.modules}
+    task_entries = {
+        f"task{t}": TaskCoefficients(
+            E={
+                m: (torch.randn(shape.k, shape.p, generator=gen), torch.randn(shape.k, shape.p, generator=gen))
+                for m in shape.modules
+            },
+            metadata={"reconstruction_error": 0.0},
+        )
+        for t in range(tasks)
+    }
+    return Subspace(modules=modules, tasks=task_entries, policy=KPolicy(k=shape.k))
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_pull(store: SubspaceStore, version: str, reps: int) -> dict[str, float]:
+    manifest = store.manifest(version)
+    keys = [e["key"] for e in manifest["modules"].values()] + [e["key"] for e in manifest["tasks"].values()]
+    total = manifest["bytes"]
+    client = store.client
+    first_task = next(iter(manifest["tasks"]))
+
+    def raw_sequential() -> None:
+        for key in keys:
+            client.get(key)
+
+    def raw_pipeline() -> None:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        pipe.execute()
+
+    times: dict[str, list[float]] = {"seq": [], "pipe": [], "pull": [], "pull1": []}
+    store.get(version)  # warm up connections and the decode pool
+    for _ in range(reps):  # interleaved, so machine noise hits every variant alike
+        times["seq"].append(_timed(raw_sequential))
+        times["pipe"].append(_timed(raw_pipeline))
+        times["pull"].append(_timed(lambda: store.get(version)))
+        times["pull1"].append(_timed(lambda: store.get(version, tasks=[first_task])))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    raw = min(med["seq"], med["pipe"])
+    return {
+        "bytes": total,
+        "raw_s": raw,
+        "pull_s": med["pull"],
+        "ratio": raw / med["pull"],
+        "pull_MBps": total / med["pull"] / 1e6,
+        "raw_MBps": total / raw / 1e6,
+        "pull_one_task_s": med["pull1"],
+    }
+
+
+def bench_publish(store: SubspaceStore, subspace: Subspace, count: int) -> dict[str, float]:
+    head = store.head()
+    start = time.perf_counter()
+    for _ in range(count):
+        head = store.publish(subspace, head)
+    seconds = time.perf_counter() - start
+    size = store.manifest(head)["bytes"]
+    store.prune(keep=1)
+    return {"per_s": count / seconds, "MBps": count * size / seconds / 1e6, "seconds_each": seconds / count}
+
+
+def bench_bytes_per_task(store: SubspaceStore, shape: Shape) -> dict[str, float]:
+    """Grow a subspace one task at a time; what each added task costs in the stored version."""
+    sizes, memory = [], []
+    head = store.head()
+    for tasks in (1, 2, 3):
+        head = store.publish(random_subspace(shape, tasks, seed=1), head)
+        m = store.manifest(head)
+        sizes.append(m["bytes"])
+        memory.append(sum(store.client.memory_usage(e["key"]) for e in m["tasks"].values()) / tasks)
+    task_payload = store.manifest(head)["tasks"]["task0"]["bytes"]
+    lora = len(shape.modules) * shape.p * (shape.n + shape.d) * 4  # one fp32 rank-p LoRA adapter
+    store.prune(keep=1)
+    return {
+        "per_task": (sizes[-1] - sizes[0]) / 2,
+        "task_payload": task_payload,
+        "redis_memory_per_task": statistics.mean(memory),
+        "bases": sizes[0] - task_payload,
+        "lora": lora,
+    }
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def run(args: argparse.Namespace) -> str:
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="sharecl-bench-") as tmp:
+        server = start_redis(Path(tmp) / "redis")
+        try:
+            client = redis.Redis.from_url(server.url, socket_timeout=60)
+            rows_pull, rows_pub, rows_bytes = [], [], []
+            for i, shape in enumerate(shapes(args.minilm_tasks, args.big_tasks)):
+                store = SubspaceStore(client, f"bench{i}")
+                subspace = random_subspace(shape, shape.tasks)
+                version = store.publish(subspace, None)
+                p = bench_pull(store, version, args.reps)
+                rows_pull.append(
+                    f"| {shape.name}, T={shape.tasks} | {_mb(p['bytes'])} | {p['raw_s'] * 1e3:.1f} ms "
+                    f"({p['raw_MBps']:.0f} MB/s) | {p['pull_s'] * 1e3:.1f} ms ({p['pull_MBps']:.0f} MB/s) | "
+                    f"**{p['ratio']:.2f}x** | {p['pull_one_task_s'] * 1e3:.1f} ms |"
+                )
+                q = bench_publish(store, subspace, args.publishes)
+                rows_pub.append(
+                    f"| {shape.name}, T={shape.tasks} | {q['per_s']:.1f} versions/s | {q['MBps']:.0f} MB/s | "
+                    f"{q['seconds_each'] * 1e3:.1f} ms |"
+                )
+                b = bench_bytes_per_task(SubspaceStore(client, f"bench{i}-grow"), shape)
+                rows_bytes.append(
+                    f"| {shape.name} | {_mb(b['bases'])} | {_mb(b['per_task'])} | {_mb(b['redis_memory_per_task'])} | "
+                    f"{_mb(b['lora'])} | {b['lora'] / b['per_task']:.0f}x |"
+                )
+                print(f"done: {shape.name}", file=sys.stderr, flush=True)
+        finally:
+            server.stop()
+    lines += [
+        "Pull of a whole version (`SubspaceStore.get`: GETs, sha256 of every payload, Arrow decode into torch) vs "
+        "a raw redis-py GET of the same payload keys (faster of one-by-one and one pipeline; no checks, no "
+        f"decode). Median of {args.reps} interleaved runs; ratio = raw time / pull time (target >= 0.8x).",
+        "",
+        "| shape | payload | raw GET | pull | ratio | pull one task |",
+        "|---|---|---|---|---|---|",
+        *rows_pull,
+        "",
+        f"Publish throughput (full version each time: payloads + manifest + CAS head; {args.publishes} publishes):",
+        "",
+        "| shape | versions/s | payload MB/s | per publish |",
+        "|---|---|---|---|",
+        *rows_pub,
+        "",
+        "Bytes stored per added task (a version grown from 1 to 3 tasks; Redis MEMORY USAGE of a task's key; "
+        "vs one fp32 LoRA adapter of rank p on the same modules):",
+        "",
+        "| shape | bases per version | added per task | Redis memory per task | LoRA adapter | LoRA / task |",
+        "|---|---|---|---|---|---|",
+        *rows_bytes,
+    ]
+    return "\n".join(lines)
+
+
+def write_section(body: str, command: str) -> None:
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}"
+    section = f"{HEADING}\n\nCommand: `{command}` ({machine}; redis-server {redis_version()}).\n\n{body}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = text.find(f"\n{HEADING}\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(HEADING) + 2)
+        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
+    RESULTS.write_text(text)
+
+
+def redis_version() -> str:
+    import subprocess
+
+    from subspace_store import find_redis_server
+
+    out = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True).stdout
+    return out.split("v=")[1].split()[0] if "v=" in out else "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minilm-tasks", type=int, default=20)
+    parser.add_argument("--big-tasks", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--publishes", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="replace the ## Store section of RESULTS.md")
+    args = parser.parse_args(argv)
+    body = run(args)
+    print(body)
+    if args.write:
+        command = "python -m benchmarks.store " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_section(body, command.strip())
+        print(f"wrote {RESULTS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
