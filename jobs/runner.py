@@ -1,0 +1,554 @@
+"""The job driver: run every task of a job on Ray and follow it until the coordinator merged them.
+
+run_job(cfg) connects (or starts) Ray, makes sure Redis and the coordinator actor are up, opens the
+job's MLflow run, launches one Ray task per task job (all at once: Ray runs as many as the cluster's
+CPUs/GPUs allow), reports each as it finishes, waits until every submission is merged or rejected,
+and prints the accuracy of every task after the last merge plus the `mlflow ui` command.
+A task whose worker died more often than ``cluster.max_retries`` allows, or whose code raised, is
+recorded as failed; the other tasks go on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.paths import data_dir, resolve_mlflow_uri, resolve_redis_url
+from jobs.schema import JobConfig, to_dict, validate
+from workers import tracking
+from workers.ray_task import EVALUATOR, SPEC_FIELDS, TaskJob, launch, launch_evaluation, release_pins
+
+Say = Callable[[str], None]
+POLL_S = 0.5
+HEARTBEAT_S = 60.0
+DEFAULT_MERGE_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class TaskOutcome:
+    task: str
+    status: str = "queued"  # queued | submitted | merged | rejected | failed
+    submission_id: str | None = None
+    version: str | None = None  # the version that first contained it
+    error: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)  # the worker's summary
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    namespace: str
+    tasks: dict[str, TaskOutcome]
+    head: str | None
+    accuracy: dict[str, float]  # every job task's eval accuracy served from ``head``
+    matrix: list[tuple[str, dict[str, float]]]  # (version, accuracy per task) after each merge
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(t.status == "merged" for t in self.tasks.values())
+
+    @property
+    def failed(self) -> list[str]:
+        return [t.task for t in self.tasks.values() if t.status in ("failed", "rejected")]
+
+
+def new_job_id(namespace: str) -> str:
+    return f"{namespace}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+def mlflow_ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+# ---------------------------------------------------------------- services
+
+
+def _redis_url(cfg: JobConfig) -> str:
+    from subspace_store import ensure_running
+
+    url = resolve_redis_url(cfg.store.redis_url)
+    return url or ensure_running(data_dir() / "redis").url
+
+
+def _connect_ray(cfg: JobConfig, address: str | None) -> bool:
+    """Connect to Ray; returns True if this call started it (and so should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    target = address or cfg.cluster.address
+    # Our own env for the local instance's workers: no downloads, ever (ARCHITECTURE.md section 6).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if target is None:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=target, log_to_driver=True)
+    return True
+
+
+def _start_coordinator(cfg: JobConfig, redis_url: str, tracking_uri: str) -> Any:
+    """The namespace's coordinator actor (reused if it runs), merging with the job's k policy and
+    evaluating tasks with the workers' evaluator (named by import path: the two never import each other)."""
+    from coordinator.actor import get_or_start_coordinator
+
+    a = cfg.adapter
+    return get_or_start_coordinator(
+        cfg.store.namespace,
+        redis_url,
+        tracking_uri,
+        experiment=cfg.experiment_name,
+        policy={"k": a.k, "variance": a.variance, "k_max": a.k_max},
+        evaluator=EVALUATOR,
+    )
+
+
+def _check_new_tasks(store: Any, cfg: JobConfig) -> None:
+    if store.head() is None:
+        return
+    manifest = store.manifest("head")
+    taken = [t.name for t in cfg.tasks if t.name in manifest["tasks"]]
+    if taken:
+        raise ValueError(
+            f"task(s) {', '.join(taken)} already in version {manifest['version']} of namespace "
+            f"{cfg.store.namespace!r}; rename them in the job (tasks.N.name=...) or use another "
+            "store.namespace (e.g. store.namespace=run2)"
+        )
+
+
+def task_jobs(
+    cfg: JobConfig,
+    job_id: str,
+    redis_url: str,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str | None,
+) -> list[TaskJob]:
+    """One ``TaskJob`` per task of ``cfg`` (what each worker receives)."""
+    t, a = cfg.training, cfg.adapter
+    spec = {
+        "steps": t.steps,
+        "lr": t.lr,
+        "batch_size": t.batch_size,
+        "max_length": cfg.model.max_length,
+        "weight_decay": t.weight_decay,
+        "seed": t.seed,
+        "r": a.r,
+        "lora_alpha": a.lora_alpha,
+        "p": a.pseudo_rank,
+        "phi": a.phi,
+        "log_every": t.log_every,
+        "eval_batch_size": t.eval_batch_size,
+    }
+    assert set(spec) == set(SPEC_FIELDS), sorted(set(SPEC_FIELDS) ^ set(spec))
+    params = {k: v for k, v in to_dict(cfg).items() if not k.startswith("tasks.")}
+    return [
+        TaskJob(
+            job_id=job_id,
+            task=task.name,
+            train_path=task.train,
+            eval_path=task.eval,
+            redis_url=redis_url,
+            namespace=cfg.store.namespace,
+            tracking_uri=tracking_uri,
+            experiment_id=experiment_id,
+            target_modules=tuple(a.target_modules),
+            model_name_or_path=cfg.model.name_or_path,
+            builder=cfg.model.builder,
+            max_length=cfg.model.max_length,
+            num_labels=task.num_labels,
+            mode=t.mode,
+            training=spec,
+            parent_run_id=parent_run_id,
+            job_params=params,
+        )
+        for task in cfg.tasks
+    ]
+
+
+# ---------------------------------------------------------------- the job
+
+
+class RunningJob:
+    """A launched job. ``wait()`` follows it to the end (all merged or failed) and returns the result."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        job_id: str,
+        refs: dict[Any, str],
+        *,
+        store: Any,
+        stream: Any,
+        coordinator: Any,
+        run: tracking.TrackedRun,
+        experiment_id: str,
+        redis_url: str,
+        owns_ray: bool,
+        say: Say,
+        started: float,
+    ) -> None:
+        self.cfg = cfg
+        self.job_id = job_id
+        self.refs = refs
+        self.store = store
+        self.stream = stream
+        self.coordinator = coordinator
+        self.run = run
+        self.experiment_id = experiment_id
+        self.redis_url = redis_url
+        self.owns_ray = owns_ray
+        self.say = say
+        self.started = started
+        self.outcomes = {task.name: TaskOutcome(task.name) for task in cfg.tasks}
+
+    # -- following ------------------------------------------------------------------------------
+    def wait(self, merge_timeout_s: float = DEFAULT_MERGE_TIMEOUT_S) -> JobResult:
+        import ray
+
+        try:
+            self._follow_tasks()
+            self._follow_merges(merge_timeout_s)
+            head = self.store.head()
+            accuracy, matrix = self._accuracy(head)
+            result = JobResult(
+                job_id=self.job_id,
+                namespace=self.cfg.store.namespace,
+                tasks=self.outcomes,
+                head=head,
+                accuracy=accuracy,
+                matrix=matrix,
+                tracking_uri=self.run.uri,
+                experiment_id=self.experiment_id,
+                parent_run_id=self.run.run_id,
+                seconds=time.time() - self.started,
+            )
+            self._finish_run(result)
+            self._report(result)
+            return result
+        except BaseException as err:
+            error, status = repr(err), "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            _quietly(lambda: self.run.set_tags({tracking.TAG_STATUS: "aborted", tracking.TAG_ERROR: error}))
+            _quietly(lambda: self.run.finish(status))
+            raise
+        finally:
+            _quietly(lambda: release_pins(self.store, self.job_id))
+            if self.owns_ray:
+                ray.shutdown()
+
+    def _follow_tasks(self) -> None:
+        import ray
+
+        pending = list(self.refs)
+        total, done = len(pending), 0
+        last_news = time.time()
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
+            self._note_merges()
+            if not ready:
+                if time.time() - last_news > HEARTBEAT_S:
+                    self.say(f"[job] {done}/{total} task(s) finished; {len(pending)} training or queued")
+                    last_news = time.time()
+                continue
+            for ref in ready:
+                done += 1
+                last_news = time.time()
+                outcome = self.outcomes[self.refs[ref]]
+                try:
+                    summary = ray.get(ref)
+                except Exception as err:
+                    outcome.status, outcome.error = "failed", _describe_failure(err)
+                    self._close_task_runs(outcome.task)
+                    self.say(f"[job] {done}/{total} {outcome.task}: FAILED: {outcome.error}")
+                    continue
+                outcome.status, outcome.result = "submitted", summary
+                outcome.submission_id = summary["submission_id"]
+                acc = summary["eval_metrics"].get("accuracy")
+                gpus = ",".join(summary["gpu_ids"]) or "none"
+                self.say(
+                    f"[job] {done}/{total} {outcome.task}: submitted {outcome.submission_id} "
+                    f"({summary['mode']}, base {summary['base_version'] or '-'}, eval accuracy "
+                    f"{'n/a' if acc is None else f'{acc:.3f}'}, node {summary['node_ip']}, gpu {gpus}, "
+                    f"attempt {summary['attempt']})"
+                )
+
+    def _close_task_runs(self, task: str) -> None:
+        """A worker killed for the last time leaves its MLflow run RUNNING; end it as FAILED."""
+        _quietly(
+            lambda: tracking.close_stale_attempts(self.run.uri, self.experiment_id, self.job_id, task, status="FAILED")
+        )
+
+    def _note_merges(self) -> bool:
+        """Update submitted tasks whose submission was merged or rejected; True when none is left open."""
+        open_left = False
+        for outcome in self.outcomes.values():
+            if outcome.status != "submitted":
+                continue
+            state = self.stream.status(outcome.submission_id)
+            if state.startswith("merged into "):
+                outcome.status, outcome.version = "merged", state[len("merged into ") :]
+                self.say(f"[job] {outcome.task}: merged into {outcome.version}")
+            elif state.startswith("rejected: "):
+                outcome.status, outcome.error = "rejected", state[len("rejected: ") :]
+                self.say(f"[job] {outcome.task}: REJECTED by the coordinator: {outcome.error}")
+            else:
+                open_left = True
+        return not open_left
+
+    def _follow_merges(self, timeout_s: float) -> None:
+        import ray
+
+        if self._note_merges():
+            return
+        self.say("[job] every task finished training; waiting for the coordinator to merge the rest")
+        flush = getattr(self.coordinator, "flush", None)
+        flushing = flush.remote() if flush is not None else None
+        deadline = time.time() + timeout_s
+        while not self._note_merges():
+            if time.time() > deadline:
+                open_ids = [o.submission_id for o in self.outcomes.values() if o.status == "submitted"]
+                raise TimeoutError(
+                    f"submissions {open_ids} were not merged within {timeout_s:.0f}s; check the coordinator "
+                    f"with `sharecl status --namespace {self.cfg.store.namespace}` and its log in the Ray dashboard"
+                )
+            if flushing is not None:
+                ready, _ = ray.wait([flushing], timeout=POLL_S)
+                if ready:
+                    _quietly(lambda done=ready[0]: ray.get(done))
+                    flushing = None
+            else:
+                time.sleep(POLL_S)
+
+    # -- results --------------------------------------------------------------------------------
+    def _accuracy(self, head: str | None) -> tuple[dict[str, float], list[tuple[str, dict[str, float]]]]:
+        """Accuracy of every merged task of this job served from ``head``, and the matrix over versions.
+
+        The rows come from the coordinator's merge runs in MLflow (it evaluates every task after every
+        merge). If the head's row is missing there (tracking down, evaluation failed), the final row
+        is measured here, in one Ray task.
+        """
+        import ray
+
+        merged = [t for t in self.cfg.tasks if self.outcomes[t.name].status == "merged" and t.eval is not None]
+        if head is None or not merged:
+            return {}, []
+        names = [t.name for t in merged]
+        matrix = _matrix_from_merge_runs(self.run.uri, self.experiment_id, self.cfg.store.namespace, names)
+        last = dict(matrix[-1][1]) if matrix and matrix[-1][0] == head else {}
+        missing = [t for t in names if t not in last]
+        if missing:
+            specs = {t.name: self.outcomes[t.name].result.get("eval_spec") for t in merged if t.name in missing}
+            specs = {k: v for k, v in specs.items() if v}
+            if specs:
+                ref = launch_evaluation(
+                    num_cpus=self.cfg.cluster.num_cpus_per_task,
+                    num_gpus=self.cfg.cluster.num_gpus_per_task,
+                    redis_url=self.redis_url,
+                    namespace=self.cfg.store.namespace,
+                    version=head,
+                    specs=specs,
+                )
+                last.update(ray.get(ref))
+            matrix = [row for row in matrix if row[0] != head] + [(head, last)]
+        return {t: last[t] for t in names if t in last}, matrix
+
+    def _finish_run(self, result: JobResult) -> None:
+        metrics: dict[str, float] = {f"accuracy.{t}": v for t, v in result.accuracy.items()}
+        if result.accuracy:
+            metrics["accuracy_mean"] = sum(result.accuracy.values()) / len(result.accuracy)
+        metrics["tasks_merged"] = sum(o.status == "merged" for o in result.tasks.values())
+        metrics["tasks_failed"] = len(result.failed)
+        metrics["job_seconds"] = result.seconds
+        self.run.log_metrics(metrics)
+        tags = {
+            f"sharecl.task.{o.task}": o.status + (f" {o.version}" if o.version else "") for o in self.outcomes.values()
+        }
+        tags[tracking.TAG_STATUS] = "merged" if result.ok else f"{len(result.failed)} failed"
+        tags["sharecl.head"] = result.head or "none"
+        self.run.set_tags(tags)
+        self.run.finish("FINISHED" if result.ok else "FAILED")
+
+    def _report(self, result: JobResult) -> None:
+        say = self.say
+        say("")
+        say(f"job {result.job_id}: {len(result.tasks)} task(s) in {result.seconds:.0f}s, head {result.head or '-'}")
+        for o in result.tasks.values():
+            extra = f" into {o.version}" if o.version else ""
+            err = f": {o.error}" if o.error else ""
+            say(f"  {o.task}: {o.status}{extra}{err}")
+        if result.matrix:
+            say("")
+            say(format_matrix(result.matrix, [t.name for t in self.cfg.tasks]))
+        if result.accuracy:
+            mean = sum(result.accuracy.values()) / len(result.accuracy)
+            say(f"mean accuracy after the last merge ({result.head}): {mean:.3f}")
+        say("")
+        say(f"MLflow: experiment {self.cfg.experiment_name!r}, job run {result.parent_run_id}. Watch it with:")
+        say(f"  {mlflow_ui_command(result.tracking_uri)}")
+
+
+def _describe_failure(err: BaseException) -> str:
+    import ray.exceptions as rex
+
+    if isinstance(err, rex.RayTaskError):
+        cause = getattr(err, "cause", None)
+        if cause is not None:
+            return f"{type(cause).__name__}: {cause}"
+        return str(err).strip().splitlines()[-1]
+    if isinstance(err, rex.WorkerCrashedError | rex.NodeDiedError | rex.OutOfMemoryError):
+        return f"the worker died and retries ran out ({type(err).__name__}); see the worker log in the Ray dashboard"
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+
+
+def _matrix_from_merge_runs(
+    uri: str, experiment_id: str, namespace: str, tasks: list[str]
+) -> list[tuple[str, dict[str, float]]]:
+    """Rows ``(version, {task: accuracy})`` for ``tasks`` from the coordinator's finished merge runs
+    (metrics ``accuracy/<task>``, tag ``sharecl.version``), oldest version first."""
+    try:
+        runs = tracking.find_runs(
+            uri,
+            experiment_id,
+            f"tags.`{tracking.TAG_KIND}` = 'merge' and tags.`{tracking.TAG_NAMESPACE}` = '{namespace}' "
+            "and attributes.status = 'FINISHED'",
+        )
+    except Exception as err:
+        print(f"[job] could not read the merge runs from MLflow: {err!r}", file=sys.stderr)
+        return []
+    rows = []
+    for run in runs:
+        version = run.data.tags.get("sharecl.version")
+        row = {t: run.data.metrics[f"accuracy/{t}"] for t in tasks if f"accuracy/{t}" in run.data.metrics}
+        if version and row:
+            rows.append((version, row))
+    rows.sort(key=lambda r: int(r[0][1:]) if r[0][1:].isdigit() else 0)
+    return rows
+
+
+def format_matrix(rows: list[tuple[str, dict[str, float]]], tasks: list[str]) -> str:
+    """The accuracy matrix as text: one row per version (after which merge), one column per task."""
+    columns = [t for t in tasks if any(t in row for _, row in rows)]
+    width = max([len(t) for t in columns] + [8])
+    lines = ["accuracy after each merge (rows: version; columns: task):"]
+    lines.append(f"{'version':<9}" + "".join(f" {t:>{width}}" for t in columns))
+    for version, row in rows:
+        cells = "".join(f" {row[t]:>{width}.3f}" if t in row else f" {'-':>{width}}" for t in columns)
+        lines.append(f"{version:<9}{cells}")
+    return "\n".join(lines)
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception as err:
+        print(f"[job] cleanup step failed: {err!r}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = print) -> RunningJob:
+    """Connect everything and launch every task; returns at once (``.wait()`` follows the job)."""
+    from subspace_store import SubmissionStream, SubspaceStore, connect
+
+    # Files are checked by the workers, where they are read (a cluster's paths need not exist here).
+    validate(cfg, check_files=False)
+    started = time.time()
+    job_id = new_job_id(cfg.store.namespace)
+    redis_url = _redis_url(cfg)
+    client = connect(redis_url)
+    store = SubspaceStore(client, cfg.store.namespace)
+    stream = SubmissionStream(client, cfg.store.namespace)
+    _check_new_tasks(store, cfg)
+
+    tracking_uri = resolve_mlflow_uri(cfg.tracking.mlflow_uri)
+    experiment_id = tracking.ensure_experiment(tracking_uri, cfg.experiment_name)
+    owns_ray = _connect_ray(cfg, address)
+    try:
+        coordinator = _start_coordinator(cfg, redis_url, tracking_uri)
+        run = tracking.TrackedRun.start(
+            tracking_uri,
+            experiment_id,
+            name=job_id,
+            tags={
+                tracking.TAG_KIND: "job",
+                tracking.TAG_JOB: job_id,
+                tracking.TAG_NAMESPACE: cfg.store.namespace,
+                tracking.TAG_STATUS: "running",
+                "sharecl.tasks": ",".join(t.name for t in cfg.tasks),
+            },
+        )
+        run.log_params(to_dict(cfg))
+        jobs = task_jobs(cfg, job_id, redis_url, tracking_uri, experiment_id, run.run_id)
+        c = cfg.cluster
+        refs = {
+            launch(
+                job,
+                num_cpus=c.num_cpus_per_task,
+                num_gpus=c.num_gpus_per_task,
+                max_retries=c.max_retries,
+                runtime_env=dict(c.runtime_env) or None,
+            ): job.task
+            for job in jobs
+        }
+    except BaseException:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+        raise
+    say(
+        f"[job] {job_id}: {len(refs)} task(s) launched on Ray "
+        f"({'local' if (address or c.address) is None else address or c.address}), namespace "
+        f"{cfg.store.namespace!r}, head {store.head() or '- (cold start)'}"
+    )
+    say(f"[job] watch it: {mlflow_ui_command(tracking_uri)}   (or `sharecl status --namespace {cfg.store.namespace}`)")
+    return RunningJob(
+        cfg,
+        job_id,
+        refs,
+        store=store,
+        stream=stream,
+        coordinator=coordinator,
+        run=run,
+        experiment_id=experiment_id,
+        redis_url=redis_url,
+        owns_ray=owns_ray,
+        say=say,
+        started=started,
+    )
+
+
+def run_job(
+    cfg: JobConfig,
+    *,
+    address: str | None = None,
+    wait: bool = True,
+    say: Say = print,
+    merge_timeout_s: float = DEFAULT_MERGE_TIMEOUT_S,
+) -> JobResult | RunningJob:
+    """Run ``cfg`` on Ray (local unless ``address`` or ``cluster.address``). With ``wait`` (default),
+    follow it to the end and return a ``JobResult``; else return the ``RunningJob`` at once (its
+    tasks live as long as this process stays connected to Ray)."""
+    job = start_job(cfg, address=address, say=say)
+    return job.wait(merge_timeout_s) if wait else job
+
+
+__all__ = [
+    "JobResult",
+    "RunningJob",
+    "TaskOutcome",
+    "format_matrix",
+    "mlflow_ui_command",
+    "run_job",
+    "start_job",
+    "task_jobs",
+]
