@@ -182,10 +182,13 @@ def test_cold_start_trains_lora_then_coefficients_against_the_head(
     assert second["mode"] == "coefficients" and second["base_version"] == v1
     assert second["pin"] == [v1, "job1/colors_vs_cars"] and "job1/colors_vs_cars" in store.pins()[v1]
     assert second["trainable_params"] < first["trainable_params"]
+    update = stream.read("test", count=10)[0]
+    assert update.adapter is None and update.base_version == v1 and update.metadata["mode"] == "coefficients"
+    assert set(update.update.parts) == {"query", "value"} and update.update.metadata["label_names"] == ["c2", "c1"]
     assert release_pins(store, "job1") == [f"{v1}:job1/colors_vs_cars"] and store.pins() == {}
 
     # The coordinator's evaluator, through the store: the merged task is served from v1.
-    spec = stream.read("test", count=10)[0].metadata["eval"]
+    spec = update.metadata["eval"]
     accuracy = evaluate_version(redis_server, namespace, v1, {"fruit_vs_cars": spec, "colors_vs_cars": spec})
     assert set(accuracy) == {"fruit_vs_cars"}  # v1 does not hold the second task yet
 

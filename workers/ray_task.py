@@ -266,7 +266,14 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
         spec_for_eval = eval_spec(job)
         if spec_for_eval is not None:
             metadata["eval"] = spec_for_eval  # the coordinator evaluates the task after every merge
-        submission = Submission(task=job.task, adapter=trained.adapter, base_version=base, metadata=metadata)
+        if mode == "coefficients":
+            # Compact: coefficients and temporary directions relative to the base version's bases,
+            # which the coordinator rebuilds exactly (also when the head has moved on meanwhile).
+            update = model.trained_update()
+            update.metadata.update(trained.adapter.metadata)
+            submission = Submission(job.task, adapter=None, update=update, base_version=base, metadata=metadata)
+        else:
+            submission = Submission(job.task, adapter=trained.adapter, base_version=base, metadata=metadata)
         submission_id = stream.submit(submission)
 
         # Every step's loss (the live train_loss above is a mean over log_every steps).
