@@ -61,8 +61,8 @@ class JobResult:
         return [t.task for t in self.tasks.values() if t.status in ("failed", "rejected")]
 
 
-def new_job_id(namespace: str) -> str:
-    return f"{namespace}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+def new_job_id() -> str:
+    return f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
 def mlflow_ui_command(uri: str) -> str:
@@ -88,7 +88,9 @@ def _connect_ray(cfg: JobConfig, address: str | None) -> bool:
     target = address or cfg.cluster.address
     # Our own env for the local instance's workers: no downloads, ever (ARCHITECTURE.md section 6).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if target is None:
+    if target is None and os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)  # a Ray Jobs API entrypoint: the cluster it was submitted to
+    elif target is None:
         ray.init(include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=target, log_to_driver=True)
@@ -462,7 +464,7 @@ def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = print) -
     # Files are checked by the workers, where they are read (a cluster's paths need not exist here).
     validate(cfg, check_files=False)
     started = time.time()
-    job_id = new_job_id(cfg.store.namespace)
+    job_id = new_job_id()
     redis_url = _redis_url(cfg)
     client = connect(redis_url)
     store = SubspaceStore(client, cfg.store.namespace)

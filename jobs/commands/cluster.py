@@ -1,9 +1,427 @@
-"""Placeholder command group; filled in by its issue."""
+"""Cluster commands: run jobs on Ray, watch them, feed external adapters, and the demo.
+
+sharecl submit JOB.yaml [KEY=VALUE ...] [--address ADDR] [--no-wait] [--cluster-dir DIR]
+sharecl status [--namespace NS] [--jobs N] [--json]
+sharecl adapters add DIR... [--task NAME ...] [--base-model NAME] [--wait]
+sharecl demo [--tasks N] [--data DIR] [KEY=VALUE ...]
+
+``--address``: nothing (a local Ray), ``auto`` / ``ray://host:10001`` (the job's driver runs here and
+connects), or ``http://head:8265`` (the Ray Jobs API: the driver runs on the cluster, this command
+only submits and follows its log).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import CLIError
+
+NAMESPACE_ENV = "SHARECL_NAMESPACE"
+CLUSTER_DIR = "~/share-cl"  # where ray_cluster.yaml syncs the checkout on every node
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default=None, metavar="URL", help="default: $SHARECL_REDIS_URL, else embedded")
+    parser.add_argument(
+        "--namespace", default=None, help="store namespace (default: $SHARECL_NAMESPACE, else 'default')"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    del subparsers
+    submit = subparsers.add_parser(
+        "submit",
+        help="run a job file on Ray: train every task, merge every result",
+        description="Run JOB.yaml: one Ray task per task job, merged by the namespace's coordinator.",
+    )
+    submit.add_argument("job", metavar="JOB.yaml")
+    submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.steps=50")
+    submit.add_argument(
+        "--address",
+        default=None,
+        help="Ray address: auto, ray://host:10001, or http://head:8265 to submit through the Ray Jobs API "
+        "(default: cluster.address of the job, else a local Ray)",
+    )
+    submit.add_argument(
+        "--no-wait", action="store_true", help="with an http:// address: return once the job is submitted"
+    )
+    submit.add_argument(
+        "--cluster-dir",
+        default=CLUSTER_DIR,
+        metavar="DIR",
+        help=f"with an http:// address: the checkout on the cluster that relative task paths are read from "
+        f"(default {CLUSTER_DIR}, as ray_cluster.yaml syncs it)",
+    )
+    submit.add_argument("--base-dir", default=None, help=argparse.SUPPRESS)  # set by the Jobs API entrypoint
+    submit.set_defaults(func=run_submit)
+
+    status = subparsers.add_parser("status", help="jobs, tasks, submissions and versions of a namespace")
+    _store_options(status)
+    status.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else the sqlite default")
+    status.add_argument("--experiment", default=None, help="MLflow experiment (default: the namespace)")
+    status.add_argument("--jobs", type=int, default=5, metavar="N", help="show the newest N jobs (default 5)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=run_status)
+
+    adapters = subparsers.add_parser("adapters", help="feed external PEFT LoRA adapters into the stream")
+    sub = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
+    add = sub.add_parser("add", help="submit PEFT LoRA folders as new tasks; the coordinator merges them")
+    add.add_argument("folders", nargs="+", metavar="DIR")
+    add.add_argument(
+        "--task",
+        dest="tasks",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="task name, once per DIR in order (default: each folder's name)",
+    )
+    add.add_argument("--base-model", default=None, help="the base model they were trained on (checked on merge)")
+    add.add_argument(
+        "--wait",
+        action="store_true",
+        help="start the namespace's coordinator (local Ray unless --address) and wait until they are merged",
+    )
+    add.add_argument("--address", default=None, help="Ray address for --wait (default: a local Ray)")
+    _store_options(add)
+    add.set_defaults(func=run_adapters_add)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="the main job on one machine: WordNet tasks, MiniLM, local Ray, embedded Redis, MLflow",
+        description="Learn the WordNet gloss tasks concurrently into one Share subspace on this machine "
+        "(data built on first use), then print the accuracy matrix and the `mlflow ui` command.",
+    )
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.steps=100")
+    demo.add_argument("--tasks", type=int, default=None, metavar="N", help="only the first N tasks")
+    demo.add_argument(
+        "--data", default=None, metavar="DIR", help="WordNet task folder (default: benchmarks/data/wordnet)"
+    )
+    demo.add_argument("--namespace", default=None, help="store namespace (default: a new demo-<time> one per run)")
+    demo.set_defaults(func=run_demo)
+
+
+# ---------------------------------------------------------------- submit
+
+
+def _is_http(address: str | None) -> bool:
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from jobs.runner import run_job
+    from jobs.schema import load_job
+
+    if _is_http(args.address):
+        return _submit_to_jobs_api(args)
+    if args.no_wait:
+        raise CLIError(
+            "--no-wait needs a Ray Jobs API address (--address http://head:8265): a job driven from here "
+            "stops when this command exits"
+        )
+    job_path = Path(args.job).absolute()
+    if args.base_dir:
+        os.chdir(Path(args.base_dir).expanduser())
+    cfg = load_job(job_path, args.overrides)
+    result = run_job(cfg, address=args.address)
+    return 0 if result.ok else 1
+
+
+def _submit_to_jobs_api(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from jobs.schema import load_job
+
+    # Checked here so that a typo fails now, not on the cluster; the files are checked there.
+    load_job(args.job, args.overrides, check_files=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Only the job file travels (the code and data are on the cluster's nodes already).
+        (Path(tmp) / "job.yaml").write_bytes(Path(args.job).read_bytes())
+        entrypoint = shlex.join(["sharecl", "submit", "job.yaml", *args.overrides, "--base-dir", args.cluster_dir])
+        try:
+            client = JobSubmissionClient(args.address)
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": tmp})
+        except (ConnectionError, RuntimeError) as err:
+            raise CLIError(
+                f"could not submit to the Ray Jobs API at {args.address} ({err}); is the cluster up and its "
+                "dashboard port reachable (`ray dashboard ray_cluster.yaml` forwards it to localhost:8265)?"
+            ) from None
+    print(f"submitted Ray job {job_id} to {args.address}: {entrypoint}")
+    if args.no_wait:
+        print(f"follow it with: ray job logs --follow --address {args.address} {job_id}")
+        return 0
+    seen = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > seen:
+            sys.stdout.write(logs[seen:])
+            sys.stdout.flush()
+            seen = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            print(f"Ray job {job_id}: {status.value}")
+            return 0 if status == JobStatus.SUCCEEDED else 1
+        time.sleep(1.0)
+
+
+# ---------------------------------------------------------------- status
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    return args.namespace or os.environ.get(NAMESPACE_ENV, "").strip() or "default"
+
+
+def _open_store(args: argparse.Namespace) -> tuple[Any, Any]:
+    from jobs.paths import data_dir, resolve_redis_url
+    from subspace_store import SubmissionStream, SubspaceStore, connect
+
+    url = resolve_redis_url(args.redis_url)
+    client = connect(url, folder=None if url else data_dir() / "redis")
+    namespace = _namespace(args)
+    return SubspaceStore(client, namespace), SubmissionStream(client, namespace)
+
+
+def submissions_summary(stream: Any, last: int = 10) -> dict[str, Any]:
+    """Counts of the namespace's submissions by state, and the newest ``last`` of them."""
+    client, keys = stream.client, stream.keys
+    total = int(client.xlen(keys.stream)) if client.exists(keys.stream) else 0
+    merged, rejected = int(client.hlen(keys.merged)), int(client.hlen(keys.rejected))
+    pending = len(stream.pending()) if total else 0
+    newest = []
+    for raw_id, fields in client.xrevrange(keys.stream, count=last) if total else []:
+        sid = raw_id.decode()
+        newest.append(
+            {
+                "id": sid,
+                "task": fields[b"task"].decode(),
+                "base_version": fields[b"base_version"].decode() or None,
+                "kind": fields.get(b"kind", b"adapter").decode(),
+                "status": stream.status(sid),
+            }
+        )
+    return {
+        "total": total,
+        "merged": merged,
+        "rejected": rejected,
+        "pending": pending,
+        "queued": max(total - merged - rejected - pending, 0),
+        "newest": newest,
+    }
+
+
+def jobs_summary(uri: str, experiment: str, last: int) -> list[dict[str, Any]]:
+    """The newest ``last`` jobs of ``experiment`` with their tasks' latest attempts (from MLflow)."""
+    from workers import tracking
+
+    found = tracking.client(uri).get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    exp = found.experiment_id
+    jobs = tracking.find_runs(uri, exp, f"tags.`{tracking.TAG_KIND}` = 'job'", max_results=1000)
+    jobs = sorted(jobs, key=lambda r: r.info.start_time, reverse=True)[:last]
+    out = []
+    for run in jobs:
+        job_id = run.data.tags.get(tracking.TAG_JOB, run.info.run_name)
+        task_runs = tracking.find_runs(
+            uri, exp, f"tags.`{tracking.TAG_JOB}` = '{job_id}' and tags.`{tracking.TAG_KIND}` = 'task'"
+        )
+        latest: dict[str, Any] = {}
+        for t in sorted(task_runs, key=lambda r: r.info.start_time):
+            latest[t.data.tags.get(tracking.TAG_TASK, "?")] = t
+        names = [n for n in run.data.tags.get("sharecl.tasks", "").split(",") if n] or sorted(latest)
+        tasks = []
+        for name in names:
+            t = latest.get(name)
+            final = run.data.tags.get(f"sharecl.task.{name}")
+            tasks.append(
+                {
+                    "task": name,
+                    "status": final or (t.data.tags.get(tracking.TAG_STATUS) if t else "queued"),
+                    "attempts": sum(1 for r in task_runs if r.data.tags.get(tracking.TAG_TASK) == name),
+                    "eval_accuracy": t.data.metrics.get("eval_accuracy") if t else None,
+                    "accuracy_after_merge": run.data.metrics.get(f"accuracy.{name}"),
+                    "base_version": t.data.tags.get("sharecl.base_version") if t else None,
+                    "gpu_ids": t.data.tags.get("sharecl.gpu_ids") if t else None,
+                    "error": t.data.tags.get(tracking.TAG_ERROR) if t else None,
+                }
+            )
+        out.append(
+            {
+                "job_id": job_id,
+                "run_id": run.info.run_id,
+                "mlflow_status": run.info.status,
+                "status": run.data.tags.get(tracking.TAG_STATUS),
+                "started": run.info.start_time / 1000.0,
+                "head": run.data.tags.get("sharecl.head"),
+                "tasks": tasks,
+            }
+        )
+    return out
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from jobs.paths import resolve_mlflow_uri
+
+    store, stream = _open_store(args)
+    namespace = store.namespace
+    uri = resolve_mlflow_uri(args.mlflow_uri)
+    versions = store.list_versions()
+    subs = submissions_summary(stream)
+    try:
+        jobs = jobs_summary(uri, args.experiment or namespace, args.jobs)
+        tracking_error = None
+    except Exception as err:  # the store part is still worth showing
+        jobs, tracking_error = [], f"{type(err).__name__}: {err}"
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "namespace": namespace,
+                    "head": store.head(),
+                    "versions": [v.__dict__ for v in versions],
+                    "submissions": subs,
+                    "jobs": jobs,
+                    "tracking_error": tracking_error,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return 0
+    head = store.head()
+    print(f"namespace {namespace!r}: head {head or '- (no version yet)'}, {len(versions)} version(s)")
+    for v in versions[-5:]:
+        marks = (["HEAD"] if v.is_head else []) + v.tags + [f"pin:{p}" for p in v.pins]
+        print(f"  {v.version:<6} {len(v.tasks):>3} task(s)  +{len(v.submissions)} submission(s)  {', '.join(marks)}")
+    print(
+        f"submissions: {subs['total']} total, {subs['merged']} merged, {subs['rejected']} rejected, "
+        f"{subs['pending']} being merged, {subs['queued']} queued"
+    )
+    for s in subs["newest"]:
+        print(f"  {s['id']:<17} {s['task']:<28} {s['kind']:<7} base {s['base_version'] or '-':<6} {s['status']}")
+    if tracking_error:
+        print(f"jobs: MLflow at {uri} could not be read ({tracking_error})")
+    elif not jobs:
+        print(f"jobs: none in MLflow experiment {args.experiment or namespace!r} at {uri}")
+    for job in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["started"]))
+        print(f"job {job['job_id']} ({started}): {job['status'] or job['mlflow_status']}, head {job['head'] or '-'}")
+        for t in job["tasks"]:
+            acc = t["accuracy_after_merge"] if t["accuracy_after_merge"] is not None else t["eval_accuracy"]
+            shown = f"accuracy {acc:.3f}" if acc is not None else ""
+            tries = f", {t['attempts']} attempts" if t["attempts"] > 1 else ""
+            print(f"  {t['task']:<30} {t['status'] or '-':<22} {shown}{tries}")
+    print(f"watch: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+# ---------------------------------------------------------------- adapters add
+
+
+def run_adapters_add(args: argparse.Namespace) -> int:
+    from share import load_peft_adapter
+    from subspace_store import Submission
+
+    folders = [Path(f) for f in args.folders]
+    names = args.tasks or [f.resolve().name for f in folders]
+    if len(names) != len(folders):
+        raise CLIError(f"{len(folders)} folder(s) but {len(names)} --task name(s); give one --task per DIR, in order")
+    if len(set(names)) != len(names):
+        raise CLIError(f"task names repeat: {names}; give each adapter its own --task")
+    store, stream = _open_store(args)
+    head_modules, head_tasks = None, []
+    if store.head() is not None:
+        manifest = store.manifest("head")
+        head_modules, head_tasks = set(manifest["modules"]), list(manifest["tasks"])
+    adapters = []
+    for folder, name in zip(folders, names, strict=True):
+        if name in head_tasks:
+            raise CLIError(f"task {name!r} is already in {store.head()}; choose another --task name")
+        adapter = load_peft_adapter(folder)
+        if head_modules is not None and set(adapter.factors) != head_modules:
+            unknown = sorted(set(adapter.factors) - head_modules)[:4]
+            missing = sorted(head_modules - set(adapter.factors))[:4]
+            raise CLIError(
+                f"{folder}: its modules differ from the subspace's (unknown: {unknown}, missing: {missing}); "
+                "it must adapt the same layers of the same base model"
+            )
+        adapters.append((folder, name, adapter))
+    ids = []
+    for folder, name, adapter in adapters:
+        config = _peft_config(folder)
+        metadata = {
+            "source": "peft",
+            "path": str(folder.resolve()),
+            "peft_base_model": config.get("base_model_name_or_path"),
+        }
+        if args.base_model:
+            metadata["base_model"] = args.base_model
+        sid = stream.submit(Submission(name, adapter=adapter, base_version=None, metadata=metadata))
+        ids.append((name, sid))
+        print(f"{folder} -> task {name!r}: submitted {sid} ({len(adapter.factors)} modules)")
+    if not args.wait:
+        print(
+            f"the coordinator of namespace {store.namespace!r} merges them when it runs (during any job, or "
+            "now with `--wait`); see `sharecl status`"
+        )
+        return 0
+    return _wait_merged(args, store, stream, ids)
+
+
+def _peft_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_merged(args: argparse.Namespace, store: Any, stream: Any, ids: list[tuple[str, str]]) -> int:
+    import ray
+
+    from coordinator.actor import get_or_start_coordinator
+    from jobs.paths import data_dir, resolve_redis_url
+    from subspace_store import ensure_running
+
+    url = resolve_redis_url(args.redis_url) or ensure_running(data_dir() / "redis").url
+    owns = not ray.is_initialized()
+    if owns and args.address is None:
+        ray.init(include_dashboard=False)
+    elif owns:
+        ray.init(address=args.address)
+    try:
+        coordinator = get_or_start_coordinator(store.namespace, url)
+        ray.get(coordinator.flush.remote())
+    finally:
+        if owns:
+            ray.shutdown()
+    failed = 0
+    for name, sid in ids:
+        state = stream.status(sid)
+        failed += not state.startswith("merged")
+        print(f"task {name!r} ({sid}): {state}")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import default_data_dir, demo_job
+    from jobs.runner import run_job
+
+    started = time.time()
+    data = Path(args.data) if args.data else default_data_dir()
+    cfg = demo_job(data, num_tasks=args.tasks, namespace=args.namespace, overrides=args.overrides)
+    print(
+        f"[demo] {len(cfg.tasks)} WordNet tasks, {cfg.training.steps} steps each, on local Ray with embedded Redis "
+        f"and MLflow; namespace {cfg.store.namespace!r}"
+    )
+    result = run_job(cfg)
+    print(f"[demo] done in {time.time() - started:.0f}s")
+    return 0 if result.ok else 1

@@ -1,0 +1,107 @@
+"""`sharecl submit`, `status` and `adapters add` through the CLI, in process: the default path of a
+job (a local Ray that the command starts and stops itself), with real Redis and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_workers_task import TINY_BUILDER, tiny_builder, write_tiny_task
+
+from jobs.cli import main
+from subspace_store import SubmissionStream, SubspaceStore
+
+TESTS_DIR = str(Path(__file__).parent)
+
+
+def _job_file(folder: Path, redis_url: str, namespace: str, mlflow_uri: str) -> Path:
+    tasks = []
+    for name, classes in (("fruit", (0, 1)), ("colors", (2, 1))):
+        train, evaluation = write_tiny_task(folder, name, classes)
+        tasks.append({"name": name, "train": train, "eval": evaluation})
+    job = {
+        "model": {"builder": TINY_BUILDER, "max_length": 8},
+        "adapter": {"r": 2, "p": 2, "phi": 1, "k_max": 8},
+        "training": {"steps": 20, "batch_size": 8, "lr": 0.05, "log_every": 2},
+        "tasks": tasks,
+        "cluster": {"num_cpus_per_task": 1, "max_retries": 0},
+        "store": {"redis_url": redis_url, "namespace": namespace},
+        "tracking": {"mlflow_uri": mlflow_uri},
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _peft_folder(folder: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_builder(None, 2, seed=7)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["head"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # a trained-looking adapter (PEFT starts lora_B at zero)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_submit_errors_exit_2_and_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = _job_file(tmp_path, "redis://localhost:1/0", "ns", f"sqlite:///{tmp_path / 'm.db'}")
+    assert main(["submit", str(job), "training.stpes=3"]) == 2
+    assert "Did you mean 'steps'?" in capsys.readouterr().err
+    assert main(["submit", str(tmp_path / "missing.yaml")]) == 2
+    assert "job file not found" in capsys.readouterr().err
+    assert main(["submit", str(job), "--no-wait"]) == 2
+    assert "--no-wait needs a Ray Jobs API address" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_submit_runs_the_job_and_status_shows_it(
+    tmp_path: Path,
+    redis_server: str,
+    redis_client,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The local Ray that `submit` starts passes this environment on to its workers and the coordinator.
+    monkeypatch.setenv("PYTHONPATH", TESTS_DIR)
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = _job_file(tmp_path, redis_server, namespace, mlflow_uri)
+    store_args = ["--redis-url", redis_server, "--namespace", namespace]
+
+    # An external PEFT adapter waits in the stream; the job's coordinator merges it with the tasks.
+    peft_dir = _peft_folder(tmp_path / "peft_fruit")
+    assert main(["adapters", "add", str(peft_dir), "--task", "external", *store_args]) == 0
+    assert "submitted" in capsys.readouterr().out
+
+    assert main(["submit", str(job), "training.steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy after each merge" in out and f"mlflow ui --backend-store-uri {mlflow_uri}" in out
+    assert "fruit: merged into v" in out and "colors: merged into v" in out
+
+    store, stream = SubspaceStore(redis_client, namespace), SubmissionStream(redis_client, namespace)
+    assert set(store.manifest("head")["tasks"]) == {"fruit", "colors", "external"}
+    assert stream.rejections() == {}
+
+    assert main(["status", *store_args, "--mlflow-uri", mlflow_uri]) == 0
+    shown = capsys.readouterr().out
+    assert "submissions: 3 total, 3 merged, 0 rejected" in shown and "external" in shown
+    assert "job " in shown and "fruit" in shown and "merged v" in shown
+
+    assert main(["status", *store_args, "--mlflow-uri", mlflow_uri, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    (latest,) = status["jobs"]
+    assert latest["status"] == "merged" and {t["task"] for t in latest["tasks"]} == {"fruit", "colors"}
+    assert all(t["accuracy_after_merge"] is not None for t in latest["tasks"])
+
+    # A task name the head already holds is refused before anything is trained or submitted.
+    assert main(["submit", str(job)]) == 2
+    assert "already in version" in capsys.readouterr().err
+    assert main(["adapters", "add", str(peft_dir), "--task", "external", *store_args]) == 2
+    assert "already in" in capsys.readouterr().err
