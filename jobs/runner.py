@@ -91,7 +91,9 @@ def _connect_ray(cfg: JobConfig, address: str | None) -> bool:
     if target is None and os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # a Ray Jobs API entrypoint: the cluster it was submitted to
     elif target is None:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # "local": a new Ray for this job, never whatever cluster last ran on this machine (that is
+        # what plain ray.init() would join); `--address auto` joins the machine's cluster.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=target, log_to_driver=True)
     return True

@@ -47,6 +47,9 @@ def cluster() -> Iterator[Cluster]:
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
     gpu_nodes = [c.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     c.wait_for_nodes()
+    # Cluster() records itself as this machine's current Ray; other people's plain ray.init() would
+    # join it. Only this module's explicit address should.
+    ray._private.utils.reset_ray_address()
     ray.init(address=c.address)
     c.gpu_node_ids = {n.node_id for n in gpu_nodes}  # type: ignore[attr-defined]
     yield c

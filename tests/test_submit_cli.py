@@ -21,7 +21,9 @@ def _job_file(folder: Path, redis_url: str, namespace: str, mlflow_uri: str) -> 
     tasks = []
     for name, classes in (("fruit", (0, 1)), ("colors", (2, 1))):
         train, evaluation = write_tiny_task(folder, name, classes)
-        tasks.append({"name": name, "train": train, "eval": evaluation})
+        # Relative to ``folder``, as task paths are relative to the checkout on a cluster.
+        tasks.append({"name": name, "train": f"{name}/train.parquet", "eval": f"{name}/eval.parquet"})
+        assert Path(train) == folder / name / "train.parquet" and Path(evaluation) == folder / name / "eval.parquet"
     job = {
         "model": {"builder": TINY_BUILDER, "max_length": 8},
         "adapter": {"r": 2, "p": 2, "phi": 1, "k_max": 8},
@@ -80,7 +82,9 @@ def test_submit_runs_the_job_and_status_shows_it(
     assert main(["adapters", "add", str(peft_dir), "--task", "external", *store_args]) == 0
     assert "submitted" in capsys.readouterr().out
 
-    assert main(["submit", str(job), "training.steps=6"]) == 0
+    # What a Ray Jobs API entrypoint runs: relative task paths are read from --base-dir, not the cwd.
+    monkeypatch.chdir(tmp_path / "peft_fruit")
+    assert main(["submit", str(job), "training.steps=6", "--base-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "accuracy after each merge" in out and f"mlflow ui --backend-store-uri {mlflow_uri}" in out
     assert "fruit: merged into v" in out and "colors: merged into v" in out
@@ -101,7 +105,7 @@ def test_submit_runs_the_job_and_status_shows_it(
     assert all(t["accuracy_after_merge"] is not None for t in latest["tasks"])
 
     # A task name the head already holds is refused before anything is trained or submitted.
-    assert main(["submit", str(job)]) == 2
+    assert main(["submit", str(job), "--base-dir", str(tmp_path)]) == 2
     assert "already in version" in capsys.readouterr().err
     assert main(["adapters", "add", str(peft_dir), "--task", "external", *store_args]) == 2
     assert "already in" in capsys.readouterr().err

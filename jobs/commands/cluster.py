@@ -391,7 +391,7 @@ def _wait_merged(args: argparse.Namespace, store: Any, stream: Any, ids: list[tu
     url = resolve_redis_url(args.redis_url) or ensure_running(data_dir() / "redis").url
     owns = not ray.is_initialized()
     if owns and args.address is None:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)
     elif owns:
         ray.init(address=args.address)
     try:
