@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import ray
+import torch
 
 from subspace_store import SubmissionStream, redact, resolve_url
 
@@ -35,6 +36,8 @@ class CoordinatorActor:
     def __init__(self, config: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.config = CoordinatorConfig.from_dict(config)
+        if self.config.torch_threads is not None:
+            torch.set_num_threads(self.config.torch_threads)  # its own process: no one else's setting
         self.service = build(self.config)
         self.started = time.time()
         self.idle_steps = 0  # steps that found nothing to do: flush waits for one after settling

@@ -226,10 +226,15 @@ class SubmissionStream:
                     tensors, _ = decode_tensors(data)
                 except PayloadFormatError as err:
                     problem = f"payload {fields['payload_key']!r} {err}"
-            if problem is not None:
-                self.reject(sid, f"unreadable submission: {problem}; resubmit the task")
-                continue
-            out.append(_to_submission(sid, fields, tensors, deliveries.get(sid, default_deliveries)))
+            if problem is None:
+                try:
+                    out.append(_to_submission(sid, fields, tensors, deliveries.get(sid, default_deliveries)))
+                    continue
+                except (KeyError, ValueError) as err:
+                    # A payload or entry that lacks what its fields promise (not written by submit):
+                    # rejected here, or it would fail every read of the consumer and block the stream.
+                    problem = f"entry does not match its payload ({type(err).__name__}: {err})"
+            self.reject(sid, f"unreadable submission: {problem}; resubmit the task")
         return out
 
     # -- outcomes ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ stale base versions, duplicates, and a concurrent publisher."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from coordinator import AccuracyMatrix, Coordinator, MergeTracker
 from share import KPolicy, LoraAdapter, Subspace, TaskUpdate, merge
 from subspace_store import Submission, SubmissionStream, SubspaceStore
+from subspace_store.payloads import encode_tensors, sha256
 
 MODULES = {"layer.0.query": (40, 32), "layer.0.value": (40, 32)}  # name -> (out n, in d)
 
@@ -233,3 +235,29 @@ def test_head_conflict_merges_again_on_the_new_head(setup) -> None:
     dup = stream.submit(Submission("c", lora(2), "v3"))
     result = coordinator.step(block_ms=None)
     assert result.head_conflicts == 1 and result.version is None and "already in v4" in result.rejected[dup]
+
+
+def test_malformed_entry_is_rejected_not_blocking_the_stream(setup) -> None:
+    """An entry whose payload lacks a tensor its fields name (not written by ``submit``) is rejected on
+    read; it must not fail every read and block the submissions behind it."""
+    store, stream = setup
+    coordinator = Coordinator(store, stream, KPolicy(k=4))
+    stream.ensure_group()
+    data = encode_tensors({"B:layer.0.query": torch.ones(40, 2)})  # no "A:layer.0.query"
+    stream.client.set(stream.keys.submission_payload("broken"), data)
+    fields = {
+        "task": "broken",
+        "base_version": "",
+        "payload_key": stream.keys.submission_payload("broken"),
+        "sha256": sha256(data),
+        "bytes": str(len(data)),
+        "kind": "adapter",
+        "scaling": json.dumps({"layer.0.query": 1.0}),
+        "adapter_metadata": "{}",
+        "metadata": "{}",
+    }
+    bad = stream.client.xadd(stream.keys.stream, fields).decode()
+    good = stream.submit(Submission("good", lora(0), None))
+    result = coordinator.step(max_batch=8, block_ms=None)
+    assert result.merged == {good: "good"} and result.version == "v1"
+    assert stream.status(bad).startswith("rejected: unreadable submission") and stream.pending() == []
