@@ -37,6 +37,15 @@ pytestmark = pytest.mark.slow
 TESTS_DIR = str(Path(__file__).parent)
 
 
+def _forget_current_cluster(address: str) -> None:
+    """Cluster() records itself as this machine's current Ray, which any plain ``ray.init()`` (other
+    people's tests on this machine) would join. Only this module, by explicit address, should."""
+    from ray._private.utils import get_ray_address_file, read_ray_address
+
+    if read_ray_address() == address:
+        Path(get_ray_address_file(None)).unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     # Workers (and the coordinator, which evaluates with the tiny builder) import test_workers_task.
@@ -45,20 +54,20 @@ def cluster() -> Iterator[Cluster]:
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
-    gpu_nodes = [c.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    # Cluster() records itself as this machine's current Ray; other people's plain ray.init() would
-    # join it. Only this module's explicit address should.
-    ray._private.utils.reset_ray_address()
-    ray.init(address=c.address)
-    c.gpu_node_ids = {n.node_id for n in gpu_nodes}  # type: ignore[attr-defined]
-    yield c
-    ray.shutdown()
-    c.shutdown()
-    if old is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old
+    try:
+        _forget_current_cluster(c.address)
+        gpu_nodes = [c.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        c.wait_for_nodes()
+        ray.init(address=c.address)
+        c.gpu_node_ids = {n.node_id for n in gpu_nodes}  # type: ignore[attr-defined]
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 @pytest.fixture(scope="module")
