@@ -24,6 +24,14 @@ from workers import tracking
 from workers.ray_task import EVALUATOR, SPEC_FIELDS, TaskJob, launch, launch_evaluation, release_pins
 
 Say = Callable[[str], None]
+
+
+def say_line(line: str) -> None:
+    """Progress to stdout, flushed: the job's lines interleave with the workers' (Ray, on stderr)
+    in order, also when the output goes to a file or a pipe."""
+    print(line, flush=True)
+
+
 POLL_S = 0.5
 HEARTBEAT_S = 60.0
 DEFAULT_MERGE_TIMEOUT_S = 1800.0
@@ -365,13 +373,16 @@ class RunningJob:
         return {t: last[t] for t in names if t in last}, matrix
 
     def _finish_run(self, result: JobResult) -> None:
-        metrics: dict[str, float] = {f"accuracy.{t}": v for t, v in result.accuracy.items()}
+        metrics: dict[str, float] = {f"accuracy/{t}": v for t, v in result.accuracy.items()}
         if result.accuracy:
             metrics["accuracy_mean"] = sum(result.accuracy.values()) / len(result.accuracy)
         metrics["tasks_merged"] = sum(o.status == "merged" for o in result.tasks.values())
         metrics["tasks_failed"] = len(result.failed)
         metrics["job_seconds"] = result.seconds
         self.run.log_metrics(metrics)
+        if result.matrix:
+            columns = [t.name for t in self.cfg.tasks]
+            _quietly(lambda: self.run.log_text(matrix_csv(result.matrix, columns), "accuracy_matrix.csv"))
         tags = {
             f"sharecl.task.{o.task}": o.status + (f" {o.version}" if o.version else "") for o in self.outcomes.values()
         }
@@ -437,6 +448,14 @@ def _matrix_from_merge_runs(
     return rows
 
 
+def matrix_csv(rows: list[tuple[str, dict[str, float]]], tasks: list[str]) -> str:
+    """The accuracy matrix as CSV (``version,<task>,...``; empty where a task was not merged yet)."""
+    columns = [t for t in tasks if any(t in row for _, row in rows)]
+    lines = [",".join(["version", *columns])]
+    lines += [",".join([v, *(f"{row[t]:.6f}" if t in row else "" for t in columns)]) for v, row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def format_matrix(rows: list[tuple[str, dict[str, float]]], tasks: list[str]) -> str:
     """The accuracy matrix as text: one row per version (after which merge), one column per task."""
     columns = [t for t in tasks if any(t in row for _, row in rows)]
@@ -459,7 +478,7 @@ def _quietly(fn: Callable[[], Any]) -> None:
 # ---------------------------------------------------------------- entry point
 
 
-def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = print) -> RunningJob:
+def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line) -> RunningJob:
     """Connect everything and launch every task; returns at once (``.wait()`` follows the job)."""
     from subspace_store import SubmissionStream, SubspaceStore, connect
 
@@ -536,7 +555,7 @@ def run_job(
     *,
     address: str | None = None,
     wait: bool = True,
-    say: Say = print,
+    say: Say = say_line,
     merge_timeout_s: float = DEFAULT_MERGE_TIMEOUT_S,
 ) -> JobResult | RunningJob:
     """Run ``cfg`` on Ray (local unless ``address`` or ``cluster.address``). With ``wait`` (default),
@@ -551,6 +570,7 @@ __all__ = [
     "RunningJob",
     "TaskOutcome",
     "format_matrix",
+    "matrix_csv",
     "mlflow_ui_command",
     "run_job",
     "start_job",

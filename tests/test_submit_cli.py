@@ -13,6 +13,7 @@ from test_workers_task import TINY_BUILDER, tiny_builder, write_tiny_task
 
 from jobs.cli import main
 from subspace_store import SubmissionStream, SubspaceStore
+from workers import tracking
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -103,9 +104,34 @@ def test_submit_runs_the_job_and_status_shows_it(
     (latest,) = status["jobs"]
     assert latest["status"] == "merged" and {t["task"] for t in latest["tasks"]} == {"fruit", "colors"}
     assert all(t["accuracy_after_merge"] is not None for t in latest["tasks"])
+    job_run = tracking.client(mlflow_uri)
+    assert [a.path for a in job_run.list_artifacts(latest["run_id"])] == ["accuracy_matrix.csv"]
+    csv = job_run.download_artifacts(latest["run_id"], "accuracy_matrix.csv", str(tmp_path))
+    assert Path(csv).read_text().splitlines()[0] == "version,fruit,colors"
 
     # A task name the head already holds is refused before anything is trained or submitted.
     assert main(["submit", str(job), "--base-dir", str(tmp_path)]) == 2
     assert "already in version" in capsys.readouterr().err
     assert main(["adapters", "add", str(peft_dir), "--task", "external", *store_args]) == 2
     assert "already in" in capsys.readouterr().err
+
+
+def test_demo_job_is_the_wordnet_example_with_the_data_folders_tasks(tmp_path: Path) -> None:
+    from jobs.demo import demo_job
+
+    entries = []
+    for name in ("wn_a", "wn_b", "wn_c"):
+        write_tiny_task(tmp_path, name)
+        entries.append({"name": name, "train": f"{name}/train.parquet", "eval": f"{name}/eval.parquet"})
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": entries}))
+
+    cfg = demo_job(tmp_path, num_tasks=2, overrides=["training.steps=7"], say=lambda _: None)
+    assert [t.name for t in cfg.tasks] == ["wn_a", "wn_b"]
+    assert cfg.tasks[0].train == str(tmp_path / "wn_a" / "train.parquet")
+    assert cfg.training.steps == 7 and cfg.training.batch_size == 16  # the override wins over the demo budget
+    assert cfg.model.name_or_path is None and cfg.adapter.target_modules == ["query", "value"]
+    assert cfg.store.namespace.startswith("demo-") and cfg.store.redis_url is None
+    with pytest.raises(ValueError, match="--tasks must be between 1 and 3"):
+        demo_job(tmp_path, num_tasks=4, say=lambda _: None)
+    with pytest.raises(ValueError, match="Did you mean 'steps'"):
+        demo_job(tmp_path, overrides=["training.stepz=1"], say=lambda _: None)

@@ -164,6 +164,10 @@ class TrackedRun:
         items = [RunTag(str(k), str(v)[:_TAG_MAX]) for k, v in tags.items()]
         _retry(lambda: self._client.log_batch(self.run_id, tags=items), "set_tags")
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A small text artifact (e.g. a CSV) of this run."""
+        _retry(lambda: self._client.log_text(self.run_id, text, artifact_file), "log_text")
+
     def finish(self, status: str = "FINISHED") -> None:
         _retry(lambda: self._client.set_terminated(self.run_id, status), "set_terminated")
 

@@ -245,7 +245,7 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[dict[str, Any]]:
                     "status": final or (t.data.tags.get(tracking.TAG_STATUS) if t else "queued"),
                     "attempts": sum(1 for r in task_runs if r.data.tags.get(tracking.TAG_TASK) == name),
                     "eval_accuracy": t.data.metrics.get("eval_accuracy") if t else None,
-                    "accuracy_after_merge": run.data.metrics.get(f"accuracy.{name}"),
+                    "accuracy_after_merge": run.data.metrics.get(f"accuracy/{name}"),
                     "base_version": t.data.tags.get("sharecl.base_version") if t else None,
                     "gpu_ids": t.data.tags.get("sharecl.gpu_ids") if t else None,
                     "error": t.data.tags.get(tracking.TAG_ERROR) if t else None,
@@ -413,14 +413,15 @@ def _wait_merged(args: argparse.Namespace, store: Any, stream: Any, ids: list[tu
 
 def run_demo(args: argparse.Namespace) -> int:
     from jobs.demo import default_data_dir, demo_job
-    from jobs.runner import run_job
+    from jobs.runner import run_job, say_line
 
     started = time.time()
     data = Path(args.data) if args.data else default_data_dir()
-    cfg = demo_job(data, num_tasks=args.tasks, namespace=args.namespace, overrides=args.overrides)
+    cfg = demo_job(data, num_tasks=args.tasks, namespace=args.namespace, overrides=args.overrides, say=say_line)
     print(
         f"[demo] {len(cfg.tasks)} WordNet tasks, {cfg.training.steps} steps each, on local Ray with embedded Redis "
-        f"and MLflow; namespace {cfg.store.namespace!r}"
+        f"and MLflow; namespace {cfg.store.namespace!r}",
+        flush=True,
     )
     result = run_job(cfg)
     print(f"[demo] done in {time.time() - started:.0f}s")
