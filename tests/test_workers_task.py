@@ -225,3 +225,24 @@ def test_errors_fail_the_run_release_the_pin_and_name_the_fix(
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "FloatingPointError" in runs[0].data.tags["sharecl.error"]
     assert SubspaceStore(redis_client, namespace).pins() == {}
+
+
+def test_a_retry_after_the_submission_returns_it_instead_of_submitting_twice(
+    tmp_path: Path, redis_server: str, redis_client: redis.Redis, namespace: str, mlflow_uri: str
+) -> None:
+    experiment_id = tracking.ensure_experiment(mlflow_uri, namespace)
+    job = tiny_job(tmp_path, "once_only", redis_server, namespace, mlflow_uri, experiment_id)
+    first = run_task_job(job)
+    stream = SubmissionStream(redis_client, namespace)
+    assert [s.id for s in stream.read("test", count=10)] == [first["submission_id"]]
+
+    # As if that worker had died right after submitting: its run is still RUNNING.
+    tracking.client(mlflow_uri).update_run(first["mlflow_run_id"], status="RUNNING")
+    again = run_task_job(job)
+    assert again["submission_id"] == first["submission_id"] and again["attempt"] == 2
+    assert again["mode"] == "lora" and again["eval_metrics"]["accuracy"] == first["eval_metrics"]["accuracy"]
+    assert stream.read("test", count=10) == []  # nothing new in the stream
+    runs = tracking.find_runs(mlflow_uri, experiment_id, "tags.`sharecl.task` = 'once_only'")
+    assert [(r.info.status, r.data.tags["sharecl.submission_id"]) for r in runs] == [
+        ("FINISHED", first["submission_id"])
+    ]

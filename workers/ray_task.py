@@ -23,6 +23,7 @@ SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TaskSpec) if f.name not i
 HEAD_MODULE = "head"
 DEFAULT_PIN_TTL_S = 24 * 3600.0
 BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
+TAG_SUBMISSION = "sharecl.submission_id"
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,18 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
     base, pinned, run = None, False, None
     try:
         train_split, eval_split = _load_data(job)
+        earlier = tracking.find_runs(
+            job.tracking_uri,
+            job.experiment_id,
+            f"tags.`{tracking.TAG_JOB}` = '{job.job_id}' and tags.`{tracking.TAG_TASK}` = '{job.task}'",
+        )
+        submitted = next((r for r in earlier if r.data.tags.get(TAG_SUBMISSION)), None)
+        if submitted is not None:
+            # An earlier attempt submitted, then its worker died: never train and submit twice.
+            return _earlier_result(job, submitted, placement, len(earlier), started)
+        # A RUNNING earlier attempt is one whose worker died: Ray is retrying it as this attempt.
+        tracking.close_stale_attempts(job.tracking_uri, job.experiment_id, job.job_id, job.task)
+
         base, base_tasks = _start_base(job, store)
         pinned = base is not None
         if job.task in base_tasks:
@@ -173,14 +186,6 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
                 "holds no version yet; use training.mode=auto (LoRA for the first tasks) or lora"
             )
         spec = job.spec(mode)
-
-        earlier = tracking.find_runs(
-            job.tracking_uri,
-            job.experiment_id,
-            f"tags.`{tracking.TAG_JOB}` = '{job.job_id}' and tags.`{tracking.TAG_TASK}` = '{job.task}'",
-        )
-        # A RUNNING earlier attempt is one whose worker died: Ray is retrying it as this attempt.
-        tracking.close_stale_attempts(job.tracking_uri, job.experiment_id, job.job_id, job.task)
         attempt = len(earlier) + 1
         device = _device(placement["gpu_ids"])
         run = tracking.TrackedRun.start(
@@ -275,20 +280,8 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
         else:
             submission = Submission(job.task, adapter=trained.adapter, base_version=base, metadata=metadata)
         submission_id = stream.submit(submission)
-
-        # Every step's loss (the live train_loss above is a mean over log_every steps).
-        run.log_series("loss", trained.result.loss_curve)
-        run.log_metrics(
-            {
-                **{f"eval_{k}": v for k, v in eval_metrics.items()},
-                "trainable_params": trainable,
-                "train_final_loss": trained.result.final_loss,
-                "train_wall_time_s": trained.result.wall_time_s,
-                "train_examples_seen": trained.result.examples_seen,
-            }
-        )
-        run.set_tags({tracking.TAG_STATUS: "submitted", "sharecl.submission_id": submission_id})
-        run.finish("FINISHED")
+        # Submitted: from here on nothing may fail the task (tracking is recorded best effort).
+        _quietly(lambda: _record_submission(run, submission_id, trained.result, eval_metrics))
         accuracy = eval_metrics.get("accuracy")
         print(
             f"[{job.task}] submitted {submission_id} (base {base or '-'}, "
@@ -323,6 +316,55 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
         raise
     finally:
         client.close()
+
+
+def _record_submission(run: Any, submission_id: str, result: Any, eval_metrics: dict[str, float]) -> None:
+    from workers import tracking
+
+    # First: a retry of this task (its worker died after this point) finds it and does not submit again.
+    run.set_tags({tracking.TAG_STATUS: "submitted", TAG_SUBMISSION: submission_id})
+    # Every step's loss (the live train_loss is a mean over log_every steps).
+    run.log_series("loss", result.loss_curve)
+    run.log_metrics(
+        {
+            **{f"eval_{k}": v for k, v in eval_metrics.items()},
+            "trainable_params": result.trainable_params,
+            "train_final_loss": result.final_loss,
+            "train_wall_time_s": result.wall_time_s,
+            "train_examples_seen": result.examples_seen,
+        }
+    )
+    run.finish("FINISHED")
+
+
+def _earlier_result(job: TaskJob, run: Any, placement: dict[str, Any], attempts: int, started: float) -> dict[str, Any]:
+    """The summary of an attempt that submitted before its worker died, from its MLflow run."""
+    from workers import tracking
+
+    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    if run.info.status == "RUNNING":
+        mlflow_run = tracking.TrackedRun(job.tracking_uri, run.info.run_id)
+        mlflow_run.set_tags({tracking.TAG_STATUS: "submitted (its worker died afterwards)"})
+        mlflow_run.finish("FINISHED")
+    base = tags.get("sharecl.base_version")
+    base = None if base in (None, "none") else base
+    print(f"[{job.task}] already submitted by attempt {tags.get('sharecl.attempt')}", file=sys.stderr, flush=True)
+    return {
+        "task": job.task,
+        "submission_id": tags[TAG_SUBMISSION],
+        "mode": params.get("task.mode"),
+        "base_version": base,
+        "pin": [base, job.pin_id] if base else None,
+        "eval_metrics": {k[len("eval_") :]: v for k, v in metrics.items() if k.startswith("eval_")},
+        "trainable_params": int(metrics.get("trainable_params", 0)),
+        "gpu_ids": [g for g in params.get("gpu_ids", "none").split(",") if g != "none"],
+        "node": params.get("node"),
+        "node_ip": params.get("node_ip"),
+        "mlflow_run_id": run.info.run_id,
+        "attempt": attempts + 1,
+        "eval_spec": eval_spec(job),
+        "seconds": time.time() - started,
+    }
 
 
 def _quietly(fn: Any) -> None:
