@@ -69,6 +69,7 @@ def merge_runs(uri: str, experiment: str) -> dict[str, object]:
     return {run.data.tags.get("sharecl.version", run.info.run_id): run for run in runs}
 
 
+@pytest.mark.slow  # with the sqlite store's creation, ~12 s here
 def test_merge_runs_hold_metrics_accuracy_and_matrix(redis_client, namespace, mlflow_uri, tmp_path) -> None:
     store, stream = SubspaceStore(redis_client, namespace), SubmissionStream(redis_client, namespace)
     tracker = MergeTracker(mlflow_uri, namespace, namespace)
