@@ -115,6 +115,12 @@ def test_submit_runs_the_job_and_status_shows_it(
     assert main(["adapters", "add", str(peft_dir), "--task", "external", *store_args]) == 2
     assert "already in" in capsys.readouterr().err
 
+    # --wait starts the namespace's coordinator (a new local Ray) and returns once it is merged.
+    more = ["--mlflow-uri", mlflow_uri, "--wait"]
+    assert main(["adapters", "add", str(peft_dir), "--task", "external2", *store_args, *more]) == 0
+    assert "task 'external2' (" in (out := capsys.readouterr().out) and "merged into v" in out
+    assert "external2" in store.manifest("head")["tasks"]
+
 
 def test_demo_job_is_the_wordnet_example_with_the_data_folders_tasks(tmp_path: Path) -> None:
     from jobs.demo import demo_job

@@ -89,6 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="start the namespace's coordinator (local Ray unless --address) and wait until they are merged",
     )
     add.add_argument("--address", default=None, help="Ray address for --wait (default: a local Ray)")
+    add.add_argument(
+        "--mlflow-uri", default=None, help="for --wait: default $MLFLOW_TRACKING_URI, else the sqlite default"
+    )
+    add.add_argument("--experiment", default=None, help="for --wait: MLflow experiment (default: the namespace)")
     _store_options(add)
     add.set_defaults(func=run_adapters_add)
 
@@ -395,7 +399,9 @@ def _wait_merged(args: argparse.Namespace, store: Any, stream: Any, ids: list[tu
     elif owns:
         ray.init(address=args.address)
     try:
-        coordinator = get_or_start_coordinator(store.namespace, url)
+        coordinator = get_or_start_coordinator(
+            store.namespace, url, args.mlflow_uri, experiment=args.experiment or store.namespace
+        )
         ray.get(coordinator.flush.remote())
     finally:
         if owns:
