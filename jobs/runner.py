@@ -248,6 +248,10 @@ class RunningJob:
             return result
         except BaseException as err:
             error, status = repr(err), "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            if isinstance(err, KeyboardInterrupt) and not self.owns_ray:
+                # On a cluster that outlives this driver: stop the tasks it launched.
+                for ref in self.refs:
+                    _quietly(lambda ref=ref: ray.cancel(ref, force=True))
             _quietly(lambda: self.run.set_tags({tracking.TAG_STATUS: "aborted", tracking.TAG_ERROR: error}))
             _quietly(lambda: self.run.finish(status))
             raise
