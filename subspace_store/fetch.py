@@ -1,12 +1,14 @@
-"""Reading a version's payloads fast: pipelined GETs, checksum and decode overlapped in threads.
+"""Reading a version's payloads fast: checksum and decode overlapped with the transfer.
 
-Payloads are fetched in pipelined batches of a few megabytes (one round-trip each); while the next
-batch is on the wire, worker threads verify the previous ones' sha256 and decode them (hashlib,
-numpy and torch copies release the GIL).
+Large payloads (bases) are read one by one into writable buffers (``rawget``); while the next one
+arrives, worker threads verify the previous ones' sha256 and decode them in place (hashlib and
+``recv_into`` release the GIL, so on two cores both run at once). Small payloads (task
+coefficients) are fetched in pipelined batches, a few round-trips in all, and decoded inline.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,10 +19,12 @@ import redis
 
 from .errors import CorruptPayloadError, VersionNotFoundError
 from .payloads import PayloadFormatError, sha256
+from .rawget import RawGetter
 
-_BATCH_BYTES = 8 << 20  # payload bytes per pipelined round-trip
-_INLINE_BYTES = 256 << 10  # smaller payloads are decoded inline: a thread hop would cost more
+_BATCH_BYTES = 2 << 20  # small-payload bytes per pipelined round-trip
+_INLINE_BYTES = 256 << 10  # payloads from this size on take the large-payload path
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
@@ -33,14 +37,15 @@ class Item:
 
 
 def _executor() -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():  # a forked child does not inherit the threads
             _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sharecl-decode")
+            _pool_pid = os.getpid()
         return _pool
 
 
-def check_and_decode(version: str, item: Item, data: bytes | None) -> Any:
+def check_and_decode(version: str, item: Item, data: bytes | memoryview | None, verify: bool = True) -> Any:
     if data is None:
         raise VersionNotFoundError(
             f"version {version}: payload {item.key!r} is gone (the version was pruned while reading); "
@@ -48,7 +53,7 @@ def check_and_decode(version: str, item: Item, data: bytes | None) -> Any:
         )
     if len(data) != item.size:
         raise CorruptPayloadError(version, item.key, f"has {len(data)} bytes, the manifest records {item.size}")
-    if sha256(data) != item.sha256:
+    if verify and sha256(data) != item.sha256:
         raise CorruptPayloadError(version, item.key, "does not match its sha256 checksum")
     try:
         return item.decode(data)
@@ -56,33 +61,39 @@ def check_and_decode(version: str, item: Item, data: bytes | None) -> Any:
         raise CorruptPayloadError(version, item.key, f"cannot be decoded ({err})") from None
 
 
-def _batches(items: list[Item]) -> list[list[int]]:
+def _batches(items: list[Item], indices: list[int]) -> list[list[int]]:
     out: list[list[int]] = [[]]
     size = 0
-    for i, item in enumerate(items):
-        if out[-1] and size + item.size > _BATCH_BYTES:
+    for i in indices:
+        if out[-1] and size + items[i].size > _BATCH_BYTES:
             out.append([])
             size = 0
         out[-1].append(i)
-        size += item.size
-    return out
+        size += items[i].size
+    return [batch for batch in out if batch]
 
 
-def fetch_all(client: redis.Redis, version: str, items: list[Item]) -> list[Any]:
-    """GET every item's key, verify and decode it; results in ``items`` order."""
+def fetch_all(client: redis.Redis, version: str, items: list[Item], verify: bool = True) -> list[Any]:
+    """GET every item's key, verify (sha256, unless ``verify=False``) and decode it; results in ``items`` order."""
     results: list[Any] = [None] * len(items)
     futures: list[tuple[int, Future[Any]]] = []
     pool = _executor()
+    large = [i for i, item in enumerate(items) if item.size >= _INLINE_BYTES]
+    small = [i for i, item in enumerate(items) if item.size < _INLINE_BYTES]
     try:
-        for batch in _batches(items):
+        # Large payloads: read into writable buffers; threads hash and decode one while the next arrives.
+        if large:
+            with RawGetter(client) as get:
+                for i in large:
+                    data = get(items[i].key)
+                    futures.append((i, pool.submit(check_and_decode, version, items[i], data, verify)))
+        # Small payloads: a few pipelined round-trips, decoded here (a thread hop would cost more).
+        for batch in _batches(items, small):
             pipe = client.pipeline(transaction=False)
             for i in batch:
                 pipe.get(items[i].key)
             for i, data in zip(batch, pipe.execute(), strict=True):
-                if data is not None and len(data) >= _INLINE_BYTES:
-                    futures.append((i, pool.submit(check_and_decode, version, items[i], data)))
-                else:
-                    results[i] = check_and_decode(version, items[i], data)
+                results[i] = check_and_decode(version, items[i], data, verify)
         for i, future in futures:
             results[i] = future.result()
     finally:
