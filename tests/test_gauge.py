@@ -16,6 +16,15 @@ SHAPES = {"blocks.0.query": (24, 20), "blocks.0.value": (24, 20), "blocks.1.quer
 R = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny linear algebra stalls with 2 threads on this shared 2-core machine (15x slower); restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_adapter(seed: int, scaling: float = 2.0) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     factors = {m: (torch.randn(n, R, generator=g), torch.randn(R, d, generator=g)) for m, (n, d) in SHAPES.items()}

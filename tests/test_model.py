@@ -20,6 +20,15 @@ D, LABELS, R = 16, 3, 4
 TARGETS = ["query", "value"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny linear algebra stalls with 2 threads on this shared 2-core machine (15x slower); restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -14,6 +14,15 @@ from share.subspace import BASES_FILE, MANIFEST, TASKS_DIR
 SHAPES = {"enc.0.query": (12, 10), "enc.0.value": (10, 12)}  # name -> (n, d)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny linear algebra stalls with 2 threads on this shared 2-core machine (15x slower); restore after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_adapter(seed: int, r: int = 3, with_head: bool = True) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     factors = {m: (torch.randn(n, r, generator=g), torch.randn(r, d, generator=g)) for m, (n, d) in SHAPES.items()}
