@@ -22,8 +22,9 @@ from .gauge import canonicalize
 from .subspace import ModuleBasis, Subspace, TaskCoefficients, check_task_name
 
 # Residual directions weaker than this (relative to the largest singular value of the new factors)
-# carry no information and would only add numerically arbitrary basis vectors.
-_RANK_TOL = 1e-10
+# carry no information and would only add numerically arbitrary basis vectors. The stored state is
+# float32, so an adapter already inside the span leaves a residual of ~1e-7: the cut sits above it.
+_RANK_TOL = 1e-6
 
 
 @dataclass
@@ -82,25 +83,28 @@ def merge(
             else:
                 U = (old_basis.U_A if side == "A" else old_basis.U_B).to(torch.float64)
             old_E = (
-                [subspace.tasks[t].E[m][0 if side == "A" else 1].to(torch.float64) for t in old_names]
-                if subspace is not None
-                else []
-            )
+                torch.cat([subspace.tasks[t].E[m][0 if side == "A" else 1] for t in old_names], dim=1)
+                if old_names
+                else U.new_zeros(U.shape[1], 0)
+            ).to(torch.float64)
             # Canonical B is n x p; canonical A is p x d, so its column space lives in A.T.
-            new_X = [canon[t][m][1].T if side == "A" else canon[t][m][0] for t in new_names]
+            new_X = torch.cat([canon[t][m][1].T if side == "A" else canon[t][m][0] for t in new_names], dim=1)
             sides[side] = _merge_side(U, old_E, new_X, policy)
-        (U_A, coords_A, kept_A, W_A), (U_B, coords_B, kept_B, W_B) = sides["A"], sides["B"]
+        (U_A, C_A, kept_A, W_A), (U_B, C_B, kept_B, W_B) = sides["A"], sides["B"]
         new_bases[m] = ModuleBasis(U_A=U_A.to(torch.float32), U_B=U_B.to(torch.float32))
         k_out[m] = (U_A.shape[1], U_B.shape[1])
         variance[m] = (kept_A, kept_B)
-        for i, name in enumerate(old_names + new_names):
-            C_A, C_B = coords_A[i], coords_B[i]  # full coordinates in [U Q], before truncation
-            E_A, E_B = W_A.T @ C_A, W_B.T @ C_B
-            new_E[name][m] = (E_A.to(torch.float32), E_B.to(torch.float32))
+        widths = [subspace.tasks[t].E[m][0].shape[1] for t in old_names] + [canon[t][m][0].shape[1] for t in new_names]
+        for names, group_A, group_B in _groups_by_width(old_names + new_names, widths, C_A, C_B):
+            # group_*: g x (k+q) x p, every task's full coordinates in [U Q], before truncation.
+            E_A, E_B = W_A.T @ group_A, W_B.T @ group_B
             # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
-            total = float(torch.trace((C_B.T @ C_B) @ (C_A.T @ C_A)))
-            kept = float((E_B @ E_A.T).square().sum())
-            sq_err[name][m] = (max(total - kept, 0.0), max(total, 0.0))
+            total = _frobenius_sq_of_product(group_B, group_A)
+            kept = _frobenius_sq_of_product(E_B, E_A)
+            E_A32, E_B32 = E_A.to(torch.float32), E_B.to(torch.float32)
+            for i, name in enumerate(names):
+                new_E[name][m] = (E_A32[i], E_B32[i])
+                sq_err[name][m] = (max(float(total[i] - kept[i]), 0.0), max(float(total[i]), 0.0))
 
     tasks: dict[str, TaskCoefficients] = {}
     errors: dict[str, float] = {}
@@ -152,35 +156,25 @@ def _track_drift(metadata: dict, sq_diff: float, sq_norm: float, entering: bool)
         metadata["drift_bound"] = metadata.get("drift_bound", 0.0) + sq_diff**0.5 / entry
 
 
-def _merge_side(
-    U: Tensor, old_E: list[Tensor], new_X: list[Tensor], policy: KPolicy
-) -> tuple[Tensor, list[Tensor], float, Tensor]:
+def _merge_side(U: Tensor, old_E: Tensor, X: Tensor, policy: KPolicy) -> tuple[Tensor, Tensor, float, Tensor]:
     """Merge one side of one module.
 
-    Returns the new basis ``U'``, every task's full coordinates in ``[U Q]`` (old tasks first),
-    the explained-variance fraction kept, and the rotation ``W`` (``(k+q) x k'``) so that each
-    task's new coefficients are ``W.T @ coords``.
+    ``old_E`` holds every old task's coefficients side by side (``k x sum p``), ``X`` the new
+    canonical factors (``dim x sum p_new``). Returns the new basis ``U'``, the full coordinate
+    matrix ``C = [[E, a], [0, R]]`` in ``[U Q]`` (old tasks' columns first), the explained-variance
+    fraction kept, and the rotation ``W`` (``(k+q) x k'``): new coefficients are ``W.T @ C``.
     """
     dim, k = U.shape
-    X = torch.cat(new_X, dim=1)
     a = U.T @ X
     residual = X - U @ a
     residual = residual - U @ (U.T @ residual)  # second pass: orthogonal to U to working precision
     Q, R = _orthonormal_part(residual, reference=X, limit=dim - k)
     q = Q.shape[1]
-    widths_old = [E.shape[1] for E in old_E]
-    widths_new = [x.shape[1] for x in new_X]
-    coords: list[Tensor] = [torch.cat([E, E.new_zeros(q, E.shape[1])], dim=0) for E in old_E]
+    C_old = torch.cat([old_E, old_E.new_zeros(q, old_E.shape[1])], dim=0)
     C_new = torch.cat([a, R], dim=0)
-    coords += list(torch.split(C_new, widths_new, dim=1))
-    del widths_old
-
-    # Gram of C = [[E, a], [0, R]]: its eigenvectors are the left singular vectors of the stack.
-    gram = C_new @ C_new.T
-    if old_E:
-        E_all = torch.cat(old_E, dim=1)
-        gram[:k, :k] += E_all @ E_all.T
-    eigvals, eigvecs = torch.linalg.eigh(gram)
+    C = torch.cat([C_old, C_new], dim=1)
+    # Gram of C: its eigenvectors are the left singular vectors of the stacked reconstructions.
+    eigvals, eigvecs = torch.linalg.eigh(C @ C.T)
     order = torch.argsort(eigvals, descending=True)
     eigvals, eigvecs = eigvals[order].clamp_min(0.0), eigvecs[:, order]
     k_new = _choose_k(eigvals, policy)
@@ -188,7 +182,40 @@ def _merge_side(
     basis = torch.cat([U, Q], dim=1) @ W
     total = float(eigvals.sum())
     kept = float(eigvals[:k_new].sum()) / total if total > 0 else 1.0
-    return basis, coords, kept, W
+    return basis, C, kept, W
+
+
+def _groups_by_width(
+    names: list[str], widths: list[int], C_A: Tensor, C_B: Tensor
+) -> list[tuple[list[str], Tensor, Tensor]]:
+    """Split the coordinate matrices per task, stacked as ``g x (k+q) x p`` for tasks of equal ``p``.
+
+    Usually every task has the same ``p`` and this is one reshape, so the work that follows is a
+    few batched products instead of a loop over tasks.
+    """
+    if len(set(widths)) == 1:
+        p, T = widths[0], len(names)
+        return [(names, _stack(C_A, T, p), _stack(C_B, T, p))]
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+    groups = []
+    for width in sorted(set(widths)):
+        idx = [i for i, w in enumerate(widths) if w == width]
+        cols = torch.tensor([c for i in idx for c in range(offsets[i], offsets[i] + width)])
+        groups.append(
+            ([names[i] for i in idx], _stack(C_A[:, cols], len(idx), width), _stack(C_B[:, cols], len(idx), width))
+        )
+    return groups
+
+
+def _stack(C: Tensor, T: int, p: int) -> Tensor:
+    return C.reshape(C.shape[0], T, p).permute(1, 0, 2)
+
+
+def _frobenius_sq_of_product(B: Tensor, A: Tensor) -> Tensor:
+    """``|B_i A_i^T|_F^2`` for each ``i`` of batched ``B`` (``g x m x p``) and ``A`` (``g x n x p``)."""
+    return ((B.transpose(1, 2) @ B) * (A.transpose(1, 2) @ A)).sum(dim=(1, 2))
 
 
 def _orthonormal_part(residual: Tensor, reference: Tensor, limit: int) -> tuple[Tensor, Tensor]:
