@@ -201,7 +201,9 @@ class ShareModel(nn.Module):
 
     # -- inference -----------------------------------------------------------------------------
     def set_task(self, tasks: str | Sequence[str] | None) -> None:
-        """Select stored task(s) for inference: one name for all rows, or one name per row.
+        """Select stored task(s) for inference: one name for all rows, or one name (or None) per row.
+
+        The selection stays until the next call, as PEFT's ``set_adapter`` does.
 
         ``None`` selects the base model alone. Ends any training in progress.
         """
@@ -214,7 +216,8 @@ class ShareModel(nn.Module):
                 head.task_ids = None
             return
         names = [tasks] if isinstance(tasks, str) else list(tasks)
-        index = {name: i for i, name in enumerate(self.task_names)}
+        index: dict[str | None, int] = {name: i for i, name in enumerate(self.task_names)}
+        index[None] = -1  # a row named None runs the base model alone (PEFT's "__base__")
         unknown = sorted({n for n in names if n not in index})
         if unknown:
             raise KeyError(f"unknown task(s) {unknown}; loaded tasks: {', '.join(self.task_names) or 'none'}")
