@@ -23,11 +23,11 @@ from jobs.schema import (
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "jobs" / "examples"
 WORDNET_TASKS = [
-    "animals_plants_food_artifacts",
-    "people_places_time_quantity",
-    "verbs_motion_comm_emotion_consumption",
-    "acts_states_attributes_communication",
-    "body_substance_object_phenomenon",
+    "wn_things",
+    "wn_people_places",
+    "wn_verbs_action",
+    "wn_abstract",
+    "wn_physical",
 ]
 
 
