@@ -15,10 +15,10 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+
+from jobs.mlflow_common import ensure_experiment, retry
 
 from .matrix import AccuracyMatrix
 from .record import MergeRecord
@@ -35,34 +35,8 @@ TAG_NEW_TASKS = "sharecl.new_tasks"
 KIND_MERGE = "merge"
 MATRIX_CSV = "accuracy_matrix.csv"
 MATRIX_PNG = "accuracy_matrix.png"
-_ATTEMPTS = 6
 _METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
 _TAG_MAX = 5000
-
-
-def _retry(fn: Callable[[], T], what: str) -> T:
-    """sqlite answers a writer that waited too long with "database is locked"; workers write too."""
-    delay = 0.2
-    for attempt in range(_ATTEMPTS):
-        try:
-            return fn()
-        except Exception as err:
-            text = str(err).lower()
-            transient = "locked" in text or "busy" in text or "timed out" in text or "connection" in text
-            if not transient or attempt == _ATTEMPTS - 1:
-                raise
-            log.debug("MLflow %s failed (%s); retrying", what, err)
-            time.sleep(delay)
-            delay = min(delay * 2, 3.0)
-    raise AssertionError("unreachable")
-
-
-def artifact_root(uri: str, experiment: str) -> str | None:
-    """Next to a local sqlite file (not ./mlruns of whatever folder the actor runs in); None for a
-    tracking server, which chooses its own artifact store."""
-    if urlsplit(uri).scheme == "sqlite" and uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / experiment).as_uri()
-    return None
 
 
 class MergeTracker:
@@ -82,22 +56,7 @@ class MergeTracker:
         return self._experiment_id
 
     def _ensure_experiment(self) -> str:
-        found = _retry(lambda: self.client.get_experiment_by_name(self.experiment), "get_experiment")
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                raise ValueError(
-                    f"MLflow experiment {self.experiment!r} at {self.uri} is deleted; restore it "
-                    "(`mlflow experiments restore`) or configure another experiment name"
-                )
-            return found.experiment_id
-        try:
-            root = artifact_root(self.uri, self.experiment)
-            return _retry(lambda: self.client.create_experiment(self.experiment, root), "create_experiment")
-        except Exception:
-            found = self.client.get_experiment_by_name(self.experiment)  # a worker created it first
-            if found is None:
-                raise
-            return found.experiment_id
+        return ensure_experiment(self.client, self.uri, self.experiment)
 
     # -- one merge -----------------------------------------------------------------------------
     def start(self, parent: str | None, new_tasks: list[str]) -> str | None:
@@ -111,7 +70,7 @@ class MergeTracker:
             "mlflow.runName": name,
         }
         try:
-            run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name), "create_run")
+            run = retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name), "create_run")
             return run.info.run_id
         except Exception as err:
             log.warning("MLflow run for merge of %s not created (%s); merging goes on untracked", new_tasks, err)
@@ -159,27 +118,27 @@ class MergeTracker:
         tags += [RunTag(f"eval_error/{t}", msg[:_TAG_MAX]) for t, msg in eval_errors.items()]
         for i in range(0, max(len(items), 1), _METRICS_PER_BATCH):
             chunk = items[i : i + _METRICS_PER_BATCH]
-            _retry(lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk), "log_metrics")
+            retry(lambda chunk=chunk: self.client.log_batch(run_id, metrics=chunk), "log_metrics")
         # A run restarted after a crash may already hold these params (MLflow refuses changing them).
-        logged = _retry(lambda: self.client.get_run(run_id), "get_run").data.params
+        logged = retry(lambda: self.client.get_run(run_id), "get_run").data.params
         params = [p for p in params if p.key not in logged]
-        _retry(lambda: self.client.log_batch(run_id, params=params, tags=tags), "log_params")
+        retry(lambda: self.client.log_batch(run_id, params=params, tags=tags), "log_params")
         if matrix.rows:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp)
                 matrix.write_csv(folder / MATRIX_CSV)
                 matrix.write_heatmap(folder / MATRIX_PNG, title=f"{self.namespace}: accuracy after each merge")
-                _retry(lambda: self.client.log_artifacts(run_id, str(folder)), "log_artifacts")
-        _retry(lambda: self.client.set_tag(run_id, TAG_STATUS, "published"), "set_tag")
-        _retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "set_terminated")
+                retry(lambda: self.client.log_artifacts(run_id, str(folder)), "log_artifacts")
+        retry(lambda: self.client.set_tag(run_id, TAG_STATUS, "published"), "set_tag")
+        retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "set_terminated")
 
     def abandon(self, run_id: str | None, reason: str) -> None:
         """End a run whose merge was not published (head conflict, crash): its submissions stay pending."""
         if run_id is None:
             return
         try:
-            _retry(lambda: self.client.set_tag(run_id, TAG_STATUS, f"not published: {reason}"[:_TAG_MAX]), "set_tag")
-            _retry(lambda: self.client.set_terminated(run_id, "FAILED"), "set_terminated")
+            retry(lambda: self.client.set_tag(run_id, TAG_STATUS, f"not published: {reason}"[:_TAG_MAX]), "set_tag")
+            retry(lambda: self.client.set_terminated(run_id, "FAILED"), "set_terminated")
         except Exception as err:
             log.warning("MLflow run %s could not be closed (%s)", run_id, err)
 
@@ -192,7 +151,7 @@ class MergeTracker:
         runs: list[Any] = []
         token = None
         while True:
-            page = _retry(
+            page = retry(
                 lambda token=token: self.client.search_runs(
                     [self.experiment_id], query, max_results=1000, page_token=token
                 ),

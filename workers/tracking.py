@@ -12,9 +12,10 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+
+from jobs.mlflow_common import ensure_experiment as _ensure_experiment
+from jobs.mlflow_common import retry
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ RUN_NAME_TAG = "mlflow.runName"
 
 _PARAM_MAX = 6000  # MLflow refuses longer param values
 _TAG_MAX = 5000
-_ATTEMPTS = 6
 
 
 def client(uri: str) -> Any:
@@ -41,52 +41,9 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def _retry(fn: Callable[[], T], what: str) -> T:
-    """Retry ``fn`` on transient store errors: several processes write one sqlite file at once, and
-    sqlite answers a writer that waited too long with "database is locked"."""
-    delay = 0.2
-    for attempt in range(_ATTEMPTS):
-        try:
-            return fn()
-        except Exception as err:  # MlflowException wraps the driver's OperationalError
-            text = str(err).lower()
-            transient = "locked" in text or "busy" in text or "timed out" in text or "connection" in text
-            if not transient or attempt == _ATTEMPTS - 1:
-                raise
-            log.debug("MLflow %s failed (%s); retrying", what, err)
-            time.sleep(delay)
-            delay = min(delay * 2, 3.0)
-    raise AssertionError("unreachable")
-
-
-def _artifact_root(uri: str, experiment: str) -> str | None:
-    """Next to a local sqlite file (not ./mlruns of whatever directory the process runs in);
-    None for tracking servers, which choose their own artifact store."""
-    parts = urlsplit(uri)
-    if parts.scheme == "sqlite" and uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        return (db.parent / "mlartifacts" / experiment).as_uri()
-    return None
-
-
 def ensure_experiment(uri: str, name: str) -> str:
-    """The id of experiment ``name`` at ``uri``, created if missing (two creators may race: both get its id)."""
-    mlflow_client = client(uri)
-    found = _retry(lambda: mlflow_client.get_experiment_by_name(name), "get_experiment")
-    if found is not None:
-        if found.lifecycle_stage == "deleted":
-            raise ValueError(
-                f"MLflow experiment {name!r} at {uri} is deleted; restore it (`mlflow experiments restore`) "
-                "or set tracking.experiment to another name"
-            )
-        return found.experiment_id
-    try:
-        return _retry(lambda: mlflow_client.create_experiment(name, _artifact_root(uri, name)), "create_experiment")
-    except Exception:
-        found = mlflow_client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    """The id of experiment ``name`` at ``uri``, created if missing."""
+    return _ensure_experiment(client(uri), uri, name)
 
 
 def _param_value(value: Any) -> str:
@@ -117,7 +74,7 @@ class TrackedRun:
         all_tags = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items()}}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        run = _retry(lambda: mlflow_client.create_run(experiment_id, tags=all_tags, run_name=name), "create_run")
+        run = retry(lambda: mlflow_client.create_run(experiment_id, tags=all_tags, run_name=name), "create_run")
         return cls(uri, run.info.run_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -126,7 +83,7 @@ class TrackedRun:
         items = [Param(str(k), _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             chunk = items[i : i + 100]
-            _retry(lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk), "log_params")
+            retry(lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk), "log_params")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, best_effort: bool = False) -> None:
         from mlflow.entities import Metric
@@ -140,7 +97,7 @@ class TrackedRun:
         if not items:
             return
         try:
-            _retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log_metrics")
+            retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log_metrics")
         except Exception as err:
             if not best_effort:
                 raise
@@ -156,26 +113,26 @@ class TrackedRun:
         items = [Metric(key, float(v), now, int(step)) for step, v in points if math.isfinite(float(v))]
         for i in range(0, len(items), 1000):  # MLflow's per-batch metric limit
             chunk = items[i : i + 1000]
-            _retry(lambda chunk=chunk: self._client.log_batch(self.run_id, metrics=chunk), "log_series")
+            retry(lambda chunk=chunk: self._client.log_batch(self.run_id, metrics=chunk), "log_series")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(str(k), str(v)[:_TAG_MAX]) for k, v in tags.items()]
-        _retry(lambda: self._client.log_batch(self.run_id, tags=items), "set_tags")
+        retry(lambda: self._client.log_batch(self.run_id, tags=items), "set_tags")
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """A small text artifact (e.g. a CSV) of this run."""
-        _retry(lambda: self._client.log_text(self.run_id, text, artifact_file), "log_text")
+        retry(lambda: self._client.log_text(self.run_id, text, artifact_file), "log_text")
 
     def finish(self, status: str = "FINISHED") -> None:
-        _retry(lambda: self._client.set_terminated(self.run_id, status), "set_terminated")
+        retry(lambda: self._client.set_terminated(self.run_id, status), "set_terminated")
 
 
 def find_runs(uri: str, experiment_id: str, filter_string: str, max_results: int = 1000) -> list[Any]:
     mlflow_client = client(uri)
     return list(
-        _retry(
+        retry(
             lambda: mlflow_client.search_runs([experiment_id], filter_string, max_results=max_results),
             "search_runs",
         )
@@ -193,8 +150,8 @@ def close_stale_attempts(uri: str, experiment_id: str, job_id: str, task: str, s
     mlflow_client = client(uri)
     for run in runs:
         run_id = run.info.run_id
-        _retry(lambda run_id=run_id: mlflow_client.set_tag(run_id, TAG_STATUS, "worker died"), "set_tag")
-        _retry(lambda run_id=run_id: mlflow_client.set_terminated(run_id, status), "set_terminated")
+        retry(lambda run_id=run_id: mlflow_client.set_tag(run_id, TAG_STATUS, "worker died"), "set_tag")
+        retry(lambda run_id=run_id: mlflow_client.set_terminated(run_id, status), "set_terminated")
     return len(runs)
 
 
