@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,11 +32,13 @@ import torch
 
 from benchmarks.cl_metrics import backward_transfer, final_accuracy, mean_std
 from benchmarks.data_wordnet import TaskPaths, prepare_wordnet_tasks
+from benchmarks.results_md import replace_section
 from share import KPolicy, LoraAdapter, ShareModel, Subspace, merge
 from workers.data import TaskSplit, load_split
 from workers.models import build_text_classifier
 from workers.task import TaskSpec, evaluate_tasks, train_task
 
+HEADING = "## Continual learning"
 METHODS = ("share", "lora-seq", "lora-per-task", "share-full")
 TARGETS = ("query", "value")
 # Large enough that a merge keeps every direction: used where a method stores adapters exactly.
@@ -303,7 +306,9 @@ def summary_table(results: list[MethodResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 5 tasks, fewer steps and examples (< 10 min here)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 5 tasks, fewer steps and examples (< 10 min here)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--num-tasks", type=int, default=None, help="first N tasks (default: all 6; quick: 5)")
     parser.add_argument("--steps", type=int, default=None)
@@ -315,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k-max", type=int, default=Budget.k_max)
     parser.add_argument("--data", type=Path, default=Path("benchmarks/data/wordnet"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--write", action="store_true", help="replace the ## Continual learning section of RESULTS.md")
     args = parser.parse_args(argv)
 
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -344,14 +350,22 @@ def main(argv: list[str] | None = None) -> int:
     written = write_outputs(results, args.out, label)
     table = summary_table(results)
     command = "python -m benchmarks.continual" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    print(
-        f"\n{len(tasks)} tasks x {len(seeds)} seed(s), {steps} steps/task, {train_n} train / {eval_n} eval "
-        f"examples per task, r={budget.r}, phi={budget.phi}, k policy {budget.policy}; "
-        f"total wall time {total:.0f} s\n"
+    setup = (
+        f"{len(tasks)} tasks x {len(seeds)} seed(s), {steps} steps/task, {train_n} train / {eval_n} eval examples "
+        f"per task, r={budget.r}, phi={budget.phi}, k policy {budget.policy}; total wall time {total:.0f} s"
     )
+    print(f"\n{setup}\n")
     print(table)
     print(f"\ncommand: {command}")
     print("written: " + ", ".join(str(p) for p in written))
+    if args.write:
+        replace_section(
+            HEADING,
+            f"{HEADING}\n\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} torch threads).\n\n{setup}. Mean ± std over seeds; ACC and BWT in points; "
+            "BWT against the accuracy right after training (before Share's merge). Per-seed matrices, JSON, CSV and "
+            f"heatmaps: `{args.out}/continual-{label}*`.\n\n{table}\n",
+        )
     return 0
 
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results_md import replace_section
 from coordinator import Coordinator, MergeTracker, StepResult
 from share import KPolicy, LoraAdapter, Subspace, TaskUpdate, merge
 from subspace_store import Submission, SubmissionStream, SubspaceStore, start_redis
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Coordinator"
 MODULES = [f"encoder.encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "value")]
 HIDDEN, R, P, PHI = 384, 8, 8, 2
@@ -166,14 +166,7 @@ def summary(runs: list[Run]) -> str:
 def write_section(body: str, command: str) -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}"
     section = f"{HEADING}\n\nCommand: `{command}` ({machine}).\n\n{body}\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(f"\n{HEADING}\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING) + 2)
-        text = text[: start + 1] + section + (text[end + 1 :] if end >= 0 else "")
-    RESULTS.write_text(text)
+    replace_section(HEADING, section)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from benchmarks.results_md import replace_section
+
 HEADING = "## Merge"
 METHODS = ("share", "stack-svd", "cov-eigh")
 NOTES = """\
@@ -296,14 +297,7 @@ def table(rows: list, skip_above: float) -> str:
 def write_section(body: str, command: str, threads: int) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs shared with other users, {threads} torch thread(s)"
     section = f"{HEADING}\n\nCommand: `{command}` ({machine}).\n\n{body}\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(f"\n{HEADING}\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING) + 2)
-        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
-    RESULTS.write_text(text)
+    replace_section(HEADING, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from benchmarks.results_md import replace_section
+
 HEADING = "## Storage"
 
 
@@ -170,14 +171,7 @@ def write_section(body: str, command: str) -> None:
     section = (
         f"{HEADING}\n\nCommand: `{command}` ({platform.machine()}, Python {platform.python_version()}).\n\n{body}\n"
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(f"\n{HEADING}\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING) + 2)
-        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
-    RESULTS.write_text(text)
+    replace_section(HEADING, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,10 +25,10 @@ from pathlib import Path
 import redis
 import torch
 
+from benchmarks.results_md import RESULTS, replace_section
 from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
 from subspace_store import SubspaceStore, connect, start_redis
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Store"
 
 
@@ -223,14 +223,7 @@ def run(args: argparse.Namespace) -> str:
 def write_section(body: str, command: str) -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}"
     section = f"{HEADING}\n\nCommand: `{command}` ({machine}; redis-server {redis_version()}).\n\n{body}\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(f"\n{HEADING}\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING) + 2)
-        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
-    RESULTS.write_text(text)
+    replace_section(HEADING, section)
 
 
 def redis_version() -> str:

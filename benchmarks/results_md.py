@@ -1,0 +1,19 @@
+"""``benchmarks/RESULTS.md``: each benchmark owns one ``## `` section and replaces only that."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def replace_section(heading: str, section: str, path: Path = RESULTS) -> None:
+    """Put ``section`` (starting with ``heading``) in place of the old one, or append it."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = text.find(f"\n{heading}\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading) + 2)
+        text = text[: start + 1] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
+    path.write_text(text)
