@@ -138,6 +138,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def _submit_to_jobs_api(args: argparse.Namespace) -> int:
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from jobs.schema import load_job
@@ -151,6 +152,12 @@ def _submit_to_jobs_api(args: argparse.Namespace) -> int:
         try:
             client = JobSubmissionClient(args.address)
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": tmp})
+        except AuthenticationError as err:
+            raise CLIError(
+                f"the Ray Jobs API at {args.address} needs an auth token: put the cluster's token in "
+                "~/.ray/auth_token or RAY_AUTH_TOKEN (on the head: `ray get-auth-token`); "
+                f"Ray said: {str(err).splitlines()[0]}"
+            ) from None
         except (ConnectionError, RuntimeError) as err:
             raise CLIError(
                 f"could not submit to the Ray Jobs API at {args.address} ({err}); is the cluster up and its "
