@@ -86,3 +86,17 @@ def make_adapter() -> Callable[..., LoraAdapter]:
         return LoraAdapter(factors=factors, scaling={m: 2.0 for m in modules}, head=heads, metadata={"seed": seed})
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny linear algebra stalls with 2 threads on this shared 2-core machine (15x slower); restore after.
+
+    Use per module: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ SHAPES = {"blocks.0.query": (24, 20), "blocks.0.value": (24, 20), "blocks.1.quer
 R = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny linear algebra stalls with 2 threads on this shared 2-core machine (15x slower); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_adapter(seed: int, scaling: float = 2.0) -> LoraAdapter:

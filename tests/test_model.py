@@ -20,13 +20,7 @@ D, LABELS, R = 16, 3, 4
 TARGETS = ["query", "value"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny linear algebra stalls with 2 threads on this shared 2-core machine (15x slower); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Block(nn.Module):

@@ -14,13 +14,7 @@ from share.subspace import BASES_FILE, MANIFEST, TASKS_DIR
 SHAPES = {"enc.0.query": (12, 10), "enc.0.value": (10, 12)}  # name -> (n, d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny linear algebra stalls with 2 threads on this shared 2-core machine (15x slower); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_adapter(seed: int, r: int = 3, with_head: bool = True) -> LoraAdapter:
