@@ -22,7 +22,6 @@ import csv
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ import torch
 
 from benchmarks.cl_metrics import backward_transfer, final_accuracy, mean_std
 from benchmarks.data_wordnet import TaskPaths, prepare_wordnet_tasks
-from benchmarks.results_md import replace_section
+from benchmarks.results_md import command_line, write_section
 from share import KPolicy, LoraAdapter, ShareModel, Subspace, merge
 from workers.data import TaskSplit, load_split
 from workers.models import build_text_classifier
@@ -349,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     written = write_outputs(results, args.out, label)
     table = summary_table(results)
-    command = "python -m benchmarks.continual" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = command_line("continual", argv)
     setup = (
         f"{len(tasks)} tasks x {len(seeds)} seed(s), {steps} steps/task, {train_n} train / {eval_n} eval examples "
         f"per task, r={budget.r}, phi={budget.phi}, k policy {budget.policy}; total wall time {total:.0f} s"
@@ -359,12 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncommand: {command}")
     print("written: " + ", ".join(str(p) for p in written))
     if args.write:
-        replace_section(
+        write_section(
             HEADING,
-            f"{HEADING}\n\nCommand: `{command}` ({platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{torch.get_num_threads()} torch threads).\n\n{setup}. Mean ± std over seeds; ACC and BWT in points; "
-            "BWT against the accuracy right after training (before Share's merge). Per-seed matrices, JSON, CSV and "
-            f"heatmaps: `{args.out}/continual-{label}*`.\n\n{table}\n",
+            command,
+            f"{setup}. Mean ± std over seeds; ACC and BWT in points; BWT against the accuracy right after training "
+            "(before Share's merge). Per-seed matrices, JSON, CSV and heatmaps: "
+            f"`{args.out}/continual-{label}*`.\n\n{table}",
+            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
         )
     return 0
 

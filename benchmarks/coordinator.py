@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results_md import replace_section
+from benchmarks.results_md import command_line, write_section
 from coordinator import Coordinator, MergeTracker, StepResult
 from share import KPolicy, LoraAdapter, Subspace, TaskUpdate, merge
 from subspace_store import Submission, SubmissionStream, SubspaceStore, start_redis
@@ -163,12 +163,6 @@ def summary(runs: list[Run]) -> str:
     return "Batched over one merge per submission (merged / s): " + ", ".join(parts) + "."
 
 
-def write_section(body: str, command: str) -> None:
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}"
-    section = f"{HEADING}\n\nCommand: `{command}` ({machine}).\n\n{body}\n"
-    replace_section(HEADING, section)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[10, 100, 300, 1000], help="T values")
@@ -206,8 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     body = table(runs) + "\n\n" + summary(runs) + "\n\n" + NOTES
     print(body)
     if args.write:
-        command = "python -m benchmarks.coordinator " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section(body, command.strip())
+        machine = f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}"
+        write_section(HEADING, command_line("coordinator", argv), body, machine)
 
 
 if __name__ == "__main__":

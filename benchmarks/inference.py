@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results_md import replace_section
+from benchmarks.results_md import command_line, write_section
 
 HEADING = "## Inference"
 TARGETS = ["query", "value"]
@@ -189,12 +188,6 @@ def results_table(
     return "\n".join(lines)
 
 
-def write_section(body: str, command: str, threads: int) -> None:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs shared with other users, {threads} torch thread(s)"
-    section = f"{HEADING}\n\nCommand: `{command}` ({machine}).\n\n{body}\n"
-    replace_section(HEADING, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=32)
@@ -209,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     body = run(args)
     print(body)
     if args.write:
-        command = " ".join(["python -m benchmarks.inference", *(argv if argv is not None else sys.argv[1:])])
-        write_section(body, command, args.threads)
+        machine = f"{os.cpu_count()} CPUs shared with other users, {args.threads} torch thread(s)"
+        write_section(HEADING, command_line("inference", argv), body, machine)
     return 0
 
 

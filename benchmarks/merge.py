@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results_md import replace_section
+from benchmarks.results_md import command_line, write_section
 
 HEADING = "## Merge"
 METHODS = ("share", "stack-svd", "cov-eigh")
@@ -294,12 +293,6 @@ def table(rows: list, skip_above: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, command: str, threads: int) -> None:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs shared with other users, {threads} torch thread(s)"
-    section = f"{HEADING}\n\nCommand: `{command}` ({machine}).\n\n{body}\n"
-    replace_section(HEADING, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 10, 100; 2 LLaMA-7B layers; small budgets")
@@ -331,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     body = run(args)
     print(body)
     if args.write:
-        command = " ".join(["python -m benchmarks.merge", *(argv if argv is not None else sys.argv[1:])])
-        write_section(body, command, args.threads)
+        machine = f"{os.cpu_count()} CPUs shared with other users, {args.threads} torch thread(s)"
+        write_section(HEADING, command_line("merge", argv), body, machine)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -17,3 +19,14 @@ def replace_section(heading: str, section: str, path: Path = RESULTS) -> None:
         end = text.find("\n## ", start + len(heading) + 2)
         text = text[: start + 1] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
     path.write_text(text)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that printed a result: ``python -m benchmarks.<module> ARGS``."""
+    return " ".join([f"python -m benchmarks.{module}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_section(heading: str, command: str, body: str, machine: str = "") -> None:
+    """Replace ``heading``'s section with ``body`` under a line naming the command and the machine."""
+    where = ", ".join(part for part in (platform.machine(), machine) if part)
+    replace_section(heading, f"{heading}\n\nCommand: `{command}` ({where}).\n\n{body}\n")

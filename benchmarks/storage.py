@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.results_md import replace_section
+from benchmarks.results_md import command_line, write_section
 
 HEADING = "## Storage"
 
@@ -167,13 +167,6 @@ def mb(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
-def write_section(body: str, command: str) -> None:
-    section = (
-        f"{HEADING}\n\nCommand: `{command}` ({platform.machine()}, Python {platform.python_version()}).\n\n{body}\n"
-    )
-    replace_section(HEADING, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[10, 100, 1000])
@@ -182,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     body = run(args)
     print(body)
     if args.write:
-        command = " ".join(["python -m benchmarks.storage", *(argv if argv is not None else sys.argv[1:])])
-        write_section(body, command)
+        write_section(HEADING, command_line("storage", argv), body, f"Python {platform.python_version()}")
     return 0
 
 

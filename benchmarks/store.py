@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 import torch
 
-from benchmarks.results_md import RESULTS, replace_section
+from benchmarks.results_md import RESULTS, command_line, write_section
 from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
 from subspace_store import SubspaceStore, connect, start_redis
 
@@ -220,12 +220,6 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, command: str) -> None:
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}"
-    section = f"{HEADING}\n\nCommand: `{command}` ({machine}; redis-server {redis_version()}).\n\n{body}\n"
-    replace_section(HEADING, section)
-
-
 def redis_version() -> str:
     import subprocess
 
@@ -249,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     body = f"{load} (the machine is shared; wall times move with it).\n\n{body}"
     print(body)
     if args.write:
-        command = "python -m benchmarks.store " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(body, command.strip())
+        machine = f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}"
+        write_section(HEADING, command_line("store", argv), body, f"{machine}; redis-server {redis_version()}")
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
 
