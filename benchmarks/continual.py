@@ -32,6 +32,7 @@ import torch
 from benchmarks.cl_metrics import backward_transfer, final_accuracy, mean_std
 from benchmarks.data_wordnet import TaskPaths, prepare_wordnet_tasks
 from benchmarks.results_md import command_line, write_section
+from jobs.schema import AdapterConfig
 from share import KPolicy, LoraAdapter, ShareModel, Subspace, merge
 from workers.data import TaskSplit, load_split
 from workers.models import build_text_classifier
@@ -42,6 +43,7 @@ METHODS = ("share", "lora-seq", "lora-per-task", "share-full")
 TARGETS = ("query", "value")
 # Large enough that a merge keeps every direction: used where a method stores adapters exactly.
 _EXACT = KPolicy(k=100_000)
+_JOB_ADAPTER = AdapterConfig()
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,13 @@ class Budget:
     lr_coefficients: float = 5e-3
     batch_size: int = 16
     max_length: int = 32
-    r: int = 8
-    lora_alpha: float = 16.0
-    phi: int = 2
-    k: int | None = None
-    variance: float = 0.6
-    k_max: int | None = 32
+    # The adapter settings default to a job's (jobs/schema.py), so the benchmark measures what jobs run.
+    r: int = _JOB_ADAPTER.r
+    lora_alpha: float = _JOB_ADAPTER.lora_alpha
+    phi: int = _JOB_ADAPTER.phi
+    k: int | None = _JOB_ADAPTER.k
+    variance: float = _JOB_ADAPTER.variance
+    k_max: int | None = _JOB_ADAPTER.k_max
 
     @property
     def policy(self) -> KPolicy:
