@@ -154,12 +154,9 @@ class ShareModel(nn.Module):
             B, A, s = layer.trained_factors()
             factors[name] = (B.float().cpu(), A.float().cpu())
             scaling[name] = s
-        head = {
-            f"{hname}.{k}": v.detach().float().cpu().clone()
-            for hname, h in self.heads.items()
-            for k, v in h.training_head.named_parameters()
-        }
-        return LoraAdapter(factors=factors, scaling=scaling, head=head, metadata={"task": self.training_task})
+        return LoraAdapter(
+            factors=factors, scaling=scaling, head=self._trained_head(), metadata={"task": self.training_task}
+        )
 
     def trained_update(self) -> TaskUpdate:
         """The task being trained in coefficient mode, compactly (relative to the loaded subspace)."""
@@ -169,8 +166,15 @@ class ShareModel(nn.Module):
             name: {key: value.detach().float().cpu().clone() for key, value in layer.trainable.items()}
             for name, layer in self.layers.items()
         }
-        adapter_head = self.trained_adapter().head
-        return TaskUpdate(parts=parts, head=adapter_head, metadata={"task": self.training_task})
+        return TaskUpdate(parts=parts, head=self._trained_head(), metadata={"task": self.training_task})
+
+    def _trained_head(self) -> dict[str, Tensor]:
+        """The trained head's tensors, keyed by model-relative name (``head.weight``), as PEFT saves them."""
+        return {
+            f"{hname}.{k}": v.detach().float().cpu().clone()
+            for hname, h in self.heads.items()
+            for k, v in h.training_head.named_parameters()
+        }
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
