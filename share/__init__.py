@@ -4,7 +4,7 @@ Pure torch (+ safetensors): no ray, redis or mlflow here.
 """
 
 from .adapter import LoraAdapter
-from .config import KPolicy
+from .config import KPolicy, TrainingMode
 from .gauge import canonicalize
 from .merge import MergeReport, merge
 from .model import ShareModel, match_modules
@@ -14,6 +14,7 @@ from .update import TaskUpdate
 
 __all__ = [
     "KPolicy",
+    "TrainingMode",
     "LoraAdapter",
     "MergeReport",
     "ModuleBasis",

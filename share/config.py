@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 
@@ -32,3 +33,26 @@ class KPolicy:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KPolicy:
         return cls(**{key: data[key] for key in ("k", "variance", "k_max") if key in data})
+
+
+class TrainingMode(StrEnum):
+    """What a task trains: a plain LoRA adapter (cold start, baselines) or coefficients against frozen bases."""
+
+    LORA = "lora"
+    COEFFICIENTS = "coefficients"
+
+    @classmethod
+    def resolve(cls, requested: str, has_base: bool) -> TrainingMode:
+        """``"auto"`` trains coefficients when a subspace exists and LoRA otherwise (the cold start)."""
+        if requested == "auto":
+            return cls.COEFFICIENTS if has_base else cls.LORA
+        try:
+            mode = cls(requested)
+        except ValueError:
+            choices = ", ".join(["auto", *(m.value for m in cls)])
+            raise ValueError(f"training mode {requested!r} is not one of {choices}") from None
+        if mode is cls.COEFFICIENTS and not has_base:
+            raise ValueError(
+                "mode 'coefficients' needs a subspace to train against; use 'auto' or 'lora' for the first task"
+            )
+        return mode
