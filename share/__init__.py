@@ -4,7 +4,7 @@ Pure torch (+ safetensors): no ray, redis or mlflow here.
 """
 
 from .adapter import LoraAdapter
-from .config import KPolicy, TrainingMode
+from .config import DEFAULT_MAX_ERROR, KPolicy, KRule, TrainingMode
 from .gauge import canonicalize
 from .merge import MergeReport, merge
 from .model import ShareModel, match_modules
@@ -13,7 +13,9 @@ from .subspace import ModuleBasis, Subspace, TaskCoefficients
 from .update import TaskUpdate
 
 __all__ = [
+    "DEFAULT_MAX_ERROR",
     "KPolicy",
+    "KRule",
     "TrainingMode",
     "LoraAdapter",
     "MergeReport",
