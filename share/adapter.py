@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import ShareClError
+
 
 @dataclass
 class LoraAdapter:
@@ -26,23 +28,23 @@ class LoraAdapter:
         return self.scale(module) * (B @ A)
 
     def validate(self, name: str) -> None:
-        """Raise ValueError naming the adapter and module for NaN/Inf or factor shapes that do not chain."""
+        """Raise ShareClError naming the adapter and module for NaN/Inf or factor shapes that do not chain."""
         if not self.factors:
-            raise ValueError(f"adapter {name!r} has no modules; check its target_modules")
+            raise ShareClError(f"adapter {name!r} has no modules; check its target_modules")
         for module, (B, A) in self.factors.items():
             if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
-                raise ValueError(
+                raise ShareClError(
                     f"adapter {name!r}, module {module!r}: lora_B {tuple(B.shape)} and lora_A "
                     f"{tuple(A.shape)} do not chain (rank mismatch); expected B (n x r) and A (r x d)"
                 )
             for side, value in (("lora_B", B), ("lora_A", A)):
                 if not torch.isfinite(value).all():
-                    raise ValueError(
+                    raise ShareClError(
                         f"adapter {name!r}, module {module!r}: {side} holds NaN or Inf; "
                         "the training run diverged, retrain with a lower learning rate"
                     )
             if not torch.isfinite(torch.tensor(self.scale(module))):
-                raise ValueError(f"adapter {name!r}, module {module!r}: scaling is not finite")
+                raise ShareClError(f"adapter {name!r}, module {module!r}: scaling is not finite")
         for key, value in self.head.items():
             if not torch.isfinite(value).all():
-                raise ValueError(f"adapter {name!r}: head tensor {key!r} holds NaN or Inf")
+                raise ShareClError(f"adapter {name!r}: head tensor {key!r} holds NaN or Inf")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import ShareClError
+
 
 def canonicalize(B: Tensor, A: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
     """Return ``(B_c, A_c)`` with ``B_c @ A_c == scaling * B @ A`` and ``B_c.T B_c == A_c A_c.T`` diagonal.
@@ -19,7 +21,7 @@ def canonicalize(B: Tensor, A: Tensor, scaling: float = 1.0) -> tuple[Tensor, Te
     canonical too. Signs follow the convention that each column of ``B_c`` has a positive largest entry.
     """
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(
+        raise ShareClError(
             f"factor shapes do not chain: B is {tuple(B.shape)}, A is {tuple(A.shape)}; "
             "expected B (n x r) and A (r x d) as PEFT's lora_B and lora_A"
         )

@@ -10,6 +10,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .errors import ShareClError
+
 
 class TaskHead(nn.Module):
     def __init__(self, template: nn.Module) -> None:
@@ -35,7 +37,7 @@ class TaskHead(nn.Module):
             own = dict(head.named_parameters())
             unknown = set(state) - set(own)
             if unknown:
-                raise ValueError(f"head state has keys {sorted(unknown)} that the head lacks ({sorted(own)})")
+                raise ShareClError(f"head state has keys {sorted(unknown)} that the head lacks ({sorted(own)})")
             for name, value in state.items():
                 owner, _, leaf = name.rpartition(".")
                 module = head.get_submodule(owner) if owner else head

@@ -2,20 +2,40 @@
 
 Modes (set by ``ShareModel``; a layer is in exactly one):
 
-- ``"off"``: the base layer alone.
-- ``"lora"``: plain LoRA training (cold start): trainable ``lora_A`` (``r x d``), ``lora_B`` (``n x r``).
-- ``"coefficients"``: Phase 2 training against frozen bases: trainable ``E_A``, ``E_B`` and
+- ``Serving.OFF``: the base layer alone.
+- ``TrainingMode.LORA``: plain LoRA training (cold start): trainable ``lora_A`` (``r x d``), ``lora_B``
+  (``n x r``).
+- ``TrainingMode.COEFFICIENTS``: training against frozen bases: trainable ``E_A``, ``E_B`` and
   ``phi`` temporary directions per side, ``A_t.T = U_A E_A + V_A F_A``, ``B_t = U_B E_B + V_B F_B``.
-- ``"tasks"``: inference with stored tasks; row ``i`` of the batch uses task ``task_ids[i]``
+- ``Serving.TASKS``: inference with stored tasks; row ``i`` of the batch uses task ``task_ids[i]``
   (``-1``: no update). ``U_A.T x`` is shared by every row; per-row work is ``k x p`` sized.
+
+Independently of the mode, ``materialize(index)`` folds one stored task's ``dW`` into the base weight
+(zero inference overhead) and ``restore()`` puts the original weight back, bit-exact. See "Inference"
+in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 
 import torch
 from torch import Tensor, nn
+
+from .config import TrainingMode
+from .errors import ShareClError
+
+
+class Serving(StrEnum):
+    """What a layer that is not training computes."""
+
+    OFF = "off"  # the base layer alone
+    TASKS = "tasks"  # the stored tasks that ``task_ids`` selects, one per row
+
+
+class ModelStateError(ShareClError, RuntimeError):
+    """The layer or model is not in the state the call needs (no task selected, none training, ...)."""
 
 
 class ShareLinear(nn.Module):
@@ -28,7 +48,7 @@ class ShareLinear(nn.Module):
             param.requires_grad_(False)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.mode = "off"
+        self.mode: TrainingMode | Serving = Serving.OFF
         self.scaling = 1.0
         factory = {"dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
         # Bases and stacked task coefficients are buffers: saved with the model, never trained.
@@ -38,14 +58,16 @@ class ShareLinear(nn.Module):
         self.register_buffer("task_E_B", torch.zeros(1, 0, 0, **factory), persistent=False)
         self.task_ids: Tensor | None = None  # set per forward by ShareModel
         self.trainable = nn.ParameterDict()
-        self._merged_weight: Tensor | None = None
+        self._original_weight: Tensor | None = None  # the base weight while a task is materialized
 
     # -- state ---------------------------------------------------------------------------------
     def set_subspace(self, U_A: Tensor, U_B: Tensor, E_A: list[Tensor], E_B: list[Tensor]) -> None:
         """Install bases and every task's coefficients (zero-padded to a common ``p``).
 
-        A zero slot is appended so that task id ``-1`` (no update) indexes it.
+        A zero slot is appended so that task id ``-1`` (no update) indexes it. A materialized task is
+        restored first.
         """
+        self.restore()
         dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
         self.U_A = U_A.to(device=device, dtype=dtype)
         self.U_B = U_B.to(device=device, dtype=dtype)
@@ -63,7 +85,9 @@ class ShareLinear(nn.Module):
         """LoRA factors: ``A`` random (Kaiming-uniform as PEFT), ``B`` zero, so ``dW = 0`` exactly.
 
         ``init = (B, A)`` continues training existing factors instead (sequential finetuning).
+        A materialized task is restored first: training starts from the base weight.
         """
+        self.restore()
         factory = {"dtype": self.base_layer.weight.dtype, "device": self.base_layer.weight.device}
         if init is None:
             bound = 1.0 / math.sqrt(self.in_features)
@@ -72,12 +96,12 @@ class ShareLinear(nn.Module):
         else:
             B, A = (t.detach().clone() for t in init)
             if B.shape != (self.out_features, r) or A.shape != (r, self.in_features):
-                raise ValueError(f"initial factors {tuple(B.shape)}, {tuple(A.shape)} do not fit r={r} here")
+                raise ShareClError(f"initial factors {tuple(B.shape)}, {tuple(A.shape)} do not fit r={r} here")
         self.trainable = nn.ParameterDict(
             {"lora_A": nn.Parameter(A.to(**factory)), "lora_B": nn.Parameter(B.to(**factory))}
         )
         self.scaling = lora_alpha / r
-        self.mode = "lora"
+        self.mode = TrainingMode.LORA
 
     def start_coefficients(
         self,
@@ -91,8 +115,10 @@ class ShareLinear(nn.Module):
 
         Without ``init``: ``E_B`` and ``F_B`` are zero and the A side small random, so ``dW = 0``
         exactly. With ``init = (E_A, E_B)`` (an old task's), the new task warm-starts from it.
-        Temporary directions ``V`` are random unit directions orthogonal to the bases.
+        Temporary directions ``V`` are random unit directions orthogonal to the bases. A materialized
+        task is restored first.
         """
+        self.restore()
         factory = {"dtype": self.base_layer.weight.dtype, "device": self.base_layer.weight.device}
         k_A, k_B = self.U_A.shape[1], self.U_B.shape[1]
         if init is None:
@@ -102,7 +128,7 @@ class ShareLinear(nn.Module):
         else:
             E_A, E_B = (t.detach().to("cpu", torch.float32).clone() for t in init)
             if E_A.shape != (k_A, p) or E_B.shape != (k_B, p):
-                raise ValueError(
+                raise ShareClError(
                     f"warm-start coefficients {tuple(E_A.shape)}, {tuple(E_B.shape)} do not fit "
                     f"k_A={k_A}, k_B={k_B}, p={p}; warm-start from a task with the same p"
                 )
@@ -120,28 +146,28 @@ class ShareLinear(nn.Module):
         }
         self.trainable = nn.ParameterDict({k: nn.Parameter(v.to(**factory)) for k, v in params.items()})
         self.scaling = 1.0
-        self.mode = "coefficients"
+        self.mode = TrainingMode.COEFFICIENTS
 
     def trained_factors(self) -> tuple[Tensor, Tensor, float]:
         """``(B, A, scaling)`` of what is being trained, temporary directions included."""
         t = self.trainable
-        if self.mode == "lora":
+        if self.mode == TrainingMode.LORA:
             return t["lora_B"].detach().clone(), t["lora_A"].detach().clone(), self.scaling
-        if self.mode == "coefficients":
+        if self.mode == TrainingMode.COEFFICIENTS:
             B = self.U_B @ t["E_B"] + t["V_B"] @ t["F_B"]
             A_T = self.U_A @ t["E_A"] + t["V_A"] @ t["F_A"]
             return B.detach().clone(), A_T.T.detach().clone(), 1.0
-        raise RuntimeError(f"layer is in mode {self.mode!r}, not training; start a task first")
+        raise ModelStateError(f"layer is in mode {str(self.mode)!r}, not training; start a task first")
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if self.mode == "off" or self._merged_weight is not None:
+        if self.mode == Serving.OFF or self._original_weight is not None:
             return out
-        if self.mode == "lora":
+        if self.mode == TrainingMode.LORA:
             t = self.trainable
             return out + self.scaling * ((x @ t["lora_A"].T) @ t["lora_B"].T)
-        if self.mode == "coefficients":
+        if self.mode == TrainingMode.COEFFICIENTS:
             t = self.trainable
             A_T = self.U_A @ t["E_A"] + t["V_A"] @ t["F_A"]
             B = self.U_B @ t["E_B"] + t["V_B"] @ t["F_B"]
@@ -150,11 +176,11 @@ class ShareLinear(nn.Module):
 
     def _mixed_delta(self, x: Tensor) -> Tensor:
         if self.task_ids is None:
-            raise RuntimeError("no task selected: call ShareModel.set_task(...) or pass task_ids=")
+            raise ModelStateError("no task selected: call ShareModel.set_task(...) or pass tasks= to the model")
         ids = self.task_ids
         batch = x.shape[0]
         if ids.shape[0] not in (1, batch):
-            raise ValueError(f"task_ids has {ids.shape[0]} entries but the batch has {batch} rows")
+            raise ShareClError(f"task_ids has {ids.shape[0]} entries but the batch has {batch} rows")
         z = (x @ self.U_A).reshape(batch, -1, self.U_A.shape[1])  # shared by all rows: b x L x k_A
         if ids.shape[0] == 1 or bool((ids == ids[0]).all()):  # one task for the batch: plain matmuls
             y = (z @ self.task_E_A[ids[0]]) @ self.task_E_B[ids[0]].T
@@ -162,22 +188,28 @@ class ShareLinear(nn.Module):
             y = torch.bmm(torch.bmm(z, self.task_E_A[ids]), self.task_E_B[ids].transpose(1, 2))
         return (y @ self.U_B.T).reshape(*x.shape[:-1], self.out_features)
 
-    # -- materialize ---------------------------------------------------------------------------
-    def merge_task(self, index: int) -> None:
-        """Fold one task's ``dW`` into the base weight (zero inference overhead); ``unmerge`` restores."""
-        if self._merged_weight is not None:
-            raise RuntimeError("a task is already materialized here; call restore() first")
+    # -- materialize / restore -----------------------------------------------------------------
+    @property
+    def materialized(self) -> bool:
+        """Whether a task's ``dW`` is folded into the base weight now."""
+        return self._original_weight is not None
+
+    def materialize(self, index: int) -> None:
+        """Fold stored task ``index``'s ``dW`` into the base weight (no inference overhead); ``restore()`` undoes it."""
+        if self._original_weight is not None:
+            raise ModelStateError("a task is already materialized in this layer; call restore() first")
         weight = self.base_layer.weight
-        self._merged_weight = weight.detach().clone()
+        self._original_weight = weight.detach().clone()
         dW = (self.U_B @ self.task_E_B[index]) @ (self.U_A @ self.task_E_A[index]).T
         with torch.no_grad():
             weight.add_(dW.to(weight.dtype))
 
-    def unmerge(self) -> None:
-        if self._merged_weight is not None:
+    def restore(self) -> None:
+        """Put the original base weight back, bit-exact (nothing to do if no task is materialized)."""
+        if self._original_weight is not None:
             with torch.no_grad():
-                self.base_layer.weight.copy_(self._merged_weight)  # bit-exact restore
-            self._merged_weight = None
+                self.base_layer.weight.copy_(self._original_weight)
+            self._original_weight = None
 
     def extra_repr(self) -> str:
         k = (self.U_A.shape[1], self.U_B.shape[1])

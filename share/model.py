@@ -9,11 +9,11 @@ model.start_coefficients("task1", p=8, phi=2)   # Phase 2: coefficients + tempor
 ...
 model.set_task("task0"); model(x)               # one task
 model(x, tasks=["task0", "task1", ...])         # one task per row
+model.materialize("task0"); model.restore()     # fold one task into the weights, and back
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -22,9 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import LoraAdapter
+from .config import TrainingMode
+from .errors import ShareClError
 from .head import TaskHead
-from .layer import ShareLinear
-from .subspace import Subspace, check_task_name
+from .layer import ModelStateError, Serving, ShareLinear
+from .subspace import Subspace, UnknownTaskError, check_task_name
+from .targets import is_target
 from .update import TaskUpdate
 
 
@@ -32,18 +35,14 @@ def match_modules(model: nn.Module, target: str | Sequence[str]) -> list[str]:
     """Names of ``nn.Linear`` modules that ``target`` selects.
 
     A string is a regular expression that must match the whole name; a list matches a name equal
-    to an entry or ending with ``"." + entry`` (PEFT's rules).
+    to an entry or ending with ``"." + entry`` (PEFT's rules, ``share.targets.is_target``).
     """
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear | ShareLinear)]
     names = [n for n in names if not n.endswith(".base_layer")]
-    if isinstance(target, str):
-        pattern = re.compile(target)
-        chosen = [n for n in names if pattern.fullmatch(n)]
-    else:
-        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in target)]
+    chosen = [n for n in names if is_target(target, n)]
     if not chosen:
         sample = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-        raise ValueError(f"target_modules {target!r} matched no nn.Linear module; linear modules are: {sample}")
+        raise ShareClError(f"target_modules {target!r} matched no nn.Linear module; linear modules are: {sample}")
     return chosen
 
 
@@ -65,7 +64,7 @@ class ShareModel(nn.Module):
             try:
                 module = model.get_submodule(name)
             except AttributeError:
-                raise ValueError(
+                raise ShareClError(
                     f"head {name!r} is not a submodule of the model; name it as in named_modules()"
                 ) from None
             if not isinstance(module, TaskHead):
@@ -75,13 +74,13 @@ class ShareModel(nn.Module):
         self.task_names: list[str] = []
         self.training_task: str | None = None
         self._subspace: Subspace | None = None
-        self._materialized: str | None = None
+        self._materialized_task: str | None = None
 
     # -- subspace ------------------------------------------------------------------------------
     def load_subspace(self, subspace: Subspace) -> None:
         """Install the subspace's bases, every task's coefficients and every task's head."""
         if set(subspace.modules) != set(self.layers):
-            raise ValueError(
+            raise ShareClError(
                 "the subspace's modules differ from the attached ones; unknown: "
                 f"{sorted(set(subspace.modules) - set(self.layers))}, "
                 f"not in subspace: {sorted(set(self.layers) - set(subspace.modules))}. "
@@ -92,7 +91,7 @@ class ShareModel(nn.Module):
         for name, layer in self.layers.items():
             basis = subspace.modules[name]
             if (basis.out_features, basis.in_features) != (layer.out_features, layer.in_features):
-                raise ValueError(
+                raise ShareClError(
                     f"module {name!r}: subspace shape {(basis.out_features, basis.in_features)} differs from "
                     f"the model's {(layer.out_features, layer.in_features)}; is this the same base model?"
                 )
@@ -123,7 +122,7 @@ class ShareModel(nn.Module):
         starts fresh either way.
         """
         if r < 1:
-            raise ValueError(f"r must be >= 1 (got {r})")
+            raise ShareClError(f"r must be >= 1 (got {r})")
         generator = self._begin(task, seed)
         for name, layer in self.layers.items():
             layer.start_lora(r, lora_alpha, generator, init=init.factors[name] if init is not None else None)
@@ -136,9 +135,9 @@ class ShareModel(nn.Module):
         Returns the trainable parameter count.
         """
         if self._subspace is None:
-            raise RuntimeError("no subspace loaded: call load_subspace() first, or start_lora() for a cold start")
+            raise ModelStateError("no subspace loaded: call load_subspace() first, or start_lora() for a cold start")
         if p < 1 or phi < 0:
-            raise ValueError(f"need p >= 1 and phi >= 0 (got p={p}, phi={phi})")
+            raise ShareClError(f"need p >= 1 and phi >= 0 (got p={p}, phi={phi})")
         generator = self._begin(task, seed)
         source = self._subspace.task(warm_start) if warm_start is not None else None
         for name, layer in self.layers.items():
@@ -148,7 +147,7 @@ class ShareModel(nn.Module):
     def trained_adapter(self) -> LoraAdapter:
         """The task being trained as full factors (temporary directions included) plus its head."""
         if self.training_task is None:
-            raise RuntimeError("no task is being trained; call start_lora() or start_coefficients() first")
+            raise ModelStateError("no task is being trained; call start_lora() or start_coefficients() first")
         factors, scaling = {}, {}
         for name, layer in self.layers.items():
             B, A, s = layer.trained_factors()
@@ -160,8 +159,10 @@ class ShareModel(nn.Module):
 
     def trained_update(self) -> TaskUpdate:
         """The task being trained in coefficient mode, compactly (relative to the loaded subspace)."""
-        if self.training_task is None or any(layer.mode != "coefficients" for layer in self.layers.values()):
-            raise RuntimeError("trained_update() needs a task started with start_coefficients(); use trained_adapter()")
+        if self.training_task is None or any(layer.mode != TrainingMode.COEFFICIENTS for layer in self.layers.values()):
+            raise ModelStateError(
+                "trained_update() needs a task started with start_coefficients(); use trained_adapter()"
+            )
         parts = {
             name: {key: value.detach().float().cpu().clone() for key, value in layer.trainable.items()}
             for name, layer in self.layers.items()
@@ -182,7 +183,7 @@ class ShareModel(nn.Module):
     def _begin(self, task: str, seed: int) -> torch.Generator:
         check_task_name(task)
         if task in self.task_names:
-            raise ValueError(f"task {task!r} is already in the loaded subspace; choose a new task name")
+            raise ShareClError(f"task {task!r} is already in the loaded subspace; choose a new task name")
         self.restore()
         self.training_task = task
         return torch.Generator().manual_seed(seed)
@@ -199,7 +200,7 @@ class ShareModel(nn.Module):
         self.training_task = None
         for layer in self.layers.values():
             layer.trainable = nn.ParameterDict()
-            layer.mode = "tasks" if self._subspace is not None else "off"
+            layer.mode = Serving.TASKS if self._subspace is not None else Serving.OFF
         for head in self.heads.values():
             head.stop_training()
 
@@ -209,13 +210,17 @@ class ShareModel(nn.Module):
 
         The selection stays until the next call, as PEFT's ``set_adapter`` does.
 
-        ``None`` selects the base model alone. Ends any training in progress.
+        ``None`` selects the base model alone. Ends any training in progress. Selecting anything but
+        the materialized task (by its name) restores the base weights first, as PEFT unmerges before
+        ``set_adapter``.
         """
         if self.training_task is not None:
             self.stop_training()
+        if self._materialized_task is not None and tasks != self._materialized_task:
+            self.restore()
         if tasks is None:
             for layer in self.layers.values():
-                layer.mode = "off"
+                layer.mode = Serving.OFF
             for head in self.heads.values():
                 head.task_ids = None
             return
@@ -224,12 +229,12 @@ class ShareModel(nn.Module):
         index[None] = -1  # a row named None runs the base model alone (PEFT's "__base__")
         unknown = sorted({n for n in names if n not in index})
         if unknown:
-            raise KeyError(f"unknown task(s) {unknown}; loaded tasks: {', '.join(self.task_names) or 'none'}")
+            raise UnknownTaskError(f"unknown task(s) {unknown}; loaded tasks: {', '.join(self.task_names) or 'none'}")
         self._set_ids(torch.tensor([index[n] for n in names], dtype=torch.long))
 
     def _set_ids(self, ids: Tensor) -> None:
         for layer in self.layers.values():
-            layer.mode = "tasks"
+            layer.mode = Serving.TASKS
             layer.task_ids = ids.to(layer.U_A.device)
         for head in self.heads.values():
             head.task_ids = ids
@@ -239,24 +244,34 @@ class ShareModel(nn.Module):
         if tasks is not None:
             batch = _batch_size(args, kwargs)
             if not isinstance(tasks, str) and len(tasks) != batch:
-                raise ValueError(f"tasks names {len(tasks)} rows but the batch has {batch}")
+                raise ShareClError(f"tasks names {len(tasks)} rows but the batch has {batch}")
             self.set_task(tasks)
         return self.model(*args, **kwargs)
 
-    # -- materialize ---------------------------------------------------------------------------
+    # -- materialize / restore -----------------------------------------------------------------
+    @property
+    def materialized(self) -> str | None:
+        """The task folded into the base weights now, or None."""
+        return self._materialized_task
+
     def materialize(self, task: str) -> None:
-        """Fold ``task`` into the base weights (zero overhead) and select its head; ``restore()`` undoes it."""
-        self.set_task(task)
+        """Fold ``task`` into the base weights (zero overhead) and select its head; ``restore()`` undoes it.
+
+        Another materialized task is restored first; selecting another task later restores this one.
+        """
+        if task == self._materialized_task:
+            return
+        self.set_task(task)  # restores any other materialized task
         index = self.task_names.index(task)
         for layer in self.layers.values():
-            layer.merge_task(index)
-        self._materialized = task
+            layer.materialize(index)
+        self._materialized_task = task
 
     def restore(self) -> None:
-        """Put the original base weights back, bit-exact."""
+        """Put the original base weights back, bit-exact. The selected task stays selected (unfolded)."""
         for layer in self.layers.values():
-            layer.unmerge()
-        self._materialized = None
+            layer.restore()
+        self._materialized_task = None
 
     @contextmanager
     def using(self, task: str) -> Iterator[None]:
@@ -278,4 +293,4 @@ def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor) and value.ndim > 0:
             return value.shape[0]
-    raise ValueError("cannot tell the batch size: pass at least one tensor input")
+    raise ShareClError("cannot tell the batch size: pass at least one tensor input")

@@ -16,10 +16,8 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .adapter import LoraAdapter
+from .errors import ShareClError
+from .folders import MissingFileError, write_folder
 from .subspace import Subspace
+from .targets import is_target
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,8 +64,8 @@ def load_peft_adapter(folder: str | os.PathLike[str]) -> LoraAdapter:
 
     Module names and head keys are relative to the wrapped model (PEFT's ``base_model.model.``
     stripped), e.g. ``encoder.layer.0.attention.self.query`` and ``head.weight``. Raises
-    FileNotFoundError or ValueError naming the folder, the module and the fix for anything that is
-    not a plain LoRA on ``nn.Linear`` layers.
+    ``MissingFileError`` or ``ShareClError`` naming the folder, the module and the fix for anything
+    that is not a plain LoRA on ``nn.Linear`` layers.
     """
     path = Path(folder)
     config = _read_config(path)
@@ -93,7 +94,7 @@ def load_peft_adapter(folder: str | os.PathLike[str]) -> LoraAdapter:
 
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
-        raise FileNotFoundError(f"adapter folder {path} does not exist; pass a folder written by save_pretrained()")
+        raise MissingFileError(f"adapter folder {path} does not exist; pass a folder written by save_pretrained()")
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         nested = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_FILE}"))
@@ -102,66 +103,68 @@ def _read_config(path: Path) -> dict[str, Any]:
             if nested
             else "; pass a folder written by PeftModel.save_pretrained()"
         )
-        raise FileNotFoundError(f"adapter folder {path} has no {CONFIG_FILE}{hint}")
+        raise MissingFileError(f"adapter folder {path} has no {CONFIG_FILE}{hint}")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); re-save the adapter with save_pretrained") from err
+        raise ShareClError(
+            f"{config_path} is not valid JSON ({err}); re-save the adapter with save_pretrained"
+        ) from err
     if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object; re-save the adapter with save_pretrained()")
+        raise ShareClError(f"{config_path} must hold a JSON object; re-save the adapter with save_pretrained()")
     return config
 
 
 def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise ValueError(
+        raise ShareClError(
             f"adapter {path}: peft_type is {config.get('peft_type')!r}, not 'LORA'; Share imports LoRA adapters only"
         )
     for key, why in _VARIANT_FIELDS.items():
         if config.get(key):
-            raise ValueError(
+            raise ShareClError(
                 f"adapter {path}: {why}, which a shared low-rank subspace cannot hold; "
                 f"retrain as plain LoRA ({key} unset) to import it"
             )
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise ValueError(
+        raise ShareClError(
             f"adapter {path}: init_lora_weights={init!r} changes the base weights, so its factors alone do not "
             "describe the update; re-save it as plain LoRA (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...)) and import that"
         )
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise ValueError(
+        raise ShareClError(
             f"adapter {path}: it trains biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')!r}), "
             "which Share does not store; retrain with bias='none' and lora_bias=False"
         )
     if config.get("fan_in_fan_out"):
-        raise ValueError(
+        raise ShareClError(
             f"adapter {path}: fan_in_fan_out=True means Conv1D (GPT-2 style) layers; Share attaches to "
             "nn.Linear modules only"
         )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"adapter {path}: {CONFIG_FILE} has {key}={value!r}; it must be a positive number")
+            raise ShareClError(f"adapter {path}: {CONFIG_FILE} has {key}={value!r}; it must be a positive number")
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         if (path / PICKLE_FILE).is_file():
-            raise ValueError(
+            raise ShareClError(
                 f"adapter {path} stores its weights as {PICKLE_FILE} (pickle), which Share never unpickles; "
                 "load it in PEFT and re-save with save_pretrained(..., safe_serialization=True)"
             )
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"adapter folder {path} has no {WEIGHTS_FILE}; the adapter was not saved completely, save it again"
         )
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights} cannot be read ({err}); the file is damaged, save the adapter again") from err
+        raise ShareClError(f"{weights} cannot be read ({err}); the file is damaged, save the adapter again") from err
 
 
 def _split_tensors(
@@ -173,14 +176,14 @@ def _split_tensors(
     head: dict[str, Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(KEY_PREFIX):
-            raise ValueError(
+            raise ShareClError(
                 f"adapter {path}: tensor {key!r} lacks PEFT's {KEY_PREFIX!r} prefix; "
                 "this is not a LoRA file written by save_pretrained()"
             )
         name = key[len(KEY_PREFIX) :]
         if ".lora_embedding_" in f".{name}" or ".lora_magnitude_vector" in f".{name}":
             kind = "an embedding LoRA" if "lora_embedding_" in name else "a DoRA magnitude"
-            raise ValueError(
+            raise ShareClError(
                 f"adapter {path}, module {name.split('.lora_')[0]!r}: {kind} ({key}); Share adapts nn.Linear "
                 "modules with plain LoRA only; retrain with target_modules naming linear layers"
             )
@@ -188,7 +191,7 @@ def _split_tensors(
         if suffix is not None:
             module = name[: -len(suffix)]
             if value.ndim != 2:
-                raise ValueError(
+                raise ShareClError(
                     f"adapter {path}, module {module!r}: {suffix[1:]} has shape {tuple(value.shape)}, not a matrix "
                     "(a convolution LoRA?); Share adapts nn.Linear modules only, retrain targeting linear layers"
                 )
@@ -196,7 +199,7 @@ def _split_tensors(
         elif _is_saved_module(name, modules_to_save):
             head[name] = value.to(torch.float32)
         else:
-            raise ValueError(
+            raise ShareClError(
                 f"adapter {path}: tensor {key!r} is neither a LoRA factor nor part of modules_to_save "
                 f"{modules_to_save}; Share imports plain LoRA (bias='none') plus modules_to_save heads only"
             )
@@ -204,29 +207,29 @@ def _split_tensors(
     for module, (B, A) in halves.items():
         if A is None or B is None:
             missing = "lora_A" if A is None else "lora_B"
-            raise ValueError(
+            raise ShareClError(
                 f"adapter {path}, module {module!r}: {missing}.weight is missing from {WEIGHTS_FILE}; "
                 "the file is incomplete, save the adapter again"
             )
         if not _targets(config.get("target_modules"), module):
-            raise ValueError(
+            raise ShareClError(
                 f"adapter {path}, module {module!r}: not selected by target_modules {config.get('target_modules')!r} "
                 f"in {CONFIG_FILE}; config and weights come from different runs, save the adapter again"
             )
         factors[module] = (B, A)
     if not factors:
-        raise ValueError(f"adapter {path}: {WEIGHTS_FILE} holds no lora_A/lora_B weights; check its target_modules")
+        raise ShareClError(f"adapter {path}: {WEIGHTS_FILE} holds no lora_A/lora_B weights; check its target_modules")
     return factors, head
 
 
 def _check_rank(path: Path, module: str, B: Tensor, A: Tensor, r: int) -> None:
     if B.shape[1] != A.shape[0]:
-        raise ValueError(
+        raise ShareClError(
             f"adapter {path}, module {module!r}: rank mismatch, lora_A is {tuple(A.shape)} (r x in) but lora_B is "
             f"{tuple(B.shape)} (out x r); the file is inconsistent, save the adapter again"
         )
     if A.shape[0] != r:
-        raise ValueError(
+        raise ShareClError(
             f"adapter {path}, module {module!r}: {CONFIG_FILE} gives rank {r} (r / rank_pattern) but the weights "
             f"have rank {A.shape[0]}; config and weights come from different runs, save the adapter again"
         )
@@ -252,12 +255,10 @@ def _module_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]
 
 
 def _targets(target_modules: str | list[str] | None, module: str) -> bool:
-    """PEFT's ``target_modules`` rule: a string is a full-match regex, a list matches a name or a suffix."""
+    """Whether the config's ``target_modules`` selects ``module`` (``None``/``"all-linear"``: any module)."""
     if target_modules is None or target_modules == "all-linear":
         return True  # which layers these select depends on the model; the weights file is authoritative
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module) is not None
-    return module in target_modules or any(module.endswith(f".{t}") for t in target_modules)
+    return is_target(target_modules, module)
 
 
 def _is_saved_module(name: str, modules_to_save: Iterable[str]) -> bool:
@@ -300,7 +301,7 @@ def export_peft(
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
-    return _write_folder(Path(out_dir), write, overwrite)
+    return write_folder(Path(out_dir), write, overwrite)
 
 
 def _export_config(
@@ -329,7 +330,7 @@ def _export_config(
     # Exact names used as patterns must select exactly their own module under PEFT's rules.
     for module, p in ranks.items():
         if pattern_value(pattern, module, r) != p:
-            raise ValueError(
+            raise ShareClError(
                 f"module {module!r}: its rank_pattern entry is shadowed by another module's name under PEFT's "
                 "pattern rules; this model's module names cannot be exported with per-module ranks"
             )
@@ -342,39 +343,8 @@ def _saved_modules(head_keys: list[str]) -> list[str]:
     for key in head_keys:
         owner, _, _ = key.rpartition(".")
         if not owner:
-            raise ValueError(
+            raise ShareClError(
                 f"head tensor {key!r} is a parameter of the model's root, which PEFT's modules_to_save cannot hold"
             )
         owners.add(owner)
     return sorted(o for o in owners if not any(o.startswith(f"{other}.") for other in owners))
-
-
-def _write_folder(target: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Run ``write`` into a temporary sibling of ``target`` and rename it into place.
-
-    On any error the previous ``target`` (if any) is left, or put back, as it was.
-    """
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder; choose another output folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; choose another folder or pass overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if not target.exists():
-            os.rename(tmp, target)
-            return target
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, backup / "old")
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(backup / "old", target)  # put the previous folder back
-            backup.rmdir()
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-    return target

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,17 +21,27 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import KPolicy
+from .errors import ShareClError
+from .folders import MissingFileError, write_folder
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BASES_FILE = "bases.safetensors"
 TASKS_DIR = "tasks"
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch: no trailing newline
+
+
+class UnknownTaskError(ShareClError, KeyError):
+    """The subspace (or the folder, or the model) holds no task of that name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def check_task_name(name: str) -> str:
-    if not isinstance(name, str) or not _TASK_NAME.match(name):
-        raise ValueError(
+    """Return ``name`` if it is a valid task name (it becomes a file and key name); raise otherwise."""
+    if not isinstance(name, str) or _TASK_NAME.fullmatch(name) is None:
+        raise ShareClError(
             f"invalid task name {name!r}: use 1-128 letters, digits, '_', '.', '-' starting with a "
             "letter or digit (it becomes a file and key name)"
         )
@@ -100,7 +108,7 @@ class Subspace:
             return self.tasks[name]
         except KeyError:
             known = ", ".join(self.tasks) or "none"
-            raise KeyError(f"unknown task {name!r}; this subspace holds: {known}") from None
+            raise UnknownTaskError(f"unknown task {name!r}; this subspace holds: {known}") from None
 
     def k(self) -> dict[str, tuple[int, int]]:
         return {name: (b.k_A, b.k_B) for name, b in self.modules.items()}
@@ -123,31 +131,31 @@ class Subspace:
         return total
 
     def validate(self) -> None:
-        """Check internal consistency; raise ValueError naming the task/module at fault."""
+        """Check internal consistency; raise ShareClError naming the task/module at fault."""
         for name, basis in self.modules.items():
             for side, U in (("U_A", basis.U_A), ("U_B", basis.U_B)):
                 if U.ndim != 2:
-                    raise ValueError(f"module {name!r}: {side} must be 2-D, got shape {tuple(U.shape)}")
+                    raise ShareClError(f"module {name!r}: {side} must be 2-D, got shape {tuple(U.shape)}")
                 if not torch.isfinite(U).all():
-                    raise ValueError(f"module {name!r}: {side} holds NaN or Inf")
+                    raise ShareClError(f"module {name!r}: {side} holds NaN or Inf")
         for tname, t in self.tasks.items():
             check_task_name(tname)
             missing = set(self.modules) - set(t.E)
             extra = set(t.E) - set(self.modules)
             if missing or extra:
-                raise ValueError(
+                raise ShareClError(
                     f"task {tname!r}: modules differ from the subspace's "
                     f"(missing {sorted(missing)}, unknown {sorted(extra)})"
                 )
             for mname, (E_A, E_B) in t.E.items():
                 basis = self.modules[mname]
                 if E_A.shape[0] != basis.k_A or E_B.shape[0] != basis.k_B or E_A.shape[1] != E_B.shape[1]:
-                    raise ValueError(
+                    raise ShareClError(
                         f"task {tname!r}, module {mname!r}: coefficient shapes {tuple(E_A.shape)} and "
                         f"{tuple(E_B.shape)} do not fit k_A={basis.k_A}, k_B={basis.k_B}"
                     )
                 if not (torch.isfinite(E_A).all() and torch.isfinite(E_B).all()):
-                    raise ValueError(f"task {tname!r}, module {mname!r}: coefficients hold NaN or Inf")
+                    raise ShareClError(f"task {tname!r}, module {mname!r}: coefficients hold NaN or Inf")
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
@@ -155,30 +163,10 @@ class Subspace:
 
         Layout: ``manifest.json``, ``bases.safetensors`` (``<module>.U_A``/``.U_B``), and
         ``tasks/<task>.safetensors`` (``<module>.E_A``/``.E_B``, ``head.<name>``). Bit-exact.
+        A non-empty ``path`` is replaced only with ``overwrite``; an error leaves it as it was.
         """
         self.validate()
-        target = Path(path)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True or choose another folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            self._write(tmp)
-            if target.exists():
-                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.rename(target, backup)
-                try:
-                    os.rename(tmp, target)
-                except BaseException:
-                    os.rename(backup, target)  # put the previous version back: an error leaves it untouched
-                    raise
-                shutil.rmtree(backup)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        return write_folder(Path(path), self._write, overwrite)
 
     def _write(self, folder: Path) -> None:
         bases = {}
@@ -220,13 +208,13 @@ class Subspace:
         folder = Path(path)
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{folder} is not a Share subspace folder (no {MANIFEST}); create one with "
                 "`sharecl compress ADAPTER_DIR... -o DIR`"
             )
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != "share-cl-subspace" or manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise ShareClError(
                 f"{manifest_path}: unsupported format {manifest.get('format')!r} "
                 f"version {manifest.get('format_version')!r}"
             )
@@ -237,19 +225,22 @@ class Subspace:
             try:
                 modules[name] = ModuleBasis(U_A=bases[f"{name}.U_A"], U_B=bases[f"{name}.U_B"])
             except KeyError as err:
-                raise ValueError(f"{folder / BASES_FILE}: missing tensor {err.args[0]!r}") from None
+                raise ShareClError(f"{folder / BASES_FILE}: missing tensor {err.args[0]!r}") from None
         wanted = list(manifest["tasks"]) if tasks is None else tasks
         task_entries = {}
         for tname in wanted:
+            check_task_name(tname)  # before it becomes part of a path
             if tname not in manifest["tasks"]:
-                raise KeyError(f"unknown task {tname!r}; {folder} holds: {', '.join(manifest['tasks']) or 'none'}")
+                raise UnknownTaskError(
+                    f"unknown task {tname!r}; {folder} holds: {', '.join(manifest['tasks']) or 'none'}"
+                )
             tensors = _load_checked(folder, f"{TASKS_DIR}/{tname}.safetensors", checksums)
             E = {}
             for mname in modules:
                 try:
                     E[mname] = (tensors[f"{mname}.E_A"], tensors[f"{mname}.E_B"])
                 except KeyError as err:
-                    raise ValueError(f"task {tname!r}: missing tensor {err.args[0]!r}") from None
+                    raise ShareClError(f"task {tname!r}: missing tensor {err.args[0]!r}") from None
             head = {key: tensors[f"head.{key}"] for key in manifest["tasks"][tname]["head"]}
             task_entries[tname] = TaskCoefficients(E=E, head=head, metadata=manifest["tasks"][tname]["metadata"])
         subspace = cls(
@@ -273,8 +264,8 @@ def _sha256(path: Path) -> str:
 def _load_checked(folder: Path, rel: str, checksums: dict[str, str]) -> dict[str, Tensor]:
     path = folder / rel
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the subspace folder {folder} is incomplete")
+        raise MissingFileError(f"{path} is missing; the subspace folder {folder} is incomplete")
     expected = checksums.get(rel)
     if expected is not None and _sha256(path) != expected:
-        raise ValueError(f"{path}: checksum mismatch, the file is corrupted; restore it from a store version")
+        raise ShareClError(f"{path}: checksum mismatch, the file is corrupted; restore it from a store version")
     return load_file(str(path))

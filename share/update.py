@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .adapter import LoraAdapter
+from .errors import ShareClError
 from .subspace import Subspace
 
 PARTS = ("E_A", "E_B", "V_A", "F_A", "V_B", "F_B")
@@ -30,9 +31,9 @@ class TaskUpdate:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_adapter(self, base: Subspace, name: str = "update") -> LoraAdapter:
-        """Full factors in ``base``'s bases (scaling 1); ValueError if it does not fit ``base``."""
+        """Full factors in ``base``'s bases (scaling 1); ShareClError if it does not fit ``base``."""
         if set(self.parts) != set(base.modules):
-            raise ValueError(
+            raise ShareClError(
                 f"update {name!r}: modules {sorted(self.parts)} differ from the base version's "
                 f"{sorted(base.modules)}; was it trained against another subspace?"
             )
@@ -40,23 +41,23 @@ class TaskUpdate:
         for module, p in self.parts.items():
             missing = [k for k in PARTS if k not in p]
             if missing:
-                raise ValueError(f"update {name!r}, module {module!r}: missing {missing}")
+                raise ShareClError(f"update {name!r}, module {module!r}: missing {missing}")
             basis = base.modules[module]
             U_A, U_B = basis.U_A.to(torch.float32), basis.U_B.to(torch.float32)
             if p["E_A"].shape[0] != U_A.shape[1] or p["E_B"].shape[0] != U_B.shape[1]:
-                raise ValueError(
+                raise ShareClError(
                     f"update {name!r}, module {module!r}: coefficients have k=({p['E_A'].shape[0]}, "
                     f"{p['E_B'].shape[0]}) but the base version has k=({U_A.shape[1]}, {U_B.shape[1]}); "
                     "submit it with the base version it was trained from"
                 )
             if p["V_A"].shape[0] != U_A.shape[0] or p["V_B"].shape[0] != U_B.shape[0]:
-                raise ValueError(
+                raise ShareClError(
                     f"update {name!r}, module {module!r}: temporary directions have {p['V_A'].shape[0]} / "
                     f"{p['V_B'].shape[0]} rows, the module is {U_B.shape[0]} x {U_A.shape[0]}"
                 )
             for key in PARTS:
                 if not torch.isfinite(p[key]).all():
-                    raise ValueError(f"update {name!r}, module {module!r}: {key} holds NaN or Inf")
+                    raise ShareClError(f"update {name!r}, module {module!r}: {key} holds NaN or Inf")
             B = U_B @ p["E_B"] + p["V_B"] @ p["F_B"]
             A_T = U_A @ p["E_A"] + p["V_A"] @ p["F_A"]
             factors[module] = (B, A_T.T.contiguous())

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from share import KPolicy, LoraAdapter, ShareModel, Subspace, merge
+from share.layer import Serving
 
 D, LABELS, R = 16, 3, 4
 TARGETS = ["query", "value"]
@@ -298,7 +299,7 @@ def test_rows_with_task_id_minus_one_get_the_base_layer() -> None:
     model.load_subspace(tiny_subspace(count=2))
     layer = model.layers["blocks.0.query"]
     x = inputs(batch=3)
-    layer.mode, layer.task_ids = "tasks", torch.tensor([0, -1, 1])
+    layer.mode, layer.task_ids = Serving.TASKS, torch.tensor([0, -1, 1])
     out = layer(x)
     assert torch.equal(out[1], layer.base_layer(x[1]))
     layer.task_ids = torch.tensor([0])
@@ -324,6 +325,52 @@ def test_materialize_matches_task_mode_and_restore_is_bit_exact() -> None:
     for n, p in model.model.named_parameters():
         if "task_heads" not in n:  # the heads are rebuilt from the subspace, equal but new objects
             assert torch.equal(p, original[n]), n
+
+
+def test_switching_tasks_while_materialized_restores_first() -> None:
+    """After ``materialize("t0")`` another selection (a task, a mixed batch, or None) is served correctly."""
+    x = inputs()
+    reference = ShareModel(tiny(), TARGETS, heads=["head"])
+    reference.load_subspace(tiny_subspace(count=2))
+    expected = {t: reference(x, tasks=t) for t in ("t0", "t1")}
+    expected_mixed = reference(x, tasks=["t1", "t0", "t1", "t0", "t1", "t0"])
+    reference.set_task(None)
+    base = reference(x)
+
+    model = ShareModel(tiny(), TARGETS, heads=["head"])
+    model.load_subspace(tiny_subspace(count=2))
+    original = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    model.materialize("t0")
+    assert relative(model(x, tasks="t0"), expected["t0"]) <= 1e-5
+    assert relative(model(x, tasks="t1"), expected["t1"]) <= 1e-5  # not t0's body with t1's head
+    model.materialize("t0")
+    assert relative(model(x, tasks=["t1", "t0", "t1", "t0", "t1", "t0"]), expected_mixed) <= 1e-5
+    model.materialize("t0")
+    model.set_task(None)
+    assert torch.equal(model(x), base)
+    for n, p in model.model.named_parameters():
+        if "task_heads" not in n:
+            assert torch.equal(p, original[n]), n
+
+
+def test_materialized_names_the_folded_task_and_every_switch_unfolds_it() -> None:
+    x = inputs()
+    model = ShareModel(tiny(), TARGETS, heads=["head"])
+    model.load_subspace(tiny_subspace(count=2))
+    original = {n: p.detach().clone() for n, p in model.model.named_parameters() if "base_layer" in n}
+    expected = model(x, tasks="t1")
+    assert model.materialized is None
+    model.materialize("t0")
+    model.materialize("t0")  # again: nothing changes
+    assert model.materialized == "t0"
+    model(x, tasks="t0")  # selecting the folded task keeps it folded
+    assert model.materialized == "t0"
+    model.materialize("t1")  # folding another task unfolds the first
+    assert model.materialized == "t1"
+    assert relative(model.model(x), expected) <= 1e-5
+    model.start_lora("new", r=2)  # training starts from the base weights, not t1's
+    assert model.materialized is None
+    assert all(torch.equal(p, original[n]) for n, p in model.model.named_parameters() if "base_layer" in n)
 
 
 # -- the same on the real all-MiniLM-L6-v2 ---------------------------------------------------------------

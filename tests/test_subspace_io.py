@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from share import KPolicy, LoraAdapter, Subspace, merge
-from share.subspace import BASES_FILE, MANIFEST, TASKS_DIR
+from share.errors import ShareClError
+from share.subspace import BASES_FILE, MANIFEST, TASKS_DIR, check_task_name
 
 SHAPES = {"enc.0.query": (12, 10), "enc.0.value": (10, 12)}  # name -> (n, d)
 
@@ -158,3 +159,19 @@ def test_save_replaces_an_existing_folder_completely(subspace: Subspace, tmp_pat
     assert sorted(p.name for p in (folder / TASKS_DIR).iterdir()) == ["only.safetensors"]
     assert_identical(smaller, Subspace.load(folder))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+@pytest.mark.parametrize("name", ["t0\n", "", "\n", "a/b", "../t0", ".hidden", "t" * 129, "t0\r"])
+def test_task_names_must_match_in_full(subspace: Subspace, tmp_path: Path, name: str) -> None:
+    """A trailing newline used to pass ``re.match`` with ``$``; it would become a file and key name."""
+    with pytest.raises(ShareClError, match="invalid task name"):
+        check_task_name(name)
+    subspace.tasks[name] = subspace.tasks.pop("t0")
+    with pytest.raises(ShareClError, match="invalid task name"):
+        subspace.save(tmp_path / "sub")
+    assert not (tmp_path / "sub").exists()
+
+
+def test_valid_task_names_pass() -> None:
+    for name in ("t0", "wn_animals", "A.b-c_1", "x" * 128):
+        assert check_task_name(name) == name
