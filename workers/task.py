@@ -8,33 +8,66 @@ bases of the loaded subspace. Either way the result is a ``LoraAdapter`` ready t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from share import LoraAdapter, ShareModel
+from share.config import TrainingMode
+from share.errors import ShareClError
 from workers.data import TaskSplit, iter_batches
-from workers.train import MetricsFn, TrainResult, evaluate, train
-
-Mode = Literal["lora", "coefficients"]
+from workers.train import LrScheduler, MetricsFn, OptimConfig, TrainResult, evaluate, train
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Everything that decides how one task is trained (logged as MLflow params by the workers)."""
+    """Everything that decides how one task is trained (logged as MLflow params by the workers).
+
+    The job schema (``jobs/schema.py``) owns the defaults: every default here is the schema's value
+    (``model.max_length``, ``training.*``, ``adapter.*``; ``p`` is the schema's ``r`` when ``adapter.p``
+    is unset), and a test keeps them equal. ``lora_lr`` None trains LoRA at ``lr`` too.
+    """
 
     name: str
-    mode: Mode
+    mode: TrainingMode
     steps: int
     lr: float
-    batch_size: int = 16
-    max_length: int = 64
+    batch_size: int = 32
+    max_length: int = 128
     weight_decay: float = 0.0
     seed: int = 0
     r: int = 8
     lora_alpha: float = 16.0
     p: int = 8
     phi: int = 2
-    log_every: int = 25
-    eval_batch_size: int = 64
+    log_every: int = 10
+    eval_batch_size: int = 128
+    lr_scheduler: LrScheduler = LrScheduler.COSINE
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0
+    lora_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", TrainingMode(self.mode))
+        except ValueError:
+            choices = ", ".join(m.value for m in TrainingMode)
+            raise ShareClError(f"TaskSpec.mode {self.mode!r} is not one of {choices}") from None
+        if self.steps < 1:
+            raise ShareClError(f"TaskSpec.steps must be >= 1 (got {self.steps}); set training.steps")
+        if self.lora_lr is not None and not self.lora_lr > 0:
+            raise ShareClError(f"TaskSpec.lora_lr must be > 0 or None (got {self.lora_lr}); None trains LoRA at lr")
+        object.__setattr__(self, "lr_scheduler", self.optim.lr_scheduler)  # checks the optimizer fields
+
+    @property
+    def optim(self) -> OptimConfig:
+        """The optimizer settings this task trains with (``lora_lr`` in mode lora when set, else ``lr``)."""
+        lr = self.lora_lr if self.mode is TrainingMode.LORA and self.lora_lr is not None else self.lr
+        return OptimConfig(
+            lr=lr,
+            lr_scheduler=self.lr_scheduler,
+            warmup_ratio=self.warmup_ratio,
+            max_grad_norm=self.max_grad_norm,
+            weight_decay=self.weight_decay,
+        )
 
 
 @dataclass
@@ -59,14 +92,12 @@ def train_task(
     The model is left with the task still attached in training mode; callers merge the adapter
     and ``load_subspace`` the result (which ends training).
     """
-    if spec.mode == "lora":
+    if spec.mode is TrainingMode.LORA:
         model.start_lora(spec.name, r=spec.r, lora_alpha=spec.lora_alpha, seed=spec.seed, init=init)
-    elif spec.mode == "coefficients":
-        if init is not None:
-            raise ValueError("init applies to mode 'lora' only; coefficient training starts from dW = 0")
-        model.start_coefficients(spec.name, p=spec.p, phi=spec.phi, seed=spec.seed)
     else:
-        raise ValueError(f"unknown mode {spec.mode!r}; use 'lora' or 'coefficients'")
+        if init is not None:
+            raise ShareClError("init applies to mode 'lora' only; coefficient training starts from dW = 0")
+        model.start_coefficients(spec.name, p=spec.p, phi=spec.phi, seed=spec.seed)
 
     def batches(epoch: int):
         return iter_batches(
@@ -77,8 +108,7 @@ def train_task(
         model,
         batches,
         steps=spec.steps,
-        lr=spec.lr,
-        weight_decay=spec.weight_decay,
+        optim=spec.optim,
         log_every=spec.log_every,
         on_metrics=on_metrics,
         seed=spec.seed,
@@ -88,7 +118,7 @@ def train_task(
         metrics = evaluate(model, eval_split, tokenizer, spec.eval_batch_size, max_length=spec.max_length)
     adapter = model.trained_adapter()
     adapter.metadata.update(
-        {"task": spec.name, "mode": spec.mode, "label_names": train_split.label_names, "steps": spec.steps}
+        {"task": spec.name, "mode": spec.mode.value, "label_names": train_split.label_names, "steps": spec.steps}
     )
     return TrainedTask(adapter=adapter, result=result, eval_metrics=metrics)
 
@@ -97,8 +127,9 @@ def evaluate_tasks(
     model: ShareModel,
     splits: dict[str, TaskSplit],
     tokenizer: Any,
-    batch_size: int = 64,
-    max_length: int = 64,
+    *,
+    batch_size: int,
+    max_length: int,
 ) -> dict[str, float]:
     """Accuracy of every stored task named in ``splits`` (the model's loaded subspace must hold them)."""
     accuracy = {}
