@@ -38,8 +38,9 @@ from .subspace import ModuleBasis, Subspace, TaskCoefficients, check_task_name
 # float32, so an adapter already inside the span leaves a residual of ~1e-7: the cut sits above it.
 _RANK_TOL = 1e-6
 # A task already over the bound may lose no more than this (relative to its entry norm) per merge:
-# float64 round-off of the kept energy, far below anything a model would notice.
-_BOUND_SLACK = 1e-9
+# the merge's own resolution (float64 round-off of kept energy is ~1e-8 after the square root, and
+# the stored state is float32), far below anything a model would notice.
+_BOUND_SLACK = 1e-6
 # Elements of the per-task prefix-energy tensor (tasks x k_B x k_A, float64) built at once: 32 MB.
 _PREFIX_CHUNK = 4_000_000
 
@@ -101,10 +102,6 @@ class _Side:
     C: Tensor  # (k + q) x sum p, old tasks' columns first
     eigvals: Tensor  # descending, clamped at 0
     eigvecs: Tensor  # (k + q) x (k + q), columns in the same order
-
-    @property
-    def positive(self) -> int:
-        return int((self.eigvals > 0).sum())
 
 
 def merge(
@@ -317,14 +314,17 @@ def _choose_k_bounded(
     ``M_i = W_B.T c_B c_A.T W_A`` (every direction): one 2-D cumulative sum of ``M_i^2`` gives it for
     all prefixes at once. It falls as either ``k`` grows, so in each row ``b`` the feasible ``a``
     form a suffix and the frontier is one count per row. A task already over ``eps`` may lose
-    nothing more. Returns ``(k_A, k_B, met)``; when no pair within ``k_max`` (and the data's rank)
+    nothing more. Returns ``(k_A, k_B, met)``; when no pair within ``k_max``
     holds the bound, the largest allowed pair, which minimizes every task's error, and ``met=False``.
     """
-    cap_A = max(1, A.positive if k_max is None else min(A.positive, k_max))
-    cap_B = max(1, B.positive if k_max is None else min(B.positive, k_max))
-    W_A, W_B = A.eigvecs[:, :cap_A], B.eigvecs[:, :cap_B]
-    if W_A.shape[1] == 0 or W_B.shape[1] == 0:  # nothing spans anything: every update is zero
+    # Every direction is a candidate, not only those of positive eigenvalue: next to a huge adapter,
+    # old tasks' eigenvalues sink below float64 round-off of the Gram, while their energy (measured
+    # in c, not in the Gram) stays exact. Directions that hold nothing are never needed.
+    cap_A = A.eigvecs.shape[1] if k_max is None else min(A.eigvecs.shape[1], k_max)
+    cap_B = B.eigvecs.shape[1] if k_max is None else min(B.eigvecs.shape[1], k_max)
+    if cap_A == 0 or cap_B == 0:  # nothing spans anything: every update is zero
         return 1, 1, True
+    W_A, W_B = A.eigvecs[:, :cap_A], B.eigvecs[:, :cap_B]
     worst = torch.full((cap_B, cap_A), -math.inf, dtype=torch.float64)
     for names, group_A, group_B in groups:
         chunk = max(1, _PREFIX_CHUNK // (cap_A * cap_B))
