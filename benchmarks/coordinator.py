@@ -31,7 +31,8 @@ import torch
 from benchmarks.results_md import command_line, write_section
 from coordinator import Coordinator, MergeTracker, StepResult
 from share import KPolicy, LoraAdapter, Subspace, TaskUpdate, merge
-from subspace_store import Submission, SubmissionStream, SubspaceStore, start_redis
+from subspace_store import Submission, SubmissionStream, SubspaceStore
+from subspace_store.embedded import start_redis
 
 HEADING = "## Coordinator"
 MODULES = [f"encoder.encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "value")]

@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.results_md import RESULTS, command_line, write_section
 from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
-from subspace_store import SubspaceStore, connect, start_redis
+from subspace_store import SubspaceStore, connect
+from subspace_store.embedded import start_redis
 
 HEADING = "## Store"
 
@@ -223,7 +224,7 @@ def run(args: argparse.Namespace) -> str:
 def redis_version() -> str:
     import subprocess
 
-    from subspace_store import find_redis_server
+    from subspace_store.embedded import find_redis_server
 
     out = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True).stdout
     return out.split("v=")[1].split()[0] if "v=" in out else "unknown"

@@ -19,6 +19,7 @@ import ray
 import torch
 
 from subspace_store import SubmissionStream, redact, resolve_url
+from subspace_store.tracking import resolve_mlflow_uri
 
 from .config import CoordinatorConfig, build
 from .service import StepResult
@@ -124,14 +125,12 @@ def get_or_start_coordinator(
     """The namespace's coordinator actor, started if it is not running (needs ``ray.init`` first).
 
     ``redis_url`` and ``mlflow_uri`` are resolved here, in the caller's process (the embedded Redis
-    is started if needed; MLflow defaults to ``jobs.paths.resolve_mlflow_uri``), so the actor gets
+    is started if needed; MLflow defaults to ``subspace_store.tracking.resolve_mlflow_uri``), so the actor gets
     concrete addresses wherever Ray places it. ``settings`` are further ``CoordinatorConfig`` fields.
     An existing actor is reused; it must use the same Redis. ``num_cpus`` is 0 by default so the
     coordinator never takes a CPU slot a training task needs.
     """
-    from jobs.paths import resolve_mlflow_uri, resolve_redis_url
-
-    url = resolve_url(resolve_redis_url(redis_url))
+    url = resolve_url(redis_url)
     uri = resolve_mlflow_uri(mlflow_uri) if tracking else None
     config = CoordinatorConfig(namespace=namespace, redis_url=url, mlflow_uri=uri, **settings)
     handle = (

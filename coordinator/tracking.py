@@ -16,23 +16,27 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from jobs.mlflow_common import ensure_experiment, retry
+from subspace_store.keys import version_number
+from subspace_store.tracking import (
+    ACCURACY_METRIC,
+    RUN_NAME_TAG,
+    TAG_KIND,
+    TAG_NAMESPACE,
+    TAG_NEW_TASKS,
+    TAG_STATUS,
+    TAG_VERSION,
+    RunKind,
+    ensure_experiment,
+    retry,
+)
 
 from .matrix import AccuracyMatrix
 from .record import MergeRecord
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# Tag names shared with the workers' runs (same strings, no shared import) and `sharecl status`.
-TAG_KIND = "sharecl.kind"
-TAG_NAMESPACE = "sharecl.namespace"
-TAG_VERSION = "sharecl.version"
-TAG_STATUS = "sharecl.status"
-TAG_NEW_TASKS = "sharecl.new_tasks"
-KIND_MERGE = "merge"
 MATRIX_CSV = "accuracy_matrix.csv"
 MATRIX_PNG = "accuracy_matrix.png"
 _METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
@@ -63,11 +67,11 @@ class MergeTracker:
         """Open the run of a merge about to be published; None if MLflow is unreachable."""
         name = f"merge {parent or 'init'} +{len(new_tasks)}"
         tags = {
-            TAG_KIND: KIND_MERGE,
+            TAG_KIND: RunKind.MERGE,
             TAG_NAMESPACE: self.namespace,
             TAG_STATUS: "publishing",
             TAG_NEW_TASKS: " ".join(new_tasks)[:_TAG_MAX],
-            "mlflow.runName": name,
+            RUN_NAME_TAG: name,
         }
         try:
             run = retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name), "create_run")
@@ -105,8 +109,8 @@ class MergeTracker:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        step = int(record.version.lstrip("v") or 0)
-        metrics = {**record.metrics(), **extra_metrics, **{f"accuracy/{t}": a for t, a in accuracy.items()}}
+        step = version_number(record.version) or 0
+        metrics = {**record.metrics(), **extra_metrics, **{ACCURACY_METRIC + t: a for t, a in accuracy.items()}}
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
         params = [
             Param("version", record.version),
@@ -114,7 +118,7 @@ class MergeTracker:
             Param("new_tasks", " ".join(record.new_tasks)[:6000]),
             Param("submissions", " ".join(f"{t}={s}" for t, s in record.submissions.items())[:6000]),
         ]
-        tags = [RunTag(TAG_VERSION, record.version), RunTag("mlflow.runName", f"merge {record.version}")]
+        tags = [RunTag(TAG_VERSION, record.version), RunTag(RUN_NAME_TAG, f"merge {record.version}")]
         tags += [RunTag(f"eval_error/{t}", msg[:_TAG_MAX]) for t, msg in eval_errors.items()]
         for i in range(0, max(len(items), 1), _METRICS_PER_BATCH):
             chunk = items[i : i + _METRICS_PER_BATCH]
@@ -143,35 +147,44 @@ class MergeTracker:
             log.warning("MLflow run %s could not be closed (%s)", run_id, err)
 
     # -- restart -------------------------------------------------------------------------------
-    def _search(self, status: str) -> list[Any]:
-        query = (
-            f"tags.`{TAG_KIND}` = '{KIND_MERGE}' and tags.`{TAG_NAMESPACE}` = '{self.namespace}' "
-            f"and attributes.status = '{status}'"
-        )
-        runs: list[Any] = []
-        token = None
-        while True:
-            page = retry(
-                lambda token=token: self.client.search_runs(
-                    [self.experiment_id], query, max_results=1000, page_token=token
-                ),
-                "search_runs",
-            )
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
-
     def open_runs(self) -> list[str]:
         """Ids of merge runs left RUNNING by an incarnation that died."""
-        return [run.info.run_id for run in self._search("RUNNING")]
+        return [run.info.run_id for run in merge_runs(self.client, self.experiment_id, self.namespace, "RUNNING")]
 
     def load_matrix(self) -> AccuracyMatrix:
         """The accuracy matrix so far, from the finished merge runs (how a restart picks it up)."""
-        matrix = AccuracyMatrix()
-        for run in self._search("FINISHED"):
-            version = run.data.tags.get(TAG_VERSION)
-            accuracy = {k[len("accuracy/") :]: v for k, v in run.data.metrics.items() if k.startswith("accuracy/")}
-            if version and accuracy:
-                matrix.add(version, run.data.tags.get(TAG_NEW_TASKS, "").split(), accuracy)
-        return matrix
+        return load_matrix(self.client, self.experiment_id, self.namespace)
+
+
+def merge_runs(client: Any, experiment_id: str, namespace: str, status: str) -> list[Any]:
+    """The merge runs of ``namespace`` whose MLflow status is ``status`` (every page)."""
+    query = (
+        f"tags.`{TAG_KIND}` = '{RunKind.MERGE}' and tags.`{TAG_NAMESPACE}` = '{namespace}' "
+        f"and attributes.status = '{status}'"
+    )
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = retry(
+            lambda token=token: client.search_runs([experiment_id], query, max_results=1000, page_token=token),
+            "search_runs",
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def load_matrix(client: Any, experiment_id: str, namespace: str) -> AccuracyMatrix:
+    """The accuracy matrix of ``namespace`` from its finished merge runs (``client``: an ``MlflowClient``).
+
+    The one reader of the matrix: the coordinator picks it up with it after a restart, the job driver
+    reports it.
+    """
+    matrix = AccuracyMatrix()
+    for run in merge_runs(client, experiment_id, namespace, "FINISHED"):
+        version = run.data.tags.get(TAG_VERSION)
+        accuracy = {k[len(ACCURACY_METRIC) :]: v for k, v in run.data.metrics.items() if k.startswith(ACCURACY_METRIC)}
+        if version and accuracy:
+            matrix.add(version, run.data.tags.get(TAG_NEW_TASKS, "").split(), accuracy)
+    return matrix

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.paths import data_dir, resolve_mlflow_uri, resolve_redis_url
 from jobs.schema import JobConfig, to_dict, validate
+from subspace_store import resolve_url
+from subspace_store import tracking as names
+from subspace_store.tracking import resolve_mlflow_uri
 from workers import tracking
 from workers.ray_task import EVALUATOR, SPEC_FIELDS, TaskJob, launch, launch_evaluation, release_pins
 
@@ -78,13 +80,6 @@ def mlflow_ui_command(uri: str) -> str:
 
 
 # ---------------------------------------------------------------- services
-
-
-def _redis_url(cfg: JobConfig) -> str:
-    from subspace_store import ensure_running
-
-    url = resolve_redis_url(cfg.store.redis_url)
-    return url or ensure_running(data_dir() / "redis").url
 
 
 def _connect_ray(cfg: JobConfig, address: str | None) -> bool:
@@ -252,7 +247,7 @@ class RunningJob:
                 # On a cluster that outlives this driver: stop the tasks it launched.
                 for ref in self.refs:
                     _quietly(lambda ref=ref: ray.cancel(ref, force=True))
-            _quietly(lambda: self.run.set_tags({tracking.TAG_STATUS: "aborted", tracking.TAG_ERROR: error}))
+            _quietly(lambda: self.run.set_tags({names.TAG_STATUS: "aborted", names.TAG_ERROR: error}))
             _quietly(lambda: self.run.finish(status))
             raise
         finally:
@@ -390,7 +385,7 @@ class RunningJob:
         tags = {
             f"sharecl.task.{o.task}": o.status + (f" {o.version}" if o.version else "") for o in self.outcomes.values()
         }
-        tags[tracking.TAG_STATUS] = "merged" if result.ok else f"{len(result.failed)} failed"
+        tags[names.TAG_STATUS] = "merged" if result.ok else f"{len(result.failed)} failed"
         tags["sharecl.head"] = result.head or "none"
         self.run.set_tags(tags)
         self.run.finish("FINISHED" if result.ok else "FAILED")
@@ -436,7 +431,7 @@ def _matrix_from_merge_runs(
         runs = tracking.find_runs(
             uri,
             experiment_id,
-            f"tags.`{tracking.TAG_KIND}` = 'merge' and tags.`{tracking.TAG_NAMESPACE}` = '{namespace}' "
+            f"tags.`{names.TAG_KIND}` = 'merge' and tags.`{names.TAG_NAMESPACE}` = '{namespace}' "
             "and attributes.status = 'FINISHED'",
         )
     except Exception as err:
@@ -490,7 +485,7 @@ def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line
     validate(cfg, check_files=False)
     started = time.time()
     job_id = new_job_id()
-    redis_url = _redis_url(cfg)
+    redis_url = resolve_url(cfg.store.redis_url)
     client = connect(redis_url)
     store = SubspaceStore(client, cfg.store.namespace)
     stream = SubmissionStream(client, cfg.store.namespace)
@@ -506,10 +501,10 @@ def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line
             experiment_id,
             name=job_id,
             tags={
-                tracking.TAG_KIND: "job",
-                tracking.TAG_JOB: job_id,
-                tracking.TAG_NAMESPACE: cfg.store.namespace,
-                tracking.TAG_STATUS: "running",
+                names.TAG_KIND: "job",
+                names.TAG_JOB: job_id,
+                names.TAG_NAMESPACE: cfg.store.namespace,
+                names.TAG_STATUS: "running",
                 "sharecl.tasks": ",".join(t.name for t in cfg.tasks),
             },
         )

@@ -1,15 +1,17 @@
-"""Versioned Share subspaces in Redis: store, submission stream, embedded server, deployment API.
+"""Versioned Share subspaces in Redis: store, submission stream, deployment API.
 
 client = connect()                      # --redis-url / $SHARECL_REDIS_URL / embedded server
 store = SubspaceStore(client, "default")
 v = store.publish(subspace, parent=store.head())
 sub = store.get("prod", tasks=["sst2"])  # bases + that task only
+
+Also the project's low-level shared names: ``home`` (the data folder), ``tracking`` (MLflow tag
+names and plumbing that workers and the coordinator both write). The embedded server's management
+(``embedded``) is for the CLI and tests.
 """
 
-from .acks import DEFAULT_GROUP
 from .connection import connect, redact, resolve_url
 from .deploy import Loaded, TagFollower, load_version
-from .embedded import RedisServer, default_folder, ensure_running, find_redis_server, start_redis, stop_embedded
 from .errors import (
     CorruptPayloadError,
     HeadConflictError,
@@ -24,13 +26,11 @@ from .store import SubspaceStore, VersionInfo
 from .stream import PendingEntry, Submission, SubmissionStream
 
 __all__ = [
-    "DEFAULT_GROUP",
     "CorruptPayloadError",
     "HeadConflictError",
     "Loaded",
     "PendingEntry",
     "PruneResult",
-    "RedisServer",
     "StoreConnectionError",
     "StoreError",
     "Submission",
@@ -42,12 +42,7 @@ __all__ = [
     "VersionInfo",
     "VersionNotFoundError",
     "connect",
-    "default_folder",
-    "ensure_running",
-    "find_redis_server",
     "load_version",
     "redact",
     "resolve_url",
-    "start_redis",
-    "stop_embedded",
 ]

@@ -1,6 +1,8 @@
 """Connecting to Redis with errors a user can act on (and never a password in them).
 
-``connect(url)``: ``url``, else ``$SHARECL_REDIS_URL``, else the embedded server (started if needed).
+The one place that decides which Redis a process uses (``resolve_url``): ``url``, else
+``$SHARECL_REDIS_URL``, else the embedded server of the data folder (started if needed).
+``connect(url)`` resolves the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import redis
 from .embedded import ensure_running
 from .errors import StoreConnectionError
 
-ENV_URL = "SHARECL_REDIS_URL"
+REDIS_URL_ENV = "SHARECL_REDIS_URL"
 # redis-py reads replies in chunks of this many bytes; its 64 KiB default makes multi-megabyte
 # payloads cost one Python-level round of buffering per 64 KiB.
 _READ_SIZE = 1 << 20
@@ -36,12 +38,18 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
 
 
-def resolve_url(url: str | None = None, folder: str | os.PathLike[str] | None = None) -> str:
-    """The URL to use: explicit, else the environment, else the embedded server in ``folder``."""
-    url = url or os.environ.get(ENV_URL)
+def configured_url(url: str | None = None) -> str | None:
+    """The Redis URL the user configured: ``url``, else ``$SHARECL_REDIS_URL``; None means the embedded
+    server (``resolve_url`` starts it; ``sharecl store start|stop`` manages it)."""
     if url:
         return url
-    return ensure_running(Path(folder) if folder is not None else None).url
+    return os.environ.get(REDIS_URL_ENV, "").strip() or None
+
+
+def resolve_url(url: str | None = None, folder: str | os.PathLike[str] | None = None) -> str:
+    """The URL to use: ``configured_url(url)``, else the embedded server in ``folder`` (default
+    ``<data folder>/redis``), started if it is not running."""
+    return configured_url(url) or ensure_running(Path(folder) if folder is not None else None).url
 
 
 def _scrub(text: str, url: str) -> str:
@@ -61,7 +69,7 @@ def connect(
     """
     url = resolve_url(url, folder)
     shown = redact(url)
-    fix = f"fix --redis-url / ${ENV_URL}, or unset both to use the embedded server (`sharecl store start`)"
+    fix = f"fix --redis-url / ${REDIS_URL_ENV}, or unset both to use the embedded server (`sharecl store start`)"
     try:
         client = redis.Redis.from_url(
             url,

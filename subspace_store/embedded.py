@@ -2,7 +2,7 @@
 
 ``start_redis(folder)`` launches one with append-only persistence in ``folder`` and waits until it
 answers. ``ensure_running()`` is the CLI's default: it reuses the server recorded in the project's
-data folder (``$SHARECL_HOME/redis``, else ``./.sharecl/redis``) or starts one there, detached, with a
+data folder (``$SHARECL_HOME/redis``, else ``./.sharecl/redis``; see ``home``) or starts one there, detached, with a
 generated password (kept in ``password``, mode 0600) so that other local users cannot write to it.
 """
 
@@ -26,6 +26,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .home import embedded_redis_folder
+
 CONF, PIDFILE, PORTFILE, PASSFILE, LOGFILE, LOCKFILE = (
     "redis.conf",
     "redis.pid",
@@ -34,12 +36,6 @@ CONF, PIDFILE, PORTFILE, PASSFILE, LOGFILE, LOCKFILE = (
     "redis.log",
     "lock",
 )
-
-
-def default_folder() -> Path:
-    """The embedded server's folder: ``<data dir>/redis``."""
-    home = os.environ.get("SHARECL_HOME")
-    return (Path(home).expanduser() if home else Path.cwd() / ".sharecl").absolute() / "redis"
 
 
 def find_redis_server() -> str:
@@ -259,7 +255,7 @@ def _locked(folder: Path) -> Iterator[None]:
 
 def running_server(folder: str | os.PathLike[str] | None = None) -> RedisServer | None:
     """The embedded server recorded in ``folder`` if it is alive and answers, else None."""
-    folder = Path(folder) if folder is not None else default_folder()
+    folder = Path(folder) if folder is not None else embedded_redis_folder()
     try:
         port = int((folder / PORTFILE).read_text().strip())
         pid = int((folder / PIDFILE).read_text().strip())
@@ -286,8 +282,8 @@ def _read_password(folder: Path) -> str | None:
 
 
 def ensure_running(folder: str | os.PathLike[str] | None = None, port: int | None = None) -> RedisServer:
-    """Reuse the embedded server of ``folder`` (default ``default_folder()``) or start it, detached."""
-    folder = Path(folder) if folder is not None else default_folder()
+    """Reuse the embedded server of ``folder`` (default ``embedded_redis_folder()``) or start it, detached."""
+    folder = Path(folder) if folder is not None else embedded_redis_folder()
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # the append-only file holds every version; keep other local users out
     with _locked(folder):
@@ -305,7 +301,7 @@ def ensure_running(folder: str | os.PathLike[str] | None = None, port: int | Non
 
 def stop_embedded(folder: str | os.PathLike[str] | None = None) -> bool:
     """Stop the embedded server of ``folder``; False if none was running."""
-    folder = Path(folder) if folder is not None else default_folder()
+    folder = Path(folder) if folder is not None else embedded_redis_folder()
     with _locked(folder):
         server = running_server(folder)
         if server is None:

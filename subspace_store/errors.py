@@ -1,4 +1,5 @@
-"""Errors of the store. They subclass ValueError so that the ``sharecl`` CLI prints them as one line.
+"""Errors of the store. They derive from ``share.errors.ShareClError`` (a ValueError), so the ``sharecl``
+CLI prints them as one line.
 
 Every message names the input at fault (URL without its password, version, key, submission id) and
 what to do about it.
@@ -6,8 +7,10 @@ what to do about it.
 
 from __future__ import annotations
 
+from share.errors import ShareClError
 
-class StoreError(ValueError):
+
+class StoreError(ShareClError):
     """A store operation failed for a reason the user or the caller can act on."""
 
 

@@ -7,7 +7,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import paths
 from jobs.schema import (
     TRAINING_MODES,
     AdapterConfig,
@@ -306,36 +305,3 @@ def test_to_dict_is_accepted_by_mlflow(data_tmp: Path) -> None:
     finally:
         mlflow.set_tracking_uri(None)
     assert logged["training.mode"] == "auto" and logged["tasks.0.name"] == "a"
-
-
-# ---------------------------------------------------------------- data folder and service URLs
-
-
-def test_data_dir_defaults_to_dot_sharecl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(paths.HOME_ENV, raising=False)
-    assert paths.data_dir() == tmp_path / ".sharecl"
-    assert (tmp_path / ".sharecl").is_dir()
-    assert paths.default_mlflow_uri() == f"sqlite:///{tmp_path}/.sharecl/mlflow.db"
-    assert paths.default_mlflow_uri().startswith("sqlite:////")
-
-
-def test_data_dir_follows_sharecl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(paths.HOME_ENV, "state/here")
-    assert paths.data_dir() == tmp_path / "state" / "here"
-    assert (tmp_path / "state" / "here").is_dir()
-
-
-def test_service_urls_prefer_explicit_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(paths.HOME_ENV, str(tmp_path))
-    monkeypatch.delenv(paths.REDIS_URL_ENV, raising=False)
-    monkeypatch.delenv(paths.MLFLOW_URI_ENV, raising=False)
-    assert paths.resolve_redis_url(None) is None
-    assert paths.resolve_mlflow_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv(paths.REDIS_URL_ENV, "redis://head:6380/0")
-    monkeypatch.setenv(paths.MLFLOW_URI_ENV, "http://head:5000")
-    assert paths.resolve_redis_url(None) == "redis://head:6380/0"
-    assert paths.resolve_mlflow_uri(None) == "http://head:5000"
-    assert paths.resolve_redis_url("redis://x:1/0") == "redis://x:1/0"
-    assert paths.resolve_mlflow_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"

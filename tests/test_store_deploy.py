@@ -50,7 +50,8 @@ def test_load_version_into_a_plain_model(redis_client, namespace, make_adapter) 
             layer = getattr(ref.layer[0], name)
             layer.weight += sub.delta_weight("b", f"layer.0.{name}")
         ref.classifier.weight.copy_(sub.tasks["b"].head["classifier.weight"])
-        assert torch.allclose(out, ref(x), atol=1e-5)
+        # Outputs reach ~80: float32 rounding of the two summation orders is ~1e-5 of that.
+        assert torch.allclose(out, ref(x), atol=1e-4)
     assert load_version(store, "head").model is None  # no model: just the subspace
 
 

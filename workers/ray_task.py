@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from subspace_store import tracking as names
 from workers.task import TaskSpec
 
 # TaskSpec fields a job sets; name and mode are decided per task.
@@ -23,7 +24,6 @@ SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TaskSpec) if f.name not i
 HEAD_MODULE = "head"
 DEFAULT_PIN_TTL_S = 24 * 3600.0
 BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
-TAG_SUBMISSION = "sharecl.submission_id"
 
 
 @dataclass(frozen=True)
@@ -163,9 +163,9 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
         earlier = tracking.find_runs(
             job.tracking_uri,
             job.experiment_id,
-            f"tags.`{tracking.TAG_JOB}` = '{job.job_id}' and tags.`{tracking.TAG_TASK}` = '{job.task}'",
+            f"tags.`{names.TAG_JOB}` = '{job.job_id}' and tags.`{names.TAG_TASK}` = '{job.task}'",
         )
-        submitted = next((r for r in earlier if r.data.tags.get(TAG_SUBMISSION)), None)
+        submitted = next((r for r in earlier if r.data.tags.get(names.TAG_SUBMISSION)), None)
         if submitted is not None:
             # An earlier attempt submitted, then its worker died: never train and submit twice.
             return _earlier_result(job, submitted, placement, len(earlier), started)
@@ -194,11 +194,11 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
             name=job.task if attempt == 1 else f"{job.task} (attempt {attempt})",
             parent_run_id=job.parent_run_id,
             tags={
-                tracking.TAG_KIND: "task",
-                tracking.TAG_JOB: job.job_id,
-                tracking.TAG_TASK: job.task,
-                tracking.TAG_NAMESPACE: job.namespace,
-                tracking.TAG_STATUS: "training",
+                names.TAG_KIND: "task",
+                names.TAG_JOB: job.job_id,
+                names.TAG_TASK: job.task,
+                names.TAG_NAMESPACE: job.namespace,
+                names.TAG_STATUS: "training",
                 "sharecl.attempt": attempt,
                 "sharecl.base_version": base or "none",
                 "sharecl.node": placement["node"] or placement["hostname"],
@@ -311,7 +311,7 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
         if run is not None:
             status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
             error = repr(err)
-            _quietly(lambda: run.set_tags({tracking.TAG_STATUS: "failed", tracking.TAG_ERROR: error}))
+            _quietly(lambda: run.set_tags({names.TAG_STATUS: "failed", names.TAG_ERROR: error}))
             _quietly(lambda: run.finish(status))
         raise
     finally:
@@ -319,10 +319,9 @@ def run_task_job(job: TaskJob) -> dict[str, Any]:
 
 
 def _record_submission(run: Any, submission_id: str, result: Any, eval_metrics: dict[str, float]) -> None:
-    from workers import tracking
 
     # First: a retry of this task (its worker died after this point) finds it and does not submit again.
-    run.set_tags({tracking.TAG_STATUS: "submitted", TAG_SUBMISSION: submission_id})
+    run.set_tags({names.TAG_STATUS: "submitted", names.TAG_SUBMISSION: submission_id})
     # Every step's loss (the live train_loss is a mean over log_every steps).
     run.log_series("loss", result.loss_curve)
     run.log_metrics(
@@ -344,14 +343,14 @@ def _earlier_result(job: TaskJob, run: Any, placement: dict[str, Any], attempts:
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     if run.info.status == "RUNNING":
         mlflow_run = tracking.TrackedRun(job.tracking_uri, run.info.run_id)
-        mlflow_run.set_tags({tracking.TAG_STATUS: "submitted (its worker died afterwards)"})
+        mlflow_run.set_tags({names.TAG_STATUS: "submitted (its worker died afterwards)"})
         mlflow_run.finish("FINISHED")
     base = tags.get("sharecl.base_version")
     base = None if base in (None, "none") else base
     print(f"[{job.task}] already submitted by attempt {tags.get('sharecl.attempt')}", file=sys.stderr, flush=True)
     return {
         "task": job.task,
-        "submission_id": tags[TAG_SUBMISSION],
+        "submission_id": tags[names.TAG_SUBMISSION],
         "mode": params.get("task.mode"),
         "base_version": base,
         "pin": [base, job.pin_id] if base else None,

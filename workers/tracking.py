@@ -2,34 +2,20 @@
 
 Runs are addressed by id through ``MlflowClient`` (never the fluent ``mlflow.start_run`` stack), so
 several runs can be open in one process and nothing depends on thread-local state. Tags name the job
-and the task, which is how ``sharecl status`` and a retried attempt find a task's runs again.
+and the task (names in ``subspace_store.tracking``), which is how ``sharecl status`` and a retried
+attempt find a task's runs again.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
-from jobs.mlflow_common import ensure_experiment as _ensure_experiment
-from jobs.mlflow_common import retry
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-# Tag names shared by the job driver, the workers and `sharecl status`.
-TAG_KIND = "sharecl.kind"  # "job" or "task"
-TAG_JOB = "sharecl.job_id"
-TAG_TASK = "sharecl.task"
-TAG_NAMESPACE = "sharecl.namespace"
-TAG_STATUS = "sharecl.status"
-TAG_ERROR = "sharecl.error"
-PARENT_TAG = "mlflow.parentRunId"
-RUN_NAME_TAG = "mlflow.runName"
+from subspace_store.tracking import PARENT_TAG, RUN_NAME_TAG, TAG_JOB, TAG_STATUS, TAG_TASK, retry
+from subspace_store.tracking import ensure_experiment as _ensure_experiment
 
 _PARAM_MAX = 6000  # MLflow refuses longer param values
 _TAG_MAX = 5000

@@ -189,11 +189,9 @@ def _namespace(args: argparse.Namespace) -> str:
 
 
 def _open_store(args: argparse.Namespace) -> tuple[Any, Any]:
-    from jobs.paths import data_dir, resolve_redis_url
     from subspace_store import SubmissionStream, SubspaceStore, connect
 
-    url = resolve_redis_url(args.redis_url)
-    client = connect(url, folder=None if url else data_dir() / "redis")
+    client = connect(args.redis_url)
     namespace = _namespace(args)
     return SubspaceStore(client, namespace), SubmissionStream(client, namespace)
 
@@ -228,23 +226,24 @@ def submissions_summary(stream: Any, last: int = 10) -> dict[str, Any]:
 
 def jobs_summary(uri: str, experiment: str, last: int) -> list[dict[str, Any]]:
     """The newest ``last`` jobs of ``experiment`` with their tasks' latest attempts (from MLflow)."""
+    from subspace_store import tracking as names
     from workers import tracking
 
     found = tracking.client(uri).get_experiment_by_name(experiment)
     if found is None:
         return []
     exp = found.experiment_id
-    jobs = tracking.find_runs(uri, exp, f"tags.`{tracking.TAG_KIND}` = 'job'", max_results=1000)
+    jobs = tracking.find_runs(uri, exp, f"tags.`{names.TAG_KIND}` = 'job'", max_results=1000)
     jobs = sorted(jobs, key=lambda r: r.info.start_time, reverse=True)[:last]
     out = []
     for run in jobs:
-        job_id = run.data.tags.get(tracking.TAG_JOB, run.info.run_name)
+        job_id = run.data.tags.get(names.TAG_JOB, run.info.run_name)
         task_runs = tracking.find_runs(
-            uri, exp, f"tags.`{tracking.TAG_JOB}` = '{job_id}' and tags.`{tracking.TAG_KIND}` = 'task'"
+            uri, exp, f"tags.`{names.TAG_JOB}` = '{job_id}' and tags.`{names.TAG_KIND}` = 'task'"
         )
         latest: dict[str, Any] = {}
         for t in sorted(task_runs, key=lambda r: r.info.start_time):
-            latest[t.data.tags.get(tracking.TAG_TASK, "?")] = t
+            latest[t.data.tags.get(names.TAG_TASK, "?")] = t
         names = [n for n in run.data.tags.get("sharecl.tasks", "").split(",") if n] or sorted(latest)
         tasks = []
         for name in names:
@@ -253,13 +252,13 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[dict[str, Any]]:
             tasks.append(
                 {
                     "task": name,
-                    "status": final or (t.data.tags.get(tracking.TAG_STATUS) if t else "queued"),
-                    "attempts": sum(1 for r in task_runs if r.data.tags.get(tracking.TAG_TASK) == name),
+                    "status": final or (t.data.tags.get(names.TAG_STATUS) if t else "queued"),
+                    "attempts": sum(1 for r in task_runs if r.data.tags.get(names.TAG_TASK) == name),
                     "eval_accuracy": t.data.metrics.get("eval_accuracy") if t else None,
                     "accuracy_after_merge": run.data.metrics.get(f"accuracy/{name}"),
                     "base_version": t.data.tags.get("sharecl.base_version") if t else None,
                     "gpu_ids": t.data.tags.get("sharecl.gpu_ids") if t else None,
-                    "error": t.data.tags.get(tracking.TAG_ERROR) if t else None,
+                    "error": t.data.tags.get(names.TAG_ERROR) if t else None,
                 }
             )
         out.append(
@@ -267,7 +266,7 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[dict[str, Any]]:
                 "job_id": job_id,
                 "run_id": run.info.run_id,
                 "mlflow_status": run.info.status,
-                "status": run.data.tags.get(tracking.TAG_STATUS),
+                "status": run.data.tags.get(names.TAG_STATUS),
                 "started": run.info.start_time / 1000.0,
                 "head": run.data.tags.get("sharecl.head"),
                 "tasks": tasks,
@@ -277,7 +276,7 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[dict[str, Any]]:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from jobs.paths import resolve_mlflow_uri
+    from subspace_store.tracking import resolve_mlflow_uri
 
     store, stream = _open_store(args)
     namespace = store.namespace
@@ -396,10 +395,9 @@ def _wait_merged(args: argparse.Namespace, store: Any, stream: Any, ids: list[tu
     import ray
 
     from coordinator.actor import get_or_start_coordinator
-    from jobs.paths import data_dir, resolve_redis_url
-    from subspace_store import ensure_running
+    from subspace_store import resolve_url
 
-    url = resolve_redis_url(args.redis_url) or ensure_running(data_dir() / "redis").url
+    url = resolve_url(args.redis_url)
     owns = not ray.is_initialized()
     if owns and args.address is None:
         ray.init(address="local", include_dashboard=False)

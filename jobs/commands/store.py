@@ -117,15 +117,15 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 def _embedded_folder() -> Path:
-    from jobs.paths import data_dir
+    from subspace_store.home import embedded_redis_folder
 
-    return data_dir() / "redis"
+    return embedded_redis_folder()
 
 
 def _url(args: argparse.Namespace) -> str | None:
-    from jobs.paths import resolve_redis_url
+    from subspace_store.connection import configured_url
 
-    return resolve_redis_url(args.redis_url)
+    return configured_url(args.redis_url)
 
 
 def _open(args: argparse.Namespace) -> Any:
