@@ -10,11 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from share.errors import ShareClError
+
 
 def final_accuracy(R: Sequence[Sequence[float]]) -> float:
     """ACC: mean accuracy over all tasks after the last task."""
     last = R[-1]
     return sum(last) / len(last)
+
+
+def _reference(R: Sequence[Sequence[float]], just_trained: Sequence[float] | None) -> Sequence[float]:
+    T = len(R)
+    reference = just_trained if just_trained is not None else [R[j][j] for j in range(T)]
+    if len(reference) != T or any(len(row) != T for row in R):
+        raise ShareClError(
+            f"R must be T x T with one just-trained accuracy per task; got {T} rows of lengths "
+            f"{sorted({len(row) for row in R})} and {len(reference)} just-trained values"
+        )
+    return reference
 
 
 def backward_transfer(R: Sequence[Sequence[float]], just_trained: Sequence[float] | None = None) -> float:
@@ -25,8 +38,19 @@ def backward_transfer(R: Sequence[Sequence[float]], just_trained: Sequence[float
     T = len(R)
     if T < 2:
         return 0.0
-    reference = just_trained if just_trained is not None else [R[j][j] for j in range(T)]
+    reference = _reference(R, just_trained)
     return sum(R[-1][j] - reference[j] for j in range(T - 1)) / (T - 1)
+
+
+def merge_loss(R: Sequence[Sequence[float]], just_trained: Sequence[float] | None = None) -> float:
+    """Mean over ALL tasks, the last included, of (final accuracy - accuracy right after training it).
+
+    Unlike BWT this counts the last task, so a final merge that truncates the newest task's adapter
+    shows. 0 when nothing changed any task after it was trained; negative values are losses.
+    """
+    reference = _reference(R, just_trained)
+    T = len(R)
+    return sum(R[-1][j] - reference[j] for j in range(T)) / T
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

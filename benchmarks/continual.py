@@ -1,375 +1,307 @@
-"""Does Share forget less? A continual-learning benchmark on real data through real all-MiniLM-L6-v2.
+"""Does Share keep the tasks, or do the per-task heads? A continual-learning benchmark on real data
+through the real all-MiniLM-L6-v2, every method on the same data, seeds and steps.
 
-Methods, on the same tasks, seeds and budget (ARCHITECTURE.md section 1):
+Methods (``--methods``):
 
-- ``share``: task 1 trains a LoRA adapter and initializes the subspace from it; each later task trains
-  only coefficients + ``phi`` temporary directions + its head, and is merged before the next starts.
+- ``head-only``: the frozen encoder and a linear head per task (its lr chosen per task on a small grid
+  against a validation split carved from the task's TRAIN data).
+- ``share``: task 1 trains LoRA and initializes the subspace; each later task trains coefficients +
+  ``phi`` temporary directions + its head, merged before the next starts (KPolicy max_error, the default).
+- ``share-variance``: the same with the paper's rule, 60% explained variance.
 - ``lora-seq``: one LoRA adapter finetuned task after task (each task keeps its own head).
-- ``lora-per-task``: a separate LoRA adapter per task (quality upper bound, storage baseline).
-- ``share-full``: the per-task adapters compressed into one subspace (non-continual Share).
+- ``lora-per-task``: a separate LoRA adapter per task (no forgetting by construction; the storage baseline).
+- ``share-full``: the per-task adapters compressed into one subspace with the default policy, no retraining.
+- ``joint``: one LoRA trained on all tasks at once (tasks x steps, mixed batches), a head per task.
 
-Training goes through ``workers.task.train_task``, the code path the Ray workers use; data is the
-WordNet task sequence written to Parquet by ``benchmarks.data_wordnet``.
+Data: ``--data DIR`` reads any task folder through its ``tasks.json`` (tasks in order; label counts may
+differ); without it the default ``--sequence`` is built with ``jobs.datasets`` into ``benchmarks/data/``.
+Each (method, seed) is saved under ``<out>/continual-<label>/`` as it finishes and a rerun resumes
+from there, so two processes can share a run (``--methods`` splits it; overlapping runs never
+train the same pair twice) and a run can span sessions. The last process to finish writes the
+complete tables, JSON, CSV, heatmaps and the Pareto figure.
 
-    python -m benchmarks.continual --quick          # 1 seed, fewer steps: < 10 min on 2 cores
-    python -m benchmarks.continual                   # 3 seeds
+    python -m benchmarks.continual --quick                 # 1 seed, the first 4 tasks, fewer steps
+    python -m benchmarks.continual                         # every method, 3 seeds
+    python -m benchmarks.continual --sweep                 # share's k policies against stored bytes, 1 seed
+    python -m benchmarks.continual --reverse --seeds 0     # the sequence reversed
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from benchmarks.cl_metrics import backward_transfer, final_accuracy, mean_std
-from benchmarks.data_wordnet import TaskPaths, prepare_wordnet_tasks
+from benchmarks.continual_config import METHODS, Budget, Method, MethodKind, resolve_methods, sweep_methods
+from benchmarks.continual_data import (
+    TaskData,
+    TaskSequence,
+    build_default,
+    fingerprint,
+    load_tasks,
+    read_manifest,
+    select,
+)
+from benchmarks.continual_joint import joint
+from benchmarks.continual_methods import SeedRun, log
+from benchmarks.continual_probe import EmbeddingCache, head_only
+from benchmarks.continual_report import (
+    hyper_table,
+    per_task_table,
+    plot_heatmap,
+    plot_pareto,
+    subspace_table,
+    summary_table,
+    targets,
+    write_data,
+)
+from benchmarks.continual_store import MethodResult, ResultStore, result_key
 from benchmarks.results_md import command_line, write_section
-from jobs.schema import AdapterConfig
-from share import KPolicy, LoraAdapter, ShareModel, Subspace, merge
-from workers.data import TaskSplit, load_split
-from workers.models import build_text_classifier
-from workers.task import TaskSpec, evaluate_tasks, train_task
+from share.errors import ShareClError
 
-HEADING = "## Continual learning"
-METHODS = ("share", "lora-seq", "lora-per-task", "share-full")
-TARGETS = ("query", "value")
-# Large enough that a merge keeps every direction: used where a method stores adapters exactly.
-_EXACT = KPolicy(k=100_000)
-_JOB_ADAPTER = AdapterConfig()
+QUICK_TASKS = 4
+QUICK_STEPS = 200
 
 
-@dataclass(frozen=True)
-class Budget:
-    steps: int = 150
-    lr_lora: float = 1e-3
-    lr_coefficients: float = 5e-3
-    batch_size: int = 16
-    max_length: int = 32
-    # The adapter settings default to a job's (jobs/schema.py), so the benchmark measures what jobs run.
-    r: int = _JOB_ADAPTER.r
-    lora_alpha: float = _JOB_ADAPTER.lora_alpha
-    phi: int = _JOB_ADAPTER.phi
-    k: int | None = _JOB_ADAPTER.k
-    variance: float = _JOB_ADAPTER.variance
-    k_max: int | None = _JOB_ADAPTER.k_max
-
-    @property
-    def policy(self) -> KPolicy:
-        return KPolicy(k=self.k, variance=self.variance, k_max=self.k_max)
-
-
-@dataclass
-class MethodResult:
-    method: str
-    seed: int
-    tasks: list[str]
-    R: list[list[float]]  # R[i][j]: accuracy on task j after task i (NaN for j > i)
-    just_trained: list[float]  # accuracy on task j right after training it (before any merge)
-    acc: float = 0.0
-    bwt: float = 0.0
-    trained_params_per_task: list[int] = field(default_factory=list)
-    stored_params: int = 0
-    stored_params_without_heads: int = 0
-    stored_bytes: int = 0
-    wall_time_s: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    def finish(self) -> MethodResult:
-        self.acc = final_accuracy(self.R)
-        self.bwt = backward_transfer(self.R, self.just_trained)
-        return self
-
-
-def _log(message: str) -> None:
-    print(f"[continual] {message}", file=sys.stderr, flush=True)
-
-
-class Run:
-    """One seed: loads the data once, trains each method on a fresh copy of the pretrained model."""
-
-    def __init__(self, tasks: list[TaskPaths], seed: int, budget: Budget) -> None:
-        self.tasks = tasks
-        self.names = [t.name for t in tasks]
-        self.seed = seed
-        self.budget = budget
-        self.train = {t.name: load_split(t.train) for t in tasks}
-        self.eval = {t.name: load_split(t.eval) for t in tasks}
-
-    def _model(self) -> tuple[ShareModel, object]:
-        num_labels = {s.num_labels for s in self.train.values()}
-        if len(num_labels) != 1:
-            raise ValueError(f"tasks must share a label count for one model template, got {sorted(num_labels)}")
-        model, tokenizer = build_text_classifier(None, num_labels.pop(), seed=self.seed)
-        return ShareModel(model, list(TARGETS), heads=["head"]), tokenizer
-
-    def _spec(self, task: str, mode: str, index: int) -> TaskSpec:
-        b = self.budget
-        return TaskSpec(
-            name=task,
-            mode=mode,  # type: ignore[arg-type]
-            steps=b.steps,
-            lr=b.lr_lora if mode == "lora" else b.lr_coefficients,
-            batch_size=b.batch_size,
-            max_length=b.max_length,
-            seed=self.seed * 1000 + index,
-            r=b.r,
-            lora_alpha=b.lora_alpha,
-            p=b.r,
-            phi=b.phi,
-            log_every=max(b.steps // 3, 1),
-        )
-
-    def _evaluate(self, model: ShareModel, tokenizer: object, upto: int) -> list[float]:
-        splits: dict[str, TaskSplit] = {name: self.eval[name] for name in self.names[: upto + 1]}
-        accuracy = evaluate_tasks(model, splits, tokenizer, batch_size=64, max_length=self.budget.max_length)
-        return [accuracy[name] for name in self.names[: upto + 1]] + [math.nan] * (len(self.names) - upto - 1)
-
-    # -- methods -------------------------------------------------------------------------------
-    def share(self) -> MethodResult:
-        start = time.perf_counter()
-        model, tok = self._model()
-        result = MethodResult("share", self.seed, self.names, [], [])
-        subspace: Subspace | None = None
-        errors = []
-        for i, name in enumerate(self.names):
-            mode = "lora" if subspace is None else "coefficients"
-            trained = train_task(model, self._spec(name, mode, i), self.train[name], tok, self.eval[name])
-            result.just_trained.append(trained.eval_metrics["accuracy"])
-            result.trained_params_per_task.append(trained.result.trainable_params)
-            subspace, report = merge(subspace, {name: trained.adapter}, self.budget.policy)
-            errors.append(report.reconstruction_error)
-            model.load_subspace(subspace)
-            result.R.append(self._evaluate(model, tok, i))
-            _log(
-                f"share seed {self.seed}: {name} ({mode}) acc {result.just_trained[-1]:.3f} -> merged "
-                f"row {_fmt(result.R[-1])} k={_k_summary(report.k)}"
-            )
-        self._storage(result, subspace)
-        result.extra = {"reconstruction_errors": errors, "k": {m: list(k) for m, k in subspace.k().items()}}
-        result.wall_time_s = time.perf_counter() - start
-        return result.finish()
-
-    def lora_seq(self) -> MethodResult:
-        start = time.perf_counter()
-        model, tok = self._model()
-        result = MethodResult("lora-seq", self.seed, self.names, [], [])
-        current: LoraAdapter | None = None
-        heads: dict[str, dict[str, torch.Tensor]] = {}
-        for i, name in enumerate(self.names):
-            spec = self._spec(name, "lora", i)
-            trained = train_task(model, spec, self.train[name], tok, self.eval[name], init=current)
-            current = trained.adapter
-            heads[name] = current.head
-            result.just_trained.append(trained.eval_metrics["accuracy"])
-            result.trained_params_per_task.append(trained.result.trainable_params)
-            # Every task so far: the one shared adapter with that task's head, stored exactly.
-            shared = {n: LoraAdapter(current.factors, current.scaling, heads[n]) for n in self.names[: i + 1]}
-            model.load_subspace(merge(None, shared, _EXACT)[0])
-            result.R.append(self._evaluate(model, tok, i))
-            _log(f"lora-seq seed {self.seed}: {name} acc {result.just_trained[-1]:.3f} row {_fmt(result.R[-1])}")
-        adapter_params = sum(B.numel() + A.numel() for B, A in current.factors.values())
-        head_params = sum(v.numel() for h in heads.values() for v in h.values())
-        result.stored_params = adapter_params + head_params
-        result.stored_params_without_heads = adapter_params
-        result.stored_bytes = 4 * result.stored_params
-        result.wall_time_s = time.perf_counter() - start
-        return result.finish()
-
-    def lora_per_task(self) -> tuple[MethodResult, MethodResult]:
-        """Trains one adapter per task; ``share-full`` compresses the same adapters (no retraining)."""
-        start = time.perf_counter()
-        model, tok = self._model()
-        per_task = MethodResult("lora-per-task", self.seed, self.names, [], [])
-        full = MethodResult("share-full", self.seed, self.names, [], [])
-        adapters: dict[str, LoraAdapter] = {}
-        compress_s = 0.0
-        for i, name in enumerate(self.names):
-            trained = train_task(model, self._spec(name, "lora", i), self.train[name], tok, self.eval[name])
-            adapters[name] = trained.adapter
-            for result in (per_task, full):
-                result.just_trained.append(trained.eval_metrics["accuracy"])
-                result.trained_params_per_task.append(trained.result.trainable_params)
-            model.load_subspace(merge(None, adapters, _EXACT)[0])
-            per_task.R.append(self._evaluate(model, tok, i))
-            t0 = time.perf_counter()
-            compressed, report = merge(None, adapters, self.budget.policy)
-            compress_s += time.perf_counter() - t0
-            model.load_subspace(compressed)
-            full.R.append(self._evaluate(model, tok, i))
-            _log(
-                f"lora-per-task seed {self.seed}: {name} acc {per_task.just_trained[-1]:.3f}; "
-                f"share-full row {_fmt(full.R[-1])} k={_k_summary(report.k)}"
-            )
-        adapter_params = sum(B.numel() + A.numel() for a in adapters.values() for B, A in a.factors.values())
-        head_params = sum(v.numel() for a in adapters.values() for v in a.head.values())
-        per_task.stored_params = adapter_params + head_params
-        per_task.stored_params_without_heads = adapter_params
-        per_task.stored_bytes = 4 * per_task.stored_params
-        self._storage(full, compressed)
-        full.extra = {
-            "reconstruction_errors": report.reconstruction_error,
-            "k": {m: list(k) for m, k in report.k.items()},
-        }
-        elapsed = time.perf_counter() - start
-        per_task.wall_time_s = elapsed - compress_s
-        full.wall_time_s = elapsed  # its adapters had to be trained first
-        return per_task.finish(), full.finish()
-
-    @staticmethod
-    def _storage(result: MethodResult, subspace: Subspace) -> None:
-        counts = subspace.num_parameters()
-        result.stored_params = counts["total"]
-        result.stored_params_without_heads = counts["bases"] + counts["coefficients"]
-        result.stored_bytes = 4 * counts["total"]
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.continual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data", type=Path, default=None, help="a task folder with tasks.json (default: --sequence)")
+    data.add_argument(
+        "--sequence",
+        choices=[s.value for s in TaskSequence],
+        default=TaskSequence.RELATIONS.value,
+        help="the default data, built on first use (default: relations)",
+    )
+    data.add_argument("--num-tasks", type=int, default=None, help=f"the first N tasks (quick: {QUICK_TASKS})")
+    data.add_argument("--reverse", action="store_true", help="train the (chosen) tasks in reverse order")
+    budget = p.add_argument_group("budget (every method gets the same)")
+    budget.add_argument(
+        "--steps", type=int, default=None, help=f"per task (default {Budget.steps}; quick {QUICK_STEPS})"
+    )
+    budget.add_argument("--batch-size", type=int, default=Budget.batch_size)
+    budget.add_argument("--max-length", type=int, default=Budget.max_length, help="tokens per example")
+    budget.add_argument(
+        "--lr-lora", type=float, default=Budget.lr_lora, help="LoRA tasks (every LoRA method, share's task 1)"
+    )
+    budget.add_argument(
+        "--lr-coefficients", type=float, default=None, help="share's coefficient tasks (default: --lr-lora)"
+    )
+    budget.add_argument(
+        "--head-lr-grid", type=float, nargs="+", default=list(Budget.head_lr_grid), help="head-only's lr candidates"
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--methods", nargs="+", default=None, help=f"default: {' '.join(METHODS)}")
+    run.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick, sweep: 0)")
+    run.add_argument("--quick", action="store_true", help=f"1 seed, first {QUICK_TASKS} tasks, {QUICK_STEPS} steps")
+    run.add_argument(
+        "--sweep",
+        action="store_true",
+        help="share with max_error {0.02,0.05,0.1,0.2}, variance {0.6,0.9}, k {4,8,16,32} + references, 1 seed",
+    )
+    run.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: all allowed)")
+    run.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    run.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("benchmarks/data/continual-cache"),
+        help="where head-only's frozen embeddings are cached (default under the git-ignored benchmarks/data)",
+    )
+    run.add_argument("--label", default=None, help="run name (default: from data, quick/sweep/reversed)")
+    run.add_argument("--write", action="store_true", help="replace this run's section of benchmarks/RESULTS.md")
+    return p
 
 
-def _fmt(row: list[float]) -> str:
-    return "[" + " ".join("  -  " if math.isnan(v) else f"{v:.3f}" for v in row) + "]"
+def _label(args: argparse.Namespace, data_name: str) -> str:
+    if args.label:
+        return args.label
+    parts = [data_name, "sweep" if args.sweep else "quick" if args.quick else "full"]
+    if args.num_tasks is not None:
+        parts.append(f"{args.num_tasks}tasks")
+    if args.reverse:
+        parts.append("reversed")
+    return "-".join(parts)
 
 
-def _k_summary(k: dict[str, tuple[int, int]]) -> str:
-    values = [v for pair in k.values() for v in pair]
-    return f"{min(values)}-{max(values)}"
+def _budget(args: argparse.Namespace) -> Budget:
+    steps = args.steps or (QUICK_STEPS if args.quick else Budget.steps)
+    return Budget(
+        steps=steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        lr_lora=args.lr_lora,
+        lr_coefficients=args.lr_lora if args.lr_coefficients is None else args.lr_coefficients,
+        head_lr_grid=tuple(args.head_lr_grid),
+    )
 
 
-# -- outputs ---------------------------------------------------------------------------------------
-def write_outputs(results: list[MethodResult], out_dir: Path, label: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    path = out_dir / f"continual-{label}.json"
-    path.write_text(json.dumps([asdict(r) for r in results], indent=2, allow_nan=True))
-    written.append(path)
-    path = out_dir / f"continual-{label}.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "seed", "after_task", *results[0].tasks])
-        for r in results:
-            for i, row in enumerate(r.R):
-                writer.writerow([r.method, r.seed, r.tasks[i], *("" if math.isnan(v) else f"{v:.4f}" for v in row)])
-    written.append(path)
-    for r in results:
-        path = out_dir / f"continual-{label}-{r.method}-seed{r.seed}.png"
-        plot_accuracy_matrix(r.R, r.tasks, f"{r.method} (seed {r.seed}): ACC {r.acc:.3f}, BWT {r.bwt:+.3f}", path)
-        written.append(path)
-    return written
+def _jobs(methods: list[Method]) -> dict[str, list[Method]]:
+    """Unit of work -> the methods it produces (lora-per-task's job also yields share-full)."""
+    jobs: dict[str, list[Method]] = {}
+    for m in methods:
+        jobs.setdefault(m.job, []).append(m)
+    if MethodKind.LORA_PER_TASK.value in jobs:
+        have = {m.name for m in jobs["lora-per-task"]}
+        jobs["lora-per-task"] += [METHODS[n] for n in ("lora-per-task", "share-full") if n not in have]
+    return jobs
 
 
-def plot_accuracy_matrix(R: list[list[float]], tasks: list[str], title: str, path: Path) -> None:
-    import matplotlib
+class Runner:
+    def __init__(self, tasks: list[TaskData], budget: Budget, store: ResultStore, data_key: str, cache: Path) -> None:
+        self.tasks, self.budget, self.store, self.data_key = tasks, budget, store, data_key
+        self.embeddings = EmbeddingCache(cache, budget.max_length, budget.eval_batch_size)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def key(self, method: Method) -> str:
+        return result_key(self.data_key, method.describe(), self.budget.hyper(method, len(self.tasks)))
 
-    fig, ax = plt.subplots(figsize=(1.2 * len(tasks) + 2.5, 1.0 * len(tasks) + 1.5))
-    image = ax.imshow([[math.nan if v is None else v for v in row] for row in R], vmin=0, vmax=1, cmap="viridis")
-    for i, row in enumerate(R):
-        for j, v in enumerate(row):
-            if not math.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
-    ax.set_xlabel("evaluated task")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    def run(self, job: str, methods: list[Method], wanted: set[str], seed: int) -> None:
+        def missing() -> list[Method]:
+            return [m for m in methods if m.name in wanted and self.store.load(m.name, seed, self.key(m)) is None]
 
+        if not missing():
+            log(f"{job} seed {seed}: stored, skipped ({self.store.run_dir})")
+            return
+        with self.store.claim(job, seed) as mine:
+            if not mine:
+                log(f"{job} seed {seed}: another process is running it, skipped")
+                return
+            if not missing():  # finished by another process meanwhile
+                return
+            for result in self._train(job, methods, seed):
+                method = next(m for m in methods if m.name == result.method)
+                result.key = self.key(method)
+                path = self.store.save(result)
+                log(f"{result.method} seed {seed}: ACC {100 * result.acc:.1f} BWT {100 * result.bwt:+.1f} "
+                    f"merge loss {100 * result.merge_loss:+.1f} in {result.wall_time_s:.0f} s -> {path}")  # fmt: skip
 
-def summary_table(results: list[MethodResult]) -> str:
-    lines = [
-        "| method | ACC | BWT | params trained / task | params stored (no heads) | bytes stored | wall time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method in METHODS:
-        rows = [r for r in results if r.method == method]
-        if not rows:
-            continue
-        acc_m, acc_s = mean_std([100 * r.acc for r in rows])
-        bwt_m, bwt_s = mean_std([100 * r.bwt for r in rows])
-        trained = sum(sum(r.trained_params_per_task) / len(r.trained_params_per_task) for r in rows) / len(rows)
-        stored = sum(r.stored_params_without_heads for r in rows) / len(rows)
-        stored_bytes = sum(r.stored_bytes for r in rows) / len(rows)
-        wall = sum(r.wall_time_s for r in rows) / len(rows)
-        lines.append(
-            f"| {method} | {acc_m:.1f} ± {acc_s:.1f} | {bwt_m:+.1f} ± {bwt_s:.1f} | {trained:,.0f} | {stored:,.0f} | "
-            f"{stored_bytes:,.0f} | {wall:.0f} |"
-        )
-    return "\n".join(lines)
+    def _train(self, job: str, methods: list[Method], seed: int) -> list[MethodResult]:
+        run = SeedRun(self.tasks, seed, self.budget)
+        first = methods[0]
+        if first.kind is MethodKind.HEAD_ONLY:
+            return [head_only(self.tasks, seed, self.budget, first, self.embeddings)]
+        if first.kind is MethodKind.SHARE:
+            return [run.share(first)]
+        if first.kind is MethodKind.LORA_SEQ:
+            return [run.lora_seq(first)]
+        if first.kind is MethodKind.JOINT:
+            return [joint(self.tasks, seed, self.budget, first)]
+        per_task = next(m for m in methods if m.kind is MethodKind.LORA_PER_TASK)
+        full = next(m for m in methods if m.kind is MethodKind.SHARE_FULL)
+        return list(run.lora_per_task(per_task, full))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--quick", action="store_true", help="1 seed, 5 tasks, fewer steps and examples (< 10 min here)"
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
-    parser.add_argument("--num-tasks", type=int, default=None, help="first N tasks (default: all 6; quick: 5)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--train-per-task", type=int, default=None)
-    parser.add_argument("--eval-per-task", type=int, default=None)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--k", type=int, default=None, help="fixed k per module (default: by --variance)")
-    parser.add_argument("--variance", type=float, default=Budget.variance)
-    parser.add_argument("--k-max", type=int, default=Budget.k_max)
-    parser.add_argument("--data", type=Path, default=Path("benchmarks/data/wordnet"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--write", action="store_true", help="replace the ## Continual learning section of RESULTS.md")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except ShareClError as err:
+        print(f"continual: error: {err}", file=sys.stderr)
+        return 2
 
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    steps = args.steps or (40 if args.quick else 150)
-    num_tasks = args.num_tasks or (5 if args.quick else None)
-    train_n = args.train_per_task or (240 if args.quick else 400)
-    eval_n = args.eval_per_task or (120 if args.quick else 200)
-    budget = Budget(steps=steps, k=args.k, variance=args.variance, k_max=args.k_max)
-    label = "quick" if args.quick else "full"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.perf_counter()
-    data_dir = args.data / f"n{train_n}-{eval_n}"
-    tasks = prepare_wordnet_tasks(data_dir, num_tasks=num_tasks, train_per_task=train_n, eval_per_task=eval_n)
-    _log(f"{len(tasks)} tasks, seeds {seeds}, budget {budget}")
+    if args.threads is not None:
+        import torch
 
-    results: list[MethodResult] = []
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # workers.train.configure_threads then keeps it
+        torch.set_num_threads(args.threads)
+    if args.quick and args.sweep:
+        raise ShareClError("--quick and --sweep are separate runs; give one of them")
+    folder = args.data if args.data is not None else build_default(TaskSequence(args.sequence))
+    num_tasks = args.num_tasks
+    entries = read_manifest(folder)
+    if num_tasks is None and args.quick:
+        num_tasks = min(QUICK_TASKS, len(entries))
+    entries = select(entries, num_tasks, args.reverse)
+    budget = _budget(args)
+    methods = resolve_methods(args.methods, args.sweep) if args.methods else (
+        sweep_methods() if args.sweep else list(METHODS.values())
+    )  # fmt: skip
+    seeds = args.seeds or ([0] if args.quick or args.sweep else [0, 1, 2])
+    label = _label(args, folder.name if args.data is not None else args.sequence)
+    store = ResultStore(args.out / f"continual-{label}")
+    data_key = fingerprint(entries)
+
+    log(f"{label}: {len(entries)} tasks from {folder} ({', '.join(e.name for e in entries)}), seeds {seeds}")
+    print(f"continual {label}: {len(entries)} tasks, seeds {seeds}, results in {store.run_dir}")
+    print("hyperparameters per method:")
+    for m in methods:
+        print(f"  {m.name}: {budget.hyper(m, len(entries))}")
+    sys.stdout.flush()
+
+    tasks = load_tasks(entries)
+    runner = Runner(tasks, budget, store, data_key, args.cache / "embeddings")
+    wanted = {m.name for m in methods}
     for seed in seeds:
-        run = Run(tasks, seed, budget)
-        if "share" in args.methods:
-            results.append(run.share())
-        if "lora-seq" in args.methods:
-            results.append(run.lora_seq())
-        if {"lora-per-task", "share-full"} & set(args.methods):
-            per_task, full = run.lora_per_task()
-            results += [r for r in (per_task, full) if r.method in args.methods]
-    total = time.perf_counter() - started
-    written = write_outputs(results, args.out, label)
-    table = summary_table(results)
-    command = command_line("continual", argv)
-    setup = (
-        f"{len(tasks)} tasks x {len(seeds)} seed(s), {steps} steps/task, {train_n} train / {eval_n} eval examples "
-        f"per task, r={budget.r}, phi={budget.phi}, k policy {budget.policy}; total wall time {total:.0f} s"
-    )
-    print(f"\n{setup}\n")
-    print(table)
-    print(f"\ncommand: {command}")
-    print("written: " + ", ".join(str(p) for p in written))
-    if args.write:
-        write_section(
-            HEADING,
-            command,
-            f"{setup}. Mean ± std over seeds; ACC and BWT in points; BWT against the accuracy right after training "
-            "(before Share's merge). Per-seed matrices, JSON, CSV and heatmaps: "
-            f"`{args.out}/continual-{label}*`.\n\n{table}",
-            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
-        )
+        for job, produced in _jobs(methods).items():
+            runner.run(job, produced, wanted, seed)
+
+    results = store.all()
+    missing = sorted(f"{m.name}/seed{s}" for m in methods for s in seeds if not store.path(m.name, s).is_file())
+    _report(results, store, args, argv, label, budget, len(entries), missing, time.perf_counter() - started)
     return 0
+
+
+def _report(
+    results: list[MethodResult],
+    store: ResultStore,
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    label: str,
+    budget: Budget,
+    num_tasks: int,
+    missing: list[str],
+    elapsed: float,
+) -> None:
+    if not results:
+        print("no finished results yet")
+        return
+    written = write_data(results, args.out, label)
+    written += [plot_heatmap(r, store.run_dir / f"heatmap-{r.method}-seed{r.seed}.png") for r in results]
+    pareto = plot_pareto(results, args.out / f"continual-{label}-pareto.png", f"continual {label}: ACC vs stored bytes")
+    written += [pareto] if pareto else []
+    seeds = sorted({r.seed for r in results})
+    compute = sum(r.wall_time_s for r in results)
+    setup = (
+        f"{num_tasks} tasks ({', '.join(results[0].tasks)}), seeds {seeds}; every method {budget.steps} steps "
+        f"per task, "
+        f"batch {budget.batch_size}, max length {budget.max_length}; all-MiniLM-L6-v2, LoRA r={budget.r} on "
+        f"query/value. Training time of the stored results: {compute:,.0f} s in all; this process ran {elapsed:,.0f} s"
+    )
+    tables = [
+        "Results (points; mean ± std over seeds):\n\n" + summary_table(results),
+        "Hyperparameters:\n\n" + hyper_table(results),
+    ]
+    share = subspace_table(results)
+    if share:
+        tables.append("Share after the last merge:\n\n" + share)
+    per_task = per_task_table(results)
+    if per_task:
+        tables.append("Final accuracy per task (points):\n\n" + per_task)
+    checks = targets(results)
+    command = command_line("continual", argv)
+    print(f"\n{setup}\n")
+    print("\n\n".join(tables))
+    if checks:
+        print("\ntargets:\n" + "\n".join(checks))
+    if missing:
+        print(f"\nincomplete: not finished yet: {', '.join(missing)} (rerun the same command to resume)")
+    print(f"\ncommand: {command}")
+    print("written: " + ", ".join(str(p) for p in written[:4]) + f" and {len(written) - 4} more")
+    if args.write:
+        body = "\n\n".join([setup + ".", *tables])
+        if checks:
+            body += "\n\nTargets:\n\n```\n" + "\n".join(checks) + "\n```"
+        body += (
+            f"\n\nFiles: `{args.out}/continual-{label}*` (JSON, CSV, matrices CSV, Pareto), "
+            f"heatmaps in `{store.run_dir}/`."
+        )
+        write_section(f"## Continual learning: {label}", command, body, f"{os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
