@@ -1,5 +1,8 @@
-"""The coordinator's settings (plain JSON-able values, so Ray can hand them to every incarnation) and
-the wiring of a ``Coordinator`` from them."""
+"""The coordinator's settings and the wiring of a ``Coordinator`` from them.
+
+``to_dict``/``from_dict`` turn the settings into plain JSON-able values and back, so Ray can hand them
+to every incarnation of the coordinator actor.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from share import KPolicy
+from share.errors import ShareClError
 from subspace_store import SubmissionStream, SubspaceStore, connect
 
 from .crash import CrashPoints
@@ -15,13 +19,17 @@ from .service import Coordinator
 from .tracking import MergeTracker
 
 
+class CoordinatorConfigError(ShareClError):
+    """A coordinator setting is out of range or unknown; the message names it and the fix."""
+
+
 @dataclass
 class CoordinatorConfig:
     namespace: str = "default"
     redis_url: str | None = None  # None: $SHARECL_REDIS_URL, else the embedded server
     mlflow_uri: str | None = None  # None: no tracking (get_or_start_coordinator resolves the default)
     experiment: str | None = None  # None: the namespace (one experiment per namespace)
-    policy: dict[str, Any] | None = None  # KPolicy fields (k, variance, k_max); None: the head's own
+    policy: KPolicy | None = None  # how k is chosen at every merge; None: the head's own (KPolicy() at a cold start)
     evaluator: str | None = None  # default evaluator "package.module:function" (see evaluation.py)
     evaluate: bool = True  # False: never evaluate, whatever the submissions carry
     consumer: str = "coordinator"
@@ -37,26 +45,42 @@ class CoordinatorConfig:
     crash_marker_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 (got {self.max_batch})")
-        if self.block_ms < 0:
-            raise ValueError(f"block_ms must be >= 0 (got {self.block_ms})")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"torch_threads must be >= 1 or None (got {self.torch_threads})")
-        if self.policy is not None:
-            KPolicy.from_dict(self.policy)  # raises with the offending field
+        problems = self.problems()
+        if problems:
+            raise CoordinatorConfigError("invalid coordinator settings: " + "; ".join(problems))
         CrashPoints(self.crash_at, self.crash_marker_dir)
 
+    def problems(self) -> list[str]:
+        """Every out-of-range setting, each named with its fix."""
+        found = []
+        if not isinstance(self.policy, KPolicy | None):
+            found.append(
+                f"policy must be a share.KPolicy or None, got {type(self.policy).__name__}; "
+                "build it with KPolicy(k=..., max_error=..., variance=..., k_max=...)"
+            )
+        if self.max_batch < 1:
+            found.append(f"max_batch must be >= 1 (got {self.max_batch})")
+        if self.block_ms < 0:
+            found.append(f"block_ms must be >= 0 (got {self.block_ms})")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            found.append(f"torch_threads must be >= 1 or None (got {self.torch_threads})")
+        return found
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON-able values (the policy as its own ``to_dict``)."""
+        data = asdict(self)
+        data["policy"] = None if self.policy is None else self.policy.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CoordinatorConfig:
+        """The inverse of ``to_dict``."""
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown coordinator setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+            raise CoordinatorConfigError(f"unknown coordinator setting(s) {unknown}; known: {sorted(known)}")
+        policy = data.get("policy")
+        return cls(**{**data, "policy": None if policy is None else KPolicy.from_dict(policy)})
 
 
 def build(config: CoordinatorConfig) -> Coordinator:
@@ -73,7 +97,7 @@ def build(config: CoordinatorConfig) -> Coordinator:
     return Coordinator(
         store,
         stream,
-        policy=KPolicy.from_dict(config.policy) if config.policy is not None else None,
+        policy=config.policy,
         tracking=tracking,
         evaluation=evaluation,
         consumer=config.consumer,

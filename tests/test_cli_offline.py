@@ -329,3 +329,106 @@ def test_compress_progress_and_overwrite(subspace_dir: Path, tmp_path: Path, cap
     assert subspace.policy.variance == 0.9 and subspace.policy.k_max == 3
     assert max(max(k) for k in subspace.k().values()) <= 3
     assert [p.name for p in subspace_dir.parent.iterdir()] == ["subspace"]  # no temporary folders left
+
+
+# -- the merge policy: the job schema's defaults, --max-error / --variance / --k, warnings -------------
+
+
+def _three_adapters(tmp_path: Path) -> list[str]:
+    # save_tiny seeds by the folder name's length: three lengths, three different adapters
+    return [str(save_tiny(tmp_path / "adapters" / name)) for name in ("a", "bb", "ccc")]
+
+
+def test_compress_defaults_to_a_jobs_policy_and_max_error_bounds_every_task(tmp_path: Path, capsys) -> None:
+    from jobs.schema import AdapterConfig
+    from share import KPolicy
+
+    adapters = _three_adapters(tmp_path)
+    assert main(["compress", *adapters, "-o", str(tmp_path / "default")]) == 0
+    assert Subspace.load(tmp_path / "default").policy == AdapterConfig().policy
+
+    sub = tmp_path / "bounded"
+    assert main(["compress", *adapters, "-o", str(sub), "--max-error", "0.3"]) == 0
+    subspace = Subspace.load(sub)
+    assert subspace.policy == KPolicy(max_error=0.3, k_max=AdapterConfig().k_max)
+    bounds = {name: t.metadata["error_bound"] for name, t in subspace.tasks.items()}
+    assert all(0 < bound <= 0.3 for bound in bounds.values()), bounds
+    assert max(max(k) for k in subspace.k().values()) < 12  # the bound let it drop directions (12 = 3 x r)
+    assert "warning" not in capsys.readouterr().err
+
+    capsys.readouterr()
+    assert main(["info", str(sub), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {name: t["error_bound"] for name, t in info["tasks"].items()} == bounds
+    assert info["policy"]["max_error"] == 0.3
+
+
+def test_add_keeps_the_subspaces_policy_unless_told(tmp_path: Path) -> None:
+    from share import KPolicy
+
+    adapters = _three_adapters(tmp_path)
+    sub = tmp_path / "sub"
+    assert main(["compress", *adapters[:2], "-o", str(sub), "--variance", "0.9", "--k-max", "6"]) == 0
+    assert main(["add", str(sub), adapters[2]]) == 0
+    assert Subspace.load(sub).policy == KPolicy(variance=0.9, k_max=6)
+    assert main(["add", str(sub), str(save_tiny(tmp_path / "adapters" / "dddd")), "--k", "2"]) == 0
+    subspace = Subspace.load(sub)
+    assert subspace.policy == KPolicy(k=2, k_max=6)
+    assert set(subspace.k().values()) == {(2, 2)}
+    assert main(["add", str(sub), str(save_tiny(tmp_path / "adapters" / "eeeee")), "--max-error", "0.2"]) == 0
+    assert Subspace.load(sub).policy == KPolicy(max_error=0.2, k_max=6)
+
+
+def test_a_capped_max_error_warns_with_the_tasks_over_it(tmp_path: Path, capsys) -> None:
+    adapters = _three_adapters(tmp_path)
+    capsys.readouterr()
+    argv = ["compress", *adapters, "-o", str(tmp_path / "sub"), "--max-error", "0.01", "--k-max", "2"]
+    assert main(argv) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1
+    assert "over max_error=0.01" in warning[0] and "k_max=2 capped k in 4 module(s)" in warning[0]
+    over = Subspace.load(tmp_path / "sub").tasks
+    assert all(f"{name!r} {t.metadata['error_bound']:.3g}" in warning[0] for name, t in over.items())
+
+
+@pytest.mark.parametrize("command", ["compress", "add"])
+def test_policy_options_are_mutually_exclusive(subspace_dir: Path, tmp_path: Path, command: str, capsys) -> None:
+    good = str(tmp_path / "adapters" / "good")
+    head = (
+        ["compress", good, "-o", str(tmp_path / "new")] if command == "compress" else ["add", str(subspace_dir), good]
+    )
+    for a, b in (("--max-error", "--k"), ("--max-error", "--variance"), ("--variance", "--k")):
+        with pytest.raises(SystemExit) as exited:
+            main([*head, a, "0.5" if a != "--k" else "4", b, "4" if b == "--k" else "0.5"])
+        assert exited.value.code == 2
+        assert "not allowed with argument" in capsys.readouterr().err
+
+
+# -- the CLI's error routing: project errors are one line, bugs keep their traceback ------------------
+
+
+@pytest.mark.parametrize(
+    "bug", [KeyError("modules"), ValueError("a plain ValueError"), RuntimeError("boom")], ids=lambda e: type(e).__name__
+)
+def test_a_bug_keeps_its_traceback(subspace_dir: Path, monkeypatch: pytest.MonkeyPatch, bug: Exception) -> None:
+    from jobs.commands import offline
+
+    def broken(folder: str) -> dict:
+        raise bug
+
+    monkeypatch.setattr(offline, "summarize", broken)
+    with pytest.raises(type(bug)) as raised:
+        main(["info", str(subspace_dir)])
+    assert raised.value is bug
+
+
+def test_a_project_error_is_one_line(subspace_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from jobs.commands import offline
+    from share.errors import ShareClError
+
+    def refused(folder: str) -> dict:
+        raise ShareClError(f"{folder}: refused; do this instead")
+
+    monkeypatch.setattr(offline, "summarize", refused)
+    assert main(["info", str(subspace_dir)]) == 2
+    assert capsys.readouterr().err == f"sharecl info: error: {subspace_dir}: refused; do this instead\n"

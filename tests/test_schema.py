@@ -1,4 +1,4 @@
-"""Job schema: example files, overrides, every validation error, MLflow params, data-folder helpers."""
+"""Job schema: example files, defaults, overrides, every section's checks, the policy it hands on, MLflow params."""
 
 import dataclasses
 from pathlib import Path
@@ -7,17 +7,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from coordinator.config import CoordinatorConfig, CoordinatorConfigError
 from jobs.schema import (
+    LR_SCHEDULERS,
     TRAINING_MODES,
     AdapterConfig,
+    ClusterConfig,
     JobConfig,
     JobConfigError,
+    ModelConfig,
+    StoreConfig,
     TaskConfig,
+    TrackingConfig,
     TrainingConfig,
     load_job,
     to_dict,
     validate,
 )
+from share import KPolicy, TrainingMode
+from share.errors import ShareClError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "jobs" / "examples"
@@ -74,6 +82,7 @@ def test_wordnet_example_lists_the_five_tasks() -> None:
         assert task.eval.endswith(f"benchmarks/data/wordnet/{task.name}/eval.parquet")
     assert job.cluster.address is None and job.cluster.num_gpus_per_task == 0
     assert job.experiment_name == "wordnet"
+    assert job.adapter.policy == AdapterConfig().policy and job.training == TrainingConfig()
 
 
 def test_wordnet_example_loads_with_its_data_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,11 +110,14 @@ def test_defaults(data_tmp: Path) -> None:
     job = _load(data_tmp)
     assert job.model.name_or_path is None and job.model.builder == "hf-text-classifier"
     a = job.adapter
-    assert (a.target_modules, a.r, a.lora_alpha, a.p, a.phi, a.k, a.variance, a.k_max) == (
-        ["query", "value"], 8, 16.0, None, 2, None, 0.6, 32,
+    assert (a.target_modules, a.r, a.lora_alpha, a.p, a.phi, a.k, a.variance, a.max_error, a.k_max) == (
+        ["query", "value"], 8, 16.0, None, 2, None, None, 0.05, 32,
     )  # fmt: skip
     assert a.pseudo_rank == 8
-    assert job.training.mode == "auto"
+    t = job.training
+    assert (t.mode, t.steps, t.batch_size, t.lr, t.lora_lr, t.eval_batch_size) == ("auto", 200, 32, 1e-3, None, 128)
+    assert (t.lr_scheduler, t.warmup_ratio, t.max_grad_norm) == ("cosine", 0.06, 1.0)
+    assert job.model.max_length == 128
     assert job.cluster.address is None and job.cluster.num_gpus_per_task == 0 and job.cluster.max_retries == 1
     assert job.store.redis_url is None and job.store.namespace == "default"
     assert job.tracking.mlflow_uri is None and job.experiment_name == "default"
@@ -147,11 +159,76 @@ def test_empty_sections_mean_defaults(data_tmp: Path) -> None:
     assert job.store.namespace == "default"
 
 
-def test_resolve_mode() -> None:
-    assert TrainingConfig(mode="auto").resolve_mode(cold_start=True) == "lora"
-    assert TrainingConfig(mode="auto").resolve_mode(cold_start=False) == "coefficients"
-    assert TrainingConfig(mode="lora").resolve_mode(cold_start=False) == "lora"
+def test_training_modes_are_share_s_plus_auto() -> None:
+    assert TRAINING_MODES == ("auto", *(m.value for m in TrainingMode))
     assert AdapterConfig(r=8, p=3).pseudo_rank == 3
+
+
+def test_a_jobs_values_are_what_its_workers_train_with(data_tmp: Path) -> None:
+    """Every training setting of the job (none of them a default here) reaches the worker's TaskSpec."""
+    from jobs.runner import task_jobs
+
+    job = _load(
+        data_tmp,
+        overrides=(
+            "model.max_length=40",
+            "training.steps=7",
+            "training.batch_size=5",
+            "training.lr=3e-3",
+            "training.lora_lr=2e-4",
+            "training.lr_scheduler=linear",
+            "training.warmup_ratio=0.2",
+            "training.max_grad_norm=0.5",
+            "training.weight_decay=0.01",
+            "training.seed=4",
+            "training.log_every=3",
+            "training.eval_batch_size=9",
+            "adapter.r=6",
+            "adapter.lora_alpha=12",
+            "adapter.p=2",
+            "adapter.phi=1",
+        ),
+    )
+    jobs = task_jobs(job, "job-1", "redis://h:1/0", "sqlite:////tmp/m.db", "0", None)
+    assert [j.task for j in jobs] == ["a", "b"] and all(j.max_length == 40 for j in jobs)
+    lora, coefficients = jobs[0].spec(TrainingMode.LORA), jobs[0].spec(TrainingMode.COEFFICIENTS)
+    t = job.training
+    assert (lora.steps, lora.batch_size, lora.max_length, lora.seed, lora.log_every, lora.eval_batch_size) == (
+        7, 5, 40, 4, 3, 9,
+    )  # fmt: skip
+    assert (lora.r, lora.lora_alpha, lora.p, lora.phi) == (6, 12.0, 2, 1)
+    assert (lora.optim.lr, coefficients.optim.lr) == (t.lora_lr, t.lr)
+    assert (lora.optim.lr_scheduler, lora.optim.warmup_ratio, lora.optim.max_grad_norm) == ("linear", 0.2, 0.5)
+    assert lora.optim.weight_decay == 0.01
+
+
+def test_adapter_policy_first_rule_set_wins() -> None:
+    assert AdapterConfig().policy == KPolicy(max_error=0.05, k_max=32)
+    assert AdapterConfig(max_error=0.1, k_max=None).policy == KPolicy(max_error=0.1)
+    # variance set (max_error keeps its default): the paper's rule
+    assert AdapterConfig(variance=0.6).policy == KPolicy(variance=0.6, k_max=32)
+    assert AdapterConfig(k=4, variance=0.9, max_error=0.2, k_max=8).policy == KPolicy(k=4, k_max=8)
+
+
+def test_no_rule_at_all_is_a_problem(data_tmp: Path) -> None:
+    with pytest.raises(JobConfigError, match=r"^adapter: k, variance and max_error are all null; set one"):
+        _load(data_tmp, overrides=("adapter.max_error=null",))
+
+
+def test_coordinator_config_holds_the_jobs_kpolicy_across_the_ray_boundary() -> None:
+    policy = AdapterConfig(max_error=0.1, k_max=16).policy
+    config = CoordinatorConfig(namespace="ns", policy=policy)
+    plain = config.to_dict()
+    assert plain["policy"] == policy.to_dict()  # plain values for Ray
+    again = CoordinatorConfig.from_dict(plain)
+    assert again.policy == policy and again == config
+    assert CoordinatorConfig.from_dict(CoordinatorConfig().to_dict()).policy is None
+    with pytest.raises(CoordinatorConfigError, match="policy must be a share.KPolicy"):
+        CoordinatorConfig(policy={"k": 4})  # type: ignore[arg-type]
+    with pytest.raises(CoordinatorConfigError, match="max_batch must be >= 1"):
+        CoordinatorConfig(max_batch=0)
+    with pytest.raises(CoordinatorConfigError, match="unknown coordinator setting"):
+        CoordinatorConfig.from_dict({"polcy": None})
 
 
 # ---------------------------------------------------------------- errors
@@ -168,14 +245,22 @@ FILE_ERRORS = [
     ("tasks: data/a/train.parquet\n", ["tasks: expected a list"]),
     ("tasks:\n  - {name: a}\n", ["tasks.0.train: required but not set"]),
     ("adapter: {r: 0}\n" + TWO_TASKS, ["adapter.r", "must be >= 1"]),
-    ("adapter: {variance: 0}\n" + TWO_TASKS, ["adapter.variance", "0 < variance <= 1"]),
+    ("adapter: {variance: 0}\n" + TWO_TASKS, ["adapter.variance", "0 < variance <= 1", "null to choose k by"]),
     ("adapter: {variance: 1.5}\n" + TWO_TASKS, ["adapter.variance", "0 < variance <= 1"]),
     ("adapter: {phi: -1}\n" + TWO_TASKS, ["adapter.phi", "must be >= 0"]),
     ("adapter: {p: 0}\n" + TWO_TASKS, ["adapter.p", "null to use r"]),
-    ("adapter: {k: 0}\n" + TWO_TASKS, ["adapter.k", "adapter.variance"]),
+    ("adapter: {k: 0}\n" + TWO_TASKS, ["adapter.k", "adapter.variance or adapter.max_error"]),
     ("adapter: {target_modules: []}\n" + TWO_TASKS, ["adapter.target_modules", "at least one"]),
     ("training: {mode: full}\n" + TWO_TASKS, ["training.mode", "'full'", ", ".join(TRAINING_MODES)]),
     ("training: {lr: 0}\n" + TWO_TASKS, ["training.lr", "> 0"]),
+    ("training: {lora_lr: -1}\n" + TWO_TASKS, ["training.lora_lr", "> 0", "null to train LoRA tasks at training.lr"]),
+    ("training: {lr_scheduler: cos}\n" + TWO_TASKS, ["training.lr_scheduler", "'cos'", ", ".join(LR_SCHEDULERS)]),
+    ("training: {warmup_ratio: 0.6}\n" + TWO_TASKS, ["training.warmup_ratio", "[0, 0.5]"]),
+    ("training: {warmup_ratio: -0.1}\n" + TWO_TASKS, ["training.warmup_ratio", "[0, 0.5]"]),
+    ("training: {max_grad_norm: -1}\n" + TWO_TASKS, ["training.max_grad_norm", ">= 0", "disable clipping"]),
+    ("training: {max_grad_norm: off}\n" + TWO_TASKS, ["training.max_grad_norm", "a number or null"]),
+    ("adapter: {max_error: 0}\n" + TWO_TASKS, ["adapter.max_error", "0 < max_error < 1"]),
+    ("adapter: {max_error: 1}\n" + TWO_TASKS, ["adapter.max_error", "0 < max_error < 1"]),
     ("tasks:\n  - {name: a, train: data/a/train.parquet}\n  - {name: a, train: data/b/train.parquet}\n",
      ["tasks.1.name", "repeats tasks.0.name", "unique"]),
     ("tasks:\n  - {name: 'a b', train: data/a/train.parquet}\n", ["tasks.0.name", "not a valid name"]),
@@ -211,7 +296,9 @@ OVERRIDE_ERRORS = [
     ("training.steps=abc", ["training.steps", "an integer"]),
     ("tasks=[{name: a, trian: b}]", ["tasks.0.trian: unknown key"]),
     ("tasks=[{name: a, train: data/a/train.parquet, num_labels: x}]", ["tasks.0.num_labels", "an integer or null"]),
-    ("training.mode=fast", ["training.mode", "auto, coefficients, lora"]),
+    ("training.mode=fast", ["training.mode", ", ".join(TRAINING_MODES)]),
+    ("training.warmup=0.1", ["training.warmup: unknown key", "Did you mean 'warmup_ratio'"]),
+    ("adapter.max_eror=0.1", ["adapter.max_eror: unknown key", "Did you mean 'max_error'"]),
 ]
 
 
@@ -225,10 +312,56 @@ def test_override_errors_name_the_key(data_tmp: Path, override: str, expected: l
 
 def test_all_problems_are_reported_together(data_tmp: Path) -> None:
     with pytest.raises(JobConfigError) as info:
-        _load(data_tmp, overrides=("adapter.r=0", "adapter.phi=-2", "training.batch_size=0"))
-    message = str(info.value)
-    assert message.startswith("invalid job:")
-    assert all(key in message for key in ("adapter.r", "adapter.phi", "training.batch_size"))
+        _load(
+            data_tmp,
+            overrides=(
+                "adapter.r=0",
+                "adapter.phi=-2",
+                "adapter.max_error=2",
+                "training.batch_size=0",
+                "training.warmup_ratio=0.9",
+                "model.max_length=0",
+                "tasks.1.name=a",
+                "store.namespace=a/b",
+            ),
+        )
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid job:"
+    keys = [line.removeprefix("  - ").split(":")[0] for line in lines[1:]]
+    assert keys == [
+        "model.max_length",
+        "adapter.r",
+        "adapter.phi",
+        "adapter.max_error",
+        "training.batch_size",
+        "training.warmup_ratio",
+        "tasks.1.name",
+        "store.namespace",
+    ]
+
+
+SECTIONS = [
+    # (a section with one bad field, the key its own check names)
+    (ModelConfig(builder=" "), "model.builder"),
+    (AdapterConfig(max_error=0.0), "adapter.max_error"),
+    (TrainingConfig(lr_scheduler="step"), "training.lr_scheduler"),
+    (TaskConfig(name="a b", train="s3://b/a.parquet"), "tasks.3.name"),
+    (ClusterConfig(max_retries=-2), "cluster.max_retries"),
+    (StoreConfig(redis_url="http://h:1"), "store.redis_url"),
+    (TrackingConfig(experiment=" "), "tracking.experiment"),
+]
+
+
+@pytest.mark.parametrize(("section", "key"), SECTIONS, ids=[s[1] for s in SECTIONS])
+def test_each_section_checks_its_own_fields(section, key: str) -> None:
+    problems = section.problems(key.rsplit(".", 1)[0]) if isinstance(section, TaskConfig) else section.problems()
+    assert [p.split(":")[0] for p in problems] == [key]
+
+
+def test_section_defaults_pass_their_own_checks() -> None:
+    for section in (ModelConfig, AdapterConfig, TrainingConfig, ClusterConfig, StoreConfig, TrackingConfig):
+        assert section().problems() == [], section
+    assert TaskConfig(name="a", train="s3://b/a.parquet").problems("tasks.0") == []
 
 
 def test_check_files_false_skips_only_the_file_check(tmp_path: Path) -> None:
@@ -262,8 +395,8 @@ def test_validate_checks_types_of_hand_built_configs() -> None:
     validate(JobConfig(adapter=AdapterConfig(lora_alpha=16), tasks=[TaskConfig(name="a", train="s3://b/a")]))
 
 
-def test_job_config_error_is_a_value_error() -> None:
-    assert issubclass(JobConfigError, ValueError)
+def test_job_config_error_is_a_share_cl_error() -> None:
+    assert issubclass(JobConfigError, ShareClError) and issubclass(JobConfigError, ValueError)
 
 
 # ---------------------------------------------------------------- MLflow params

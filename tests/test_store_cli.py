@@ -51,6 +51,9 @@ def test_push_versions_show_tag_pull(cli, tmp_path, make_adapter) -> None:
     assert torch.equal(pulled.delta_weight("b", "layer.0.value"), sub.delta_weight("b", "layer.0.value"))
     code, _, err = cli("pull", "v1", "-o", str(tmp_path / "pulled"))
     assert code == 2 and "--overwrite" in err
+    # A TaskNotFoundError is also a KeyError; it is still one line, its message unquoted.
+    code, _, err = cli("pull", "v1", "--task", "nope", "-o", str(tmp_path / "nope"))
+    assert (code, err) == (2, "sharecl pull: error: version v1 has no task 'nope'; it holds: a, b\n")
 
     code, out, _ = cli("pull", "v1", "--task", "a", "-o", str(tmp_path / "peft"), "--format", "peft")
     assert code == 0 and (tmp_path / "peft" / "adapter_config.json").is_file()
@@ -61,6 +64,27 @@ def test_push_versions_show_tag_pull(cli, tmp_path, make_adapter) -> None:
     code, out, _ = cli("prune", "--keep", "0")  # v1 is neither head nor tagged any more
     assert code == 0 and "deleted 1 version(s): v1" in out and "kept v2: head, tag canary" in out
     assert [r["version"] for r in json.loads(cli("versions", "--json")[1])] == ["v2"]
+
+
+@pytest.mark.parametrize(
+    "command", [["versions"], ["pull", "v1", "-o", "x"], ["status"], ["adapters", "add", "dir"]], ids=lambda c: c[0]
+)
+def test_store_and_cluster_commands_take_the_same_store_options(command: list[str]) -> None:
+    from jobs.cli import build_parser
+
+    args = build_parser().parse_args([*command, "--redis-url", "redis://h:1/0", "--namespace", "ns"])
+    assert (args.redis_url, args.namespace) == ("redis://h:1/0", "ns")
+    args = build_parser().parse_args(command)
+    assert (args.redis_url, args.namespace) == (None, None)  # None: the environment, then the default
+
+
+def test_namespace_comes_from_the_option_then_the_environment(cli, tmp_path, make_adapter, monkeypatch) -> None:
+    sub, _ = merge(None, {"a": make_adapter(0)})
+    sub.save(tmp_path / "sub")
+    assert cli("push", str(tmp_path / "sub"))[0] == 0  # into $SHARECL_NAMESPACE
+    code, out, _ = cli("versions", "--namespace", "elsewhere-ns")
+    assert code == 0 and "namespace 'elsewhere-ns' holds no version" in out
+    assert [r["version"] for r in json.loads(cli("versions", "--json")[1])] == ["v1"]
 
 
 def test_connection_errors_are_one_line(cli, monkeypatch) -> None:

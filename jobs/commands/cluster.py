@@ -22,17 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.commands.options import add_store_options
 from jobs.errors import CLIError
 
 NAMESPACE_ENV = "SHARECL_NAMESPACE"
 CLUSTER_DIR = "~/share-cl"  # where ray_cluster.yaml syncs the checkout on every node
-
-
-def _store_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", default=None, metavar="URL", help="default: $SHARECL_REDIS_URL, else embedded")
-    parser.add_argument(
-        "--namespace", default=None, help="store namespace (default: $SHARECL_NAMESPACE, else 'default')"
-    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.set_defaults(func=run_submit)
 
     status = subparsers.add_parser("status", help="jobs, tasks, submissions and versions of a namespace")
-    _store_options(status)
+    add_store_options(status)
     status.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else the sqlite default")
     status.add_argument("--experiment", default=None, help="MLflow experiment (default: the namespace)")
     status.add_argument("--jobs", type=int, default=5, metavar="N", help="show the newest N jobs (default 5)")
@@ -93,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mlflow-uri", default=None, help="for --wait: default $MLFLOW_TRACKING_URI, else the sqlite default"
     )
     add.add_argument("--experiment", default=None, help="for --wait: MLflow experiment (default: the namespace)")
-    _store_options(add)
+    add_store_options(add)
     add.set_defaults(func=run_adapters_add)
 
     demo = subparsers.add_parser(

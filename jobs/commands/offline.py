@@ -1,11 +1,13 @@
 """Offline commands (no services): ``compress``, ``add``, ``export``, ``info`` on a subspace folder.
 
-sharecl compress ADAPTER_DIR... -o SUBSPACE_DIR [--variance F | --k K] [--k-max K] [--task NAME ...]
-sharecl add SUBSPACE_DIR ADAPTER_DIR [--task NAME]
+sharecl compress ADAPTER_DIR... -o SUBSPACE_DIR [--max-error EPS | --variance F | --k K] [--k-max K] [--task NAME ...]
+sharecl add SUBSPACE_DIR ADAPTER_DIR [--task NAME] [--max-error EPS | --variance F | --k K] [--k-max K]
 sharecl export SUBSPACE_DIR --task NAME -o DIR
 sharecl info SUBSPACE_DIR [--json]
 
 Every write goes to a temporary folder that is then renamed, so an error leaves SUBSPACE_DIR as it was.
+``compress`` chooses k as a job does (the job schema's ``adapter`` defaults); ``add`` keeps the
+subspace's own policy unless told otherwise.
 """
 
 from __future__ import annotations
@@ -14,9 +16,35 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.errors import CLIError
+
+if TYPE_CHECKING:
+    from share import KPolicy, MergeReport
+
+
+def _policy_options(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--max-error`` / ``--variance`` / ``--k`` (one of them) and ``--k-max``: how k is chosen at the merge."""
+    from jobs.schema import AdapterConfig
+
+    job = AdapterConfig()
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--max-error",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="keep the smallest k that holds every task's relative reconstruction error at or below EPS "
+        f"(a job's default: {job.max_error})",
+    )
+    choice.add_argument(
+        "--variance", type=float, default=None, metavar="F", help="keep the smallest k explaining this fraction"
+    )
+    choice.add_argument("--k", type=int, default=None, metavar="K", help="keep exactly K directions per side")
+    parser.add_argument(
+        "--k-max", type=int, default=None, metavar="K", help=f"never keep more than K directions ({default})"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,12 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compress.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA folders (save_pretrained)")
     compress.add_argument("-o", "--output", required=True, metavar="SUBSPACE_DIR", help="folder to write")
-    choice = compress.add_mutually_exclusive_group()
-    choice.add_argument(
-        "--variance", type=float, default=None, metavar="F", help="keep k explaining this fraction (default 0.6)"
-    )
-    choice.add_argument("--k", type=int, default=None, metavar="K", help="keep exactly K directions per side")
-    compress.add_argument("--k-max", type=int, default=None, metavar="K", help="never keep more than K directions")
+    _policy_options(compress, "default: a job's adapter.k_max")
     compress.add_argument(
         "--task",
         dest="tasks",
@@ -51,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("subspace", metavar="SUBSPACE_DIR")
     add.add_argument("adapter", metavar="ADAPTER_DIR")
     add.add_argument("--task", default=None, metavar="NAME", help="task name (default: the adapter folder's name)")
+    _policy_options(add, "default: the subspace's own")
     add.set_defaults(func=run_add)
 
     export = subparsers.add_parser("export", help="write one task as a PEFT LoRA folder")
@@ -75,8 +99,19 @@ def _task_name(folder: str) -> str:
     return Path(folder).resolve().name
 
 
+def _policy(args: argparse.Namespace, base: KPolicy) -> KPolicy:
+    """The rule the options name (at most one), else ``base``'s; ``--k-max``, else ``base``'s cap."""
+    from share import KPolicy
+
+    rule = {"k": args.k, "variance": args.variance, "max_error": args.max_error}
+    if all(value is None for value in rule.values()):
+        rule = {name: getattr(base, name) for name in rule}
+    return KPolicy(**rule, k_max=base.k_max if args.k_max is None else args.k_max)
+
+
 def run_compress(args: argparse.Namespace) -> int:
-    from share import KPolicy, merge
+    from jobs.schema import AdapterConfig
+    from share import merge
     from share.peft_io import load_peft_adapter
 
     names = args.tasks if args.tasks is not None else [_task_name(a) for a in args.adapters]
@@ -87,7 +122,7 @@ def run_compress(args: argparse.Namespace) -> int:
         raise CLIError(f"task names {duplicates} repeat; name each adapter with --task NAME ... in order")
     output = Path(args.output)
     _check_output(output, args.overwrite)
-    policy = KPolicy(k=args.k, variance=0.6 if args.variance is None else args.variance, k_max=args.k_max)
+    policy = _policy(args, AdapterConfig().policy)
     adapters = {}
     for i, (name, folder) in enumerate(zip(names, args.adapters, strict=True), start=1):
         adapter = load_peft_adapter(folder)
@@ -97,12 +132,26 @@ def run_compress(args: argparse.Namespace) -> int:
     _progress(f"merging {len(adapters)} adapter(s)")
     subspace, report = merge(None, adapters, policy)
     subspace.save(output, overwrite=True)
+    _warn_over_bound(report, policy)
     k_values = [k for pair in report.k.values() for k in pair]
     print(
         f"wrote {output}: {len(subspace.tasks)} tasks, {len(subspace.modules)} modules, k {min(k_values)}-"
         f"{max(k_values)}, worst reconstruction error {report.worst_error:.3g}"
     )
     return 0
+
+
+def _warn_over_bound(report: MergeReport, policy: KPolicy) -> None:
+    """Say on stderr which tasks the merge left over ``max_error`` (k_max kept k too small for them)."""
+    if report.within_bound:
+        return
+    worst_first = sorted(report.over_bound.items(), key=lambda item: -item[1])
+    tasks = ", ".join(f"{task!r} {error:.3g}" for task, error in worst_first)
+    _progress(
+        f"warning: {len(worst_first)} task(s) over max_error={policy.max_error} (error bound: {tasks}); "
+        f"k_max={policy.k_max} capped k in {len(report.capped_modules)} module(s). Raise --k-max, or pass a "
+        "larger --max-error to accept it"
+    )
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -129,8 +178,10 @@ def run_add(args: argparse.Namespace) -> int:
     subspace = Subspace.load(args.subspace)
     name = args.task or _task_name(args.adapter)
     adapter = load_peft_adapter(args.adapter)
-    merged, report = merge(subspace, {name: adapter})
+    policy = _policy(args, subspace.policy)
+    merged, report = merge(subspace, {name: adapter}, policy)
     merged.save(args.subspace, overwrite=True)
+    _warn_over_bound(report, policy)
     worst = max(report.reconstruction_error, key=report.reconstruction_error.get)
     print(
         f"added task {name!r} to {args.subspace}: {len(merged.tasks)} tasks, new-task reconstruction error "
@@ -154,6 +205,7 @@ def run_export(args: argparse.Namespace) -> int:
 def summarize(folder: str | Path) -> dict[str, Any]:
     """What ``info`` reports, as one JSON-able dict."""
     from share import Subspace
+    from share.merge import ERROR_BOUND, RECONSTRUCTION_ERROR
 
     folder = Path(folder)
     subspace = Subspace.load(folder)
@@ -161,7 +213,10 @@ def summarize(folder: str | Path) -> dict[str, Any]:
         name: {
             "rank": sorted({E_A.shape[1] for E_A, _ in t.E.values()}),
             "head": sorted(t.head),
-            "reconstruction_error": t.metadata.get("reconstruction_error"),
+            # The last merge's error, and the bound on the error against the update the task had when it
+            # was first committed (what --max-error holds every task to).
+            "reconstruction_error": t.metadata.get(RECONSTRUCTION_ERROR),
+            "error_bound": t.metadata.get(ERROR_BOUND),
         }
         for name, t in subspace.tasks.items()
     }
@@ -194,7 +249,10 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"subspace {summary['path']}: {len(summary['tasks'])} tasks, {len(summary['modules'])} modules")
     for name, task in summary["tasks"].items():
         error = task["reconstruction_error"]
-        print(f"  task {name}: rank {task['rank']}, head {task['head'] or '-'}, error {_fmt(error)}")
+        print(
+            f"  task {name}: rank {task['rank']}, head {task['head'] or '-'}, error {_fmt(error)}, "
+            f"error bound {_fmt(task['error_bound'])}"
+        )
     for name, module in summary["modules"].items():
         print(f"  module {name}: k_A={module['k_A']} k_B={module['k_B']}")
     print(

@@ -16,31 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jobs.commands.options import add_store_options, namespace
 from jobs.errors import CLIError
-
-NAMESPACE_ENV = "SHARECL_NAMESPACE"
 
 
 def _common() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "--redis-url",
-        default=None,
-        metavar="URL",
-        help="redis://[:password@]host:port/db or rediss://... (default: $SHARECL_REDIS_URL, else embedded Redis)",
-    )
-    parent.add_argument(
-        "--namespace",
-        default=None,
-        help="store namespace, so several subspaces share one Redis (default: $SHARECL_NAMESPACE, else 'default')",
-    )
+    add_store_options(parent)
     return parent
 
 
@@ -123,6 +111,7 @@ def _embedded_folder() -> Path:
 
 
 def _url(args: argparse.Namespace) -> str | None:
+    """The Redis URL the options or the environment name; None: the embedded server."""
     from subspace_store.connection import configured_url
 
     return configured_url(args.redis_url)
@@ -131,10 +120,7 @@ def _url(args: argparse.Namespace) -> str | None:
 def _open(args: argparse.Namespace) -> Any:
     from subspace_store import SubspaceStore, connect
 
-    url = _url(args)
-    client = connect(url, folder=None if url else _embedded_folder())
-    namespace = args.namespace or os.environ.get(NAMESPACE_ENV, "").strip() or "default"
-    return SubspaceStore(client, namespace)
+    return SubspaceStore(connect(args.redis_url), namespace(args))
 
 
 def _when(timestamp: float) -> str:

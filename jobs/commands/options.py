@@ -1,0 +1,34 @@
+"""Command-line options shared by several command groups: where the store lives.
+
+``--redis-url`` and ``--namespace`` mean the same in every command that reads or writes a store
+(``sharecl versions``, ``sharecl status``, ``sharecl adapters add``, ...), so they are registered here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+NAMESPACE_ENV = "SHARECL_NAMESPACE"
+DEFAULT_NAMESPACE = "default"
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """Register ``--redis-url URL`` and ``--namespace NS`` on ``parser`` (both default to None)."""
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="redis://[:password@]host:port/db or rediss://... (default: $SHARECL_REDIS_URL, else embedded Redis)",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=None,
+        help="store namespace, so several subspaces share one Redis "
+        f"(default: ${NAMESPACE_ENV}, else '{DEFAULT_NAMESPACE}')",
+    )
+
+
+def namespace(args: argparse.Namespace) -> str:
+    """The namespace a command works in: ``--namespace``, else ``$SHARECL_NAMESPACE``, else "default"."""
+    return args.namespace or os.environ.get(NAMESPACE_ENV, "").strip() or DEFAULT_NAMESPACE
