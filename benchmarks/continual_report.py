@@ -250,11 +250,10 @@ def plot_heatmap(result: MethodResult, path: Path) -> Path:
 
     plt = _pyplot()
     T = len(result.tasks)
-    cell = min(0.9, max(0.22, 8.0 / T))  # inches per cell
-    font = min(9.0, max(3.5, 11.0 * cell))
+    cell = min(0.9, max(0.26, 8.0 / T))  # inches per cell
+    font = min(9.0, max(4.5, 11.0 * cell))
     percent = T > 12  # "87" instead of "0.87" where cells are small
-    cmap = LinearSegmentedColormap.from_list("light", ["#f4c7c3", "#fce8b2", "#b7e1cd"])
-    cmap.set_bad("white")
+    cmap = LinearSegmentedColormap.from_list("light", ["#f4c7c3", "#fce8b2", "#b7e1cd"]).with_extremes(bad="white")
     fig, ax = plt.subplots(figsize=(T * cell + 2.8, T * cell + 1.8))
     image = ax.imshow(result.R, vmin=0.0, vmax=1.0, cmap=cmap)
     for i, row in enumerate(result.R):
@@ -273,7 +272,7 @@ def plot_heatmap(result: MethodResult, path: Path) -> Path:
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120 if T <= 24 else 160)
     plt.close(fig)
     return path
 
