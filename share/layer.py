@@ -189,11 +189,6 @@ class ShareLinear(nn.Module):
         return (y @ self.U_B.T).reshape(*x.shape[:-1], self.out_features)
 
     # -- materialize / restore -----------------------------------------------------------------
-    @property
-    def materialized(self) -> bool:
-        """Whether a task's ``dW`` is folded into the base weight now."""
-        return self._original_weight is not None
-
     def materialize(self, index: int) -> None:
         """Fold stored task ``index``'s ``dW`` into the base weight (no inference overhead); ``restore()`` undoes it."""
         if self._original_weight is not None:

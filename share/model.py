@@ -14,8 +14,7 @@ model.materialize("task0"); model.restore()     # fold one task into the weights
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -272,15 +271,6 @@ class ShareModel(nn.Module):
         for layer in self.layers.values():
             layer.restore()
         self._materialized_task = None
-
-    @contextmanager
-    def using(self, task: str) -> Iterator[None]:
-        """``with model.using("t"):`` selects ``task`` for the block and the base model after it."""
-        self.set_task(task)
-        try:
-            yield
-        finally:
-            self.set_task(None)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

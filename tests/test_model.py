@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from share import KPolicy, LoraAdapter, ShareModel, Subspace, merge
-from share.layer import Serving
+from share.layer import ModelStateError, Serving
 
 D, LABELS, R = 16, 3, 4
 TARGETS = ["query", "value"]
@@ -325,6 +325,21 @@ def test_materialize_matches_task_mode_and_restore_is_bit_exact() -> None:
     for n, p in model.model.named_parameters():
         if "task_heads" not in n:  # the heads are rebuilt from the subspace, equal but new objects
             assert torch.equal(p, original[n]), n
+
+
+def test_a_layer_materializes_one_task_at_a_time_and_restores_bit_exact() -> None:
+    model = ShareModel(tiny(), TARGETS)
+    model.load_subspace(tiny_subspace(count=2))
+    layer = model.layers["blocks.0.query"]
+    original = layer.base_layer.weight.detach().clone()
+    layer.materialize(0)
+    with pytest.raises(ModelStateError, match=r"already materialized in this layer; call restore\(\) first"):
+        layer.materialize(1)
+    layer.restore()
+    assert torch.equal(layer.base_layer.weight, original)
+    layer.materialize(1)
+    layer.start_lora(2, 4.0, torch.Generator().manual_seed(0))  # training starts from the base weight
+    assert torch.equal(layer.base_layer.weight, original)
 
 
 def test_switching_tasks_while_materialized_restores_first() -> None:

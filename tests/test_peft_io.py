@@ -15,7 +15,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from share import KPolicy, ShareModel, merge
+from share import KPolicy, ShareModel, match_modules, merge
+from share.errors import ShareClError
+from share.folders import FolderExistsError, MissingFileError
 from share.peft_io import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, export_peft, load_peft_adapter, pattern_value
 
 DIM = 16
@@ -161,6 +163,36 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
     with pytest.raises(KeyError, match="unknown task"):
         export_peft(subspace, "nope", tmp_path / "other")
+
+
+TARGETS = [["query"], ["1.query"], ["blocks.1.value", "key"], r"blocks\.1\d?\.(query|value)", r".*query"]
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=["suffix", "dotted-suffix", "name-and-suffix", "regex", "regex-all"])
+def test_attach_and_import_select_the_modules_peft_wraps(tmp_path: Path, target) -> None:
+    """``ShareModel`` attaches to, and the importer accepts, exactly the modules PEFT itself wraps."""
+    wrapped = set(peft_layers(save_peft(tmp_path / "a", target_modules=target)))
+    assert set(match_modules(tiny(), target)) == wrapped
+    assert set(load_peft_adapter(tmp_path / "a").factors) == wrapped
+    config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    config["target_modules"] = ["blocks.0.query"]  # the weights now hold modules the config does not select
+    (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ShareClError, match="not selected by target_modules"):
+        load_peft_adapter(tmp_path / "a")
+
+
+def test_file_errors_are_project_errors(tmp_path: Path) -> None:
+    """Missing folders and occupied outputs raise ShareClError (the CLI's one error) and the OS error type."""
+    with pytest.raises(MissingFileError, match="does not exist") as missing:
+        load_peft_adapter(tmp_path / "nope")
+    assert isinstance(missing.value, ShareClError) and isinstance(missing.value, FileNotFoundError)
+    save_peft(tmp_path / "a")
+    subspace, _ = merge(None, {"a": load_peft_adapter(tmp_path / "a")})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FolderExistsError, match="not a folder") as occupied:
+        export_peft(subspace, "a", tmp_path / "file", overwrite=True)
+    assert isinstance(occupied.value, ShareClError) and isinstance(occupied.value, FileExistsError)
+    assert (tmp_path / "file").read_text() == "x"
 
 
 # -- refusals ------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch
 
 from share import KPolicy, LoraAdapter, Subspace, merge
 from share.errors import ShareClError
-from share.subspace import BASES_FILE, MANIFEST, TASKS_DIR, check_task_name
+from share.folders import MissingFileError
+from share.subspace import BASES_FILE, MANIFEST, TASKS_DIR, UnknownTaskError, check_task_name
 
 SHAPES = {"enc.0.query": (12, 10), "enc.0.value": (10, 12)}  # name -> (n, d)
 
@@ -149,6 +150,9 @@ def test_save_without_overwrite_refuses_an_existing_folder(subspace: Subspace, t
     with pytest.raises(FileExistsError, match="overwrite=True"):
         subspace.save(folder, overwrite=False)
     assert folder_snapshot(folder) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_identical(subspace, Subspace.load(subspace.save(empty, overwrite=False)))  # nothing to replace
 
 
 def test_save_replaces_an_existing_folder_completely(subspace: Subspace, tmp_path: Path) -> None:
@@ -175,3 +179,14 @@ def test_task_names_must_match_in_full(subspace: Subspace, tmp_path: Path, name:
 def test_valid_task_names_pass() -> None:
     for name in ("t0", "wn_animals", "A.b-c_1", "x" * 128):
         assert check_task_name(name) == name
+
+
+def test_unknown_tasks_and_missing_folders_raise_project_errors(subspace: Subspace, tmp_path: Path) -> None:
+    """One base class for the CLI to catch; the lookup and OS error types stay for existing callers."""
+    with pytest.raises(UnknownTaskError) as unknown:
+        subspace.task("nope")
+    assert isinstance(unknown.value, ShareClError) and isinstance(unknown.value, KeyError)
+    assert str(unknown.value) == "unknown task 'nope'; this subspace holds: t0, t1, t2"  # not quoted as KeyError
+    with pytest.raises(MissingFileError) as missing:
+        Subspace.load(tmp_path / "nothing-here")
+    assert isinstance(missing.value, ShareClError) and isinstance(missing.value, FileNotFoundError)
