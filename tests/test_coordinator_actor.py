@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from coordinator.actor import find_coordinator, get_or_start_coordinator, stop_coordinator
 from coordinator.crash import POINTS
-from share import LoraAdapter
+from share import KPolicy, LoraAdapter
 from subspace_store import Submission, SubmissionStream, SubspaceStore, connect
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def test_killed_at_every_crash_point_and_by_ray_kill(ray_session, redis_server, 
         namespace,
         redis_server,
         mlflow_uri,
-        policy={"k": 16},
+        policy=KPolicy(k=16),
         block_ms=200,
         crash_at=list(POINTS),
         crash_marker_dir=str(tmp_path / "markers"),
@@ -81,7 +81,7 @@ def test_killed_at_every_crash_point_and_by_ray_kill(ray_session, redis_server, 
     more = {f"b{i}": stream.submit(Submission(f"b{i}", adapter(10 + i), "v1")) for i in range(3)}
     ray.kill(handle, no_restart=False)
     more.update({f"c{i}": stream.submit(Submission(f"c{i}", adapter(20 + i), "v1")) for i in range(2)})
-    same = get_or_start_coordinator(namespace, redis_server, mlflow_uri, policy={"k": 16}, block_ms=200)
+    same = get_or_start_coordinator(namespace, redis_server, mlflow_uri, policy=KPolicy(k=16), block_ms=200)
     status = ray.get(same.flush.remote(240), timeout=300)
     assert status["pid"] != pid
     assert_merged_exactly_once(store, stream, {**ids, **more})

@@ -136,11 +136,11 @@ _CRASHING = textwrap.dedent(
     """
     import sys, torch
     from coordinator import CoordinatorConfig, build
-    from share import LoraAdapter
+    from share import KPolicy, LoraAdapter
     from subspace_store import Submission
 
     url, namespace, uri, markers = sys.argv[1:5]
-    config = CoordinatorConfig(namespace=namespace, redis_url=url, mlflow_uri=uri, policy={"k": 4},
+    config = CoordinatorConfig(namespace=namespace, redis_url=url, mlflow_uri=uri, policy=KPolicy(k=4),
                                crash_at=["after_publish"], crash_marker_dir=markers)
     coordinator = build(config)
     g = torch.Generator().manual_seed(0)
