@@ -8,7 +8,6 @@ end to end in minutes: local Ray, embedded Redis, MLflow in sqlite, the bundled 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from jobs.datasets.glosses import prepare_wordnet_tasks
 from jobs.schema import JobConfig, TaskConfig, load_job
 
 EXAMPLE = Path(__file__).parent / "examples" / "wordnet.yaml"
@@ -39,28 +39,13 @@ def default_data_dir() -> Path:
     return REPO_ROOT / "benchmarks" / "data" / "wordnet"
 
 
-def _data_module() -> Any:
-    try:
-        import benchmarks.data_wordnet as module
-    except ImportError:
-        # benchmarks/ is not an installed package: it is found next to jobs/ in a checkout.
-        if not (REPO_ROOT / "benchmarks" / "data_wordnet.py").is_file():
-            raise FileNotFoundError(
-                "benchmarks/data_wordnet.py is not available (the demo needs a checkout of the repository); "
-                "pass --data DIR with WordNet tasks built by `python -m benchmarks.data_wordnet --out DIR`"
-            ) from None
-        sys.path.insert(0, str(REPO_ROOT))
-        import benchmarks.data_wordnet as module
-    return module
-
-
 def ensure_wordnet(data: Path, num_tasks: int | None, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """The task list of ``data/tasks.json``, building the WordNet tasks there first if it is missing."""
     manifest = data / "tasks.json"
     if not manifest.is_file():
         say(f"[demo] building the WordNet tasks in {data} (once; needs the Debian package wordnet-base)")
         started = time.time()
-        _data_module().prepare_wordnet_tasks(data)
+        prepare_wordnet_tasks(data)
         say(f"[demo] data ready in {time.time() - started:.0f}s")
     entries = json.loads(manifest.read_text(encoding="utf-8"))["tasks"]
     if num_tasks is not None:

@@ -57,7 +57,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 # Task names and namespaces become Redis keys, MLflow run names and folder names.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
-DATA_BUILDER = "python -m benchmarks.data_wordnet"
+DATA_BUILDER = "python -m jobs.datasets.glosses"
 
 
 class _Problems:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,14 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobs.datasets import glosses
+from jobs.datasets.wordnet import locate_wordnet
 from workers.data import TaskSplit, iter_batches, load_split, write_split
 from workers.models import default_model_path
-
-# benchmarks/ is not an installed package; plain `pytest` does not put the repo root on sys.path.
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-from benchmarks import data_wordnet  # noqa: E402
 
 NAMES = ["negative", "positive", "neutral"]
 
@@ -65,7 +60,7 @@ def test_write_split_accepts_a_label_tensor(tmp_path: Path) -> None:
 
 
 def test_missing_file_names_the_path_and_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"nope\.parquet.*benchmarks\.data_wordnet"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.parquet.*jobs\.datasets\.glosses"):
         load_split(tmp_path / "nope.parquet")
 
 
@@ -149,13 +144,13 @@ def wordnet_dir(request, tmp_path_factory) -> Path:
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     cache_dir = cache.mkdir("wordnet") if cache is not None else tmp_path_factory.mktemp("wordnet")
     try:
-        return data_wordnet.locate_wordnet(None, cache_dir)
+        return locate_wordnet(None, cache_dir)
     except FileNotFoundError as err:
         pytest.skip(f"WordNet unobtainable here: {err}")
 
 
 def test_wordnet_tasks_default_caps(tmp_path: Path, wordnet_dir: Path) -> None:
-    tasks = data_wordnet.prepare_wordnet_tasks(tmp_path, wordnet_dir=wordnet_dir)
+    tasks = glosses.prepare_wordnet_tasks(tmp_path, wordnet_dir=wordnet_dir)
     assert len(tasks) >= 5
     all_labels = [name for t in tasks for name in t.label_names]
     assert len(all_labels) == len(set(all_labels)), "category groups must be disjoint across tasks"
@@ -175,7 +170,7 @@ def test_wordnet_tasks_default_caps(tmp_path: Path, wordnet_dir: Path) -> None:
 
 def test_wordnet_tasks_are_deterministic_by_seed(tmp_path: Path, wordnet_dir: Path) -> None:
     def texts(out: str, seed: int) -> list[str]:
-        tasks = data_wordnet.prepare_wordnet_tasks(
+        tasks = glosses.prepare_wordnet_tasks(
             tmp_path / out, num_tasks=2, train_per_task=20, eval_per_task=8, seed=seed, wordnet_dir=wordnet_dir
         )
         return [x for t in tasks for x in load_split(t.train).texts + load_split(t.eval).texts]
@@ -187,7 +182,7 @@ def test_wordnet_tasks_are_deterministic_by_seed(tmp_path: Path, wordnet_dir: Pa
 
 
 def test_wordnet_gloss_only_option(tmp_path: Path, wordnet_dir: Path) -> None:
-    tasks = data_wordnet.prepare_wordnet_tasks(
+    tasks = glosses.prepare_wordnet_tasks(
         tmp_path,
         tasks={"animals_vs_plants": ("noun.animal", "noun.plant")},
         train_per_task=10,
@@ -203,25 +198,23 @@ def test_wordnet_gloss_only_option(tmp_path: Path, wordnet_dir: Path) -> None:
 
 def test_wordnet_errors_name_the_fix(tmp_path: Path, wordnet_dir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
-        data_wordnet.prepare_wordnet_tasks(tmp_path, wordnet_dir=tmp_path / "missing")
+        glosses.prepare_wordnet_tasks(tmp_path, wordnet_dir=tmp_path / "missing")
     with pytest.raises(ValueError, match="task groups must be disjoint"):
-        data_wordnet.prepare_wordnet_tasks(
+        glosses.prepare_wordnet_tasks(
             tmp_path, tasks={"a": ("noun.animal", "noun.plant"), "b": ("noun.plant", "noun.food")}
         )
     with pytest.raises(ValueError, match="unknown lexicographer categories"):
-        data_wordnet.prepare_wordnet_tasks(
-            tmp_path, tasks={"a": ("noun.animal", "noun.dragon")}, wordnet_dir=wordnet_dir
-        )
+        glosses.prepare_wordnet_tasks(tmp_path, tasks={"a": ("noun.animal", "noun.dragon")}, wordnet_dir=wordnet_dir)
     with pytest.raises(ValueError, match="verb.consumption has 243 synsets.*lower train_per_task"):
-        data_wordnet.prepare_wordnet_tasks(
+        glosses.prepare_wordnet_tasks(
             tmp_path, tasks={"a": ("verb.motion", "verb.consumption")}, train_per_task=600, wordnet_dir=wordnet_dir
         )
 
 
 def test_wordnet_cli(tmp_path: Path, wordnet_dir: Path, capsys) -> None:
     argv = ["--out", str(tmp_path), "--num-tasks", "1", "--train-per-task", "8", "--eval-per-task", "4"]
-    assert data_wordnet.main([*argv, "--wordnet-dir", str(wordnet_dir)]) == 0
+    assert glosses.main([*argv, "--wordnet-dir", str(wordnet_dir)]) == 0
     assert "wn_things" in capsys.readouterr().out
     assert load_split(tmp_path / "wn_things" / "train.parquet").labels.numel() == 8
-    assert data_wordnet.main([*argv, "--wordnet-dir", str(tmp_path / "missing")]) == 2
+    assert glosses.main([*argv, "--wordnet-dir", str(tmp_path / "missing")]) == 2
     assert "apt-get install wordnet-base" in capsys.readouterr().err

@@ -270,7 +270,7 @@ FILE_ERRORS = [
     ("store: {namespace: 'a/b'}\n" + TWO_TASKS, ["store.namespace", "not a valid name"]),
     ("cluster: {num_gpus_per_task: -1}\n" + TWO_TASKS, ["cluster.num_gpus_per_task", ">= 0"]),
     ("tasks:\n  - {name: a, train: data/zz/train.parquet}\n",
-     ["tasks.0.train", "file not found: data/zz/train.parquet", "python -m benchmarks.data_wordnet --out data"]),
+     ["tasks.0.train", "file not found: data/zz/train.parquet", "python -m jobs.datasets.glosses --out data"]),
     ("tasks:\n  - {name: a, train: data/a/train.parquet, eval: data/a/test.parquet}\n",
      ["tasks.0.eval", "file not found: data/a/test.parquet"]),
     ("- a\n- b\n", ["a job file is a mapping"]),

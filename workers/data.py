@@ -86,7 +86,7 @@ def load_split(path: str | os.PathLike[str]) -> TaskSplit:
     if not path.is_file():
         raise FileNotFoundError(
             f"task split {path} does not exist; check the path, or build the WordNet tasks with "
-            f"`python -m benchmarks.data_wordnet --out benchmarks/data/wordnet`, or {_SCHEMA_FIX}"
+            f"`python -m jobs.datasets.glosses --out benchmarks/data/wordnet`, or {_SCHEMA_FIX}"
         )
     try:
         table = pq.read_table(path)
