@@ -24,26 +24,31 @@ if TYPE_CHECKING:
     from share import KPolicy, MergeReport
 
 
-def _policy_options(parser: argparse.ArgumentParser, default: str) -> None:
+def _policy_options(parser: argparse.ArgumentParser, *, compress: bool) -> None:
     """``--max-error`` / ``--variance`` / ``--k`` (one of them) and ``--k-max``: how k is chosen at the merge."""
     from jobs.schema import AdapterConfig
 
     job = AdapterConfig()
+    rule = (
+        f"the default, with EPS {job.max_error} as a job's adapter.max_error"
+        if compress
+        else "default: the subspace's own rule"
+    )
+    cap = f"default {job.k_max}, as a job's adapter.k_max" if compress else "default: the subspace's own cap"
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument(
         "--max-error",
         type=float,
         default=None,
         metavar="EPS",
-        help="keep the smallest k that holds every task's relative reconstruction error at or below EPS "
-        f"(a job's default: {job.max_error})",
+        help=f"keep the smallest k that holds every task's relative reconstruction error at or below EPS ({rule})",
     )
     choice.add_argument(
         "--variance", type=float, default=None, metavar="F", help="keep the smallest k explaining this fraction"
     )
     choice.add_argument("--k", type=int, default=None, metavar="K", help="keep exactly K directions per side")
     parser.add_argument(
-        "--k-max", type=int, default=None, metavar="K", help=f"never keep more than K directions ({default})"
+        "--k-max", type=int, default=None, metavar="K", help=f"never keep more than K directions ({cap})"
     )
 
 
@@ -55,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compress.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA folders (save_pretrained)")
     compress.add_argument("-o", "--output", required=True, metavar="SUBSPACE_DIR", help="folder to write")
-    _policy_options(compress, "default: a job's adapter.k_max")
+    _policy_options(compress, compress=True)
     compress.add_argument(
         "--task",
         dest="tasks",
@@ -74,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("subspace", metavar="SUBSPACE_DIR")
     add.add_argument("adapter", metavar="ADAPTER_DIR")
     add.add_argument("--task", default=None, metavar="NAME", help="task name (default: the adapter folder's name)")
-    _policy_options(add, "default: the subspace's own")
+    _policy_options(add, compress=False)
     add.set_defaults(func=run_add)
 
     export = subparsers.add_parser("export", help="write one task as a PEFT LoRA folder")
