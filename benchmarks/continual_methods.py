@@ -101,7 +101,10 @@ class SeedRun:
         where = f"{method} seed {self.seed} task {index + 1}/{len(self.tasks)} {task.name} ({mode.value})"
 
         def progress(step: int, metrics: dict[str, float]) -> None:
-            log(f"{where} step {step}/{spec.steps} loss {metrics['loss']:.3f} lr {metrics.get('lr', spec.lr):.2g}")
+            log(
+                f"{where} step {step}/{spec.steps} loss {metrics['loss']:.3f} lr {metrics.get('lr', spec.lr):.2g} "
+                f"{metrics['elapsed_s']:.0f} s"
+            )
 
         return train_task(model, spec, task.train, tok, task.eval, on_metrics=progress, init=init)
 

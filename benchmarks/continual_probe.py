@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +72,7 @@ class EmbeddingCache:
         else:
             embeddings = self._embed(split)
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes may fill the cache together
             torch.save(embeddings, tmp)
             tmp.replace(path)
         self._memory[key] = embeddings
