@@ -14,15 +14,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import KPolicy
 from .errors import ShareClError
-from .folders import MissingFileError, write_folder
+from .folders import MalformedFileError, MissingFileError, describe, read_json, recover_folder, write_folder
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -204,53 +205,187 @@ class Subspace:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], tasks: list[str] | None = None) -> Subspace:
-        """Read a folder written by ``save``; ``tasks`` limits which tasks' files are read."""
+        """Read a folder written by ``save``; ``tasks`` limits which tasks' files are read.
+
+        The manifest is checked in full before any payload is opened: every key and type, every task
+        name (it becomes ``tasks/<name>.safetensors``), and a checksum for every payload file. Anything
+        malformed is one ``ShareClError`` naming the file and the key. A folder that a crashed save
+        left only as its hidden backup is put back first (``share.folders.recover_folder``).
+        """
         folder = Path(path)
+        recover_folder(folder)
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
             raise MissingFileError(
                 f"{folder} is not a Share subspace folder (no {MANIFEST}); create one with "
                 "`sharecl compress ADAPTER_DIR... -o DIR`"
             )
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != "share-cl-subspace" or manifest.get("format_version") != FORMAT_VERSION:
-            raise ShareClError(
-                f"{manifest_path}: unsupported format {manifest.get('format')!r} "
-                f"version {manifest.get('format_version')!r}"
-            )
-        checksums = manifest["checksums"]
-        bases = _load_checked(folder, BASES_FILE, checksums)
+        manifest = _ManifestReader(manifest_path).read()
+        wanted = list(manifest.tasks) if tasks is None else list(tasks)
+        for tname in wanted:
+            check_task_name(tname)
+            if tname not in manifest.tasks:
+                raise UnknownTaskError(f"unknown task {tname!r}; {folder} holds: {', '.join(manifest.tasks) or 'none'}")
+        bases = _load_checked(folder, BASES_FILE, manifest.checksums)
         modules = {}
-        for name in manifest["modules"]:
-            try:
-                modules[name] = ModuleBasis(U_A=bases[f"{name}.U_A"], U_B=bases[f"{name}.U_B"])
-            except KeyError as err:
-                raise ShareClError(f"{folder / BASES_FILE}: missing tensor {err.args[0]!r}") from None
-        wanted = list(manifest["tasks"]) if tasks is None else tasks
+        for name, entry in manifest.modules.items():
+            U_A, U_B = (_tensor(folder / BASES_FILE, bases, f"{name}.{side}") for side in ("U_A", "U_B"))
+            for key, expected, got in (
+                ("in_features", entry.in_features, U_A.shape[0]),
+                ("k_A", entry.k_A, U_A.shape[1]),
+                ("out_features", entry.out_features, U_B.shape[0]),
+                ("k_B", entry.k_B, U_B.shape[1]),
+            ):
+                if expected != got:
+                    raise MalformedFileError(
+                        f"{manifest_path}: ['modules'][{name!r}][{key!r}] is {expected} but {BASES_FILE} has "
+                        f"U_A {tuple(U_A.shape)} and U_B {tuple(U_B.shape)}; {_FIX}"
+                    )
+            modules[name] = ModuleBasis(U_A=U_A, U_B=U_B)
         task_entries = {}
         for tname in wanted:
-            check_task_name(tname)  # before it becomes part of a path
-            if tname not in manifest["tasks"]:
-                raise UnknownTaskError(
-                    f"unknown task {tname!r}; {folder} holds: {', '.join(manifest['tasks']) or 'none'}"
-                )
-            tensors = _load_checked(folder, f"{TASKS_DIR}/{tname}.safetensors", checksums)
-            E = {}
-            for mname in modules:
-                try:
-                    E[mname] = (tensors[f"{mname}.E_A"], tensors[f"{mname}.E_B"])
-                except KeyError as err:
-                    raise ShareClError(f"task {tname!r}: missing tensor {err.args[0]!r}") from None
-            head = {key: tensors[f"head.{key}"] for key in manifest["tasks"][tname]["head"]}
-            task_entries[tname] = TaskCoefficients(E=E, head=head, metadata=manifest["tasks"][tname]["metadata"])
-        subspace = cls(
-            modules=modules,
-            tasks=task_entries,
-            policy=KPolicy.from_dict(manifest["policy"]),
-            metadata=manifest["metadata"],
-        )
+            rel = _task_file(tname)
+            tensors = _load_checked(folder, rel, manifest.checksums)
+            E = {
+                m: (_tensor(folder / rel, tensors, f"{m}.E_A"), _tensor(folder / rel, tensors, f"{m}.E_B"))
+                for m in modules
+            }
+            head = {}
+            for key in manifest.tasks[tname].head:
+                if f"head.{key}" not in tensors:
+                    raise MalformedFileError(
+                        f"{manifest_path}: ['tasks'][{tname!r}]['head'] lists {key!r} but {rel} has no tensor "
+                        f"'head.{key}'; {_FIX}"
+                    )
+                head[key] = tensors[f"head.{key}"]
+            task_entries[tname] = TaskCoefficients(E=E, head=head, metadata=manifest.tasks[tname].metadata)
+        subspace = cls(modules=modules, tasks=task_entries, policy=manifest.policy, metadata=manifest.metadata)
         subspace.validate()
         return subspace
+
+
+# -- reading a folder back ---------------------------------------------------------------------------
+
+_FIX = "the folder is damaged or was not written by Subspace.save; restore it (e.g. `sharecl pull`) or save it again"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _task_file(name: str) -> str:
+    return f"{TASKS_DIR}/{check_task_name(name)}.safetensors"
+
+
+@dataclass(frozen=True)
+class _ModuleEntry:
+    in_features: int
+    out_features: int
+    k_A: int
+    k_B: int
+
+
+@dataclass(frozen=True)
+class _TaskEntry:
+    head: list[str]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    """A checked ``manifest.json``: every name valid, every payload file with its checksum."""
+
+    policy: KPolicy
+    metadata: dict[str, Any]
+    modules: dict[str, _ModuleEntry]
+    tasks: dict[str, _TaskEntry]
+    checksums: dict[str, str]  # payload file (relative path) -> sha256 hex
+
+
+class _ManifestReader:
+    """Decodes one manifest file strictly (nothing coerced); each error names the file and the key path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> _Manifest:
+        top = self._object(read_json(self.path, _FIX), ())
+        fmt, version = top.get("format"), top.get("format_version")
+        if fmt != "share-cl-subspace" or type(version) is not int or version != FORMAT_VERSION:
+            raise MalformedFileError(
+                f"{self.path}: unsupported format {describe(fmt)} version {describe(version)} (keys ['format'] and "
+                f"['format_version']); this version of share-cl reads 'share-cl-subspace' version {FORMAT_VERSION}"
+            )
+        try:
+            policy = KPolicy.from_dict(self._field(top, "policy"))
+        except MalformedFileError:
+            raise
+        except ShareClError as err:
+            raise MalformedFileError(f"{self.path}: ['policy'] is not valid ({err}); {_FIX}") from None
+        metadata = self._object(self._field(top, "metadata"), ("metadata",))
+        modules = {}
+        for name, raw in self._object(self._field(top, "modules"), ("modules",)).items():
+            where = ("modules", name)
+            if not name or any(not part for part in name.split(".")):
+                self._fail(where, "is not a module name (empty, or an empty part between dots)")
+            entry = self._object(raw, where)
+            sizes = {key: self._count(entry, (*where, key)) for key in ("in_features", "out_features", "k_A", "k_B")}
+            modules[name] = _ModuleEntry(**sizes)
+        tasks = {}
+        for name, raw in self._object(self._field(top, "tasks"), ("tasks",)).items():
+            try:
+                check_task_name(name)
+            except ShareClError as err:
+                raise MalformedFileError(f"{self.path}: ['tasks'][{name!r}]: {err}") from None
+            where = ("tasks", name)
+            entry = self._object(raw, where)
+            head = self._field(entry, "head", where)
+            if not isinstance(head, list) or not all(isinstance(key, str) and key for key in head):
+                self._fail((*where, "head"), f"must be a list of head tensor names, got {describe(head)}")
+            if len(set(head)) != len(head):
+                self._fail((*where, "head"), f"names a head tensor twice: {describe(head)}")
+            task_metadata = self._object(self._field(entry, "metadata", where), (*where, "metadata"))
+            tasks[name] = _TaskEntry(head=head, metadata=task_metadata)
+        checksums = self._object(self._field(top, "checksums"), ("checksums",))
+        payloads = [BASES_FILE, *(_task_file(name) for name in tasks)]
+        for rel, digest in checksums.items():
+            if rel not in payloads:
+                self._fail(("checksums", rel), "names no payload file of this manifest")
+            if not isinstance(digest, str) or _SHA256.fullmatch(digest) is None:
+                self._fail(("checksums", rel), f"must be a sha256 hex digest, got {describe(digest)}")
+        for rel in payloads:
+            if rel not in checksums:
+                self._fail(("checksums", rel), "is missing: every payload file must have its checksum")
+        return _Manifest(policy=policy, metadata=metadata, modules=modules, tasks=tasks, checksums=checksums)
+
+    def _fail(self, where: tuple[str, ...], problem: str) -> NoReturn:
+        key = "".join(f"[{part!r}]" for part in where) if where else "the top level"
+        raise MalformedFileError(f"{self.path}: {key} {problem}; {_FIX}")
+
+    def _field(self, mapping: dict[str, Any], key: str, where: tuple[str, ...] = ()) -> Any:
+        if key not in mapping:
+            self._fail((*where, key), "is missing")
+        return mapping[key]
+
+    def _object(self, value: Any, where: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self._fail(where, f"must be a JSON object, got {describe(value)}")
+        return value
+
+    def _count(self, mapping: dict[str, Any], where: tuple[str, ...]) -> int:
+        value = self._field(mapping, where[-1], where[:-1])
+        if type(value) is not int or value < 0:
+            self._fail(where, f"must be an integer >= 0, got {describe(value)}")
+        return value
+
+
+def _tensor(path: Path, tensors: dict[str, Tensor], key: str) -> Tensor:
+    if key not in tensors:
+        raise MalformedFileError(f"{path}: missing tensor {key!r}; {_FIX}")
+    value = tensors[key]
+    if value.ndim != 2 or not value.is_floating_point():
+        raise MalformedFileError(
+            f"{path}: tensor {key!r} must be a floating-point matrix, got {value.dtype} of shape {tuple(value.shape)}; "
+            f"{_FIX}"
+        )
+    return value
 
 
 def _sha256(path: Path) -> str:
@@ -262,10 +397,13 @@ def _sha256(path: Path) -> str:
 
 
 def _load_checked(folder: Path, rel: str, checksums: dict[str, str]) -> dict[str, Tensor]:
+    """The tensors of payload ``rel``, after its sha256 matched the manifest's (every payload has one)."""
     path = folder / rel
     if not path.is_file():
         raise MissingFileError(f"{path} is missing; the subspace folder {folder} is incomplete")
-    expected = checksums.get(rel)
-    if expected is not None and _sha256(path) != expected:
+    if _sha256(path) != checksums[rel]:
         raise ShareClError(f"{path}: checksum mismatch, the file is corrupted; restore it from a store version")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise MalformedFileError(f"{path} cannot be read as safetensors ({err}); {_FIX}") from err

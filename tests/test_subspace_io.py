@@ -1,14 +1,17 @@
-"""``Subspace.save`` / ``load``: bit-exact round trip, corruption detected, atomic replacement."""
+"""``Subspace.save`` / ``load``: bit-exact round trip, corruption detected, atomic replacement, crash recovery."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from share import KPolicy, LoraAdapter, Subspace, merge
+from share import KPolicy, LoraAdapter, Subspace, folders, merge
 from share.errors import ShareClError
 from share.folders import MissingFileError
 from share.subspace import BASES_FILE, MANIFEST, TASKS_DIR, UnknownTaskError, check_task_name
@@ -190,3 +193,80 @@ def test_unknown_tasks_and_missing_folders_raise_project_errors(subspace: Subspa
     with pytest.raises(MissingFileError) as missing:
         Subspace.load(tmp_path / "nothing-here")
     assert isinstance(missing.value, ShareClError) and isinstance(missing.value, FileNotFoundError)
+
+
+# -- a crash inside the folder swap (issue 10, defect 11) -----------------------------------------
+
+_CRASHING_SAVE = """
+import os, shutil, sys
+from share import Subspace
+from share import folders
+
+point, source, target = sys.argv[1:]
+if point == "between-renames":  # the two-rename swap (no atomic exchange), killed after the first rename
+    setattr(folders, "_renameat2", None)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            os._exit(17)
+        real_rename(src, dst)
+
+    folders.os.rename = rename
+elif point == "before-exchange":
+    folders._exchange = lambda a, b: os._exit(17)
+elif point == "after-exchange":  # killed before the previous folder is deleted
+    folders.shutil.rmtree = lambda *args, **kwargs: os._exit(17)
+Subspace.load(source).save(target)
+"""
+
+
+def crash_while_saving(point: str, source: Path, target: Path) -> None:
+    """Save ``source`` over ``target`` in a child process that dies (``os._exit``) at ``point``."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASHING_SAVE, point, str(source), str(target)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 17, result.stderr
+
+
+def test_crash_between_the_two_renames_leaves_a_loadable_folder(subspace: Subspace, tmp_path: Path) -> None:
+    """Where no atomic exchange exists the swap takes two renames; a process killed between them leaves the
+    previous folder only as a hidden backup. ``load`` puts it back: the previous version, bit for bit."""
+    folder = subspace.save(tmp_path / "sub")
+    newer, _ = merge(subspace, {"t3": random_adapter(3)}, KPolicy(k=4))
+    newer.save(tmp_path / "newer")
+    crash_while_saving("between-renames", tmp_path / "newer", folder)
+    assert not folder.exists()  # the crash point was really hit
+    assert_identical(subspace, Subspace.load(folder))
+    assert folder.is_dir() and not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    newer.save(folder)  # and the folder takes new versions again
+    assert_identical(newer, Subspace.load(folder))
+
+
+@pytest.mark.skipif(not hasattr(folders, "_renameat2") or folders._renameat2 is None, reason="no renameat2")
+@pytest.mark.parametrize(("point", "expect_new"), [("before-exchange", False), ("after-exchange", True)])
+def test_crash_around_the_atomic_exchange_leaves_one_complete_version(
+    subspace: Subspace, tmp_path: Path, point: str, expect_new: bool
+) -> None:
+    """With renameat2's exchange the target always names a complete folder, whatever instant the crash hits."""
+    folder = subspace.save(tmp_path / "sub")
+    newer, _ = merge(subspace, {"t3": random_adapter(3)}, KPolicy(k=4))
+    newer.save(tmp_path / "newer")
+    crash_while_saving(point, tmp_path / "newer", folder)
+    assert_identical(newer if expect_new else subspace, Subspace.load(folder))
+
+
+def test_a_backup_of_a_live_save_is_left_alone(subspace: Subspace, tmp_path: Path) -> None:
+    """A backup whose process still runs belongs to a save in flight: ``load`` does not take it."""
+    folder = subspace.save(tmp_path / "sub")
+    backup = tmp_path / f".sub.old-{os.getpid()}-x"
+    backup.mkdir()
+    os.rename(folder, backup / "old")
+    with pytest.raises(MissingFileError):
+        Subspace.load(folder)
+    assert (backup / "old" / MANIFEST).is_file()
