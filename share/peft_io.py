@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .adapter import LoraAdapter
 from .errors import ShareClError
-from .folders import MissingFileError, write_folder
+from .folders import MalformedFileError, MissingFileError, describe, read_json, recover_folder, write_folder
 from .subspace import Subspace
 from .targets import is_target
 
@@ -68,6 +68,7 @@ def load_peft_adapter(folder: str | os.PathLike[str]) -> LoraAdapter:
     that is not a plain LoRA on ``nn.Linear`` layers.
     """
     path = Path(folder)
+    recover_folder(path)  # an export killed mid-swap (where the swap takes two renames) left it as a backup
     config = _read_config(path)
     _refuse_unsupported(path, config)
     tensors = _read_weights(path)
@@ -104,15 +105,78 @@ def _read_config(path: Path) -> dict[str, Any]:
             else "; pass a folder written by PeftModel.save_pretrained()"
         )
         raise MissingFileError(f"adapter folder {path} has no {CONFIG_FILE}{hint}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShareClError(
-            f"{config_path} is not valid JSON ({err}); re-save the adapter with save_pretrained"
-        ) from err
+    config = read_json(config_path, _CONFIG_FIX)
     if not isinstance(config, dict):
-        raise ShareClError(f"{config_path} must hold a JSON object; re-save the adapter with save_pretrained()")
+        raise MalformedFileError(
+            f"{config_path}: the top level must be a JSON object, got {type(config).__name__}; {_CONFIG_FIX}"
+        )
+    _check_config(config_path, config)
     return config
+
+
+_CONFIG_FIX = "correct it or re-save the adapter with save_pretrained()"
+
+
+def _check_config(config_path: Path, config: dict[str, Any]) -> None:
+    """Refuse, naming the file and the key, every field this importer uses that is not of PEFT's type.
+
+    Nothing is coerced: a float rank, a string ``modules_to_save`` or ``use_rslora`` are errors, since
+    PEFT writes none of them and a guess could import a different adapter than the one trained.
+    """
+
+    def fail(key: str, problem: str) -> NoReturn:
+        raise MalformedFileError(f"{config_path}: key {key!r} {problem}; {_CONFIG_FIX}")
+
+    def rank(value: Any) -> bool:
+        return type(value) is int and value >= 1
+
+    def alpha(value: Any) -> bool:
+        return type(value) in (int, float) and _finite(value) and value > 0
+
+    if not rank(config.get("r")):
+        fail("r", f"is {describe(config.get('r'))}; the LoRA rank must be an integer >= 1")
+    if not alpha(config.get("lora_alpha")):
+        fail("lora_alpha", f"is {describe(config.get('lora_alpha'))}; it must be a finite number > 0")
+    for key, valid, wanted in (
+        ("rank_pattern", rank, "an integer >= 1"),
+        ("alpha_pattern", alpha, "a finite number > 0"),
+    ):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            fail(key, f"is {describe(patterns)}; it must be an object mapping module patterns to values")
+        for pattern, value in patterns.items():
+            try:
+                _pattern(pattern)
+            except re.error as err:
+                fail(key, f"has entry {pattern!r}, which is not a valid regular expression ({err})")
+            if not valid(value):
+                fail(key, f"gives {describe(value)} for {pattern!r}; each value must be {wanted}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            fail("target_modules", f"is {targets!r}, which is not a valid regular expression ({err})")
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets)):
+        fail("target_modules", f"is {describe(targets)}; it must be a regular expression or a list of module names")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        hint = f" (write [{saved!r}] for that one module)" if isinstance(saved, str) else ""
+        fail("modules_to_save", f"is {describe(saved)}; it must be a list of module names{hint}")
+    if config.get("use_rslora") is not None and not isinstance(config.get("use_rslora"), bool):
+        fail("use_rslora", f"is {describe(config.get('use_rslora'))}; it must be true or false")
+    for key in ("peft_type", "base_model_name_or_path", "task_type"):
+        if config.get(key) is not None and not isinstance(config.get(key), str):
+            fail(key, f"is {describe(config.get(key))}; it must be a string")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
@@ -144,10 +208,6 @@ def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
             f"adapter {path}: fan_in_fan_out=True means Conv1D (GPT-2 style) layers; Share attaches to "
             "nn.Linear modules only"
         )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ShareClError(f"adapter {path}: {CONFIG_FILE} has {key}={value!r}; it must be a positive number")
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
@@ -190,6 +250,11 @@ def _split_tensors(
         suffix = next((s for s in _FACTOR_SUFFIXES if name.endswith(s)), None)
         if suffix is not None:
             module = name[: -len(suffix)]
+            if not module or any(not part for part in module.split(".")):
+                raise ShareClError(
+                    f"adapter {path}: tensor {key!r} names no module (an empty name or part); the file is damaged, "
+                    "save the adapter again"
+                )
             if value.ndim != 2:
                 raise ShareClError(
                     f"adapter {path}, module {module!r}: {suffix[1:]} has shape {tuple(value.shape)}, not a matrix "
@@ -223,6 +288,11 @@ def _split_tensors(
 
 
 def _check_rank(path: Path, module: str, B: Tensor, A: Tensor, r: int) -> None:
+    if A.shape[1] == 0 or B.shape[0] == 0:
+        raise ShareClError(
+            f"adapter {path}, module {module!r}: lora_A is {tuple(A.shape)} and lora_B {tuple(B.shape)}, a layer "
+            "without inputs or outputs; the file is damaged, save the adapter again"
+        )
     if B.shape[1] != A.shape[0]:
         raise ShareClError(
             f"adapter {path}, module {module!r}: rank mismatch, lora_A is {tuple(A.shape)} (r x in) but lora_B is "
@@ -243,9 +313,18 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     otherwise falls back to an entry keyed by the exact module name, else the default.
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            selects = _pattern(key).match(module) is not None
+        except re.error as err:
+            raise ShareClError(f"pattern {key!r} is not a valid regular expression ({err})") from None
+        if selects:
             return patterns[key]
     return patterns.get(module, default)
+
+
+def _pattern(key: str) -> re.Pattern[str]:
+    """PEFT's regular expression for a ``rank_pattern``/``alpha_pattern`` key (``get_pattern_key``)."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def _module_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
