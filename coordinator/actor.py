@@ -18,10 +18,10 @@ from typing import Any
 import ray
 import torch
 
-from subspace_store import SubmissionStream, redact, resolve_url
+from subspace_store import redact, resolve_url
 from subspace_store.tracking import resolve_mlflow_uri
 
-from .config import CoordinatorConfig, build
+from .config import CoordinatorConfig, CoordinatorConfigError, build
 from .service import StepResult
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class CoordinatorActor:
             "started": self.started,
             "last_step": self.last_step,
             "pending": len(stream.pending()),
-            "settled": _settled(stream),
+            "settled": stream.is_settled(),
             "crashes": self.service.crash.fired(),
         }
 
@@ -83,11 +83,11 @@ class CoordinatorActor:
         while time.monotonic() < deadline:
             if not self._thread.is_alive():
                 raise RuntimeError("the coordinator loop is not running; call stop() only to shut it down")
-            if _settled(stream):
+            if stream.is_settled():
                 seen = self.idle_steps
                 while self.idle_steps == seen and time.monotonic() < deadline:
                     time.sleep(0.05)
-                if self.idle_steps != seen and _settled(stream):
+                if self.idle_steps != seen and stream.is_settled():
                     return self.status()
             else:
                 time.sleep(0.1)
@@ -101,16 +101,6 @@ class CoordinatorActor:
         self._stop.set()
         self._thread.join(timeout_s)
         return self.status()
-
-
-def _settled(stream: SubmissionStream) -> bool:
-    """No submission is waiting: the newest entry is merged or rejected and none is delivered but open."""
-    newest = stream.client.xrevrange(stream.keys.stream, count=1)
-    if not newest:
-        return True
-    if stream.pending(count=1):
-        return False
-    return stream.status(newest[0][0].decode()).startswith(("merged", "rejected"))
 
 
 def get_or_start_coordinator(
@@ -149,7 +139,7 @@ def get_or_start_coordinator(
     )
     running = ray.get(handle.settings.remote())
     if running["redis_url"] != url:
-        raise ValueError(
+        raise CoordinatorConfigError(
             f"a coordinator for namespace {namespace!r} already runs against Redis {redact(running['redis_url'])}, "
             f"not {redact(url)}; stop it first (coordinator.actor.stop_coordinator({namespace!r}))"
         )

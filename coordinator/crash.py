@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from share.errors import ShareClError
+
 log = logging.getLogger(__name__)
 
 AFTER_READ = "after_read"  # submissions delivered to this consumer; nothing validated yet
@@ -28,9 +30,9 @@ class CrashPoints:
     def __init__(self, points: Sequence[str] = (), marker_dir: str | os.PathLike[str] | None = None) -> None:
         unknown = sorted(set(points) - set(POINTS))
         if unknown:
-            raise ValueError(f"unknown crash point(s) {unknown}; choose from {list(POINTS)}")
+            raise ShareClError(f"unknown crash point(s) {unknown}; choose from {list(POINTS)}")
         if points and marker_dir is None:
-            raise ValueError("crash points need a marker folder (crash_marker_dir), so that each fires only once")
+            raise ShareClError("crash points need a marker folder (crash_marker_dir), so that each fires only once")
         self.points = tuple(points)
         self.marker_dir = Path(marker_dir) if marker_dir is not None else None
 

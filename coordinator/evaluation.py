@@ -1,15 +1,15 @@
 """Accuracy of every task after a merge, without the coordinator knowing any model or data format.
 
-The coordinator never imports ``workers/`` (ARCHITECTURE.md section 2). Evaluating a task needs the
+The coordinator never imports ``workers/`` (docs/architecture.md). Evaluating a task needs the
 task's model builder and data reader, which live with the training code, so evaluation is a plug-in:
 
-- A submission that can be evaluated carries an eval spec in its metadata, ``metadata["eval"]``: a
-  JSON dict with whatever its evaluator needs (typically the eval Parquet path, the model builder,
-  target modules, max length) and optionally ``"evaluator": "package.module:function"``.
+- A submission that can be evaluated carries a ``subspace_store.EvalSpec`` in its metadata
+  (``metadata["eval"]``): the eval split, the model builder, target modules, max length, batch size,
+  and optionally ``evaluator``: ``"package.module:function"``.
 - The spec enters the task's metadata in the subspace (see ``validation.SUBMISSION_KEY``), so after
   every later merge, and after any restart, the coordinator still knows how to evaluate that task.
 - An evaluator is ``fn(subspace, specs) -> {task: accuracy}``: ``subspace`` is the merged version
-  (all tasks), ``specs`` maps the tasks to evaluate to their eval specs. It is resolved by import
+  (all tasks), ``specs`` maps the tasks to evaluate to their ``EvalSpec``. It is resolved by import
   path, like a job's custom model builder: the code is whatever is installed where the coordinator
   runs; nothing but the name travels through the stream. The composition root (``jobs/``) wires the
   training side's evaluator in, either per submission or as the coordinator's default.
@@ -17,44 +17,36 @@ task's model builder and data reader, which live with the training code, so eval
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 from share import Subspace
+from subspace_store import EvalSpec, load_callable
+from subspace_store.evalspec import EvalSpecError
 
 from .validation import SUBMISSION_KEY
 
 log = logging.getLogger(__name__)
 
-EVAL_KEY = "eval"
-EVALUATOR_KEY = "evaluator"
-Evaluator = Callable[[Subspace, dict[str, dict[str, Any]]], dict[str, float]]
+Evaluator = Callable[[Subspace, dict[str, EvalSpec]], dict[str, float]]
 
 
-def load_evaluator(spec: str) -> Evaluator:
-    """``"package.module:function"`` -> the function; ValueError naming the spec and the fix."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"evaluator {spec!r} must look like 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"evaluator {spec!r} could not be imported ({err}); install the package that defines it where the "
-            "coordinator runs, or drop 'evaluator' from the submission's eval spec"
-        ) from err
-    if not callable(fn):
-        raise ValueError(f"evaluator {spec!r} is not callable")
-    return fn
+def load_evaluator(path: str) -> Evaluator:
+    """``"package.module:function"`` -> the function; ``PluginImportError`` naming the path and the fix."""
+    return load_callable(
+        path,
+        "evaluator",
+        "install the package that defines it where the coordinator runs, or drop 'evaluator' from the "
+        "submission's eval spec",
+    )
 
 
-def eval_spec(task_metadata: dict[str, Any]) -> dict[str, Any] | None:
-    """The eval spec recorded with a task (None when its submission carried none)."""
-    spec = task_metadata.get(SUBMISSION_KEY, {}).get("metadata", {}).get(EVAL_KEY)
-    return spec if isinstance(spec, dict) else None
+def eval_spec(task_metadata: dict[str, Any]) -> EvalSpec | None:
+    """The eval spec recorded with a task (None when its submission carried none); ``EvalSpecError``
+    if it is malformed."""
+    return EvalSpec.of(task_metadata.get(SUBMISSION_KEY, {}).get("metadata", {}))
 
 
 class Evaluation:
@@ -77,17 +69,21 @@ class Evaluation:
         return self._loaded[name]
 
     def __call__(self, subspace: Subspace) -> tuple[dict[str, float], dict[str, str]]:
-        groups: dict[Any, dict[str, dict[str, Any]]] = {}
+        groups: dict[Any, dict[str, EvalSpec]] = {}
+        errors: dict[str, str] = {}
         for task, coeffs in subspace.tasks.items():
-            spec = eval_spec(coeffs.metadata)
+            try:
+                spec = eval_spec(coeffs.metadata)
+            except EvalSpecError as err:
+                errors[task] = str(err)
+                continue
             if spec is None:
                 continue
-            which = spec.get(EVALUATOR_KEY) or self.default
+            which = spec.evaluator or self.default
             if which is None:
                 continue
             groups.setdefault(which, {})[task] = spec
         accuracy: dict[str, float] = {}
-        errors: dict[str, str] = {}
         for which, specs in groups.items():
             label = which if isinstance(which, str) else getattr(which, "__qualname__", repr(which))
             try:

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from share import KPolicy, Subspace, merge
-from subspace_store import HeadConflictError, StoreError, Submission, SubmissionError, SubmissionStream, SubspaceStore
+from share.errors import ShareClError
+from subspace_store import (
+    HeadConflictError,
+    StoreError,
+    Submission,
+    SubmissionError,
+    SubmissionStatus,
+    SubmissionStream,
+    SubspaceStore,
+)
 
 from .crash import AFTER_MERGE, AFTER_PUBLISH, AFTER_READ, CrashPoints
 from .evaluation import Evaluation
@@ -72,13 +81,13 @@ class Coordinator:
         max_conflicts: int = 16,
         crash: CrashPoints | None = None,
     ) -> None:
-        if store.namespace != stream.keys.namespace:
-            raise ValueError(
-                f"store namespace {store.namespace!r} differs from stream namespace {stream.keys.namespace!r}; "
+        if store.namespace != stream.namespace:
+            raise ShareClError(
+                f"store namespace {store.namespace!r} differs from stream namespace {stream.namespace!r}; "
                 "give both the same namespace"
             )
         if keep_versions is not None and keep_versions < 1:
-            raise ValueError(f"keep_versions must be >= 1 or None (got {keep_versions})")
+            raise ShareClError(f"keep_versions must be >= 1 or None (got {keep_versions})")
         self.store = store
         self.stream = stream
         self.policy = policy
@@ -169,7 +178,7 @@ class Coordinator:
         """Take up to ``max_batch`` submissions (waiting up to ``block_ms`` for one) and merge them
         into one new version. Returns what happened; an idle step returns an empty result."""
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
+            raise ShareClError(f"max_batch must be >= 1 (got {max_batch})")
         with self._lock:
             self.start()
             result = StepResult()
@@ -264,7 +273,8 @@ class Coordinator:
                 # Another consumer settled some of them meanwhile: keep the ones still pending.
                 if self.tracking is not None:
                     self.tracking.abandon(run_id, str(err))
-                todo = [s for s in accepted if s.id is not None and self.stream.status(s.id) == "pending"]
+                pending = SubmissionStatus.PENDING
+                todo = [s for s in accepted if s.id is not None and self.stream.status(s.id).state is pending]
                 log.info("%s; retrying with the %d still pending", err, len(todo))
                 continue
             result.publish_seconds = time.perf_counter() - started
@@ -311,6 +321,5 @@ class Coordinator:
         Publishing acknowledges in its own transaction, so this only happens if Redis lost the ack
         (e.g. an append-only file cut short); the check keeps exactly once even then.
         """
-        keys = self.stream.keys
-        self.stream.client.xack(keys.stream, self.stream.group, submission_id)
+        self.stream.ack(submission_id)
         log.warning("submission %s is already merged; acknowledged it without merging again", submission_id)

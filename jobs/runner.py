@@ -15,15 +15,30 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+from coordinator.matrix import AccuracyMatrix
+from jobs.errors import JobConfigError
 from jobs.schema import JobConfig, to_dict, validate
-from subspace_store import resolve_url
-from subspace_store import tracking as names
-from subspace_store.tracking import resolve_mlflow_uri
+from subspace_store import SubmissionStatus, resolve_url
+from subspace_store.tracking import (
+    TAG_ERROR,
+    TAG_HEAD,
+    TAG_JOB,
+    TAG_KIND,
+    TAG_NAMESPACE,
+    TAG_STATUS,
+    TAG_TASK_OUTCOME,
+    TAG_TASKS,
+    RunKind,
+    resolve_mlflow_uri,
+)
 from workers import tracking
-from workers.ray_task import EVALUATOR, SPEC_FIELDS, TaskJob, launch, launch_evaluation, release_pins
+from workers.evaluator import EVALUATOR, launch_evaluation
+from workers.ray_task import launch
+from workers.task_job import SPEC_FIELDS, TaskJob, TaskSummary
 
 Say = Callable[[str], None]
 
@@ -39,14 +54,24 @@ HEARTBEAT_S = 60.0
 DEFAULT_MERGE_TIMEOUT_S = 1800.0
 
 
+class TaskState(StrEnum):
+    """Where a task of the job is."""
+
+    QUEUED = "queued"  # launched, not finished training
+    SUBMITTED = "submitted"  # in the stream, not merged yet
+    MERGED = "merged"
+    REJECTED = "rejected"  # by the coordinator (``error`` says why)
+    FAILED = "failed"  # its code raised, or its worker died more often than retries allow
+
+
 @dataclass
 class TaskOutcome:
     task: str
-    status: str = "queued"  # queued | submitted | merged | rejected | failed
+    status: TaskState = TaskState.QUEUED
     submission_id: str | None = None
     version: str | None = None  # the version that first contained it
     error: str | None = None
-    result: dict[str, Any] = field(default_factory=dict)  # the worker's summary
+    result: TaskSummary | None = None  # the worker's summary
 
 
 @dataclass
@@ -56,7 +81,7 @@ class JobResult:
     tasks: dict[str, TaskOutcome]
     head: str | None
     accuracy: dict[str, float]  # every job task's eval accuracy served from ``head``
-    matrix: list[tuple[str, dict[str, float]]]  # (version, accuracy per task) after each merge
+    matrix: AccuracyMatrix  # accuracy of the job's tasks after each merge
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -64,11 +89,11 @@ class JobResult:
 
     @property
     def ok(self) -> bool:
-        return all(t.status == "merged" for t in self.tasks.values())
+        return all(t.status is TaskState.MERGED for t in self.tasks.values())
 
     @property
     def failed(self) -> list[str]:
-        return [t.task for t in self.tasks.values() if t.status in ("failed", "rejected")]
+        return [t.task for t in self.tasks.values() if t.status in (TaskState.FAILED, TaskState.REJECTED)]
 
 
 def new_job_id() -> str:
@@ -113,7 +138,7 @@ def _start_coordinator(cfg: JobConfig, redis_url: str, tracking_uri: str) -> Any
         redis_url,
         tracking_uri,
         experiment=cfg.experiment_name,
-        policy={"k": a.k, "variance": a.variance, "k_max": a.k_max},
+        policy=a.policy,
         evaluator=EVALUATOR,
     )
 
@@ -124,7 +149,7 @@ def _check_new_tasks(store: Any, cfg: JobConfig) -> None:
     manifest = store.manifest("head")
     taken = [t.name for t in cfg.tasks if t.name in manifest["tasks"]]
     if taken:
-        raise ValueError(
+        raise JobConfigError(
             f"task(s) {', '.join(taken)} already in version {manifest['version']} of namespace "
             f"{cfg.store.namespace!r}; rename them in the job (tasks.N.name=...) or use another "
             "store.namespace (e.g. store.namespace=run2)"
@@ -154,6 +179,10 @@ def task_jobs(
         "phi": a.phi,
         "log_every": t.log_every,
         "eval_batch_size": t.eval_batch_size,
+        "lr_scheduler": t.lr_scheduler,
+        "warmup_ratio": t.warmup_ratio,
+        "max_grad_norm": t.max_grad_norm,
+        "lora_lr": t.lora_lr,
     }
     assert set(spec) == set(SPEC_FIELDS), sorted(set(SPEC_FIELDS) ^ set(spec))
     params = {k: v for k, v in to_dict(cfg).items() if not k.startswith("tasks.")}
@@ -170,7 +199,6 @@ def task_jobs(
             target_modules=tuple(a.target_modules),
             model_name_or_path=cfg.model.name_or_path,
             builder=cfg.model.builder,
-            max_length=cfg.model.max_length,
             num_labels=task.num_labels,
             mode=t.mode,
             training=spec,
@@ -247,11 +275,11 @@ class RunningJob:
                 # On a cluster that outlives this driver: stop the tasks it launched.
                 for ref in self.refs:
                     _quietly(lambda ref=ref: ray.cancel(ref, force=True))
-            _quietly(lambda: self.run.set_tags({names.TAG_STATUS: "aborted", names.TAG_ERROR: error}))
+            _quietly(lambda: self.run.set_tags({TAG_STATUS: "aborted", TAG_ERROR: error}))
             _quietly(lambda: self.run.finish(status))
             raise
         finally:
-            _quietly(lambda: release_pins(self.store, self.job_id))
+            _quietly(lambda: self.store.release_pins(self.job_id))
             if self.owns_ray:
                 ray.shutdown()
 
@@ -274,21 +302,21 @@ class RunningJob:
                 last_news = time.time()
                 outcome = self.outcomes[self.refs[ref]]
                 try:
-                    summary = ray.get(ref)
+                    summary: TaskSummary = ray.get(ref)
                 except Exception as err:
-                    outcome.status, outcome.error = "failed", _describe_failure(err)
+                    outcome.status, outcome.error = TaskState.FAILED, _describe_failure(err)
                     self._close_task_runs(outcome.task)
                     self.say(f"[job] {done}/{total} {outcome.task}: FAILED: {outcome.error}")
                     continue
-                outcome.status, outcome.result = "submitted", summary
-                outcome.submission_id = summary["submission_id"]
-                acc = summary["eval_metrics"].get("accuracy")
-                gpus = ",".join(summary["gpu_ids"]) or "none"
+                outcome.status, outcome.result = TaskState.SUBMITTED, summary
+                outcome.submission_id = summary.submission_id
+                acc = summary.eval_metrics.get("accuracy")
+                gpus = ",".join(summary.gpu_ids) or "none"
                 self.say(
                     f"[job] {done}/{total} {outcome.task}: submitted {outcome.submission_id} "
-                    f"({summary['mode']}, base {summary['base_version'] or '-'}, eval accuracy "
-                    f"{'n/a' if acc is None else f'{acc:.3f}'}, node {summary['node_ip']}, gpu {gpus}, "
-                    f"attempt {summary['attempt']})"
+                    f"({summary.mode}, base {summary.base_version or '-'}, eval accuracy "
+                    f"{'n/a' if acc is None else f'{acc:.3f}'}, node {summary.node_ip}, gpu {gpus}, "
+                    f"attempt {summary.attempt})"
                 )
 
     def _close_task_runs(self, task: str) -> None:
@@ -301,14 +329,14 @@ class RunningJob:
         """Update submitted tasks whose submission was merged or rejected; True when none is left open."""
         open_left = False
         for outcome in self.outcomes.values():
-            if outcome.status != "submitted":
+            if outcome.status is not TaskState.SUBMITTED:
                 continue
             state = self.stream.status(outcome.submission_id)
-            if state.startswith("merged into "):
-                outcome.status, outcome.version = "merged", state[len("merged into ") :]
+            if state.state is SubmissionStatus.MERGED:
+                outcome.status, outcome.version = TaskState.MERGED, state.version
                 self.say(f"[job] {outcome.task}: merged into {outcome.version}")
-            elif state.startswith("rejected: "):
-                outcome.status, outcome.error = "rejected", state[len("rejected: ") :]
+            elif state.state is SubmissionStatus.REJECTED:
+                outcome.status, outcome.error = TaskState.REJECTED, state.reason
                 self.say(f"[job] {outcome.task}: REJECTED by the coordinator: {outcome.error}")
             else:
                 open_left = True
@@ -325,7 +353,7 @@ class RunningJob:
         deadline = time.time() + timeout_s
         while not self._note_merges():
             if time.time() > deadline:
-                open_ids = [o.submission_id for o in self.outcomes.values() if o.status == "submitted"]
+                open_ids = [o.submission_id for o in self.outcomes.values() if o.status is TaskState.SUBMITTED]
                 raise TimeoutError(
                     f"submissions {open_ids} were not merged within {timeout_s:.0f}s; check the coordinator "
                     f"with `sharecl status --namespace {self.cfg.store.namespace}` and its log in the Ray dashboard"
@@ -339,7 +367,7 @@ class RunningJob:
                 time.sleep(POLL_S)
 
     # -- results --------------------------------------------------------------------------------
-    def _accuracy(self, head: str | None) -> tuple[dict[str, float], list[tuple[str, dict[str, float]]]]:
+    def _accuracy(self, head: str | None) -> tuple[dict[str, float], AccuracyMatrix]:
         """Accuracy of every merged task of this job served from ``head``, and the matrix over versions.
 
         The rows come from the coordinator's merge runs in MLflow (it evaluates every task after every
@@ -348,45 +376,47 @@ class RunningJob:
         """
         import ray
 
-        merged = [t for t in self.cfg.tasks if self.outcomes[t.name].status == "merged" and t.eval is not None]
+        merged = [t for t in self.cfg.tasks if self.outcomes[t.name].status is TaskState.MERGED and t.eval is not None]
         if head is None or not merged:
-            return {}, []
+            return {}, AccuracyMatrix()
         names = [t.name for t in merged]
-        matrix = _matrix_from_merge_runs(self.run.uri, self.experiment_id, self.cfg.store.namespace, names)
-        last = dict(matrix[-1][1]) if matrix and matrix[-1][0] == head else {}
+        matrix = _matrix_from_merge_runs(self.run.uri, self.experiment_id, self.cfg.store.namespace).only(names)
+        last = matrix.row(head) or {}
         missing = [t for t in names if t not in last]
         if missing:
-            specs = {t.name: self.outcomes[t.name].result.get("eval_spec") for t in merged if t.name in missing}
-            specs = {k: v for k, v in specs.items() if v}
+            results = [self.outcomes[t].result for t in missing]
+            specs = {r.task: r.eval_spec for r in results if r is not None and r.eval_spec is not None}
             if specs:
                 ref = launch_evaluation(
+                    self.redis_url,
+                    self.cfg.store.namespace,
+                    head,
+                    specs,
                     num_cpus=self.cfg.cluster.num_cpus_per_task,
                     num_gpus=self.cfg.cluster.num_gpus_per_task,
-                    redis_url=self.redis_url,
-                    namespace=self.cfg.store.namespace,
-                    version=head,
-                    specs=specs,
                 )
                 last.update(ray.get(ref))
-            matrix = [row for row in matrix if row[0] != head] + [(head, last)]
+            matrix.add(head, [], last)
         return {t: last[t] for t in names if t in last}, matrix
 
     def _finish_run(self, result: JobResult) -> None:
         metrics: dict[str, float] = {f"accuracy/{t}": v for t, v in result.accuracy.items()}
         if result.accuracy:
             metrics["accuracy_mean"] = sum(result.accuracy.values()) / len(result.accuracy)
-        metrics["tasks_merged"] = sum(o.status == "merged" for o in result.tasks.values())
+        metrics["tasks_merged"] = sum(o.status is TaskState.MERGED for o in result.tasks.values())
         metrics["tasks_failed"] = len(result.failed)
         metrics["job_seconds"] = result.seconds
         self.run.log_metrics(metrics)
         if result.matrix:
             columns = [t.name for t in self.cfg.tasks]
-            _quietly(lambda: self.run.log_text(matrix_csv(result.matrix, columns), "accuracy_matrix.csv"))
+            csv = result.matrix.csv_text(columns, new_tasks=False)
+            _quietly(lambda: self.run.log_text(csv, "accuracy_matrix.csv"))
         tags = {
-            f"sharecl.task.{o.task}": o.status + (f" {o.version}" if o.version else "") for o in self.outcomes.values()
+            TAG_TASK_OUTCOME + o.task: o.status.value + (f" {o.version}" if o.version else "")
+            for o in self.outcomes.values()
         }
-        tags[names.TAG_STATUS] = "merged" if result.ok else f"{len(result.failed)} failed"
-        tags["sharecl.head"] = result.head or "none"
+        tags[TAG_STATUS] = "merged" if result.ok else f"{len(result.failed)} failed"
+        tags[TAG_HEAD] = result.head or "none"
         self.run.set_tags(tags)
         self.run.finish("FINISHED" if result.ok else "FAILED")
 
@@ -400,7 +430,7 @@ class RunningJob:
             say(f"  {o.task}: {o.status}{extra}{err}")
         if result.matrix:
             say("")
-            say(format_matrix(result.matrix, [t.name for t in self.cfg.tasks]))
+            say(result.matrix.text([t.name for t in self.cfg.tasks]))
         if result.accuracy:
             mean = sum(result.accuracy.values()) / len(result.accuracy)
             say(f"mean accuracy after the last merge ({result.head}): {mean:.3f}")
@@ -422,49 +452,16 @@ def _describe_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
 
-def _matrix_from_merge_runs(
-    uri: str, experiment_id: str, namespace: str, tasks: list[str]
-) -> list[tuple[str, dict[str, float]]]:
-    """Rows ``(version, {task: accuracy})`` for ``tasks`` from the coordinator's finished merge runs
-    (metrics ``accuracy/<task>``, tag ``sharecl.version``), oldest version first."""
+def _matrix_from_merge_runs(uri: str, experiment_id: str, namespace: str) -> AccuracyMatrix:
+    """The namespace's accuracy matrix from the coordinator's finished merge runs (empty if MLflow
+    cannot be read: the job's own result is still reported)."""
+    from coordinator.tracking import load_matrix
+
     try:
-        runs = tracking.find_runs(
-            uri,
-            experiment_id,
-            f"tags.`{names.TAG_KIND}` = 'merge' and tags.`{names.TAG_NAMESPACE}` = '{namespace}' "
-            "and attributes.status = 'FINISHED'",
-        )
+        return load_matrix(tracking.client(uri), experiment_id, namespace)
     except Exception as err:
         print(f"[job] could not read the merge runs from MLflow: {err!r}", file=sys.stderr)
-        return []
-    rows = []
-    for run in runs:
-        version = run.data.tags.get("sharecl.version")
-        row = {t: run.data.metrics[f"accuracy/{t}"] for t in tasks if f"accuracy/{t}" in run.data.metrics}
-        if version and row:
-            rows.append((version, row))
-    rows.sort(key=lambda r: int(r[0][1:]) if r[0][1:].isdigit() else 0)
-    return rows
-
-
-def matrix_csv(rows: list[tuple[str, dict[str, float]]], tasks: list[str]) -> str:
-    """The accuracy matrix as CSV (``version,<task>,...``; empty where a task was not merged yet)."""
-    columns = [t for t in tasks if any(t in row for _, row in rows)]
-    lines = [",".join(["version", *columns])]
-    lines += [",".join([v, *(f"{row[t]:.6f}" if t in row else "" for t in columns)]) for v, row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def format_matrix(rows: list[tuple[str, dict[str, float]]], tasks: list[str]) -> str:
-    """The accuracy matrix as text: one row per version (after which merge), one column per task."""
-    columns = [t for t in tasks if any(t in row for _, row in rows)]
-    width = max([len(t) for t in columns] + [8])
-    lines = ["accuracy after each merge (rows: version; columns: task):"]
-    lines.append(f"{'version':<9}" + "".join(f" {t:>{width}}" for t in columns))
-    for version, row in rows:
-        cells = "".join(f" {row[t]:>{width}.3f}" if t in row else f" {'-':>{width}}" for t in columns)
-        lines.append(f"{version:<9}{cells}")
-    return "\n".join(lines)
+        return AccuracyMatrix()
 
 
 def _quietly(fn: Callable[[], Any]) -> None:
@@ -501,11 +498,11 @@ def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line
             experiment_id,
             name=job_id,
             tags={
-                names.TAG_KIND: "job",
-                names.TAG_JOB: job_id,
-                names.TAG_NAMESPACE: cfg.store.namespace,
-                names.TAG_STATUS: "running",
-                "sharecl.tasks": ",".join(t.name for t in cfg.tasks),
+                TAG_KIND: RunKind.JOB,
+                TAG_JOB: job_id,
+                TAG_NAMESPACE: cfg.store.namespace,
+                TAG_STATUS: "running",
+                TAG_TASKS: ",".join(t.name for t in cfg.tasks),
             },
         )
         run.log_params(to_dict(cfg))
@@ -553,23 +550,18 @@ def run_job(
     cfg: JobConfig,
     *,
     address: str | None = None,
-    wait: bool = True,
     say: Say = say_line,
     merge_timeout_s: float = DEFAULT_MERGE_TIMEOUT_S,
-) -> JobResult | RunningJob:
-    """Run ``cfg`` on Ray (local unless ``address`` or ``cluster.address``). With ``wait`` (default),
-    follow it to the end and return a ``JobResult``; else return the ``RunningJob`` at once (its
-    tasks live as long as this process stays connected to Ray)."""
-    job = start_job(cfg, address=address, say=say)
-    return job.wait(merge_timeout_s) if wait else job
+) -> JobResult:
+    """Run ``cfg`` on Ray (local unless ``address`` or ``cluster.address``) and follow it to the end."""
+    return start_job(cfg, address=address, say=say).wait(merge_timeout_s)
 
 
 __all__ = [
     "JobResult",
     "RunningJob",
     "TaskOutcome",
-    "format_matrix",
-    "matrix_csv",
+    "TaskState",
     "mlflow_ui_command",
     "run_job",
     "start_job",

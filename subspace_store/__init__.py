@@ -21,20 +21,31 @@ from .errors import (
     TaskNotFoundError,
     VersionNotFoundError,
 )
+from .evalspec import EvalSpec, EvalSpecError
+from .outcomes import StreamSummary, SubmissionKind, SubmissionRow, SubmissionState, SubmissionStatus
+from .plugins import PluginImportError, load_callable
 from .retention import PruneResult
 from .store import SubspaceStore, VersionInfo
 from .stream import PendingEntry, Submission, SubmissionStream
 
 __all__ = [
     "CorruptPayloadError",
+    "EvalSpec",
+    "EvalSpecError",
     "HeadConflictError",
     "Loaded",
     "PendingEntry",
+    "PluginImportError",
     "PruneResult",
     "StoreConnectionError",
     "StoreError",
+    "StreamSummary",
     "Submission",
     "SubmissionError",
+    "SubmissionKind",
+    "SubmissionRow",
+    "SubmissionState",
+    "SubmissionStatus",
     "SubmissionStream",
     "SubspaceStore",
     "TagFollower",
@@ -42,6 +53,7 @@ __all__ = [
     "VersionInfo",
     "VersionNotFoundError",
     "connect",
+    "load_callable",
     "load_version",
     "redact",
     "resolve_url",

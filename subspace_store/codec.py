@@ -14,6 +14,7 @@ from torch import Tensor
 
 from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
 
+from .errors import StoreError
 from .payloads import decode_tensors, encode_tensors, sha256
 
 E_A, E_B, HEAD = "E_A:", "E_B:", "head:"
@@ -91,13 +92,13 @@ def assemble(manifest: dict[str, Any], bases: dict[str, ModuleBasis], tasks: dic
         basis = bases[m]
         want = (entry["in_features"], entry["k_A"], entry["out_features"], entry["k_B"])
         if (*basis.U_A.shape, *basis.U_B.shape) != want:
-            raise ValueError(f"version {version}, module {m!r}: basis shapes do not match the manifest")
+            raise StoreError(f"version {version}, module {m!r}: basis shapes do not match the manifest")
     for t, task in tasks.items():
         p = manifest["tasks"][t]["p"]
         for m, (ea, eb) in task.E.items():
             entry = manifest["modules"][m]
             if tuple(ea.shape) != (entry["k_A"], p[m]) or tuple(eb.shape) != (entry["k_B"], p[m]):
-                raise ValueError(f"version {version}, task {t!r}, module {m!r}: coefficient shapes do not match")
+                raise StoreError(f"version {version}, task {t!r}, module {m!r}: coefficient shapes do not match")
     return Subspace(
         modules={m: bases[m] for m in manifest["modules"]},
         tasks={t: tasks[t] for t in manifest["tasks"] if t in tasks},

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import re
 
+from .errors import StoreError
+
 _NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
 
 def check_namespace(namespace: str) -> str:
     if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
-        raise ValueError(
+        raise StoreError(
             f"invalid namespace {namespace!r}: use 1-64 letters, digits, '_', '.', '-' starting with a letter or digit"
         )
     return namespace

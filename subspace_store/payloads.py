@@ -20,6 +20,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from .errors import StoreError
+
 FORMAT = b"share-cl-tensors"
 FORMAT_VERSION = b"2"
 
@@ -51,7 +53,7 @@ def sha256(data: bytes) -> str:
 def _to_numpy(name: str, tensor: Tensor) -> tuple[np.ndarray, str]:
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in _DTYPES:
-        raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored; supported: {', '.join(_DTYPES)}")
+        raise StoreError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored; supported: {', '.join(_DTYPES)}")
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if dtype == "bfloat16":
         flat = flat.view(torch.int16)

@@ -33,14 +33,14 @@ class PruneResult:
 
 def _check_job(job_id: str) -> str:
     if not job_id or _SEP in job_id:
-        raise ValueError(f"invalid job id {job_id!r}: use a non-empty id without '{_SEP}'")
+        raise StoreError(f"invalid job id {job_id!r}: use a non-empty id without '{_SEP}'")
     return job_id
 
 
 def pin(store: SubspaceStore, ref: str, job_id: str, ttl_s: float) -> str:
     _check_job(job_id)
     if ttl_s <= 0:
-        raise ValueError(f"pin ttl_s must be > 0 (got {ttl_s}); it bounds how long a crashed job holds a version")
+        raise StoreError(f"pin ttl_s must be > 0 (got {ttl_s}); it bounds how long a crashed job holds a version")
     keys = store.keys
     with store.client.pipeline() as pipe:
         while True:
@@ -60,6 +60,17 @@ def unpin(store: SubspaceStore, version: str, job_id: str) -> None:
     store.client.zrem(store.keys.pins, f"{version}{_SEP}{_check_job(job_id)}")
 
 
+def release_pins(store: SubspaceStore, job_id: str) -> list[str]:
+    _check_job(job_id)
+    released = []
+    for version, holders in live_pins(store).items():
+        for holder in holders:
+            if holder == job_id or holder.startswith(job_id + "/"):
+                unpin(store, version, holder)
+                released.append(f"{version}:{holder}")
+    return released
+
+
 def live_pins(store: SubspaceStore, client=None) -> dict[str, list[str]]:
     client = client or store.client
     now = server_time(client)
@@ -72,7 +83,7 @@ def live_pins(store: SubspaceStore, client=None) -> dict[str, list[str]]:
 
 def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: float) -> PruneResult:
     if keep < 0:
-        raise ValueError(f"keep must be >= 0 (got {keep}); the head, tagged and pinned versions are always kept")
+        raise StoreError(f"keep must be >= 0 (got {keep}); the head, tagged and pinned versions are always kept")
     keys = store.keys
     for _ in range(32):
         try:

@@ -57,7 +57,7 @@ class SubspaceStore:
 
     def __init__(self, client: redis.Redis, namespace: str = "default") -> None:
         if client.get_connection_kwargs().get("decode_responses"):
-            raise ValueError("the Redis client decodes responses; create it without decode_responses=True")
+            raise StoreError("the Redis client decodes responses; create it without decode_responses=True")
         self.client = client
         self.keys = Keys(namespace)
         self.namespace = namespace
@@ -208,6 +208,11 @@ class SubspaceStore:
     def unpin(self, version: str, job_id: str) -> None:
         retention.unpin(self, version, job_id)
 
+    def release_pins(self, job_id: str) -> list[str]:
+        """Unpin every version held by ``job_id`` or by ``<job_id>/<anything>`` (a job's tasks pin as
+        ``<job_id>/<task>``), including pins of tasks whose worker died; returns ``version:holder`` each."""
+        return retention.release_pins(self, job_id)
+
     def pins(self) -> dict[str, list[str]]:
         """Live pins: version -> job ids."""
         return retention.live_pins(self)
@@ -225,7 +230,7 @@ def _jsonable(value: Any, what: str) -> Any:
     try:
         json.dumps(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{what} is not JSON-serializable ({err}); store only str/number/bool/list/dict") from None
+        raise StoreError(f"{what} is not JSON-serializable ({err}); store only str/number/bool/list/dict") from None
     return value
 
 

@@ -27,6 +27,7 @@ from share.subspace import check_task_name
 from .acks import DEFAULT_GROUP, REJECTED_PAYLOAD_TTL_S
 from .errors import StoreError, SubmissionError
 from .keys import Keys
+from .outcomes import StreamSummary, SubmissionKind, SubmissionRow, SubmissionState, SubmissionStatus
 from .payloads import PayloadFormatError, decode_tensors, encode_tensors, sha256
 from .refs import server_time
 
@@ -54,7 +55,7 @@ class Submission:
         if self.adapter is not None:
             return self.adapter
         if base is None:
-            raise ValueError(f"submission {self.task!r} is a coefficient update; pass its base version's subspace")
+            raise StoreError(f"submission {self.task!r} is a coefficient update; pass its base version's subspace")
         return self.update.to_adapter(base, self.task)
 
 
@@ -78,6 +79,7 @@ class SubmissionStream:
     ) -> None:
         self.client = client
         self.keys = Keys(namespace)
+        self.namespace = namespace
         self.group = group
         self.max_bytes = max_bytes
         self._group_ready = False
@@ -98,15 +100,15 @@ class SubmissionStream:
         """Durably enqueue ``submission``; returns its id (the stream entry id)."""
         check_task_name(submission.task)
         if (submission.adapter is None) == (submission.update is None):
-            raise ValueError(f"submission {submission.task!r}: set exactly one of adapter and update")
+            raise StoreError(f"submission {submission.task!r}: set exactly one of adapter and update")
         if submission.update is not None and submission.base_version is None:
-            raise ValueError(f"submission {submission.task!r}: an update needs the base_version it was trained from")
+            raise StoreError(f"submission {submission.task!r}: an update needs the base_version it was trained from")
         source = submission.adapter if submission.adapter is not None else submission.update
         for what, value in (("metadata", submission.metadata), ("adapter metadata", source.metadata)):
             try:
                 json.dumps(value)
             except (TypeError, ValueError) as err:
-                raise ValueError(f"submission {submission.task!r}: {what} is not JSON-serializable ({err})") from None
+                raise StoreError(f"submission {submission.task!r}: {what} is not JSON-serializable ({err})") from None
         tensors = {}
         if submission.adapter is not None:
             submission.adapter.validate(submission.task)
@@ -123,7 +125,7 @@ class SubmissionStream:
             tensors[f"head:{name}"] = value
         data = encode_tensors(tensors)
         if len(data) > self.max_bytes:
-            raise ValueError(
+            raise StoreError(
                 f"submission {submission.task!r} is {len(data) / 2**20:.1f} MiB, over the {self.max_bytes / 2**20:.0f} "
                 "MiB limit; lower the LoRA rank or the number of target modules, or raise max_bytes"
             )
@@ -135,7 +137,7 @@ class SubmissionStream:
             "payload_key": payload_key,
             "sha256": sha256(data),
             "bytes": str(len(data)),
-            "kind": "adapter" if submission.adapter is not None else "update",
+            "kind": (SubmissionKind.ADAPTER if submission.adapter is not None else SubmissionKind.UPDATE).value,
             "scaling": json.dumps(scaling),
             "adapter_metadata": json.dumps(source.metadata),
             "metadata": json.dumps(submission.metadata),
@@ -281,21 +283,70 @@ class SubmissionStream:
         """Submission id -> {reason, task, base_version, payload_key, rejected (unix time)}."""
         return {k.decode(): json.loads(v) for k, v in self.client.hgetall(self.keys.rejected).items()}
 
-    def status(self, submission_id: str) -> str:
-        """``merged into vN``, ``rejected: REASON``, ``pending``, ``queued`` or ``unknown``."""
+    def status(self, submission_id: str) -> SubmissionState:
+        """Merged (into which version), rejected (why), pending, queued or unknown."""
         into = self.client.hget(self.keys.merged, submission_id)
         if into is not None:
-            return f"merged into {into.decode()}"
+            return SubmissionState(SubmissionStatus.MERGED, version=into.decode())
         why = self.client.hget(self.keys.rejected, submission_id)
         if why is not None:
-            return f"rejected: {json.loads(why)['reason']}"
+            return SubmissionState(SubmissionStatus.REJECTED, reason=json.loads(why)["reason"])
         if not self.client.xrange(self.keys.stream, min=submission_id, max=submission_id, count=1):
-            return "unknown"
+            return SubmissionState(SubmissionStatus.UNKNOWN)
         self.ensure_group()
         pending = self.client.xpending_range(
             self.keys.stream, self.group, min=submission_id, max=submission_id, count=1
         )
-        return "pending" if pending else "queued"
+        return SubmissionState(SubmissionStatus.PENDING if pending else SubmissionStatus.QUEUED)
+
+    def ack(self, submission_id: str) -> None:
+        """Acknowledge ``submission_id`` without recording an outcome.
+
+        Only for a submission that a published version already holds but that is still pending
+        (publishing acknowledges in its own transaction, so this means Redis lost that ack, e.g. an
+        append-only file cut short). Anything else is merged or rejected, never just acknowledged.
+        """
+        self.client.xack(self.keys.stream, self.group, submission_id)
+
+    def latest_id(self) -> str | None:
+        """The id of the newest submission, or None if there is none."""
+        newest = self.client.xrevrange(self.keys.stream, count=1)
+        return newest[0][0].decode() if newest else None
+
+    def is_settled(self) -> bool:
+        """No submission is waiting: none is delivered but open, and the newest is merged or rejected
+        (entries are consumed in order, so nothing older is still queued)."""
+        newest = self.latest_id()
+        if newest is None:
+            return True
+        if self.pending(count=1):
+            return False
+        return self.status(newest).settled
+
+    def summary(self, last: int = 10) -> StreamSummary:
+        """Counts by state and the newest ``last`` submissions (what ``sharecl status`` shows)."""
+        keys = self.keys
+        total = int(self.client.xlen(keys.stream)) if self.client.exists(keys.stream) else 0
+        newest = []
+        for raw_id, fields in self.client.xrevrange(keys.stream, count=last) if total else []:
+            sid = raw_id.decode()
+            decoded = {k.decode(): v.decode() for k, v in fields.items()}
+            newest.append(
+                SubmissionRow(
+                    id=sid,
+                    task=decoded["task"],
+                    base_version=decoded["base_version"] or None,
+                    kind=SubmissionKind(decoded.get("kind", SubmissionKind.ADAPTER)),
+                    status=self.status(sid),
+                )
+            )
+        return StreamSummary(
+            total=total,
+            merged=int(self.client.hlen(keys.merged)),
+            rejected=int(self.client.hlen(keys.rejected)),
+            pending=len(self.pending()) if total else 0,
+            newest=newest,
+        )
 
     def publish_with_ack(
         self,
@@ -307,10 +358,8 @@ class SubmissionStream:
         **kwargs: Any,
     ) -> str:
         """Publish ``subspace`` and acknowledge ``submissions`` in the same transaction."""
-        if store.keys.namespace != self.keys.namespace:
-            raise StoreError(
-                f"store namespace {store.keys.namespace!r} differs from stream namespace {self.keys.namespace!r}"
-            )
+        if store.namespace != self.namespace:
+            raise StoreError(f"store namespace {store.namespace!r} differs from stream namespace {self.namespace!r}")
         ids = [s.id if isinstance(s, Submission) else s for s in submissions]
         if any(i is None for i in ids):
             raise SubmissionError("a submission has no id; pass submissions returned by read() or recover()")
@@ -329,7 +378,7 @@ def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], de
         else:
             split.setdefault(rest, {})[part] = value
     adapter = update = None
-    if fields.get("kind", "adapter") == "adapter":
+    if SubmissionKind(fields.get("kind", SubmissionKind.ADAPTER)) is SubmissionKind.ADAPTER:
         factors = {m: (split[m]["B"], split[m]["A"]) for m in scaling}
         adapter = LoraAdapter(factors=factors, scaling=scaling, head=head, metadata=meta)
     else:

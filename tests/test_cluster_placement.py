@@ -30,7 +30,7 @@ from jobs.schema import (
     TrackingConfig,
     TrainingConfig,
 )
-from subspace_store import SubmissionStream, SubspaceStore
+from subspace_store import SubmissionState, SubmissionStatus, SubmissionStream, SubspaceStore
 from workers import tracking
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_concurrent_workers_get_distinct_gpus(
     )
     result = _run(cfg)
     assert result.ok, result.tasks
-    placed = {(o.result["node"], tuple(o.result["gpu_ids"])) for o in result.tasks.values()}
+    placed = {(o.result.node, tuple(o.result.gpu_ids)) for o in result.tasks.values()}
     assert len(placed) == 2 and all(len(gpus) == 1 for _, gpus in placed)
     assert {node for node, _ in placed} == cluster.gpu_node_ids  # type: ignore[attr-defined]
 
@@ -137,7 +137,7 @@ def test_eight_concurrent_tasks_are_merged_exactly_once(
 ) -> None:
     # A cold start first, so the eight train coefficients against v1 while merges move the head.
     first = _run(tiny_config(tmp_path, ["seed_task"], redis_server, namespace, mlflow_uri))
-    assert first.ok and first.head == "v1" and first.tasks["seed_task"].result["mode"] == "lora"
+    assert first.ok and first.head == "v1" and first.tasks["seed_task"].result.mode == "lora"
 
     names = [f"task{i}" for i in range(8)]
     cfg = tiny_config(
@@ -146,7 +146,7 @@ def test_eight_concurrent_tasks_are_merged_exactly_once(
     result = _run(cfg)
     assert result.ok, {t: (o.status, o.error) for t, o in result.tasks.items()}
     # Each started from whatever was head then (v1, or a version a sibling's merge published).
-    assert all(o.result["mode"] == "coefficients" and o.result["base_version"] for o in result.tasks.values())
+    assert all(o.result.mode == "coefficients" and o.result.base_version for o in result.tasks.values())
 
     store, stream = SubspaceStore(redis_client, namespace), SubmissionStream(redis_client, namespace)
     ids = {o.submission_id for o in result.tasks.values()}
@@ -156,14 +156,14 @@ def test_eight_concurrent_tasks_are_merged_exactly_once(
     head = store.manifest("head")
     assert set(head["tasks"]) == {"seed_task", *names} and result.head == head["version"]
     for o in result.tasks.values():
-        assert stream.status(o.submission_id) == f"merged into {o.version}"
+        assert stream.status(o.submission_id) == SubmissionState(SubmissionStatus.MERGED, version=o.version)
 
     # The coordinator evaluated every task after the last merge; the job reports it.
-    assert set(result.accuracy) == set(names) and result.matrix[-1][0] == result.head
+    assert set(result.accuracy) == set(names) and result.matrix.rows[-1].version == result.head
     assert all(0.0 <= a <= 1.0 for a in result.accuracy.values())
     runs = _task_runs(mlflow_uri, result.experiment_id, result.job_id)
     assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.data.params["base_version"] for r in runs} == {o.result["base_version"] for o in result.tasks.values()}
+    assert {r.data.params["base_version"] for r in runs} == {o.result.base_version for o in result.tasks.values()}
     assert store.pins() == {}  # the job released the versions its tasks started from
 
 
@@ -183,8 +183,8 @@ def test_killed_worker_is_retried_or_recorded_failed_while_the_others_go_on(
     )
     result = _run(cfg)
     steady, flaky, doomed = (result.tasks[t] for t in ("steady", "flaky", "doomed"))
-    assert steady.status == "merged" and steady.result["attempt"] == 1
-    assert flaky.status == "merged" and flaky.result["attempt"] == 2
+    assert steady.status == "merged" and steady.result.attempt == 1
+    assert flaky.status == "merged" and flaky.result.attempt == 2
     assert doomed.status == "failed" and "worker died" in (doomed.error or "")
     assert result.failed == ["doomed"] and set(result.accuracy) == {"steady", "flaky"}
     assert set(SubspaceStore(redis_client, namespace).manifest("head")["tasks"]) == {"steady", "flaky"}

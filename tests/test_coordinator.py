@@ -11,10 +11,15 @@ import torch
 
 from coordinator import AccuracyMatrix, Coordinator, MergeTracker
 from share import KPolicy, LoraAdapter, Subspace, TaskUpdate, merge
-from subspace_store import Submission, SubmissionStream, SubspaceStore
+from subspace_store import Submission, SubmissionState, SubmissionStatus, SubmissionStream, SubspaceStore
+from subspace_store.keys import Keys
 from subspace_store.payloads import encode_tensors, sha256
 
 MODULES = {"layer.0.query": (40, 32), "layer.0.value": (40, 32)}  # name -> (out n, in d)
+
+
+def merged_into(version: str) -> SubmissionState:
+    return SubmissionState(SubmissionStatus.MERGED, version=version)
 
 
 def lora(seed: int, r: int = 4, shapes: dict[str, tuple[int, int]] = MODULES) -> LoraAdapter:
@@ -72,7 +77,7 @@ def test_batched_merge_one_version_per_batch_all_acknowledged(setup) -> None:
     assert manifest["submissions"] == ids and list(manifest["tasks"]) == ["t0", "t1", "t2"]
     assert manifest["subspace_metadata"]["base_model"] == "tiny"
     assert manifest["metadata"]["coordinator"]["batch_size"] == 3
-    assert all(stream.status(s) == "merged into v1" for s in ids) and stream.pending() == []
+    assert all(stream.status(s) == merged_into("v1") for s in ids) and stream.pending() == []
     # Provenance: each task records the submission it came from.
     assert store.get("v1").tasks["t1"].metadata["submission"]["id"] == ids[1]
 
@@ -80,7 +85,7 @@ def test_batched_merge_one_version_per_batch_all_acknowledged(setup) -> None:
     more = [stream.submit(Submission(f"u{i}", lora(10 + i), "v1")) for i in range(2)]
     assert coordinator.step(max_batch=1, block_ms=None).version == "v2"
     assert coordinator.step(max_batch=1, block_ms=None).version == "v3"
-    assert [stream.status(s) for s in more] == ["merged into v2", "merged into v3"]
+    assert [stream.status(s) for s in more] == [merged_into("v2"), merged_into("v3")]
     assert list(store.get().tasks) == ["t0", "t1", "t2", "u0", "u1"]
     # Large k keeps every task exactly (reported error is the truncation error: ~0 here).
     assert max(e["reconstruction_error"] for e in store.manifest()["tasks"].values()) < 1e-5
@@ -116,7 +121,7 @@ def test_bad_submissions_rejected_with_reason_head_unchanged(setup) -> None:
     assert "'v99' does not exist" in reasons["unknown_base"]
     assert "'huge'" in reasons["base_model"] and "'tiny'" in reasons["base_model"]
     assert "already in v1" in reasons["duplicate"] and "new task name" in reasons["duplicate"]
-    assert all(stream.status(sid).startswith("rejected: ") for sid in bad.values()) and stream.pending() == []
+    assert all(stream.status(sid).state is SubmissionStatus.REJECTED for sid in bad.values()) and stream.pending() == []
 
     # The loop goes on: the next good submission is merged on top of the unchanged head.
     sid = stream.submit(Submission("next", lora(8), "v1"))
@@ -189,12 +194,13 @@ def test_same_task_twice_in_a_batch_and_lost_ack(setup) -> None:
 
     # A merged submission whose acknowledgement was lost (simulated on the real server: the entry is
     # put back into the pending list) is acknowledged again, never merged twice.
-    stream.client.xclaim(stream.keys.stream, stream.group, "coordinator", 0, [first], force=True)
+    raw = store.client  # the raw server, as a lost ack leaves it
+    raw.xclaim(Keys(store.namespace).stream, stream.group, "coordinator", 0, [first], force=True)
     assert [p.id for p in stream.pending()] == [first]
     again = Coordinator(store, stream, KPolicy(k=4))  # a new incarnation recovers it
     result = again.step(block_ms=None)
     assert result.recovered == 1 and result.acknowledged == [first] and result.version is None
-    assert stream.pending() == [] and store.head() == "v1" and stream.status(first) == "merged into v1"
+    assert stream.pending() == [] and store.head() == "v1" and stream.status(first) == merged_into("v1")
 
 
 class _RacingPublisher(MergeTracker):
@@ -227,7 +233,7 @@ def test_head_conflict_merges_again_on_the_new_head(setup) -> None:
     result = coordinator.step(block_ms=None)
     assert result.head_conflicts == 1 and result.version == "v3" and result.parent == "v2"
     assert result.merged == {sid: "b"} and list(store.get().tasks) == ["a", "offline", "b"]
-    assert stream.status(sid) == "merged into v3"
+    assert stream.status(sid) == merged_into("v3")
 
     # A task the other publisher already added is rejected, not merged twice.
     racer = _RacingPublisher(store, "c")
@@ -244,11 +250,12 @@ def test_malformed_entry_is_rejected_not_blocking_the_stream(setup) -> None:
     coordinator = Coordinator(store, stream, KPolicy(k=4))
     stream.ensure_group()
     data = encode_tensors({"B:layer.0.query": torch.ones(40, 2)})  # no "A:layer.0.query"
-    stream.client.set(stream.keys.submission_payload("broken"), data)
+    raw, keys = store.client, Keys(store.namespace)  # written by hand, as no submit() would
+    raw.set(keys.submission_payload("broken"), data)
     fields = {
         "task": "broken",
         "base_version": "",
-        "payload_key": stream.keys.submission_payload("broken"),
+        "payload_key": keys.submission_payload("broken"),
         "sha256": sha256(data),
         "bytes": str(len(data)),
         "kind": "adapter",
@@ -256,8 +263,8 @@ def test_malformed_entry_is_rejected_not_blocking_the_stream(setup) -> None:
         "adapter_metadata": "{}",
         "metadata": "{}",
     }
-    bad = stream.client.xadd(stream.keys.stream, fields).decode()
+    bad = raw.xadd(keys.stream, fields).decode()
     good = stream.submit(Submission("good", lora(0), None))
     result = coordinator.step(max_batch=8, block_ms=None)
     assert result.merged == {good: "good"} and result.version == "v1"
-    assert stream.status(bad).startswith("rejected: unreadable submission") and stream.pending() == []
+    assert str(stream.status(bad)).startswith("rejected: unreadable submission") and stream.pending() == []

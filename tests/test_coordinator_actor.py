@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from coordinator.actor import find_coordinator, get_or_start_coordinator, stop_coordinator
 from coordinator.crash import POINTS
 from share import KPolicy, LoraAdapter
-from subspace_store import Submission, SubmissionStream, SubspaceStore, connect
+from subspace_store import Submission, SubmissionStatus, SubmissionStream, SubspaceStore, connect
 
 pytestmark = pytest.mark.slow
 SHAPES = {"layer.0.query": (24, 16), "layer.0.value": (24, 16)}
@@ -46,7 +46,7 @@ def assert_merged_exactly_once(store: SubspaceStore, stream: SubmissionStream, i
     carried = [sid for info in versions for sid in info.submissions]
     assert sorted(carried) == sorted(ids.values())  # no id in two versions, none missing
     assert sorted(store.get().tasks) == sorted(ids)
-    assert all(stream.status(sid).startswith("merged into") for sid in ids.values())
+    assert all(stream.status(sid).state is SubmissionStatus.MERGED for sid in ids.values())
     assert stream.pending() == []
 
 

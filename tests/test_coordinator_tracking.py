@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from coordinator import Coordinator, CoordinatorConfig, Evaluation, MergeTracker, build
 from coordinator.crash import EXIT_CODE
 from share import KPolicy, LoraAdapter, Subspace
-from subspace_store import Submission, SubmissionStream, SubspaceStore
+from subspace_store import EvalSpec, Submission, SubmissionStream, SubspaceStore
 
 MODULE, N, D, CLASSES = "layer.0.query", 40, 32, 3
 
@@ -50,11 +50,17 @@ def write_eval_split(folder: Path, task: str, adapter: LoraAdapter, rows: int = 
     return str(path)
 
 
-def probe_accuracy(subspace: Subspace, specs: dict[str, dict]) -> dict[str, float]:
+def probe_spec(path: str, **extra: str) -> dict:
+    """A submission's eval metadata for ``probe_accuracy`` (which reads only ``eval_path``)."""
+    spec = EvalSpec(eval_path=path, builder="probe", target_modules=(MODULE,), max_length=1, batch_size=200, **extra)
+    return {"eval": spec.to_dict()}
+
+
+def probe_accuracy(subspace: Subspace, specs: dict[str, EvalSpec]) -> dict[str, float]:
     """An evaluator: the task's merged ``dW`` and head, run on its eval Parquet."""
     out = {}
     for task, spec in specs.items():
-        table = pq.read_table(spec["path"])
+        table = pq.read_table(spec.eval_path)
         x = torch.tensor(table.column("x").to_pylist())
         y = torch.tensor(table.column("label").to_pylist())
         logits = x @ subspace.delta_weight(task, MODULE).T @ subspace.tasks[task].head["classifier.weight"].T
@@ -75,7 +81,8 @@ def test_merge_runs_hold_metrics_accuracy_and_matrix(redis_client, namespace, ml
     tracker = MergeTracker(mlflow_uri, namespace, namespace)
     coordinator = Coordinator(store, stream, KPolicy(k=8), tracker, Evaluation(default=probe_accuracy))
     adapters = {f"t{i}": task_adapter(i) for i in range(4)}
-    eval_of = {name: {"eval": {"path": write_eval_split(tmp_path, name, a)}} for name, a in adapters.items()}
+    paths = {name: write_eval_split(tmp_path, name, a) for name, a in adapters.items()}
+    eval_of = {name: probe_spec(path) for name, path in paths.items()}
 
     for name in ("t0", "t1"):
         stream.submit(Submission(name, adapters[name], None, eval_of[name]))
@@ -88,7 +95,7 @@ def test_merge_runs_hold_metrics_accuracy_and_matrix(redis_client, namespace, ml
             "t3",
             adapters["t3"],
             "v1",
-            {"eval": {**eval_of["t3"]["eval"], "evaluator": "no_such_package.evals:accuracy"}},
+            probe_spec(paths["t3"], evaluator="no_such_package.evals:accuracy"),
         )
     )
     stream.submit(Submission("noeval", task_adapter(9), "v1"))

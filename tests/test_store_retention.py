@@ -99,3 +99,12 @@ def test_one_task_pull_transfers_only_bases_and_that_task(private_redis, make_ad
     assert bases + task_bytes <= one_task <= bases + task_bytes + overhead
     assert everything >= bases + all_tasks
     assert one_task < bases + 2 * task_bytes  # not one other task's coefficients came along
+
+
+def test_release_pins_frees_a_job_and_its_tasks_only(redis_client, namespace, make_adapter) -> None:
+    store = SubspaceStore(redis_client, namespace)
+    v1 = store.publish(merge(None, {"a": make_adapter(0)})[0], None)
+    for holder in ("job1", "job1/a", "job1/b", "job10/a", "job2"):
+        store.pin(v1, holder)
+    assert sorted(store.release_pins("job1")) == [f"{v1}:job1", f"{v1}:job1/a", f"{v1}:job1/b"]
+    assert sorted(store.pins()[v1]) == ["job10/a", "job2"] and store.release_pins("job1") == []

@@ -10,9 +10,18 @@ from subspace_store import (
     HeadConflictError,
     Submission,
     SubmissionError,
+    SubmissionKind,
+    SubmissionState,
+    SubmissionStatus,
     SubmissionStream,
     SubspaceStore,
 )
+
+QUEUED, PENDING, UNKNOWN = (SubmissionState(s) for s in ("queued", "pending", "unknown"))
+
+
+def merged_into(version: str) -> SubmissionState:
+    return SubmissionState(SubmissionStatus.MERGED, version=version)
 
 
 def _setup(client, namespace, make_adapter):
@@ -25,7 +34,7 @@ def test_submit_read_round_trip_and_ack_in_publish(redis_client, namespace, make
     store, stream, base, v1 = _setup(redis_client, namespace, make_adapter)
     adapter = make_adapter(1, head={"classifier.weight": (3, 16), "classifier.bias": (3,)})
     sid = stream.submit(Submission("b", adapter, v1, {"job_id": "j1", "mlflow_run_id": "r9"}))
-    assert stream.status(sid) == "queued"
+    assert stream.status(sid) == QUEUED
 
     (got,) = stream.read("coord", count=10)
     assert got.id == sid and got.task == "b" and got.base_version == v1 and got.deliveries == 1
@@ -34,12 +43,12 @@ def test_submit_read_round_trip_and_ack_in_publish(redis_client, namespace, make
     for m, (B, A) in adapter.factors.items():
         assert torch.equal(got.adapter.factors[m][0], B) and torch.equal(got.adapter.factors[m][1], A)
     assert all(torch.equal(got.adapter.head[k], v) for k, v in adapter.head.items())
-    assert stream.status(sid) == "pending" and stream.read("coord") == []
+    assert stream.status(sid) == PENDING and stream.read("coord") == []
 
     merged, _ = merge(base, {"b": got.adapter})
     v2 = stream.publish_with_ack(store, merged, v1, [got], {"mlflow_run_id": "merge-1"})
     assert store.manifest(v2)["submissions"] == [sid]
-    assert stream.status(sid) == f"merged into {v2}" and stream.pending() == []
+    assert stream.status(sid) == merged_into(v2) and stream.pending() == []
     # Exactly once: it can be neither merged again nor rejected afterwards.
     with pytest.raises(SubmissionError, match=f"already merged into {v2}"):
         stream.publish_with_ack(store, merged, v2, [sid])
@@ -57,10 +66,10 @@ def test_failed_publish_leaves_submissions_pending(redis_client, namespace, make
     merged, _ = merge(base, {"b": got.adapter})
     with pytest.raises(HeadConflictError):
         stream.publish_with_ack(store, merged, v1, [got])
-    assert stream.status(sid) == "pending" and [p.id for p in stream.pending()] == [sid]
+    assert stream.status(sid) == PENDING and [p.id for p in stream.pending()] == [sid]
     rebased, _ = merge(store.get(v2), {"b": got.adapter})
     v3 = stream.publish_with_ack(store, rebased, v2, [got])
-    assert stream.status(sid) == f"merged into {v3}"
+    assert stream.status(sid) == merged_into(v3)
 
 
 def test_reject_keeps_the_reason_and_blocks_merging(redis_client, namespace, make_adapter) -> None:
@@ -69,7 +78,8 @@ def test_reject_keeps_the_reason_and_blocks_merging(redis_client, namespace, mak
     stream.read("coord")
     stream.reject(sid, "update norm 1e9 exceeds the limit")
     stream.reject(sid, "again")  # no-op
-    assert stream.status(sid) == "rejected: update norm 1e9 exceeds the limit"
+    assert stream.status(sid) == SubmissionState(SubmissionStatus.REJECTED, reason="update norm 1e9 exceeds the limit")
+    assert str(stream.status(sid)) == "rejected: update norm 1e9 exceeds the limit"
     (record,) = stream.rejections().values()
     assert record["task"] == "b" and record["base_version"] == v1 and record["reason"].startswith("update norm")
     assert stream.pending() == []
@@ -99,7 +109,7 @@ def test_recover_after_a_consumer_dies(redis_client, namespace, make_adapter) ->
     subs = [*claimed, third]
     merged, _ = merge(base, {s.task: s.adapter for s in subs})
     v2 = replacement.publish_with_ack(store, merged, v1, subs)
-    assert all(replacement.status(i) == f"merged into {v2}" for i in ids)
+    assert all(replacement.status(i) == merged_into(v2) for i in ids)
     # The old coordinator, if it comes back with a stale result, cannot merge them a second time.
     with pytest.raises(SubmissionError, match="already merged"):
         stream.publish_with_ack(store, merged, v2, ids[:1])
@@ -114,14 +124,14 @@ def test_unreadable_and_oversized_submissions(redis_client, namespace, make_adap
     data[-20] ^= 0xFF
     redis_client.set(key, bytes(data))
     assert stream.read("coord") == []  # rejected on read, with the reason
-    assert "checksum" in stream.status(sid) and stream.status(sid).startswith("rejected")
+    assert "checksum" in stream.status(sid).reason and stream.status(sid).state is SubmissionStatus.REJECTED
 
     small = SubmissionStream(redis_client, namespace, max_bytes=1024)
     with pytest.raises(ValueError, match="over the"):
         small.submit(Submission("c", make_adapter(2), v1))
     with pytest.raises(ValueError, match="invalid task name"):
         stream.submit(Submission("bad name", make_adapter(2), v1))
-    assert stream.status("0-1") == "unknown"
+    assert stream.status("0-1") == UNKNOWN
 
 
 def test_compact_update_submission_rebuilds_in_its_base(redis_client, namespace, make_adapter) -> None:
@@ -152,3 +162,38 @@ def test_compact_update_submission_rebuilds_in_its_base(redis_client, namespace,
         assert torch.equal(rebuilt.factors[m][0], expected.factors[m][0])
         assert torch.equal(rebuilt.factors[m][1], expected.factors[m][1])
     assert torch.equal(rebuilt.head["classifier.weight"], torch.ones(3, 16))
+
+
+def test_summary_latest_and_settled_follow_each_submission(redis_client, namespace, make_adapter) -> None:
+    store, stream, base, v1 = _setup(redis_client, namespace, make_adapter)
+    assert stream.is_settled() and stream.latest_id() is None and stream.summary().total == 0
+    kept = stream.submit(Submission("b", make_adapter(1), v1))
+    dropped = stream.submit(Submission("c", make_adapter(2), None, {"note": "x"}))
+    assert stream.latest_id() == dropped and not stream.is_settled()
+    summary = stream.summary()
+    assert (summary.total, summary.merged, summary.rejected, summary.pending, summary.queued) == (2, 0, 0, 0, 2)
+    assert [(r.id, r.task, r.base_version, r.kind) for r in summary.newest] == [
+        (dropped, "c", None, SubmissionKind.ADAPTER),
+        (kept, "b", v1, SubmissionKind.ADAPTER),
+    ]
+    subs = stream.read("coord", count=10)
+    assert not stream.is_settled() and stream.summary().pending == 2
+    stream.reject(dropped, "bad data")
+    assert not stream.is_settled()  # the newest is settled, but "b" is still being merged
+    merged, _ = merge(base, {"b": subs[0].adapter})
+    v2 = stream.publish_with_ack(store, merged, v1, subs[:1])
+    assert stream.is_settled()
+    summary = stream.summary(last=1)
+    assert (summary.total, summary.merged, summary.rejected, summary.pending, summary.queued) == (2, 1, 1, 0, 0)
+    assert summary.to_dict()["newest"] == [
+        {"id": dropped, "task": "c", "base_version": None, "kind": "adapter", "status": "rejected: bad data"}
+    ]
+    assert str(stream.status(kept)) == f"merged into {v2}" and stream.status(kept).settled
+
+
+def test_ack_only_acknowledges(redis_client, namespace, make_adapter) -> None:
+    _, stream, _, v1 = _setup(redis_client, namespace, make_adapter)
+    sid = stream.submit(Submission("b", make_adapter(1), v1))
+    stream.read("coord")
+    stream.ack(sid)
+    assert stream.pending() == [] and stream.rejections() == {}

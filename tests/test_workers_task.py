@@ -26,10 +26,13 @@ import torch
 from torch import nn
 
 from share import merge
-from subspace_store import SubmissionStream, SubspaceStore
+from subspace_store import EvalSpec, SubmissionStream, SubspaceStore, load_callable
 from workers import tracking
 from workers.data import write_split
-from workers.ray_task import TaskJob, current_task_name, evaluate_version, release_pins, run_task_job
+from workers.evaluator import EVALUATOR, evaluate_subspace, evaluate_version
+from workers.placement import _ray_task_name
+from workers.run_task import run_task_job
+from workers.task_job import TaskJob
 
 TINY_BUILDER = "test_workers_task:tiny_builder"
 TINY_TARGETS = ("query", "value")
@@ -74,7 +77,7 @@ class TinyClassifier(nn.Module):
 
 
 def _hooks() -> None:
-    name = current_task_name() or ""
+    name = _ray_task_name() or ""
     parts = name.split(":")
     if len(parts) != 3 or parts[0] != "sharecl" or parts[1] == "evaluate":
         return
@@ -142,7 +145,6 @@ def tiny_job(
         experiment_id=experiment_id,
         target_modules=TINY_TARGETS,
         builder=TINY_BUILDER,
-        max_length=8,
         training={**training, **kw.pop("training", {})},
         job_params={"training.steps": 6},
         **kw,
@@ -161,16 +163,18 @@ def test_cold_start_trains_lora_then_coefficients_against_the_head(
     store, stream = SubspaceStore(redis_client, namespace), SubmissionStream(redis_client, namespace)
 
     first = run_task_job(tiny_job(tmp_path, "fruit_vs_cars", redis_server, namespace, mlflow_uri, experiment_id))
-    assert first["mode"] == "lora" and first["base_version"] is None and first["pin"] is None
-    assert 0.0 <= first["eval_metrics"]["accuracy"] <= 1.0 and first["trainable_params"] > 0
+    assert first.mode == "lora" and first.base_version is None and first.pin is None
+    assert 0.0 <= first.eval_metrics["accuracy"] <= 1.0 and first.trainable_params > 0
 
     sub = stream.read("test", count=10)[0]
-    assert sub.id == first["submission_id"] and sub.task == "fruit_vs_cars" and sub.base_version is None
+    assert sub.id == first.submission_id and sub.task == "fruit_vs_cars" and sub.base_version is None
     meta = sub.metadata
     assert meta["builder"] == TINY_BUILDER and meta["max_length"] == 8 and meta["mode"] == "lora"
-    assert meta["eval_path"].endswith("eval.parquet") and meta["mlflow_run_id"] == first["mlflow_run_id"]
+    assert meta["eval_path"].endswith("eval.parquet") and meta["mlflow_run_id"] == first.mlflow_run_id
     assert meta["base_model"] == "bundled:all-MiniLM-L6-v2" and meta["gpu_ids"] == [] and "node" in meta
-    assert meta["eval"]["evaluator"] == "workers.ray_task:evaluate_subspace"
+    assert meta["eval"]["evaluator"] == "workers.evaluator:evaluate_subspace" == EVALUATOR
+    assert load_callable(EVALUATOR, "evaluator", "") is evaluate_subspace
+    assert EvalSpec.from_dict(meta["eval"]) == first.eval_spec and first.eval_spec.max_length == 8
     assert set(sub.adapter.factors) == {"query", "value"} and set(sub.adapter.head) == {"head.weight", "head.bias"}
 
     subspace, _ = merge(None, {sub.task: sub.adapter})
@@ -179,16 +183,16 @@ def test_cold_start_trains_lora_then_coefficients_against_the_head(
     second = run_task_job(
         tiny_job(tmp_path, "colors_vs_cars", redis_server, namespace, mlflow_uri, experiment_id, classes=(2, 1))
     )
-    assert second["mode"] == "coefficients" and second["base_version"] == v1
-    assert second["pin"] == [v1, "job1/colors_vs_cars"] and "job1/colors_vs_cars" in store.pins()[v1]
-    assert second["trainable_params"] < first["trainable_params"]
+    assert second.mode == "coefficients" and second.base_version == v1
+    assert second.pin == (v1, "job1/colors_vs_cars") and "job1/colors_vs_cars" in store.pins()[v1]
+    assert second.trainable_params < first.trainable_params
     update = stream.read("test", count=10)[0]
     assert update.adapter is None and update.base_version == v1 and update.metadata["mode"] == "coefficients"
     assert set(update.update.parts) == {"query", "value"} and update.update.metadata["label_names"] == ["c2", "c1"]
-    assert release_pins(store, "job1") == [f"{v1}:job1/colors_vs_cars"] and store.pins() == {}
+    assert store.release_pins("job1") == [f"{v1}:job1/colors_vs_cars"] and store.pins() == {}
 
     # The coordinator's evaluator, through the store: the merged task is served from v1.
-    spec = update.metadata["eval"]
+    spec = EvalSpec.from_dict(update.metadata["eval"])
     accuracy = evaluate_version(redis_server, namespace, v1, {"fruit_vs_cars": spec, "colors_vs_cars": spec})
     assert set(accuracy) == {"fruit_vs_cars"}  # v1 does not hold the second task yet
 
@@ -234,15 +238,13 @@ def test_a_retry_after_the_submission_returns_it_instead_of_submitting_twice(
     job = tiny_job(tmp_path, "once_only", redis_server, namespace, mlflow_uri, experiment_id)
     first = run_task_job(job)
     stream = SubmissionStream(redis_client, namespace)
-    assert [s.id for s in stream.read("test", count=10)] == [first["submission_id"]]
+    assert [s.id for s in stream.read("test", count=10)] == [first.submission_id]
 
     # As if that worker had died right after submitting: its run is still RUNNING.
-    tracking.client(mlflow_uri).update_run(first["mlflow_run_id"], status="RUNNING")
+    tracking.client(mlflow_uri).update_run(first.mlflow_run_id, status="RUNNING")
     again = run_task_job(job)
-    assert again["submission_id"] == first["submission_id"] and again["attempt"] == 2
-    assert again["mode"] == "lora" and again["eval_metrics"]["accuracy"] == first["eval_metrics"]["accuracy"]
+    assert again.submission_id == first.submission_id and again.attempt == 2
+    assert again.mode == "lora" and again.eval_metrics["accuracy"] == first.eval_metrics["accuracy"]
     assert stream.read("test", count=10) == []  # nothing new in the stream
     runs = tracking.find_runs(mlflow_uri, experiment_id, "tags.`sharecl.task` = 'once_only'")
-    assert [(r.info.status, r.data.tags["sharecl.submission_id"]) for r in runs] == [
-        ("FINISHED", first["submission_id"])
-    ]
+    assert [(r.info.status, r.data.tags["sharecl.submission_id"]) for r in runs] == [("FINISHED", first.submission_id)]

@@ -9,21 +9,25 @@ The attention projections of the default model are named like
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-# Nothing is downloaded at run time (ARCHITECTURE.md section 6). Set before transformers is imported
+# Nothing is downloaded at run time (docs/architecture.md). Set before transformers is imported
 # anywhere through this module; from_pretrained below also passes local_files_only=True.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from share import ShareModel  # noqa: E402
+from share.errors import ShareClError  # noqa: E402
+from subspace_store.plugins import load_callable  # noqa: E402
+
 Builder = Callable[[str | None, int, int], tuple[nn.Module, Any]]
 DEFAULT_BUILDER = "hf-text-classifier"
+HEAD_MODULE = "head"  # a builder's model keeps its classifier here; trained per task, stored with it
 
 
 class TextClassifier(nn.Module):
@@ -32,7 +36,7 @@ class TextClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, num_labels: int) -> None:
         super().__init__()
         if num_labels < 2:
-            raise ValueError(f"num_labels must be >= 2 for a classifier, got {num_labels}")
+            raise ShareClError(f"num_labels must be >= 2 for a classifier, got {num_labels}")
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
 
@@ -84,9 +88,9 @@ _BUILDERS: dict[str, Builder] = {}
 def register_builder(name: str, fn: Builder, *, overwrite: bool = False) -> None:
     """Make ``fn`` available to jobs as ``model.builder: <name>``."""
     if not name or ":" in name:
-        raise ValueError(f"builder name {name!r} must be non-empty and contain no ':' (reserved for module:function)")
+        raise ShareClError(f"builder name {name!r} must be non-empty and contain no ':' (reserved for module:function)")
     if name in _BUILDERS and not overwrite and _BUILDERS[name] is not fn:
-        raise ValueError(f"a model builder named {name!r} is already registered; pick another name or overwrite=True")
+        raise ShareClError(f"a model builder named {name!r} is already registered; pick another name or overwrite=True")
     _BUILDERS[name] = fn
 
 
@@ -95,21 +99,34 @@ def get_builder(name: str) -> Builder:
     if name in _BUILDERS:
         return _BUILDERS[name]
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"model builder {name!r} could not be imported ({err}); check that the module is importable "
-                f"on every worker and defines {attr}(model_name_or_path, num_labels, seed)"
-            ) from err
-        if not callable(fn):
-            raise ValueError(f"model builder {name!r} is not callable")
-        return fn
-    raise ValueError(
+        attr = name.partition(":")[2]
+        return load_callable(
+            name,
+            "model builder",
+            f"check that the module is importable on every worker and defines {attr}(model_name_or_path, "
+            "num_labels, seed)",
+        )
+    raise ShareClError(
         f"unknown model builder {name!r}; registered: {sorted(_BUILDERS)}; "
         f"or give 'package.module:function' for a custom builder"
     )
 
 
 register_builder(DEFAULT_BUILDER, build_text_classifier)
+
+
+def build_share_model(
+    builder: str,
+    model_name_or_path: str | None,
+    target_modules: Sequence[str],
+    num_labels: int,
+    seed: int,
+    device: str,
+) -> tuple[ShareModel, Any]:
+    """The builder's model on ``device``, wrapped in a ``ShareModel`` adapting ``target_modules``
+    (and training a ``head`` module per task when the model has one), with its tokenizer."""
+    model, tokenizer = get_builder(builder)(model_name_or_path, num_labels, seed)
+    model = model.to(device)
+    names = {name for name, _ in model.named_modules()}
+    heads = [HEAD_MODULE] if HEAD_MODULE in names else []
+    return ShareModel(model, list(target_modules), heads=heads), tokenizer

@@ -19,6 +19,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -190,81 +191,97 @@ def _open_store(args: argparse.Namespace) -> tuple[Any, Any]:
     return SubspaceStore(client, namespace), SubmissionStream(client, namespace)
 
 
-def submissions_summary(stream: Any, last: int = 10) -> dict[str, Any]:
-    """Counts of the namespace's submissions by state, and the newest ``last`` of them."""
-    client, keys = stream.client, stream.keys
-    total = int(client.xlen(keys.stream)) if client.exists(keys.stream) else 0
-    merged, rejected = int(client.hlen(keys.merged)), int(client.hlen(keys.rejected))
-    pending = len(stream.pending()) if total else 0
-    newest = []
-    for raw_id, fields in client.xrevrange(keys.stream, count=last) if total else []:
-        sid = raw_id.decode()
-        newest.append(
-            {
-                "id": sid,
-                "task": fields[b"task"].decode(),
-                "base_version": fields[b"base_version"].decode() or None,
-                "kind": fields.get(b"kind", b"adapter").decode(),
-                "status": stream.status(sid),
-            }
-        )
-    return {
-        "total": total,
-        "merged": merged,
-        "rejected": rejected,
-        "pending": pending,
-        "queued": max(total - merged - rejected - pending, 0),
-        "newest": newest,
-    }
+@dataclass(frozen=True)
+class TaskSummary:
+    """One task of a job as ``sharecl status`` shows it: its final state in the job, else its latest attempt's."""
+
+    task: str
+    status: str | None  # as recorded in MLflow ("merged v3", "training", "failed", ...)
+    attempts: int
+    eval_accuracy: float | None  # measured by the worker right after training
+    accuracy_after_merge: float | None  # served from the head when the job ended
+    base_version: str | None
+    gpu_ids: str | None
+    error: str | None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.accuracy_after_merge if self.accuracy_after_merge is not None else self.eval_accuracy
 
 
-def jobs_summary(uri: str, experiment: str, last: int) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class JobSummary:
+    """One job (its MLflow run) with its tasks."""
+
+    job_id: str
+    run_id: str
+    mlflow_status: str
+    status: str | None
+    started: float  # unix seconds
+    head: str | None
+    tasks: list[TaskSummary] = field(default_factory=list)
+
+
+def jobs_summary(uri: str, experiment: str, last: int) -> list[JobSummary]:
     """The newest ``last`` jobs of ``experiment`` with their tasks' latest attempts (from MLflow)."""
-    from subspace_store import tracking as names
+    from subspace_store.tracking import (
+        ACCURACY_METRIC,
+        TAG_BASE_VERSION,
+        TAG_ERROR,
+        TAG_GPU_IDS,
+        TAG_HEAD,
+        TAG_JOB,
+        TAG_KIND,
+        TAG_STATUS,
+        TAG_TASK,
+        TAG_TASK_OUTCOME,
+        TAG_TASKS,
+        RunKind,
+    )
     from workers import tracking
 
     found = tracking.client(uri).get_experiment_by_name(experiment)
     if found is None:
         return []
     exp = found.experiment_id
-    jobs = tracking.find_runs(uri, exp, f"tags.`{names.TAG_KIND}` = 'job'", max_results=1000)
+    jobs = tracking.find_runs(uri, exp, f"tags.`{TAG_KIND}` = '{RunKind.JOB}'", max_results=1000)
     jobs = sorted(jobs, key=lambda r: r.info.start_time, reverse=True)[:last]
     out = []
     for run in jobs:
-        job_id = run.data.tags.get(names.TAG_JOB, run.info.run_name)
+        job_id = run.data.tags.get(TAG_JOB, run.info.run_name)
         task_runs = tracking.find_runs(
-            uri, exp, f"tags.`{names.TAG_JOB}` = '{job_id}' and tags.`{names.TAG_KIND}` = 'task'"
+            uri, exp, f"tags.`{TAG_JOB}` = '{job_id}' and tags.`{TAG_KIND}` = '{RunKind.TASK}'"
         )
         latest: dict[str, Any] = {}
         for t in sorted(task_runs, key=lambda r: r.info.start_time):
-            latest[t.data.tags.get(names.TAG_TASK, "?")] = t
-        names = [n for n in run.data.tags.get("sharecl.tasks", "").split(",") if n] or sorted(latest)
+            latest[t.data.tags.get(TAG_TASK, "?")] = t
+        task_names = [n for n in run.data.tags.get(TAG_TASKS, "").split(",") if n] or sorted(latest)
         tasks = []
-        for name in names:
+        for name in task_names:
             t = latest.get(name)
-            final = run.data.tags.get(f"sharecl.task.{name}")
+            final = run.data.tags.get(TAG_TASK_OUTCOME + name)
             tasks.append(
-                {
-                    "task": name,
-                    "status": final or (t.data.tags.get(names.TAG_STATUS) if t else "queued"),
-                    "attempts": sum(1 for r in task_runs if r.data.tags.get(names.TAG_TASK) == name),
-                    "eval_accuracy": t.data.metrics.get("eval_accuracy") if t else None,
-                    "accuracy_after_merge": run.data.metrics.get(f"accuracy/{name}"),
-                    "base_version": t.data.tags.get("sharecl.base_version") if t else None,
-                    "gpu_ids": t.data.tags.get("sharecl.gpu_ids") if t else None,
-                    "error": t.data.tags.get(names.TAG_ERROR) if t else None,
-                }
+                TaskSummary(
+                    task=name,
+                    status=final or (t.data.tags.get(TAG_STATUS) if t else "queued"),
+                    attempts=sum(1 for r in task_runs if r.data.tags.get(TAG_TASK) == name),
+                    eval_accuracy=t.data.metrics.get("eval_accuracy") if t else None,
+                    accuracy_after_merge=run.data.metrics.get(ACCURACY_METRIC + name),
+                    base_version=t.data.tags.get(TAG_BASE_VERSION) if t else None,
+                    gpu_ids=t.data.tags.get(TAG_GPU_IDS) if t else None,
+                    error=t.data.tags.get(TAG_ERROR) if t else None,
+                )
             )
         out.append(
-            {
-                "job_id": job_id,
-                "run_id": run.info.run_id,
-                "mlflow_status": run.info.status,
-                "status": run.data.tags.get(names.TAG_STATUS),
-                "started": run.info.start_time / 1000.0,
-                "head": run.data.tags.get("sharecl.head"),
-                "tasks": tasks,
-            }
+            JobSummary(
+                job_id=job_id,
+                run_id=run.info.run_id,
+                mlflow_status=run.info.status,
+                status=run.data.tags.get(TAG_STATUS),
+                started=run.info.start_time / 1000.0,
+                head=run.data.tags.get(TAG_HEAD),
+                tasks=tasks,
+            )
         )
     return out
 
@@ -276,7 +293,7 @@ def run_status(args: argparse.Namespace) -> int:
     namespace = store.namespace
     uri = resolve_mlflow_uri(args.mlflow_uri)
     versions = store.list_versions()
-    subs = submissions_summary(stream)
+    subs = stream.summary()
     try:
         jobs = jobs_summary(uri, args.experiment or namespace, args.jobs)
         tracking_error = None
@@ -289,8 +306,8 @@ def run_status(args: argparse.Namespace) -> int:
                     "namespace": namespace,
                     "head": store.head(),
                     "versions": [v.__dict__ for v in versions],
-                    "submissions": subs,
-                    "jobs": jobs,
+                    "submissions": subs.to_dict(),
+                    "jobs": [asdict(job) for job in jobs],
                     "tracking_error": tracking_error,
                 },
                 indent=2,
@@ -304,23 +321,22 @@ def run_status(args: argparse.Namespace) -> int:
         marks = (["HEAD"] if v.is_head else []) + v.tags + [f"pin:{p}" for p in v.pins]
         print(f"  {v.version:<6} {len(v.tasks):>3} task(s)  +{len(v.submissions)} submission(s)  {', '.join(marks)}")
     print(
-        f"submissions: {subs['total']} total, {subs['merged']} merged, {subs['rejected']} rejected, "
-        f"{subs['pending']} being merged, {subs['queued']} queued"
+        f"submissions: {subs.total} total, {subs.merged} merged, {subs.rejected} rejected, "
+        f"{subs.pending} being merged, {subs.queued} queued"
     )
-    for s in subs["newest"]:
-        print(f"  {s['id']:<17} {s['task']:<28} {s['kind']:<7} base {s['base_version'] or '-':<6} {s['status']}")
+    for s in subs.newest:
+        print(f"  {s.id:<17} {s.task:<28} {s.kind.value:<7} base {s.base_version or '-':<6} {s.status}")
     if tracking_error:
         print(f"jobs: MLflow at {uri} could not be read ({tracking_error})")
     elif not jobs:
         print(f"jobs: none in MLflow experiment {args.experiment or namespace!r} at {uri}")
     for job in jobs:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["started"]))
-        print(f"job {job['job_id']} ({started}): {job['status'] or job['mlflow_status']}, head {job['head'] or '-'}")
-        for t in job["tasks"]:
-            acc = t["accuracy_after_merge"] if t["accuracy_after_merge"] is not None else t["eval_accuracy"]
-            shown = f"accuracy {acc:.3f}" if acc is not None else ""
-            tries = f", {t['attempts']} attempts" if t["attempts"] > 1 else ""
-            print(f"  {t['task']:<30} {t['status'] or '-':<22} {shown}{tries}")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.started))
+        print(f"job {job.job_id} ({started}): {job.status or job.mlflow_status}, head {job.head or '-'}")
+        for t in job.tasks:
+            shown = f"accuracy {t.accuracy:.3f}" if t.accuracy is not None else ""
+            tries = f", {t.attempts} attempts" if t.attempts > 1 else ""
+            print(f"  {t.task:<30} {t.status or '-':<22} {shown}{tries}")
     print(f"watch: mlflow ui --backend-store-uri {uri}")
     return 0
 
@@ -389,7 +405,7 @@ def _wait_merged(args: argparse.Namespace, store: Any, stream: Any, ids: list[tu
     import ray
 
     from coordinator.actor import get_or_start_coordinator
-    from subspace_store import resolve_url
+    from subspace_store import SubmissionStatus, resolve_url
 
     url = resolve_url(args.redis_url)
     owns = not ray.is_initialized()
@@ -408,7 +424,7 @@ def _wait_merged(args: argparse.Namespace, store: Any, stream: Any, ids: list[tu
     failed = 0
     for name, sid in ids:
         state = stream.status(sid)
-        failed += not state.startswith("merged")
+        failed += state.state is not SubmissionStatus.MERGED
         print(f"task {name!r} ({sid}): {state}")
     return 1 if failed else 0
 

@@ -1,0 +1,184 @@
+"""The body of a task job: pull the head, train one task, evaluate it, submit it to the stream.
+
+On an error the attempt's MLflow run ends FAILED with the error as a tag, its pin is released, and
+the error propagates (Ray hands it to the driver, which records the task as failed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+from share import TrainingMode
+from subspace_store import Submission, SubmissionStream, SubspaceStore, VersionNotFoundError, connect
+from subspace_store.evalspec import EVAL_KEY
+from workers import recovery
+from workers.data import TaskSplit, load_split
+from workers.models import build_share_model
+from workers.placement import Placement, current_placement
+from workers.task import train_task
+from workers.task_job import TaskJob, TaskJobError, TaskSummary
+from workers.task_tracking import quietly, record_failure, record_submission, start_task_run
+from workers.tracking import progress_logger
+
+
+def run_task_job(job: TaskJob) -> TaskSummary:
+    """Train, evaluate and submit one task; returns what it did."""
+    started = time.time()
+    placement = current_placement()
+    client = connect(job.redis_url)
+    store = SubspaceStore(client, job.namespace)
+    stream = SubmissionStream(client, job.namespace)
+    base, pinned, run = None, False, None
+    try:
+        train_split, eval_split = _load_data(job)
+        earlier = recovery.earlier_attempts(job)
+        submitted = recovery.submitted_attempt(earlier)
+        if submitted is not None:
+            # An earlier attempt submitted, then its worker died: never train and submit twice.
+            return recovery.summary_of_submitted(job, submitted, len(earlier), started)
+        recovery.close_dead_attempts(job)
+
+        base, base_tasks = _start_base(job, store)
+        pinned = base is not None
+        if job.task in base_tasks:
+            raise TaskJobError(
+                f"task {job.task!r} is already in version {base} of namespace {job.namespace!r}; "
+                "give the task a new name, or use another store.namespace"
+            )
+        if job.mode == TrainingMode.COEFFICIENTS and base is None:
+            raise TaskJobError(
+                f"task {job.task!r}: training.mode=coefficients needs a subspace, but namespace {job.namespace!r} "
+                "holds no version yet; use training.mode=auto (LoRA for the first tasks) or lora"
+            )
+        mode = TrainingMode.resolve(job.mode, has_base=base is not None)
+        spec = job.spec(mode)
+        attempt = len(earlier) + 1
+        run = start_task_run(job, spec, base, attempt, placement, train_split.num_labels, len(train_split))
+        print(
+            f"[{job.task}] start: mode {mode}, base {base or '- (cold start)'}, {len(train_split)} examples, "
+            f"{spec.steps} steps, node {placement.where}, gpu {placement.gpus_label} ({placement.device}), "
+            f"attempt {attempt}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+        model, tokenizer = build_share_model(
+            job.builder, job.model_name_or_path, job.target_modules, train_split.num_labels, spec.seed, placement.device
+        )
+        if mode is TrainingMode.COEFFICIENTS:
+            # Bases only: the new task's coefficients are relative to them; old tasks are not needed.
+            model.load_subspace(store.get(base, tasks=[]))
+        trained = train_task(
+            model, spec, train_split, tokenizer, eval_split, on_metrics=progress_logger(run, job.task, spec.steps)
+        )
+        eval_metrics = {k: float(v) for k, v in trained.eval_metrics.items()}
+        summary = TaskSummary(
+            task=job.task,
+            submission_id="",  # set once submitted
+            mode=mode,
+            base_version=base,
+            pin=(base, job.pin_id) if pinned else None,
+            eval_metrics=eval_metrics,
+            trainable_params=trained.result.trainable_params,
+            gpu_ids=placement.gpu_ids,
+            node=placement.node,
+            node_ip=placement.node_ip,
+            mlflow_run_id=run.run_id,
+            attempt=attempt,
+            eval_spec=job.eval_spec(),
+            seconds=0.0,
+        )
+        submission = _submission(job, summary, model, trained, train_split, placement)
+        submission_id = stream.submit(submission)
+        # Submitted: from here on nothing may fail the task (tracking is recorded best effort).
+        quietly(lambda: record_submission(run, submission_id, trained.result, eval_metrics))
+        accuracy = eval_metrics.get("accuracy")
+        print(
+            f"[{job.task}] submitted {submission_id} (base {base or '-'}, "
+            f"eval accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}, "
+            f"{summary.trainable_params} trainable params)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return dataclasses.replace(summary, submission_id=submission_id, seconds=time.time() - started)
+    except BaseException as err:
+        if pinned and base is not None:
+            quietly(lambda: store.unpin(base, job.pin_id))
+        if run is not None:
+            record_failure(run, err)
+        raise
+    finally:
+        client.close()
+
+
+def _submission(
+    job: TaskJob, summary: TaskSummary, model: Any, trained: Any, train_split: TaskSplit, placement: Placement
+) -> Submission:
+    """The stream entry: the trained task (compact for coefficients) and what the coordinator and
+    later readers need to know about it (``metadata``, with its eval spec under ``"eval"``)."""
+    spec = job.spec(summary.mode)
+    metadata = {
+        "job_id": job.job_id,
+        "mode": summary.mode,
+        "base_model": job.base_model,
+        "model_name_or_path": job.model_name_or_path,
+        "builder": job.builder,
+        "max_length": spec.max_length,
+        "target_modules": list(job.target_modules),
+        "train_path": job.train_path,
+        "eval_path": job.eval_path,
+        "num_labels": train_split.num_labels,
+        "label_names": train_split.label_names,
+        "eval_metrics": summary.eval_metrics,
+        "trainable_params": summary.trainable_params,
+        "mlflow_run_id": summary.mlflow_run_id,
+        "node": placement.node,
+        "node_ip": placement.node_ip,
+        "hostname": placement.hostname,
+        "gpu_ids": list(placement.gpu_ids),
+        "attempt": summary.attempt,
+    }
+    if summary.eval_spec is not None:
+        metadata[EVAL_KEY] = summary.eval_spec.to_dict()  # the coordinator evaluates the task after every merge
+    if summary.mode is TrainingMode.COEFFICIENTS:
+        # Compact: coefficients and temporary directions relative to the base version's bases,
+        # which the coordinator rebuilds exactly (also when the head has moved on meanwhile).
+        update = model.trained_update()
+        update.metadata.update(trained.adapter.metadata)
+        return Submission(job.task, adapter=None, update=update, base_version=summary.base_version, metadata=metadata)
+    return Submission(job.task, adapter=trained.adapter, base_version=summary.base_version, metadata=metadata)
+
+
+def _load_data(job: TaskJob) -> tuple[TaskSplit, TaskSplit | None]:
+    train = load_split(job.train_path)
+    if len(train) == 0:
+        raise TaskJobError(f"task {job.task!r}: training split {job.train_path} is empty; add rows")
+    if job.num_labels is not None and job.num_labels != train.num_labels:
+        raise TaskJobError(
+            f"task {job.task!r}: num_labels is {job.num_labels} but {job.train_path} names {train.num_labels} "
+            f"classes {train.label_names}; remove num_labels from the job or fix the data"
+        )
+    evaluation = None
+    if job.eval_path is not None:
+        evaluation = load_split(job.eval_path)
+        if evaluation.label_names != train.label_names:
+            raise TaskJobError(
+                f"task {job.task!r}: eval split {job.eval_path} has classes {evaluation.label_names}, the training "
+                f"split {train.label_names}; write both splits with the same label_names"
+            )
+    return train, evaluation
+
+
+def _start_base(job: TaskJob, store: SubspaceStore) -> tuple[str | None, list[str]]:
+    """Pin the head (atomically: the version pinned is the head at that moment) and return it with
+    its task names; ``(None, [])`` on a cold start."""
+    if store.head() is None:
+        return None, []
+    try:
+        version = store.pin("head", job.pin_id, ttl_s=job.pin_ttl_s)
+    except VersionNotFoundError:
+        return None, []
+    return version, list(store.manifest(version)["tasks"])
