@@ -5,11 +5,11 @@ coordinator.step()                                                           # o
 handle = coordinator.actor.get_or_start_coordinator("default")               # the Ray actor
 
 Never imports ``workers/``: the two meet only through the store, the stream and Ray handles.
+Crash points (``coordinator.crash``) are for tests.
 """
 
 from .config import CoordinatorConfig, build
-from .crash import CrashPoints
-from .evaluation import Evaluation, eval_spec, load_evaluator
+from .evaluation import Evaluation, load_evaluator
 from .matrix import AccuracyMatrix
 from .record import MergeRecord
 from .service import Coordinator, StepResult
@@ -19,12 +19,10 @@ __all__ = [
     "AccuracyMatrix",
     "Coordinator",
     "CoordinatorConfig",
-    "CrashPoints",
     "Evaluation",
     "MergeRecord",
     "MergeTracker",
     "StepResult",
     "build",
-    "eval_spec",
     "load_evaluator",
 ]

@@ -114,7 +114,7 @@ def _connect_ray(cfg: JobConfig, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     target = address or cfg.cluster.address
-    # Our own env for the local instance's workers: no downloads, ever (ARCHITECTURE.md section 6).
+    # Our own env for the local instance's workers: no downloads, ever (docs/architecture.md).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if target is None and os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # a Ray Jobs API entrypoint: the cluster it was submitted to

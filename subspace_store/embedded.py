@@ -28,7 +28,7 @@ from redis.retry import Retry
 
 from .home import embedded_redis_folder
 
-CONF, PIDFILE, PORTFILE, PASSFILE, LOGFILE, LOCKFILE = (
+_CONF, _PIDFILE, _PORTFILE, _PASSFILE, _LOGFILE, _LOCKFILE = (
     "redis.conf",
     "redis.pid",
     "redis.port",
@@ -97,7 +97,7 @@ class RedisServer:
         if not self._wait_gone(timeout_s) and self.pid:
             _signal(self.pid, signal.SIGKILL)
             self._wait_gone(5.0)
-        (self.folder / PORTFILE).unlink(missing_ok=True)
+        (self.folder / _PORTFILE).unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests)."""
@@ -146,8 +146,8 @@ def _write_conf(folder: Path, port: int, password: str | None, appendonly: bool,
         "bind 127.0.0.1",
         "protected-mode yes",
         f'dir "{folder}"',
-        f'pidfile "{folder / PIDFILE}"',
-        f'logfile "{folder / LOGFILE}"',
+        f'pidfile "{folder / _PIDFILE}"',
+        f'logfile "{folder / _LOGFILE}"',
         f"daemonize {'yes' if detach else 'no'}",
         'save ""',  # persistence is the append-only file; no RDB snapshots
         f"appendonly {'yes' if appendonly else 'no'}",
@@ -156,7 +156,7 @@ def _write_conf(folder: Path, port: int, password: str | None, appendonly: bool,
     ]
     if password:
         lines.append(f"requirepass {password}")
-    conf = folder / CONF
+    conf = folder / _CONF
     # The password lives in the config file, not on the command line where `ps` would show it.
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -185,7 +185,7 @@ def start_redis(
     for attempt in range(3):
         chosen = port or free_port()
         conf = _write_conf(folder, chosen, password, appendonly, detach, fsync)
-        log = folder / LOGFILE
+        log = folder / _LOGFILE
         offset = log.stat().st_size if log.exists() else 0
         # Config errors go to stderr before the logfile is open: append them to the log too.
         with open(log, "ab") as stderr:
@@ -202,7 +202,7 @@ def start_redis(
             if "Address already in use" in tail and port is None and attempt < 2:
                 continue  # lost the free port to another process between choosing and binding
             raise RuntimeError(f"{err}; redis-server log {log}:\n{tail}") from None
-        (folder / PORTFILE).write_text(f"{chosen}\n")
+        (folder / _PORTFILE).write_text(f"{chosen}\n")
         return server
     raise AssertionError("unreachable")
 
@@ -213,7 +213,7 @@ def _wait_ready(server: RedisServer, process: subprocess.Popen[bytes], detach: b
     while time.monotonic() < deadline:
         if server.pid is None:
             try:
-                server.pid = int((server.folder / PIDFILE).read_text().strip()) if detach else process.pid
+                server.pid = int((server.folder / _PIDFILE).read_text().strip()) if detach else process.pid
             except (FileNotFoundError, ValueError):
                 pass
         if not detach and process.poll() is not None:
@@ -245,7 +245,7 @@ def _log_tail(log: Path, offset: int) -> str:
 def _locked(folder: Path) -> Iterator[None]:
     """Serialize start/stop across processes, so two commands never start two servers."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCKFILE, "a") as handle:
+    with open(folder / _LOCKFILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -257,8 +257,8 @@ def running_server(folder: str | os.PathLike[str] | None = None) -> RedisServer 
     """The embedded server recorded in ``folder`` if it is alive and answers, else None."""
     folder = Path(folder) if folder is not None else embedded_redis_folder()
     try:
-        port = int((folder / PORTFILE).read_text().strip())
-        pid = int((folder / PIDFILE).read_text().strip())
+        port = int((folder / _PORTFILE).read_text().strip())
+        pid = int((folder / _PIDFILE).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
     if not _alive(pid):
@@ -276,7 +276,7 @@ def running_server(folder: str | os.PathLike[str] | None = None) -> RedisServer 
 
 def _read_password(folder: Path) -> str | None:
     try:
-        return (folder / PASSFILE).read_text().strip() or None
+        return (folder / _PASSFILE).read_text().strip() or None
     except FileNotFoundError:
         return None
 
@@ -293,7 +293,7 @@ def ensure_running(folder: str | os.PathLike[str] | None = None, port: int | Non
         password = _read_password(folder)
         if password is None:
             password = secrets.token_urlsafe(24)
-            fd = os.open(folder / PASSFILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(folder / _PASSFILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(password + "\n")
         return start_redis(folder, port=port, password=password, detach=True)
@@ -305,7 +305,7 @@ def stop_embedded(folder: str | os.PathLike[str] | None = None) -> bool:
     with _locked(folder):
         server = running_server(folder)
         if server is None:
-            (folder / PORTFILE).unlink(missing_ok=True)
+            (folder / _PORTFILE).unlink(missing_ok=True)
             return False
         server.stop()
         return True

@@ -267,4 +267,4 @@ def test_malformed_entry_is_rejected_not_blocking_the_stream(setup) -> None:
     good = stream.submit(Submission("good", lora(0), None))
     result = coordinator.step(max_batch=8, block_ms=None)
     assert result.merged == {good: "good"} and result.version == "v1"
-    assert str(stream.status(bad)).startswith("rejected: unreadable submission") and stream.pending() == []
+    assert stream.status(bad).reason.startswith("unreadable submission") and stream.pending() == []

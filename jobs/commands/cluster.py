@@ -192,7 +192,7 @@ def _open_store(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 @dataclass(frozen=True)
-class TaskSummary:
+class TaskRow:
     """One task of a job as ``sharecl status`` shows it: its final state in the job, else its latest attempt's."""
 
     task: str
@@ -210,7 +210,7 @@ class TaskSummary:
 
 
 @dataclass(frozen=True)
-class JobSummary:
+class JobRow:
     """One job (its MLflow run) with its tasks."""
 
     job_id: str
@@ -219,10 +219,10 @@ class JobSummary:
     status: str | None
     started: float  # unix seconds
     head: str | None
-    tasks: list[TaskSummary] = field(default_factory=list)
+    tasks: list[TaskRow] = field(default_factory=list)
 
 
-def jobs_summary(uri: str, experiment: str, last: int) -> list[JobSummary]:
+def jobs_summary(uri: str, experiment: str, last: int) -> list[JobRow]:
     """The newest ``last`` jobs of ``experiment`` with their tasks' latest attempts (from MLflow)."""
     from subspace_store.tracking import (
         ACCURACY_METRIC,
@@ -261,7 +261,7 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[JobSummary]:
             t = latest.get(name)
             final = run.data.tags.get(TAG_TASK_OUTCOME + name)
             tasks.append(
-                TaskSummary(
+                TaskRow(
                     task=name,
                     status=final or (t.data.tags.get(TAG_STATUS) if t else "queued"),
                     attempts=sum(1 for r in task_runs if r.data.tags.get(TAG_TASK) == name),
@@ -273,7 +273,7 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[JobSummary]:
                 )
             )
         out.append(
-            JobSummary(
+            JobRow(
                 job_id=job_id,
                 run_id=run.info.run_id,
                 mlflow_status=run.info.status,
