@@ -21,10 +21,9 @@ from benchmarks.continual_data import TaskData
 from benchmarks.continual_store import MethodResult
 from share import KPolicy, LoraAdapter, MergeReport, ShareModel, Subspace, merge
 from share.config import TrainingMode
-from workers.models import build_text_classifier
+from workers.models import DEFAULT_BUILDER, HEAD_MODULE, build_share_model
 from workers.task import TaskSpec, evaluate_tasks, train_task
 
-HEAD = "head"
 # Large enough that a merge keeps every direction: where a method stores adapters exactly.
 EXACT = KPolicy(k=100_000)
 
@@ -39,7 +38,7 @@ def fmt_row(row: list[float]) -> str:
 
 def resize_head(model: ShareModel, num_labels: int) -> None:
     """Make the head template output ``num_labels`` classes, so the next task's fresh head fits its labels."""
-    head = model.heads[HEAD]
+    head = model.heads[HEAD_MODULE]
     template = head.template
     if isinstance(template, nn.Linear) and template.out_features == num_labels:
         return
@@ -67,8 +66,8 @@ class SeedRun:
 
     # -- shared pieces -------------------------------------------------------------------------
     def model(self) -> tuple[ShareModel, Any]:
-        model, tokenizer = build_text_classifier(None, self.tasks[0].num_labels, seed=self.seed)
-        return ShareModel(model, list(TARGETS), heads=[HEAD]), tokenizer
+        # The workers' own model builder: the bundled all-MiniLM-L6-v2 with its per-task head, on CPU.
+        return build_share_model(DEFAULT_BUILDER, None, TARGETS, self.tasks[0].num_labels, self.seed, "cpu")
 
     def spec(self, task: TaskData, mode: TrainingMode, index: int) -> TaskSpec:
         b = self.budget
