@@ -160,11 +160,13 @@ class Subspace:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
-        """Write to a folder atomically: a temporary sibling is written, then renamed over ``path``.
+        """Write to a folder atomically: a temporary sibling is written, then swapped with ``path``.
 
         Layout: ``manifest.json``, ``bases.safetensors`` (``<module>.U_A``/``.U_B``), and
         ``tasks/<task>.safetensors`` (``<module>.E_A``/``.E_B``, ``head.<name>``). Bit-exact.
-        A non-empty ``path`` is replaced only with ``overwrite``; an error leaves it as it was.
+        A non-empty ``path`` is replaced only with ``overwrite``; an error leaves it as it was. A crash
+        leaves the old or the new folder (``share.folders.write_folder``; ``load`` restores the old one
+        where the swap is not atomic).
         """
         self.validate()
         return write_folder(Path(path), self._write, overwrite)
