@@ -70,7 +70,8 @@ def load_peft_adapter(folder: str | os.PathLike[str]) -> LoraAdapter:
     path = Path(folder)
     recover_folder(path)  # an export killed mid-swap (where the swap takes two renames) left it as a backup
     config = _read_config(path)
-    _refuse_unsupported(path, config)
+    _refuse_unsupported(path, config)  # first: another PEFT method's config lacks LoRA's keys
+    _check_config(path / CONFIG_FILE, config)
     tensors = _read_weights(path)
     factors, head = _split_tensors(path, config, tensors)
     scaling = {}
@@ -110,7 +111,6 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise MalformedFileError(
             f"{config_path}: the top level must be a JSON object, got {type(config).__name__}; {_CONFIG_FIX}"
         )
-    _check_config(config_path, config)
     return config
 
 
@@ -163,11 +163,11 @@ def _check_config(config_path: Path, config: dict[str, Any]) -> None:
         fail("target_modules", f"is {describe(targets)}; it must be a regular expression or a list of module names")
     saved = config.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
-        hint = f" (write [{saved!r}] for that one module)" if isinstance(saved, str) else ""
+        hint = f" (write {json.dumps([saved])} for that one module)" if isinstance(saved, str) else ""
         fail("modules_to_save", f"is {describe(saved)}; it must be a list of module names{hint}")
     if config.get("use_rslora") is not None and not isinstance(config.get("use_rslora"), bool):
         fail("use_rslora", f"is {describe(config.get('use_rslora'))}; it must be true or false")
-    for key in ("peft_type", "base_model_name_or_path", "task_type"):
+    for key in ("base_model_name_or_path", "task_type"):
         if config.get(key) is not None and not isinstance(config.get(key), str):
             fail(key, f"is {describe(config.get(key))}; it must be a string")
 
@@ -180,10 +180,11 @@ def _finite(value: int | float) -> bool:
 
 
 def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise ShareClError(
-            f"adapter {path}: peft_type is {config.get('peft_type')!r}, not 'LORA'; Share imports LoRA adapters only"
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise MalformedFileError(
+            f"{path / CONFIG_FILE}: key 'peft_type' is {describe(peft_type)}, not 'LORA'; Share imports LoRA "
+            "adapters only"
         )
     for key, why in _VARIANT_FIELDS.items():
         if config.get(key):

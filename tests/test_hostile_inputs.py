@@ -73,6 +73,8 @@ BAD_CONFIGS: dict[str, tuple[str, Any]] = {
     "modules-to-save-string": ("'modules_to_save'", lambda c: c | {"modules_to_save": "head"}),
     "modules-to-save-int": ("'modules_to_save'", lambda c: c | {"modules_to_save": [1]}),
     "use-rslora-string": ("'use_rslora'", lambda c: c | {"use_rslora": "yes"}),
+    "not-lora": ("'peft_type'", lambda c: {"peft_type": "IA3", "target_modules": ["query"]}),
+    "peft-type-list": ("'peft_type'", lambda c: c | {"peft_type": ["LORA"]}),
     "not-an-object": ("top level", "[]"),
     "garbage-bytes": ("JSON", b"\xff\xfe\x00garbage\x80"),
     "truncated": ("JSON", '{"r": 2, "peft_type": "LO'),
