@@ -106,7 +106,10 @@ def write_folder(target: Path, write: Callable[[Path], None], overwrite: bool) -
             os.rename(tmp, target)
             return target
         if _exchange(tmp, target):
-            shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
+            if tmp.is_symlink():  # the target was a link to a folder: the link goes, the folder stays
+                tmp.unlink()
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
             return target
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
         os.rename(target, backup / _BACKUP)
@@ -131,11 +134,15 @@ def recover_folder(target: Path) -> None:
     """
     if target.exists() or target.is_symlink() or not target.parent.is_dir():
         return
+    prefix = f".{target.name}.old-"
     candidates = []
-    for backup in target.parent.glob(f".{target.name}.old-*"):
-        pid = backup.name[len(f".{target.name}.old-") :].partition("-")[0]
+    for backup in target.parent.iterdir():
+        pid = backup.name[len(prefix) :].partition("-")[0] if backup.name.startswith(prefix) else ""
         if pid.isdecimal() and (backup / _BACKUP).is_dir() and not _alive(int(pid)):
-            candidates.append((backup.stat().st_mtime_ns, backup))
+            try:
+                candidates.append((backup.stat().st_mtime_ns, backup))
+            except FileNotFoundError:  # another process recovered it meanwhile
+                continue
     if not candidates:
         return
     backup = max(candidates)[1]

@@ -270,3 +270,15 @@ def test_a_backup_of_a_live_save_is_left_alone(subspace: Subspace, tmp_path: Pat
     with pytest.raises(MissingFileError):
         Subspace.load(folder)
     assert (backup / "old" / MANIFEST).is_file()
+
+
+def test_saving_over_a_link_replaces_the_link_and_keeps_the_linked_folder(subspace: Subspace, tmp_path: Path) -> None:
+    real = subspace.save(tmp_path / "real")
+    before = folder_snapshot(real)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    smaller, _ = merge(None, {"only": random_adapter(9)}, KPolicy(k=2))
+    smaller.save(tmp_path / "link")
+    assert not (tmp_path / "link").is_symlink()
+    assert_identical(smaller, Subspace.load(tmp_path / "link"))
+    assert folder_snapshot(real) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
