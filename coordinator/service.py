@@ -6,6 +6,14 @@ publishes the version holding it, or that records its rejection. So whenever thi
 everything it had read is still pending, and the next incarnation (same consumer name) is handed it
 again by ``recover`` before reading anything new. A merge already published is never redone: its
 submissions are no longer pending, and a task already in the head is never merged twice.
+
+One bad submission never blocks the others: whatever makes its merge fail (an exception from
+``share.merge``, or leaving a task over the policy's ``max_error`` when its job does not allow that) is
+isolated by bisecting the batch (``isolation.py``) and the submission is rejected with the reason.
+
+Every MLflow merge run this process opens is ended: finished once its version is published,
+FAILED when it is not, and, when a publish ended in an error that leaves its outcome unknown (Redis
+went away), settled at the next step or at ``close``.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from share import KPolicy, Subspace, merge
+from share import KPolicy, Subspace
 from share.errors import ShareClError
 from subspace_store import (
     HeadConflictError,
@@ -31,6 +39,7 @@ from subspace_store import (
 
 from .crash import AFTER_MERGE, AFTER_PUBLISH, AFTER_READ, CrashPoints
 from .evaluation import Evaluation
+from .isolation import merge_isolating
 from .matrix import AccuracyMatrix
 from .record import COORDINATOR_KEY, RUN_ID_KEY, MergeRecord
 from .tracking import MergeTracker
@@ -50,6 +59,8 @@ class StepResult:
     merged: dict[str, str] = field(default_factory=dict)  # submission id -> task
     rejected: dict[str, str] = field(default_factory=dict)  # submission id -> reason
     acknowledged: list[str] = field(default_factory=list)  # already merged earlier: acknowledged only
+    deferred: list[str] = field(default_factory=list)  # still pending: merged into the next version instead
+    over_bound: dict[str, float] = field(default_factory=dict)  # task -> error bound, merged over it (allowed)
     head_conflicts: int = 0
     merge_seconds: float = 0.0
     publish_seconds: float = 0.0
@@ -107,6 +118,7 @@ class Coordinator:
         self._need_recover = True  # a fresh incarnation first takes back what a dead one held
         self._last_recover = 0.0
         self._lock = threading.Lock()
+        self._open_runs: dict[str, str | None] = {}  # MLflow run -> its version if known: not ended yet
         self.counters = {"steps": 0, "merges": 0, "merged": 0, "rejected": 0, "recovered": 0, "head_conflicts": 0}
         self.last_version: str | None = None
         self.last_error: str | None = None
@@ -127,20 +139,50 @@ class Coordinator:
     def _reconcile(self) -> None:
         assert self.tracking is not None
         open_runs = self.tracking.open_runs()
-        if not open_runs:
+        if open_runs:
+            self._open_runs.update({run_id: None for run_id in open_runs})
+            self._settle_runs(evaluate=True)
+
+    def _settle_runs(self, evaluate: bool = False) -> None:
+        """End the open runs: finished where a version names them (published), else FAILED (its
+        submissions were still pending and a later merge took them). Those MLflow does not take stay open."""
+        if not self._open_runs or self.tracking is None:
             return
         by_run = {info.metadata.get(RUN_ID_KEY): info.version for info in self.store.list_versions()}
-        for run_id in open_runs:
-            version = by_run.get(run_id)
+        for run_id, known in list(self._open_runs.items()):
+            version = known or by_run.get(run_id)
             if version is None:
-                self.tracking.abandon(run_id, "the coordinator stopped before publishing; a later merge took its tasks")
-                continue
-            record = MergeRecord.from_manifest(self.store.manifest(version))
-            accuracy, errors = self._evaluate(self.store.get(version)) if self.evaluation else ({}, {})
-            if accuracy:
-                self.matrix.add(version, record.new_tasks, accuracy)
-            self.tracking.finish(run_id, record, self.matrix, accuracy, errors)
-            log.info("completed the MLflow run of %s left open by a previous incarnation", version)
+                reason = "the coordinator stopped before publishing; a later merge took its tasks"
+                ended = self.tracking.abandon(run_id, reason)
+            else:
+                record = MergeRecord.from_manifest(self.store.manifest(version))
+                accuracy, errors = self._evaluate(self.store.get(version)) if evaluate and self.evaluation else ({}, {})
+                if accuracy:
+                    self.matrix.add(version, record.new_tasks, accuracy)
+                ended = self.tracking.finish(run_id, record, self.matrix, accuracy, errors)
+                if ended:
+                    log.info("completed the MLflow run of %s left open (crash or tracking outage)", version)
+            if ended:
+                del self._open_runs[run_id]
+
+    @property
+    def open_runs(self) -> list[str]:
+        """MLflow merge runs this process opened and has not ended (outcome unknown or MLflow unreachable)."""
+        return list(self._open_runs)
+
+    def close(self) -> list[str]:
+        """End every run still open (as ``_settle_runs``; FAILED with the error when the store cannot
+        be read). Returns the runs that stay open because MLflow refused even that."""
+        with self._lock:
+            try:
+                self._settle_runs()
+            except Exception as err:  # Redis unreachable: nothing can say whether they were published
+                log.warning("could not check which merges were published (%s); ending their runs as FAILED", err)
+            for run_id in list(self._open_runs):
+                reason = "the coordinator stopped while the outcome of its publish was unknown (store unreachable)"
+                if self.tracking is None or self.tracking.abandon(run_id, reason):
+                    del self._open_runs[run_id]
+            return self.open_runs
 
     def run_forever(
         self,
@@ -181,6 +223,11 @@ class Coordinator:
             raise ShareClError(f"max_batch must be >= 1 (got {max_batch})")
         with self._lock:
             self.start()
+            if self._open_runs:
+                try:
+                    self._settle_runs()
+                except Exception as err:  # the store is still unreachable: try again next step
+                    log.warning("open MLflow merge runs not settled yet (%s)", err)
             result = StepResult()
             batch = self._take(max_batch, block_ms, result)
             self.counters["steps"] += 1
@@ -235,9 +282,24 @@ class Coordinator:
             result.acknowledged += verdicts.already_merged
             if not verdicts.accepted:
                 return
-            accepted = [a.submission for a in verdicts.accepted]
-            adapters = {a.submission.task: a.adapter for a in verdicts.accepted}
-            merged, report = merge(head, adapters, self.policy)
+            isolation = merge_isolating(head, verdicts.accepted, self.policy)
+            for sid, reason in isolation.rejected.items():
+                self.stream.reject(sid, reason)
+            result.rejected.update(isolation.rejected)
+            if isolation.deferred:
+                self._need_recover = True  # still pending: the next step takes them back first
+                result.deferred = [a.submission.id for a in isolation.deferred if a.submission.id is not None]
+            if isolation.merged is None or isolation.report is None:
+                return
+            merged, report = isolation.merged, isolation.report
+            accepted = [a.submission for a in isolation.kept]
+            adapters = {a.submission.task: a.adapter for a in isolation.kept}
+            if report.over_bound:
+                log.warning(
+                    "merging %s leaves tasks over max_error (allowed by their jobs): %s",
+                    list(adapters),
+                    report.over_bound,
+                )
             if head is None:
                 models = [s.metadata[BASE_MODEL_KEY] for s in accepted if s.metadata.get(BASE_MODEL_KEY)]
                 if models:
@@ -256,6 +318,9 @@ class Coordinator:
                     "batch_size": len(accepted),
                     "head_conflicts": result.head_conflicts,
                     "rejected": len(result.rejected),
+                    "merge_attempts": isolation.merges,
+                    "over_bound": dict(report.over_bound),
+                    "max_error": report.max_error,
                 },
             }
             started = time.perf_counter()
@@ -264,25 +329,32 @@ class Coordinator:
             except HeadConflictError as err:
                 # Someone else published first: re-validate against the new head and merge again.
                 log.info("head moved (%s); merging again on the new head", err.actual)
-                if self.tracking is not None:
-                    self.tracking.abandon(run_id, f"head conflict: {parent} -> {err.actual}")
+                reason = f"head conflict: {parent} -> {err.actual}"
+                if self.tracking is not None and run_id is not None and not self.tracking.abandon(run_id, reason):
+                    self._open_runs[run_id] = None  # ended by a later step
                 result.head_conflicts += 1
                 todo = accepted
                 continue
             except SubmissionError as err:
                 # Another consumer settled some of them meanwhile: keep the ones still pending.
-                if self.tracking is not None:
-                    self.tracking.abandon(run_id, str(err))
+                if self.tracking is not None and run_id is not None and not self.tracking.abandon(run_id, str(err)):
+                    self._open_runs[run_id] = None  # ended by a later step
                 pending = SubmissionStatus.PENDING
                 todo = [s for s in accepted if s.id is not None and self.stream.status(s.id).state is pending]
                 log.info("%s; retrying with the %d still pending", err, len(todo))
                 continue
+            except BaseException:
+                # Published or not is unknown (e.g. Redis went away mid-transaction): settled later.
+                if run_id is not None:
+                    self._open_runs[run_id] = None
+                raise
             result.publish_seconds = time.perf_counter() - started
             self._head, self._head_version = merged, version
             self.bases.put(version, Subspace(modules=merged.modules, policy=merged.policy, metadata=merged.metadata))
             self.crash.fire(AFTER_PUBLISH)
             result.version, result.parent, result.merge_seconds = version, parent, report.seconds
             result.merged = {s.id: s.task for s in accepted if s.id is not None}
+            result.over_bound = dict(report.over_bound)
             self.counters["merges"] += 1
             self.last_version = version
             log.info("published %s: +%s (%d rejected)", version, list(adapters), len(result.rejected))
@@ -294,17 +366,23 @@ class Coordinator:
         )
 
     def _after_publish(self, version: str, merged: Subspace, run_id: str | None, result: StepResult) -> None:
-        record = MergeRecord.from_manifest(self.store.manifest(version))
-        result.latency_s = record.latency_s
-        if self.evaluation is not None:
-            result.accuracy, errors = self._evaluate(merged)
-        else:
-            errors = {}
-        if result.accuracy:
-            self.matrix.add(version, record.new_tasks, result.accuracy)
-        if self.tracking is not None:
-            extra = {"publish_seconds": result.publish_seconds}
-            self.tracking.finish(run_id, record, self.matrix, result.accuracy, errors, extra)
+        if run_id is not None:
+            self._open_runs[run_id] = version  # published: from here on it only needs finishing
+        errors: dict[str, str] = {}
+        record: MergeRecord | None = None
+        try:
+            record = MergeRecord.from_manifest(self.store.manifest(version))
+            result.latency_s = record.latency_s
+            if self.evaluation is not None:
+                result.accuracy, errors = self._evaluate(merged)
+            if result.accuracy:
+                self.matrix.add(version, record.new_tasks, result.accuracy)
+        finally:
+            # Whatever evaluation did; without a record (store unreachable) the next step finishes it.
+            if self.tracking is not None and run_id is not None and record is not None:
+                extra = {"publish_seconds": result.publish_seconds}
+                if self.tracking.finish(run_id, record, self.matrix, result.accuracy, errors, extra):
+                    del self._open_runs[run_id]
         if self.keep_versions is not None:
             try:
                 self.store.prune(self.keep_versions)

@@ -88,14 +88,17 @@ class MergeTracker:
         accuracy: dict[str, float],
         eval_errors: dict[str, str],
         extra_metrics: dict[str, float] | None = None,
-    ) -> None:
-        """Log everything of the published merge into its run and end it. Best effort."""
+    ) -> bool:
+        """Log everything of the published merge into its run and end it. Best effort: False (logged)
+        when MLflow did not take it (the coordinator tries again at its next step, or its next start)."""
         if run_id is None:
-            return
+            return True
         try:
             self._finish(run_id, record, matrix, accuracy, eval_errors, extra_metrics or {})
+            return True
         except Exception as err:
-            log.warning("MLflow run %s of %s not completed (%s); next start retries", run_id, record.version, err)
+            log.warning("MLflow run %s of %s not completed (%s); tried again later", run_id, record.version, err)
+            return False
 
     def _finish(
         self,
@@ -136,15 +139,18 @@ class MergeTracker:
         retry(lambda: self.client.set_tag(run_id, TAG_STATUS, "published"), "set_tag")
         retry(lambda: self.client.set_terminated(run_id, "FINISHED"), "set_terminated")
 
-    def abandon(self, run_id: str | None, reason: str) -> None:
-        """End a run whose merge was not published (head conflict, crash): its submissions stay pending."""
+    def abandon(self, run_id: str | None, reason: str) -> bool:
+        """End a run whose merge was not published (head conflict, crash) as FAILED with the reason:
+        its submissions stay pending. False (logged) when MLflow could not be reached."""
         if run_id is None:
-            return
+            return True
         try:
             retry(lambda: self.client.set_tag(run_id, TAG_STATUS, f"not published: {reason}"[:_TAG_MAX]), "set_tag")
             retry(lambda: self.client.set_terminated(run_id, "FAILED"), "set_terminated")
+            return True
         except Exception as err:
             log.warning("MLflow run %s could not be closed (%s)", run_id, err)
+            return False
 
     # -- restart -------------------------------------------------------------------------------
     def open_runs(self) -> list[str]:

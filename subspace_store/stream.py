@@ -8,6 +8,11 @@ payload are written in one MULTI/EXEC, so neither exists without the other. The
 coordinator reads through a consumer group. An entry is acknowledged only in the transaction that
 publishes the version containing it (``SubspaceStore.publish(submission_ids=...)``) or that records
 its rejection (``reject``), so after any crash it is still pending and ``recover`` hands it out again.
+
+A submission may carry an ``attempt_key`` (one task of one job, the same for every retry of it): the
+entry's id is recorded under that key in the same transaction as the entry (``attempts`` hash), so a
+retried task finds what an earlier attempt submitted from Redis alone (``submitted``), and submitting
+again under the same key returns the first id instead of adding a second entry.
 """
 
 from __future__ import annotations
@@ -36,6 +41,25 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_BYTES = 256 << 20  # Redis refuses values over 512 MB; a rank-16 7B q,v adapter is ~34 MB
 _BLOCK_SLICE_MS = 1000
+_FLAG = {"0": False, "1": True}
+
+# Runs inside the MULTI that also SETs the payload: adds the entry and records it under its attempt
+# key, or, when that key already names an entry, drops the new payload and returns that entry's id.
+# KEYS: payload, stream, attempts hash. ARGV: attempt key ("" for none), then the entry's field pairs.
+_SUBMIT_LUA = """
+if ARGV[1] ~= '' then
+  local existing = redis.call('HGET', KEYS[3], ARGV[1])
+  if existing then
+    redis.call('DEL', KEYS[1])
+    return {0, existing}
+  end
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[1], id)
+end
+return {1, id}
+"""
 
 
 @dataclass
@@ -49,6 +73,11 @@ class Submission:
     id: str | None = None  # stream entry id, set by submit/read
     deliveries: int = 0  # how often it was handed out (>1 after a consumer died)
     update: TaskUpdate | None = None
+    # The job accepts a merge that leaves some task over the merge policy's max_error (the
+    # coordinator rejects such a merge otherwise; ``adapter.allow_over_bound`` of the job schema).
+    allow_over_bound: bool = False
+    # One task of one job, the same for every attempt (``<job_id>/<task>``): see ``submitted``.
+    attempt_key: str | None = None
 
     def to_adapter(self, base: Subspace | None) -> LoraAdapter:
         """Full factors: the adapter itself, or the update rebuilt in ``base`` (its base version's subspace)."""
@@ -57,6 +86,19 @@ class Submission:
         if base is None:
             raise StoreError(f"submission {self.task!r} is a coefficient update; pass its base version's subspace")
         return self.update.to_adapter(base, self.task)
+
+
+@dataclass(frozen=True)
+class SubmissionEntry:
+    """A stream entry's fields without its tensors (what ``entry`` and ``submitted`` return)."""
+
+    id: str
+    task: str
+    base_version: str | None
+    kind: SubmissionKind
+    metadata: dict[str, Any]
+    allow_over_bound: bool = False
+    attempt_key: str | None = None
 
 
 @dataclass
@@ -82,6 +124,8 @@ class SubmissionStream:
         self.namespace = namespace
         self.group = group
         self.max_bytes = max_bytes
+        # hash: attempt key -> id of the entry submitted under it (the namespace's hash tag: same slot)
+        self.attempts_key = self.keys.prefix + "attempts"
         self._group_ready = False
 
     def ensure_group(self) -> None:
@@ -97,8 +141,24 @@ class SubmissionStream:
 
     # -- producing -----------------------------------------------------------------------------
     def submit(self, submission: Submission) -> str:
-        """Durably enqueue ``submission``; returns its id (the stream entry id)."""
+        """Durably enqueue ``submission``; returns its id (the stream entry id).
+
+        With an ``attempt_key`` that already names an entry, nothing is added and that entry's id is
+        returned (a retried task never submits twice; also when a lost reply makes the client resend).
+        """
         check_task_name(submission.task)
+        if submission.attempt_key is not None and (
+            not isinstance(submission.attempt_key, str) or not submission.attempt_key.strip()
+        ):
+            raise StoreError(
+                f"submission {submission.task!r}: attempt_key must be a non-empty string (e.g. '<job_id>/<task>') "
+                f"or None, got {submission.attempt_key!r}"
+            )
+        if not isinstance(submission.allow_over_bound, bool):
+            raise StoreError(
+                f"submission {submission.task!r}: allow_over_bound must be True or False, "
+                f"got {submission.allow_over_bound!r}"
+            )
         if (submission.adapter is None) == (submission.update is None):
             raise StoreError(f"submission {submission.task!r}: set exactly one of adapter and update")
         if submission.update is not None and submission.base_version is None:
@@ -141,13 +201,44 @@ class SubmissionStream:
             "scaling": json.dumps(scaling),
             "adapter_metadata": json.dumps(source.metadata),
             "metadata": json.dumps(submission.metadata),
+            "allow_over_bound": "1" if submission.allow_over_bound else "0",
+            "attempt_key": submission.attempt_key or "",
         }
+        args = [submission.attempt_key or ""] + [item for pair in fields.items() for item in pair]
         pipe = self.client.pipeline(transaction=True)
         pipe.set(payload_key, data)
-        pipe.xadd(self.keys.stream, fields)
-        _, entry_id = pipe.execute()
-        submission.id = entry_id.decode()
+        # EVAL, not EVALSHA: a server restarted between loading a script and this MULTI has no cache.
+        pipe.eval(_SUBMIT_LUA, 3, payload_key, self.keys.stream, self.attempts_key, *args)
+        _, (_, entry_id) = pipe.execute()
+        submission.id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         return submission.id
+
+    def submitted(self, attempt_key: str) -> SubmissionEntry | None:
+        """The entry submitted under ``attempt_key`` (by any earlier attempt), or None if none was."""
+        found = self.client.hget(self.attempts_key, attempt_key)
+        if found is None:
+            return None
+        sid = found.decode()
+        entry = self.entry(sid)
+        if entry is None:  # the stream was trimmed: the id is all that is left
+            return SubmissionEntry(sid, "", None, SubmissionKind.ADAPTER, {}, attempt_key=attempt_key)
+        return entry
+
+    def entry(self, submission_id: str) -> SubmissionEntry | None:
+        """The fields of entry ``submission_id`` (no tensors), or None if the stream has no such entry."""
+        found = self.client.xrange(self.keys.stream, min=submission_id, max=submission_id, count=1)
+        if not found:
+            return None
+        fields = {k.decode(): v.decode() for k, v in found[0][1].items()}
+        return SubmissionEntry(
+            id=submission_id,
+            task=fields["task"],
+            base_version=fields.get("base_version") or None,
+            kind=SubmissionKind(fields.get("kind", SubmissionKind.ADAPTER)),
+            metadata=json.loads(fields.get("metadata") or "{}"),
+            allow_over_bound=_flag(fields),
+            attempt_key=fields.get("attempt_key") or None,
+        )
 
     # -- consuming -----------------------------------------------------------------------------
     def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[Submission]:
@@ -391,4 +482,14 @@ def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], de
         id=sid,
         deliveries=deliveries,
         update=update,
+        allow_over_bound=_flag(fields),
+        attempt_key=fields.get("attempt_key") or None,
     )
+
+
+def _flag(fields: dict[str, str]) -> bool:
+    """``allow_over_bound`` of an entry: "1" or "0" (absent in entries written before it existed: False)."""
+    value = fields.get("allow_over_bound", "0")
+    if value not in _FLAG:
+        raise ValueError(f"allow_over_bound is {value!r}, expected '0' or '1'")
+    return _FLAG[value]
