@@ -5,14 +5,16 @@ Each command group lives in its own module under ``jobs/commands`` and exposes
 mlflow) inside the command functions so that ``sharecl compress`` stays light.
 
 Errors: a ``ShareClError`` (bad input or state; its message names the input and the fix) and a
-missing or existing file are printed as one line, exit status 2. Anything else is a bug and keeps
-its traceback.
+missing or existing file are printed as one line, exit status 2. A reader that went away
+(``sharecl versions | head -1``) ends the command quietly with status 141, as SIGPIPE would.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from jobs.errors import CLIError
@@ -35,17 +37,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command killed by a closed pipe
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (ShareClError, FileNotFoundError, FileExistsError) as err:
-        # Written to be shown as they are. An error that is also a KeyError (a task missing from a
-        # version) would print its message quoted, so its message is taken as given.
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sharecl {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        try:
+            code = int(args.func(args) or 0)
+        except (ShareClError, FileNotFoundError, FileExistsError) as err:
+            # Written to be shown as they are. An error that is also a KeyError (a task missing from a
+            # version) would print its message quoted, so its message is taken as given.
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"sharecl {args.command}: error: {message}", file=sys.stderr)
+            code = 2
+        sys.stdout.flush()  # a closed pipe shows up here at the latest, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return _BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush cannot fail again (the Python docs'
+    recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests): nothing to flush
+        pass
 
 
 if __name__ == "__main__":

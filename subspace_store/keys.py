@@ -10,12 +10,16 @@ import re
 
 from .errors import StoreError
 
-_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_VERSION = re.compile(r"^v([1-9][0-9]*)$")
+# Used with fullmatch: ``re.match`` with ``$`` would let a trailing newline through.
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_VERSION = re.compile(r"v([1-9][0-9]*)")
+# A module or head tensor name: dot-separated parts of letters, digits, '_' and '-' (what ``named_modules``
+# gives for ordinary models). It becomes part of Redis keys and of PEFT tensor names, never a path.
+_DOTTED = re.compile(r"[A-Za-z0-9_\-]{1,128}(?:\.[A-Za-z0-9_\-]{1,128}){0,31}")
 
 
 def check_namespace(namespace: str) -> str:
-    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
         raise StoreError(
             f"invalid namespace {namespace!r}: use 1-64 letters, digits, '_', '.', '-' starting with a letter or digit"
         )
@@ -24,8 +28,28 @@ def check_namespace(namespace: str) -> str:
 
 def version_number(version: str) -> int | None:
     """``"v12"`` -> 12; anything that is not a version id -> None."""
-    match = _VERSION.match(version)
+    match = _VERSION.fullmatch(version) if isinstance(version, str) else None
     return int(match.group(1)) if match else None
+
+
+def check_version(version: str, where: str = "version") -> str:
+    """``version`` if it is a version id (``v1``, ``v2``, ...); else a ``StoreError`` naming ``where`` it came from."""
+    if version_number(version) is None:
+        raise StoreError(
+            f"{where} {version!r}, which is not a version id (v1, v2, ...); share-cl did not write it: "
+            "repair or delete that key (a tag: `sharecl untag NAME`)"
+        )
+    return version
+
+
+def check_module_name(name: str, what: str = "module") -> str:
+    """``name`` if it is a valid module (or head tensor) name; else a ``StoreError`` saying what is allowed."""
+    if not isinstance(name, str) or not _DOTTED.fullmatch(name):
+        raise StoreError(
+            f"invalid {what} name {name!r}: use dot-separated parts of 1-128 letters, digits, '_' or '-' "
+            "(as torch's named_modules gives them)"
+        )
+    return name
 
 
 class Keys:

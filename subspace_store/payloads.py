@@ -41,8 +41,11 @@ _DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 }
 
 
-class PayloadFormatError(ValueError):
-    """The bytes are not a tensor payload written by ``encode_tensors``."""
+class PayloadFormatError(StoreError):
+    """The bytes are not a tensor payload written by ``encode_tensors``.
+
+    The message continues a sentence that names the payload (``f"payload {key!r} {err}"``).
+    """
 
 
 def sha256(data: bytes) -> str:
@@ -99,8 +102,12 @@ def _flat_tensor(column: pa.Array, dtype: str, base: np.ndarray | None) -> Tenso
     (Arrow's reader hands out read-only views into the payload, so they are located by address).
     Otherwise, e.g. for immutable ``bytes``, they are copied once.
     """
+    if dtype not in _DTYPES:
+        raise PayloadFormatError(f"has a column {dtype!r}, which is no supported dtype ({', '.join(_DTYPES)})")
     np_dtype, torch_dtype = _DTYPES[dtype]
-    flat = column.values
+    if not isinstance(column, pa.LargeListArray) or len(column) != 1 or column.null_count:
+        raise PayloadFormatError(f"column {dtype!r} is not one non-null large_list row (it is {column.type})")
+    flat = column.flatten()
     if flat.type != pa.from_numpy_dtype(np_dtype):
         raise PayloadFormatError(f"column {dtype!r} holds {flat.type}, expected {np_dtype}")
     values = None
@@ -108,6 +115,8 @@ def _flat_tensor(column: pa.Array, dtype: str, base: np.ndarray | None) -> Tenso
         buffer = flat.buffers()[1]
         start = flat.offset * np_dtype.itemsize
         nbytes = len(flat) * np_dtype.itemsize
+        if buffer is None or start + nbytes > buffer.size:
+            raise PayloadFormatError(f"column {dtype!r} is shorter than its length says")
         if base is not None:
             at = buffer.address - base.ctypes.data + start
             if 0 <= at and at + nbytes <= base.size and at % np_dtype.itemsize == 0:
@@ -121,39 +130,79 @@ def _flat_tensor(column: pa.Array, dtype: str, base: np.ndarray | None) -> Tenso
     return tensor.view(torch_dtype) if torch_dtype in (torch.bfloat16, torch.bool) else tensor
 
 
+def _index(raw: str | None) -> list[tuple[str, str, list[int], int]]:
+    """The ``tensors`` entry of the schema metadata: ``[name, dtype, shape, offset]`` each, checked."""
+    if raw is None:
+        raise PayloadFormatError("has no tensor index (schema metadata 'tensors')")
+    try:
+        index = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise PayloadFormatError(f"has a tensor index that is not JSON ({' '.join(str(err).split())[:120]})") from None
+    if not isinstance(index, list):
+        raise PayloadFormatError(f"has a tensor index that is not a list ({type(index).__name__})")
+    out, names = [], set()
+    for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise PayloadFormatError(
+                f"has a tensor index entry {str(entry)[:80]!r} that is not [name, dtype, shape, offset]"
+            )
+        name, dtype, shape, offset = entry
+        if not isinstance(name, str) or name in names:
+            raise PayloadFormatError(f"has a tensor index entry with a bad or repeated name {str(name)[:80]!r}")
+        names.add(name)
+        if dtype not in _DTYPES:
+            raise PayloadFormatError(f"tensor {name!r} has an unsupported dtype {str(dtype)[:40]!r}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_count(d) and d < _MAX_DIM for d in shape):
+            raise PayloadFormatError(f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
+        if not _count(offset):
+            raise PayloadFormatError(f"tensor {name!r} has an invalid offset {str(offset)[:40]}")
+        out.append((name, dtype, shape, offset))
+    return out
+
+
+_MAX_DIM = 1 << 48
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
 def decode_tensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Inverse of ``encode_tensors``: (name -> tensor, payload metadata).
 
     Tensors of one dtype are views of one writable buffer: a copy when ``data`` is immutable
-    (``bytes``), else ``data`` itself, which the tensors then keep alive.
+    (``bytes``), else ``data`` itself, which the tensors then keep alive. Bytes that are not such a
+    payload raise ``PayloadFormatError`` (a ``ShareClError``), whatever they hold.
     """
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
         schema = reader.schema
         batch = reader.read_next_batch()
-    except (pa.ArrowInvalid, StopIteration, OSError) as err:
-        raise PayloadFormatError(f"is not a readable Arrow IPC payload ({err})") from None
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        batch.validate(full=True)  # offsets and lengths within their buffers, before any is used
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    except (pa.ArrowException, StopIteration, OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        reason = " ".join(str(err).split())[:200]
+        raise PayloadFormatError(f"is not a readable Arrow IPC payload ({type(err).__name__}: {reason})") from None
     if meta.pop("format", None) != FORMAT.decode():
         raise PayloadFormatError(f"is not a {FORMAT.decode()} payload")
     version = meta.pop("format_version", None)
     if version != FORMAT_VERSION.decode():
         raise PayloadFormatError(f"has payload format version {version!r}; this code reads {FORMAT_VERSION.decode()}")
-    try:
-        index = json.loads(meta.pop("tensors"))
-        base = None if isinstance(data, bytes) else np.frombuffer(data, np.uint8)
-        if base is not None and not base.flags.writeable:
-            base = None
-        flats = {field.name: _flat_tensor(batch.column(i), field.name, base) for i, field in enumerate(schema)}
-        tensors = {}
-        for name, dtype, shape, offset in index:
-            numel = math.prod(shape)
-            flat = flats[dtype]
-            if offset < 0 or offset + numel > flat.numel():
-                raise PayloadFormatError(f"tensor {name!r} lies outside its {dtype} column")
+    index = _index(meta.pop("tensors", None))
+    base = None if isinstance(data, bytes) else np.frombuffer(data, np.uint8)
+    if base is not None and not base.flags.writeable:
+        base = None
+    flats = {field.name: _flat_tensor(batch.column(i), field.name, base) for i, field in enumerate(schema)}
+    tensors = {}
+    for name, dtype, shape, offset in index:
+        if dtype not in flats:
+            raise PayloadFormatError(f"tensor {name!r} names a {dtype} column that the payload lacks")
+        numel = math.prod(shape)
+        flat = flats[dtype]
+        if offset + numel > flat.numel():
+            raise PayloadFormatError(f"tensor {name!r} lies outside its {dtype} column")
+        try:
             tensors[name] = flat[offset : offset + numel].view(shape)
-    except (KeyError, ValueError, TypeError) as err:
-        if isinstance(err, PayloadFormatError):
-            raise
-        raise PayloadFormatError(f"has an invalid tensor index ({err!r})") from None
+        except (RuntimeError, ValueError, OverflowError) as err:  # torch's own limits on shapes
+            raise PayloadFormatError(f"tensor {name!r} cannot take shape {shape} ({err})") from None
     return tensors, meta

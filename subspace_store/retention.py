@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import WatchError
 
-from .errors import StoreError
+from .codec import decode_manifest
+from .errors import CorruptPayloadError, StoreError
+from .keys import Keys, check_version, version_number
 from .refs import resolve, server_time
 
 if TYPE_CHECKING:
@@ -71,6 +73,35 @@ def release_pins(store: SubspaceStore, job_id: str) -> list[str]:
     return released
 
 
+def _version_keys(client: Any, keys: Keys, version: str, raw: bytes | None) -> list[str]:
+    """Every key of ``version``: its manifest's payload keys, or, if the manifest is damaged, the keys under
+    the version's own prefix. A manifest never makes prune delete a key outside its version."""
+    out = [keys.manifest(version)]
+    if raw is None:
+        return out
+    try:
+        m = decode_manifest(raw, keys, version)
+    except CorruptPayloadError:
+        pattern = keys.manifest(version).removesuffix("manifest") + "*"  # namespace and version hold no glob
+        return out + [k.decode() for k in client.scan_iter(match=pattern, count=1000) if k.decode() not in out]
+    return out + [e["key"] for e in m["modules"].values()] + [e["key"] for e in m["tasks"].values()]
+
+
+def _writing_record(keys: Keys, version: str, raw: bytes) -> tuple[float, list[str]]:
+    """(start time, payload keys) of an unfinished publish, keeping only keys of that version's own."""
+    try:
+        record = json.loads(raw)
+        started = float(record["started"])
+        listed = record["keys"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return 0.0, []  # unreadable: swept at once, its listed keys ignored (their version is never committed)
+    if version_number(version) is None:
+        return started, []
+    prefix = keys.manifest(version).removesuffix("manifest")
+    own = [k for k in listed if isinstance(k, str) and k.startswith(prefix)] if isinstance(listed, list) else []
+    return started, own
+
+
 def live_pins(store: SubspaceStore, client=None) -> dict[str, list[str]]:
     client = client or store.client
     now = server_time(client)
@@ -89,7 +120,11 @@ def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: flo
         try:
             with store.client.pipeline() as pipe:
                 pipe.watch(keys.versions, keys.head, keys.tags, keys.pins, keys.writing)
-                versions = [v.decode() for v in pipe.zrange(keys.versions, 0, -1)]
+                # Checked: a version name becomes a key prefix of what is deleted (``v*`` would match them all).
+                versions = [
+                    check_version(v.decode(errors="replace"), "a committed version")
+                    for v in pipe.zrange(keys.versions, 0, -1)
+                ]
                 head = pipe.get(keys.head)
                 kept: dict[str, list[str]] = {}
                 if head is not None:
@@ -102,19 +137,19 @@ def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: flo
                     kept.setdefault(version, []).append(f"newest {keep}")
                 removed = [v for v in versions if v not in kept]
                 now = server_time(pipe)
-                orphans = {}
-                for version, raw in pipe.hgetall(keys.writing).items():
-                    record = json.loads(raw)
-                    if now - record["started"] >= orphan_grace_s:
-                        orphans[version.decode()] = record["keys"]
+                orphans: dict[str, list[str]] = {}
+                orphan_fields: list[bytes] = []
+                for field_name, raw in pipe.hgetall(keys.writing).items():
+                    version = field_name.decode(errors="replace")
+                    started, payload_keys = _writing_record(keys, version, raw)
+                    if now - started >= orphan_grace_s:
+                        # A committed version has no record (its commit removed it): never sweep its keys.
+                        orphans[version] = [] if version in versions else payload_keys
+                        orphan_fields.append(field_name)
                 doomed: list[str] = []
                 manifests = pipe.mget([keys.manifest(v) for v in removed]) if removed else []
                 for version, raw in zip(removed, manifests, strict=True):
-                    doomed.append(keys.manifest(version))
-                    if raw is not None:
-                        m = json.loads(raw)
-                        doomed += [e["key"] for e in m["modules"].values()]
-                        doomed += [e["key"] for e in m["tasks"].values()]
+                    doomed += _version_keys(pipe, keys, version, raw)
                 for payload_keys in orphans.values():
                     doomed += payload_keys
                 result = PruneResult(
@@ -130,8 +165,8 @@ def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: flo
                     pipe.delete(*doomed)
                 if removed:
                     pipe.zrem(keys.versions, *removed)
-                if orphans:
-                    pipe.hdel(keys.writing, *orphans)
+                if orphan_fields:
+                    pipe.hdel(keys.writing, *orphan_fields)
                 pipe.zremrangebyscore(keys.pins, "-inf", f"({now}")  # expired pins
                 pipe.execute()
                 return result

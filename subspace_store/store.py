@@ -10,7 +10,6 @@ change in that transaction, so they never see a half-written version.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,15 +21,24 @@ from share import Subspace
 
 from . import fetch, retention
 from .acks import DEFAULT_GROUP, check_open, queue_acks
-from .codec import EncodedSubspace, assemble, decode_basis, decode_task, encode_subspace
+from .codec import (
+    MANIFEST_FORMAT,
+    MANIFEST_FORMAT_VERSION,
+    EncodedSubspace,
+    assemble,
+    build_manifest,
+    decode_basis,
+    decode_manifest,
+    decode_task,
+    encode_subspace,
+)
 from .errors import HeadConflictError, StoreError, TaskNotFoundError, VersionNotFoundError
-from .keys import Keys
+from .keys import Keys, check_version
 from .refs import resolve as _resolve
 from .refs import server_time
 from .tags import check_tag_name
 
-MANIFEST_FORMAT = "share-cl-store-version"
-MANIFEST_FORMAT_VERSION = 1
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_FORMAT_VERSION", "SubspaceStore", "VersionInfo", "build_manifest"]
 _UNSET: Any = object()
 _WRITE_CHUNK = 32 << 20  # bytes per pipeline round-trip when writing payloads
 
@@ -65,20 +73,21 @@ class SubspaceStore:
     # -- reading -------------------------------------------------------------------------------
     def head(self) -> str | None:
         value = self.client.get(self.keys.head)
-        return value.decode() if value is not None else None
+        return _version(value, f"the head of namespace {self.namespace!r}") if value is not None else None
 
     def resolve(self, ref: str = "head") -> str:
         """A version id, a tag, or ``head``/``latest`` -> the committed version id it names."""
-        return _resolve(self.client, self.keys, ref)
+        return check_version(_resolve(self.client, self.keys, ref), f"{ref!r} names")
 
     def manifest(self, ref: str = "head") -> dict[str, Any]:
+        """The manifest of the version ``ref`` names, every field checked (``decode_manifest``)."""
         version = self.resolve(ref)
         raw = self.client.get(self.keys.manifest(version))
         if raw is None:
             raise VersionNotFoundError(
                 f"version {version} of namespace {self.namespace!r} was pruned; list versions with `sharecl versions`"
             )
-        return json.loads(raw)
+        return decode_manifest(raw, self.keys, version)
 
     def get(self, ref: str = "head", tasks: Sequence[str] | None = None, *, verify: bool = True) -> Subspace:
         """Read a version (all tasks, or only ``tasks``); verifies every payload's sha256.
@@ -110,11 +119,17 @@ class SubspaceStore:
         return assemble(manifest, bases, task_entries)
 
     def tags(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.tags).items()}
+        """Tag -> version id; a tag or target that share-cl could not have written raises ``StoreError``."""
+        out = {}
+        for raw_tag, raw_version in self.client.hgetall(self.keys.tags).items():
+            tag = check_tag_name(raw_tag.decode(errors="replace"))
+            out[tag] = _version(raw_version, f"tag {tag!r} points at")
+        return out
 
     def list_versions(self) -> list[VersionInfo]:
         """Committed versions, oldest first, with their tags and live pins."""
-        names = [v.decode() for v in self.client.zrange(self.keys.versions, 0, -1)]
+        where = f"the committed versions of namespace {self.namespace!r} hold"
+        names = [_version(v, where) for v in self.client.zrange(self.keys.versions, 0, -1)]
         raws = self.client.mget([self.keys.manifest(v) for v in names]) if names else []
         by_version: dict[str, list[str]] = {}
         for tag, version in sorted(self.tags().items()):
@@ -125,7 +140,7 @@ class SubspaceStore:
         for name, raw in zip(names, raws, strict=True):
             if raw is None:  # pruned between the two reads
                 continue
-            m = json.loads(raw)
+            m = decode_manifest(raw, self.keys, name)
             out.append(
                 VersionInfo(
                     version=name,
@@ -226,6 +241,11 @@ class SubspaceStore:
         return retention.prune(self, keep, dry_run=dry_run, orphan_grace_s=orphan_grace_s)
 
 
+def _version(raw: bytes, where: str) -> str:
+    """A version id read from Redis, checked (it names keys and may reach messages and paths)."""
+    return check_version(raw.decode(errors="replace"), where)
+
+
 def _jsonable(value: Any, what: str) -> Any:
     try:
         json.dumps(value)
@@ -295,7 +315,9 @@ class _Publication:
                     if actual != expected:
                         raise HeadConflictError(keys.namespace, expected, actual, attempted=v)
                     entries = check_open(pipe, keys, group, submission_ids)
-                    manifest = self._manifest(subspace, parent, metadata, submission_ids, server_time(pipe))
+                    manifest = build_manifest(
+                        keys, v, subspace, self.encoded, parent, metadata, submission_ids, server_time(pipe)
+                    )
                     pipe.multi()
                     pipe.set(keys.manifest(v), json.dumps(manifest))
                     pipe.set(keys.head, v)
@@ -311,29 +333,6 @@ class _Publication:
                     return v  # our EXEC went through before the connection dropped
                 continue
         raise StoreError(f"could not publish {v}: submissions kept changing concurrently; retry")
-
-    def _manifest(
-        self, subspace: Subspace, parent: str | None, metadata: dict[str, Any], submissions: list[str], now: float
-    ) -> dict[str, Any]:
-        v, enc = self.version, self.encoded
-        modules = {m: {**e, "key": self.keys.basis(v, m)} for m, e in enc.modules_manifest.items()}
-        tasks = {t: {**e, "key": self.keys.task(v, t)} for t, e in enc.tasks_manifest.items()}
-        return {
-            "format": MANIFEST_FORMAT,
-            "format_version": MANIFEST_FORMAT_VERSION,
-            "namespace": self.keys.namespace,
-            "version": v,
-            "parent": parent,
-            "created": now,
-            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-            "policy": subspace.policy.to_dict(),
-            "modules": modules,
-            "tasks": tasks,
-            "submissions": submissions,
-            "bytes": sum(len(d) for d in enc.bases.values()) + sum(len(d) for d in enc.tasks.values()),
-            "subspace_metadata": subspace.metadata,
-            "metadata": metadata,
-        }
 
     def abort(self) -> None:
         """Delete this publish's payloads unless it committed. Best effort: if Redis is unreachable,

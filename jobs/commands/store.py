@@ -5,7 +5,7 @@ sharecl versions [--json]
 sharecl show VERSION|TAG [--json]
 sharecl tag VERSION NAME / sharecl untag NAME
 sharecl pull VERSION|TAG [--task NAME ...] -o DIR [--format share|peft]
-sharecl push SUBSPACE_DIR [--meta KEY=VALUE ...] [--tag NAME]
+sharecl push SUBSPACE_DIR [--meta KEY=VALUE ...] [--tag NAME] [--replace]
 sharecl prune --keep N [--dry-run]
 
 Every command takes --redis-url (default $SHARECL_REDIS_URL, else the embedded server, started if
@@ -77,6 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("folder", metavar="SUBSPACE_DIR")
     push.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="version metadata (repeatable)")
     push.add_argument("--tag", default=None, metavar="NAME", help="also point this tag at the new version")
+    push.add_argument(
+        "--replace",
+        action="store_true",
+        help="allow the new version to drop tasks that the head holds (by default such a push is refused)",
+    )
     push.set_defaults(func=_guard(run_push))
 
     prune = subparsers.add_parser(
@@ -242,11 +247,26 @@ def _check_output(folder: Path, overwrite: bool) -> None:
         raise CLIError(f"{folder} exists and is not empty; pass --overwrite or choose another folder")
 
 
+def _inside(out: Path, name: str) -> Path:
+    """``out / name``, refused unless it resolves inside ``out`` (symlinks followed): nothing is written elsewhere."""
+    from share.subspace import check_task_name
+
+    check_task_name(name)  # already checked when the manifest was read; a path is never built from an unchecked name
+    target = out / name
+    if not target.resolve().is_relative_to(out.resolve()) or target.resolve() == out.resolve():
+        raise CLIError(
+            f"task {name!r} would be written to {target.resolve()}, outside the output folder {out}; "
+            f"remove what {target} leads to, or choose another folder with -o"
+        )
+    return target
+
+
 def run_pull(args: argparse.Namespace) -> int:
-    store = _open(args)
-    version = store.resolve(args.ref)
     out = Path(args.output)
     _check_output(out, args.overwrite)
+    store = _open(args)
+    version = store.resolve(args.ref)
+    # Every name in the manifest is checked as it is read (full matches), before any path is built here.
     subspace = store.get(version, tasks=args.tasks)
     if args.format == "share":
         subspace.save(out, overwrite=True)
@@ -257,8 +277,8 @@ def run_pull(args: argparse.Namespace) -> int:
     tasks = list(subspace.tasks)
     if not tasks:
         raise CLIError(f"version {version} holds no task to export")
-    for task in tasks:
-        target = out if len(tasks) == 1 else out / task
+    targets = {task: out if len(tasks) == 1 else _inside(out, task) for task in tasks}  # all checked, then written
+    for task, target in targets.items():
         export_peft(subspace, task, target, base_model_name_or_path=args.base_model, overwrite=True)
         print(f"{version} task {task} -> {target} (PEFT LoRA)")
     return 0
@@ -274,15 +294,35 @@ def _parse_meta(items: list[str]) -> dict[str, Any]:
     return meta
 
 
+def _dropped(store: Any, head: str | None, tasks: list[str], replace: bool) -> list[str]:
+    """Tasks of ``head`` that the pushed folder lacks; refused (naming them) unless ``replace``."""
+    if head is None:
+        return []
+    dropped = [t for t in store.manifest(head)["tasks"] if t not in tasks]
+    if dropped and not replace:
+        raise CLIError(
+            f"the folder lacks task(s) {', '.join(map(repr, dropped))} that the head {head} holds; pushing it "
+            "would drop them from the head. Pass --replace to drop them, or add them to the folder "
+            "(`sharecl pull head -o DIR` and merge)"
+        )
+    return dropped
+
+
 def run_push(args: argparse.Namespace) -> int:
     from share import Subspace
     from subspace_store import HeadConflictError
+    from subspace_store.tags import check_tag_name
 
+    # Every argument is checked before anything is published: a failure after publishing would
+    # leave a version that a retry publishes again.
     meta = {"pushed_from": str(Path(args.folder).resolve()), **_parse_meta(args.meta)}
+    if args.tag is not None:
+        check_tag_name(args.tag)
     subspace = Subspace.load(args.folder)
     store = _open(args)
     for attempt in range(5):
         head = store.head()
+        dropped = _dropped(store, head, list(subspace.tasks), args.replace)
         try:
             # The folder does not derive from any version; its parent is just the head it lands on.
             version = store.publish(subspace, parent=head, metadata=meta)
@@ -290,7 +330,8 @@ def run_push(args: argparse.Namespace) -> int:
         except HeadConflictError:
             if attempt == 4:
                 raise
-    print(f"published {version} ({len(subspace.tasks)} task(s), parent {head or '-'})")
+    drops = f"; drops {', '.join(dropped)} (--replace)" if dropped else ""
+    print(f"published {version} ({len(subspace.tasks)} task(s), parent {head or '-'}{drops})")
     if args.tag:
         store.tag(version, args.tag)
         print(f"{args.tag} -> {version}")
