@@ -197,3 +197,24 @@ def test_ack_only_acknowledges(redis_client, namespace, make_adapter) -> None:
     stream.read("coord")
     stream.ack(sid)
     assert stream.pending() == [] and stream.rejections() == {}
+
+
+def test_attempt_key_records_the_entry_and_submits_once(redis_client, namespace, make_adapter) -> None:
+    """Issue 10, defect 10: the entry is recorded under its attempt key in the transaction that adds it."""
+    stream = SubmissionStream(redis_client, namespace)
+    assert stream.submitted("job1/a") is None
+    first = Submission("a", make_adapter(1), None, {"mode": "lora"}, attempt_key="job1/a", allow_over_bound=True)
+    sid = stream.submit(first)
+    entry = stream.submitted("job1/a")
+    assert entry is not None and entry.id == sid and entry.task == "a" and entry.metadata == {"mode": "lora"}
+    assert entry.allow_over_bound and entry.attempt_key == "job1/a" and entry.kind is SubmissionKind.ADAPTER
+    # A retry (or a client resending after a lost reply) gets the first id; nothing is added.
+    again = stream.submit(Submission("a", make_adapter(2), None, attempt_key="job1/a"))
+    assert again == sid and int(redis_client.xlen(stream.keys.stream)) == 1
+    other = stream.submit(Submission("a", make_adapter(3), None, attempt_key="job2/a"))
+    assert other != sid and stream.submitted("job2/a").id == other
+    (got, nxt) = stream.read("coord", count=10)
+    assert got.id == sid and got.allow_over_bound and got.attempt_key == "job1/a"
+    assert nxt.id == other and not nxt.allow_over_bound
+    with pytest.raises(ValueError, match="attempt_key must be a non-empty string"):
+        stream.submit(Submission("b", make_adapter(4), None, attempt_key=" "))

@@ -248,3 +248,29 @@ def test_a_retry_after_the_submission_returns_it_instead_of_submitting_twice(
     assert stream.read("test", count=10) == []  # nothing new in the stream
     runs = tracking.find_runs(mlflow_uri, experiment_id, "tags.`sharecl.task` = 'once_only'")
     assert [(r.info.status, r.data.tags["sharecl.submission_id"]) for r in runs] == [("FINISHED", first.submission_id)]
+
+
+def test_a_retry_finds_the_submission_in_redis_when_the_mlflow_tag_is_missing(
+    tmp_path: Path, redis_server: str, redis_client: redis.Redis, namespace: str, mlflow_uri: str
+) -> None:
+    """Issue 10, defect 10: the stream, not a best-effort MLflow tag, says whether a task was submitted."""
+    experiment_id = tracking.ensure_experiment(mlflow_uri, namespace)
+    job = tiny_job(tmp_path, "tagless", redis_server, namespace, mlflow_uri, experiment_id)
+    first = run_task_job(job)
+    stream = SubmissionStream(redis_client, namespace)
+    assert [s.id for s in stream.read("test", count=10)] == [first.submission_id]
+
+    # The worker died right after the stream write, before MLflow heard of it: no tag, run RUNNING.
+    client = tracking.client(mlflow_uri)
+    client.delete_tag(first.mlflow_run_id, "sharecl.submission_id")
+    client.update_run(first.mlflow_run_id, status="RUNNING")
+    again = run_task_job(job)
+    assert again.submission_id == first.submission_id and again.attempt == 2
+    assert again.mlflow_run_id == first.mlflow_run_id and again.mode == "lora"
+    assert again.eval_metrics == first.eval_metrics and again.trainable_params == first.trainable_params
+    assert stream.read("test", count=10) == []  # not submitted twice
+    runs = tracking.find_runs(mlflow_uri, experiment_id, "tags.`sharecl.task` = 'tagless'")
+    # Not trained twice (no second run), and the first run is brought up to date.
+    assert [(r.info.status, r.data.tags.get("sharecl.submission_id")) for r in runs] == [
+        ("FINISHED", first.submission_id)
+    ]

@@ -2,8 +2,12 @@
 worker process or node died).
 
 An earlier attempt that submitted the task then died must not lead to a second training and a
-second submission: its run carries ``sharecl.submission_id``, and the summary is rebuilt from that
-run. An earlier attempt still RUNNING died before submitting: its run is closed as KILLED.
+second submission. The store holds the truth: the stream records each submission under the task's
+attempt key (``<job_id>/<task>``, the same for every attempt) in the same transaction as the entry,
+so ``find_submitted`` reads it from Redis, and the summary is rebuilt from the entry's metadata
+(what the worker recorded when it submitted). MLflow is only brought up to date: the earlier
+attempt's run is tagged with the submission and ended if it was left RUNNING. An earlier attempt
+whose run is still RUNNING and that submitted nothing died before submitting: its run is closed as KILLED.
 """
 
 from __future__ import annotations
@@ -13,18 +17,11 @@ import time
 from typing import Any
 
 from share import TrainingMode
-from subspace_store.tracking import (
-    NO_VALUE,
-    TAG_ATTEMPT,
-    TAG_BASE_VERSION,
-    TAG_JOB,
-    TAG_STATUS,
-    TAG_SUBMISSION,
-    TAG_TASK,
-)
+from subspace_store import SubmissionStream
+from subspace_store.stream import SubmissionEntry
+from subspace_store.tracking import TAG_JOB, TAG_STATUS, TAG_SUBMISSION, TAG_TASK
 from workers import tracking
 from workers.task_job import TaskJob, TaskSummary
-from workers.task_tracking import EVAL_METRIC, METRIC_TRAINABLE, PARAM_GPU_IDS, PARAM_MODE, PARAM_NODE, PARAM_NODE_IP
 
 
 def earlier_attempts(job: TaskJob) -> list[Any]:
@@ -36,9 +33,18 @@ def earlier_attempts(job: TaskJob) -> list[Any]:
     )
 
 
-def submitted_attempt(runs: list[Any]) -> Any | None:
-    """The earlier attempt that got the task into the stream, if one did."""
-    return next((r for r in runs if r.data.tags.get(TAG_SUBMISSION)), None)
+def count_earlier_attempts(job: TaskJob) -> int:
+    """How many attempts ran before this one, as MLflow knows them (0 if it cannot be read)."""
+    try:
+        return len(earlier_attempts(job))
+    except Exception as err:  # tracking is never needed to recover
+        print(f"[{job.task}] could not count earlier attempts in MLflow: {err!r}", file=sys.stderr, flush=True)
+        return 0
+
+
+def find_submitted(job: TaskJob, stream: SubmissionStream) -> SubmissionEntry | None:
+    """The submission an earlier attempt at ``job`` made, from Redis; None if none submitted."""
+    return stream.submitted(job.attempt_key)
 
 
 def close_dead_attempts(job: TaskJob) -> int:
@@ -46,30 +52,50 @@ def close_dead_attempts(job: TaskJob) -> int:
     return tracking.close_stale_attempts(job.tracking_uri, job.experiment_id, job.job_id, job.task)
 
 
-def summary_of_submitted(job: TaskJob, run: Any, attempts: int, started: float) -> TaskSummary:
-    """The summary of an attempt that submitted before its worker died, from its MLflow run (which is
-    ended FINISHED if it was left RUNNING)."""
-    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-    if run.info.status == "RUNNING":
-        mlflow_run = tracking.TrackedRun(job.tracking_uri, run.info.run_id)
-        mlflow_run.set_tags({TAG_STATUS: "submitted (its worker died afterwards)"})
-        mlflow_run.finish("FINISHED")
-    base = tags.get(TAG_BASE_VERSION)
-    base = None if base in (None, NO_VALUE) else base
-    print(f"[{job.task}] already submitted by attempt {tags.get(TAG_ATTEMPT)}", file=sys.stderr, flush=True)
+def summary_of_submitted(job: TaskJob, entry: SubmissionEntry, attempts: int, started: float) -> TaskSummary:
+    """The summary of an attempt that submitted before its worker died, from its stream entry.
+
+    ``attempts`` counts the attempts before this one. The earlier attempt's MLflow run (named in the
+    entry) gets the submission tag and is ended FINISHED if it was left RUNNING (best effort).
+    """
+    meta = entry.metadata
+    run_id = str(meta.get("mlflow_run_id") or "")
+    if run_id:
+        _complete_run(job, run_id, entry.id)
+    base = entry.base_version
+    mode = meta.get("mode")
+    print(
+        f"[{job.task}] already submitted as {entry.id} by attempt {meta.get('attempt', '?')}; not training again",
+        file=sys.stderr,
+        flush=True,
+    )
+    eval_metrics = meta.get("eval_metrics") if isinstance(meta.get("eval_metrics"), dict) else {}
     return TaskSummary(
         task=job.task,
-        submission_id=tags[TAG_SUBMISSION],
-        mode=TrainingMode(params[PARAM_MODE]),
+        submission_id=entry.id,
+        mode=TrainingMode(mode) if mode else TrainingMode.resolve(job.mode, has_base=base is not None),
         base_version=base,
         pin=(base, job.pin_id) if base else None,
-        eval_metrics={k[len(EVAL_METRIC) :]: v for k, v in metrics.items() if k.startswith(EVAL_METRIC)},
-        trainable_params=int(metrics.get(METRIC_TRAINABLE, 0)),
-        gpu_ids=tuple(g for g in params.get(PARAM_GPU_IDS, NO_VALUE).split(",") if g != NO_VALUE),
-        node=params.get(PARAM_NODE),
-        node_ip=params.get(PARAM_NODE_IP),
-        mlflow_run_id=run.info.run_id,
+        eval_metrics={k: float(v) for k, v in eval_metrics.items()},
+        trainable_params=int(meta.get("trainable_params") or 0),
+        gpu_ids=tuple(str(g) for g in meta.get("gpu_ids") or ()),
+        node=meta.get("node"),
+        node_ip=meta.get("node_ip"),
+        mlflow_run_id=run_id,
         attempt=attempts + 1,
         eval_spec=job.eval_spec(),
         seconds=time.time() - started,
     )
+
+
+def _complete_run(job: TaskJob, run_id: str, submission_id: str) -> None:
+    try:
+        run = tracking.client(job.tracking_uri).get_run(run_id)
+        mlflow_run = tracking.TrackedRun(job.tracking_uri, run_id)
+        if run.data.tags.get(TAG_SUBMISSION) != submission_id:
+            mlflow_run.set_tags({TAG_SUBMISSION: submission_id})
+        if run.info.status == "RUNNING":
+            mlflow_run.set_tags({TAG_STATUS: "submitted (its worker died afterwards)"})
+            mlflow_run.finish("FINISHED")
+    except Exception as err:  # the submission stands whatever MLflow says
+        print(f"[{job.task}] could not update MLflow run {run_id}: {err!r}", file=sys.stderr, flush=True)

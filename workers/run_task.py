@@ -33,12 +33,12 @@ def run_task_job(job: TaskJob) -> TaskSummary:
     stream = SubmissionStream(client, job.namespace)
     base, pinned, run = None, False, None
     try:
-        train_split, eval_split = _load_data(job)
-        earlier = recovery.earlier_attempts(job)
-        submitted = recovery.submitted_attempt(earlier)
+        submitted = recovery.find_submitted(job, stream)
         if submitted is not None:
             # An earlier attempt submitted, then its worker died: never train and submit twice.
-            return recovery.summary_of_submitted(job, submitted, len(earlier), started)
+            return recovery.summary_of_submitted(job, submitted, recovery.count_earlier_attempts(job), started)
+        train_split, eval_split = _load_data(job)
+        earlier = recovery.count_earlier_attempts(job)
         recovery.close_dead_attempts(job)
 
         base, base_tasks = _start_base(job, store)
@@ -55,7 +55,7 @@ def run_task_job(job: TaskJob) -> TaskSummary:
             )
         mode = TrainingMode.resolve(job.mode, has_base=base is not None)
         spec = job.spec(mode)
-        attempt = len(earlier) + 1
+        attempt = earlier + 1
         run = start_task_run(job, spec, base, attempt, placement, train_split.num_labels, len(train_split))
         print(
             f"[{job.task}] start: mode {mode}, base {base or '- (cold start)'}, {len(train_split)} examples, "
@@ -92,6 +92,7 @@ def run_task_job(job: TaskJob) -> TaskSummary:
             seconds=0.0,
         )
         submission = _submission(job, summary, model, trained, train_split, placement)
+        # Recorded under the task's attempt key with the entry: a retry finds it (and cannot submit twice).
         submission_id = stream.submit(submission)
         # Submitted: from here on nothing may fail the task (tracking is recorded best effort).
         quietly(lambda: record_submission(run, submission_id, trained.result, eval_metrics))
@@ -148,8 +149,23 @@ def _submission(
         # which the coordinator rebuilds exactly (also when the head has moved on meanwhile).
         update = model.trained_update()
         update.metadata.update(trained.adapter.metadata)
-        return Submission(job.task, adapter=None, update=update, base_version=summary.base_version, metadata=metadata)
-    return Submission(job.task, adapter=trained.adapter, base_version=summary.base_version, metadata=metadata)
+        return Submission(
+            job.task,
+            adapter=None,
+            update=update,
+            base_version=summary.base_version,
+            metadata=metadata,
+            allow_over_bound=job.allow_over_bound,
+            attempt_key=job.attempt_key,
+        )
+    return Submission(
+        job.task,
+        adapter=trained.adapter,
+        base_version=summary.base_version,
+        metadata=metadata,
+        allow_over_bound=job.allow_over_bound,
+        attempt_key=job.attempt_key,
+    )
 
 
 def _load_data(job: TaskJob) -> tuple[TaskSplit, TaskSplit | None]:

@@ -51,6 +51,9 @@ class TaskJob:
     parent_run_id: str | None = None
     job_params: dict[str, Any] = field(default_factory=dict)  # logged with the task's run
     pin_ttl_s: float = DEFAULT_PIN_TTL_S
+    # adapter.allow_over_bound of the job: the coordinator may merge this task even if that leaves
+    # some task over the merge policy's max_error (it rejects such a merge otherwise).
+    allow_over_bound: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.training) - set(SPEC_FIELDS))
@@ -63,6 +66,12 @@ class TaskJob:
         """The holder of this task's pin on its base version: ``<job_id>/<task>`` (one per task: a job's
         tasks may start from different versions, and one task unpinning must not release another's;
         ``SubspaceStore.release_pins(job_id)`` releases them all)."""
+        return f"{self.job_id}/{self.task}"
+
+    @property
+    def attempt_key(self) -> str:
+        """The same for every attempt at this task of this job (``<job_id>/<task>``): the stream records
+        the submission under it, so a retried attempt finds it in Redis (``recovery``)."""
         return f"{self.job_id}/{self.task}"
 
     @property

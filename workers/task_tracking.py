@@ -1,7 +1,8 @@
 """The MLflow run of one task attempt: opened with its tags and params, then recorded as submitted or failed.
 
 A child of the job's run. The tag ``sharecl.submission_id`` is written first once the task is in
-the stream: it is how a retried attempt knows not to train and submit again (``recovery``).
+the stream, for people and ``sharecl status``; a retried attempt finds the submission in Redis
+(``recovery``), never through this tag.
 """
 
 from __future__ import annotations
@@ -92,7 +93,6 @@ def start_task_run(
 
 def record_submission(run: TrackedRun, submission_id: str, result: TrainResult, eval_metrics: dict[str, float]) -> None:
     """The task is in the stream: tag it (first), log its curves and metrics, and end the run."""
-    # First: a retry of this task (its worker died after this point) finds it and does not submit again.
     run.set_tags({TAG_STATUS: "submitted", TAG_SUBMISSION: submission_id})
     # Every step's loss (the live train_loss is a mean over log_every steps).
     run.log_series("loss", result.loss_curve)
