@@ -195,12 +195,11 @@ class _ManifestReader:
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             self._fail((), f"is not valid JSON ({' '.join(str(err).split())[:120]})")
         top = self._object(top, ())
-        if self._field(top, "format") != MANIFEST_FORMAT or self._field(top, "format_version") != (
-            MANIFEST_FORMAT_VERSION
-        ):
+        fmt, fmt_version = self._field(top, "format"), self._field(top, "format_version")
+        if fmt != MANIFEST_FORMAT or fmt_version != MANIFEST_FORMAT_VERSION:
             self._fail(
                 ("format",),
-                f"is {top['format']!r} version {top['format_version']!r}; this share-cl reads "
+                f"is {str(fmt)[:40]!r} version {str(fmt_version)[:20]!r}; this share-cl reads "
                 f"{MANIFEST_FORMAT!r} version {MANIFEST_FORMAT_VERSION}",
             )
         if type(top["format_version"]) is not int:

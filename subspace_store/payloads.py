@@ -150,7 +150,7 @@ def _index(raw: str | None) -> list[tuple[str, str, list[int], int]]:
         if not isinstance(name, str) or name in names:
             raise PayloadFormatError(f"has a tensor index entry with a bad or repeated name {str(name)[:80]!r}")
         names.add(name)
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise PayloadFormatError(f"tensor {name!r} has an unsupported dtype {str(dtype)[:40]!r}")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_count(d) and d < _MAX_DIM for d in shape):
             raise PayloadFormatError(f"tensor {name!r} has an invalid shape {str(shape)[:80]}")
@@ -180,6 +180,7 @@ def decode_tensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, Tens
         batch = reader.read_next_batch()
         batch.validate(full=True)  # offsets and lengths within their buffers, before any is used
         meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        columns = [(field.name, batch.column(i)) for i, field in enumerate(schema)]  # names decode as UTF-8
     except (pa.ArrowException, StopIteration, OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         reason = " ".join(str(err).split())[:200]
         raise PayloadFormatError(f"is not a readable Arrow IPC payload ({type(err).__name__}: {reason})") from None
@@ -192,7 +193,7 @@ def decode_tensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, Tens
     base = None if isinstance(data, bytes) else np.frombuffer(data, np.uint8)
     if base is not None and not base.flags.writeable:
         base = None
-    flats = {field.name: _flat_tensor(batch.column(i), field.name, base) for i, field in enumerate(schema)}
+    flats = {name: _flat_tensor(column, name, base) for name, column in columns}
     tensors = {}
     for name, dtype, shape, offset in index:
         if dtype not in flats:
