@@ -116,7 +116,7 @@ class Budget:
     max_length: int = 32
     lr_lora: float = 2e-3
     lr_coefficients: float = 2e-3
-    head_lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    head_lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     validation_fraction: float = 0.2  # of each task's TRAIN split, to choose head-only's lr
     lr_scheduler: str = _TRAINING.lr_scheduler
     warmup_ratio: float = _TRAINING.warmup_ratio
