@@ -1,19 +1,29 @@
 """A real ``redis-server`` on localhost, for tests and for the CLI's embedded default.
 
 ``start_redis(folder)`` launches one with append-only persistence in ``folder`` and waits until it
-answers. ``ensure_running()`` is the CLI's default: it reuses the server recorded in the project's
-data folder (``$SHARECL_HOME/redis``, else ``./.sharecl/redis``; see ``home``) or starts one there, detached, with a
-generated password (kept in ``password``, mode 0600) so that other local users cannot write to it.
+answers. ``ensure_running()`` is the CLI's default: it reuses the server of the project's data folder
+(``$SHARECL_HOME/redis``, else ``./.sharecl/redis``; see ``home``) or starts one there, detached, with
+a generated password (kept in ``password``, mode 0600) so that other local users cannot write to it.
+
+One server per data folder, always. The launcher takes an exclusive ``flock`` on ``server.lock`` in
+the folder and hands that open file to the server it starts, so the lock lives exactly as long as
+the server (a SIGKILL releases it too) and no second server can start there. A server counts as the
+folder's only if it answers on the recorded port with the folder's password and reports the
+recorded pid and the folder as its ``dir``; pid and port files left by a dead server are stale by
+definition. A start that fails kills the server it launched. Paths and the password are written into
+``redis.conf`` quoted with every unusual byte hex-escaped, so no folder name can add a directive.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -26,16 +36,22 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .errors import StoreError
 from .home import embedded_redis_folder
 
-_CONF, _PIDFILE, _PORTFILE, _PASSFILE, _LOGFILE, _LOCKFILE = (
+_CONF, _PIDFILE, _PORTFILE, _PASSFILE, _LOGFILE, _LOCKFILE, _SERVER_LOCK = (
     "redis.conf",
     "redis.pid",
     "redis.port",
     "password",
     "redis.log",
-    "lock",
+    "lock",  # serializes start/stop between commands
+    "server.lock",  # held by the running server for its whole life
 )
+_FSYNC = ("always", "everysec", "no")
+_CONF_SAFE = frozenset(string.ascii_letters + string.digits + "/._-+,@%=~")
+_ADOPT_WAIT_S = 10.0  # how long a server that holds the folder's lock gets to answer
+_PROBE_TIMEOUT_S = 5.0  # per reply when checking whether a server is the folder's
 
 
 def find_redis_server() -> str:
@@ -75,12 +91,14 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def client(self, retries: int = 3) -> redis.Redis:
+    def client(self, retries: int = 3, timeout_s: float | None = None) -> redis.Redis:
+        """A client; ``timeout_s`` bounds each reply (None: wait as long as the server takes)."""
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
             password=self.password,
             socket_connect_timeout=5,
+            socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), retries),
         )
 
@@ -125,13 +143,18 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """True if ``pid`` runs; a zombie (exited, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: trust the signal
+    return state != "Z"
 
 
 def free_port() -> int:
@@ -140,28 +163,72 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _write_conf(folder: Path, port: int, password: str | None, appendonly: bool, detach: bool, fsync: str) -> Path:
+def _conf_value(value: str | os.PathLike[str]) -> str:
+    """``value`` as one redis.conf argument: double-quoted, every byte outside a small safe set as ``\\xHH``.
+
+    Redis splits the file into lines first and then each line into arguments, so a path holding a
+    quote or a newline, written plainly, would end the argument or the line and add a directive.
+    """
+    raw = os.fsencode(value)
+    return '"' + "".join(chr(b) if chr(b) in _CONF_SAFE else f"\\x{b:02x}" for b in raw) + '"'
+
+
+def _write_conf(folder: Path, port: int, password: str | None, appendonly: bool, fsync: str) -> Path:
+    if fsync not in _FSYNC:
+        raise StoreError(f"fsync {fsync!r} is not a Redis appendfsync policy; use one of {', '.join(_FSYNC)}")
     lines = [
-        f"port {port}",
+        f"port {int(port)}",
         "bind 127.0.0.1",
         "protected-mode yes",
-        f'dir "{folder}"',
-        f'pidfile "{folder / _PIDFILE}"',
-        f'logfile "{folder / _LOGFILE}"',
-        f"daemonize {'yes' if detach else 'no'}",
+        f"dir {_conf_value(folder)}",
+        f"pidfile {_conf_value(folder / _PIDFILE)}",
+        f"logfile {_conf_value(folder / _LOGFILE)}",
+        "daemonize no",  # the launcher detaches it (a session of its own) and so knows its pid
         'save ""',  # persistence is the append-only file; no RDB snapshots
         f"appendonly {'yes' if appendonly else 'no'}",
         f"appendfsync {fsync}",
         'appendfilename "appendonly.aof"',
     ]
     if password:
-        lines.append(f"requirepass {password}")
+        lines.append(f"requirepass {_conf_value(password)}")
     conf = folder / _CONF
     # The password lives in the config file, not on the command line where `ps` would show it.
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     return conf
+
+
+def _conf_port(folder: Path) -> int | None:
+    try:
+        match = re.search(r"^port (\d+)$", (folder / _CONF).read_text(errors="replace"), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _take_server_lock(folder: Path) -> int:
+    """A descriptor holding the folder's server lock; ``StoreError`` if a running server holds it."""
+    fd = os.open(folder / _SERVER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"a redis-server already runs on the data folder {folder} (it holds {folder / _SERVER_LOCK}); "
+            "use it (`sharecl store status`) or stop it (`sharecl store stop`) before starting another"
+        ) from None
+    return fd
+
+
+def _lock_held(folder: Path) -> bool:
+    """True if a server holds the folder's server lock (checked by trying to take it)."""
+    try:
+        fd = _take_server_lock(folder)
+    except StoreError:
+        return True
+    os.close(fd)
+    return False
 
 
 def start_redis(
@@ -174,62 +241,83 @@ def start_redis(
     fsync: str = "everysec",
     timeout_s: float = 60.0,
 ) -> RedisServer:
-    """Start ``redis-server`` on 127.0.0.1 with its files in ``folder``; return once it answers PING.
+    """Start ``redis-server`` on 127.0.0.1 with its files in ``folder``; return once it answers.
 
-    Restarting on the same folder replays its append-only file. ``detach=True`` daemonizes it so it
-    outlives this process (the CLI's embedded server); otherwise it is this process's child.
+    Restarting on the same folder replays its append-only file. ``detach=True`` starts it in a
+    session of its own so it outlives this process (the CLI's embedded server); otherwise it is this
+    process's child. Refused (``StoreError``) while another server runs on ``folder``; a server that
+    does not come up is killed before the error is raised.
     """
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     binary = find_redis_server()
-    for attempt in range(3):
-        chosen = port or free_port()
-        conf = _write_conf(folder, chosen, password, appendonly, detach, fsync)
-        log = folder / _LOGFILE
-        offset = log.stat().st_size if log.exists() else 0
-        # Config errors go to stderr before the logfile is open: append them to the log too.
-        with open(log, "ab") as stderr:
-            process = subprocess.Popen(
-                [binary, str(conf)], cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+    lock = _take_server_lock(folder)
+    try:
+        # No server holds the folder, so pid and port files are leftovers of a dead one.
+        for name in (_PIDFILE, _PORTFILE):
+            (folder / name).unlink(missing_ok=True)
+        for attempt in range(3):
+            chosen = port or free_port()
+            conf = _write_conf(folder, chosen, password, appendonly, fsync)
+            log = folder / _LOGFILE
+            offset = log.stat().st_size if log.exists() else 0
+            # Config errors go to stderr before the logfile is open: append them to the log too.
+            with open(log, "ab") as stderr:
+                process = subprocess.Popen(
+                    [binary, str(conf)],
+                    cwd=folder,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    pass_fds=(lock,),  # the server inherits the lock: it is released only when the server ends
+                    start_new_session=detach,
+                )
+            server = RedisServer(
+                port=chosen, folder=folder, password=password, pid=process.pid, process=None if detach else process
             )
-        if detach:
-            process.wait(timeout=timeout_s)  # the daemon forks; the launcher exits at once
-        server = RedisServer(port=chosen, folder=folder, password=password, process=None if detach else process)
-        try:
-            _wait_ready(server, process, detach, timeout_s)
-        except RuntimeError as err:
+            problem = _wait_ready(server, process, timeout_s)
+            if problem is None:
+                (folder / _PORTFILE).write_text(f"{chosen}\n")
+                return server
+            outcome = _stop_launched(process)
             tail = _log_tail(log, offset)
             if "Address already in use" in tail and port is None and attempt < 2:
                 continue  # lost the free port to another process between choosing and binding
-            raise RuntimeError(f"{err}; redis-server log {log}:\n{tail}") from None
-        (folder / _PORTFILE).write_text(f"{chosen}\n")
-        return server
+            raise StoreError(f"{problem}; {outcome}, so that none is left running; redis-server log {log}:\n{tail}")
+    finally:
+        os.close(lock)
     raise AssertionError("unreachable")
 
 
-def _wait_ready(server: RedisServer, process: subprocess.Popen[bytes], detach: bool, timeout_s: float) -> None:
+def _wait_ready(server: RedisServer, process: subprocess.Popen[bytes], timeout_s: float) -> str | None:
+    """None once the server we launched answers (checked by its pid); else what went wrong."""
     deadline = time.monotonic() + timeout_s
-    client = server.client(retries=0)
-    while time.monotonic() < deadline:
-        if server.pid is None:
+    client = server.client(retries=0, timeout_s=_PROBE_TIMEOUT_S)
+    try:
+        while True:
+            if process.poll() is not None:
+                return f"redis-server exited with status {process.returncode} while starting"
+            if time.monotonic() >= deadline:
+                return f"redis-server (pid {process.pid}) did not answer on port {server.port} within {timeout_s:g} s"
             try:
-                server.pid = int((server.folder / _PIDFILE).read_text().strip()) if detach else process.pid
-            except (FileNotFoundError, ValueError):
-                pass
-        if not detach and process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with status {process.returncode} while starting")
-        if detach and server.pid is not None and not _alive(server.pid):
-            raise RuntimeError("redis-server exited while starting")
-        try:
-            if client.ping() and server.pid is not None:
-                return
-        except redis.BusyLoadingError:
-            pass  # replaying the append-only file
-        except redis.ConnectionError:
-            if detach and process.returncode not in (0, None):
-                raise RuntimeError(f"redis-server exited with status {process.returncode} while starting") from None
-        time.sleep(0.05)
-    raise RuntimeError(f"redis-server on port {server.port} did not answer within {timeout_s:.0f} s")
+                if int(client.info("server")["process_id"]) == process.pid:
+                    return None
+            except (redis.RedisError, OSError, KeyError, ValueError):
+                pass  # not listening yet, loading its append-only file, or another server on the port
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def _stop_launched(process: subprocess.Popen[bytes]) -> str:
+    if process.poll() is not None:
+        return "it has exited"
+    process.kill()  # it never answered, so nothing was written through it
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        return f"sent SIGKILL to it (pid {process.pid})"
+    return f"stopped it (pid {process.pid})"
 
 
 def _log_tail(log: Path, offset: int) -> str:
@@ -243,7 +331,7 @@ def _log_tail(log: Path, offset: int) -> str:
 
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """Serialize start/stop across processes, so two commands never start two servers."""
+    """Serialize start/stop across processes, so that two commands never race to start a server."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / _LOCKFILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -253,25 +341,35 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _is_ours(server: RedisServer) -> bool:
+    """True if the server on ``server.port`` takes the folder's password, has pid ``server.pid`` and the folder
+    as its ``dir``: a pid reused by another process, or a port taken by another server, is not ours."""
+    client = server.client(retries=0, timeout_s=_PROBE_TIMEOUT_S)
+    try:
+        if int(client.info("server")["process_id"]) != server.pid:
+            return False
+        value = next(iter(client.config_get("dir").values()), b"")
+        return (os.fsdecode(value) if isinstance(value, bytes) else value) == str(server.folder)
+    except redis.BusyLoadingError:
+        return True  # it answers with the folder's password on its port: it is replaying the append-only file
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return False
+    finally:
+        client.close()
+
+
 def running_server(folder: str | os.PathLike[str] | None = None) -> RedisServer | None:
-    """The embedded server recorded in ``folder`` if it is alive and answers, else None."""
+    """The embedded server recorded in ``folder`` if it is alive, answers and is that folder's; else None."""
     folder = Path(folder) if folder is not None else embedded_redis_folder()
     try:
         port = int((folder / _PORTFILE).read_text().strip())
         pid = int((folder / _PIDFILE).read_text().strip())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
     if not _alive(pid):
         return None
-    password = _read_password(folder)
-    server = RedisServer(port=port, folder=folder.resolve(), password=password, pid=pid)
-    try:
-        server.client(retries=0).ping()
-    except redis.BusyLoadingError:
-        return server
-    except redis.RedisError:
-        return None
-    return server
+    server = RedisServer(port=port, folder=folder.resolve(), password=_read_password(folder), pid=pid)
+    return server if _is_ours(server) else None
 
 
 def _read_password(folder: Path) -> str | None:
@@ -281,13 +379,46 @@ def _read_password(folder: Path) -> str | None:
         return None
 
 
+def _find(folder: Path) -> RedisServer | None:
+    """The folder's running server: the one its files record, else the one holding its server lock (whose
+    pid or port file was lost); None if no server runs there."""
+    server = running_server(folder)
+    if server is not None or not _lock_held(folder):
+        return server
+    port, password = _conf_port(folder), _read_password(folder)
+    deadline = time.monotonic() + _ADOPT_WAIT_S
+    while True:
+        if port is not None:
+            client = RedisServer(port=port, folder=folder, password=password).client(0, _PROBE_TIMEOUT_S)
+            try:
+                pid = int(client.info("server")["process_id"])
+            except (redis.RedisError, OSError, KeyError, ValueError):
+                pid = None
+            finally:
+                client.close()
+            server = RedisServer(port=port, folder=folder.resolve(), password=password, pid=pid)
+            if pid is not None and _alive(pid) and _is_ours(server):
+                (folder / _PORTFILE).write_text(f"{port}\n")
+                (folder / _PIDFILE).write_text(f"{pid}\n")
+                return server
+        if not _lock_held(folder):
+            return None  # it ended meanwhile
+        if time.monotonic() >= deadline:
+            raise StoreError(
+                f"a redis-server holds the data folder {folder} (lock {folder / _SERVER_LOCK}) but does not answer "
+                f"on port {port} with the folder's password; find it with `fuser -v {folder / _SERVER_LOCK}`, "
+                "stop it, and retry"
+            )
+        time.sleep(0.1)
+
+
 def ensure_running(folder: str | os.PathLike[str] | None = None, port: int | None = None) -> RedisServer:
     """Reuse the embedded server of ``folder`` (default ``embedded_redis_folder()``) or start it, detached."""
     folder = Path(folder) if folder is not None else embedded_redis_folder()
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)  # the append-only file holds every version; keep other local users out
     with _locked(folder):
-        server = running_server(folder)
+        server = _find(folder)
         if server is not None:
             return server
         password = _read_password(folder)
@@ -303,7 +434,7 @@ def stop_embedded(folder: str | os.PathLike[str] | None = None) -> bool:
     """Stop the embedded server of ``folder``; False if none was running."""
     folder = Path(folder) if folder is not None else embedded_redis_folder()
     with _locked(folder):
-        server = running_server(folder)
+        server = _find(folder)
         if server is None:
             (folder / _PORTFILE).unlink(missing_ok=True)
             return False
