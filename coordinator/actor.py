@@ -5,6 +5,11 @@ Its merge loop runs in a background thread; methods answer while it runs (``max_
 A restart reruns ``__init__`` with the same settings: the loop starts again, takes back the
 submissions the dead incarnation held (same consumer name) and completes its MLflow run.
 Calls in flight when it dies are retried on the new incarnation (``max_task_retries=-1``).
+
+``stop`` ends the loop after its current step and ends every MLflow run it opened, so a caller that
+waits for it (the job driver before it shuts Ray down) never leaves a run RUNNING. An actor that had
+nothing to merge and no call for ``idle_timeout_s`` stops the same way and removes itself
+(``sharecl coordinator stop`` removes one at once).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class CoordinatorActor:
         self.started = time.time()
         self.idle_steps = 0  # steps that found nothing to do: flush waits for one after settling
         self.last_step = 0.0
+        self._last_activity = time.monotonic()  # a step that read something, or a call
+        self._idle_exit = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="coordinator-loop", daemon=True)
         self._thread.start()
@@ -52,24 +59,57 @@ class CoordinatorActor:
         self.service.run_forever(
             self._stop, max_batch=self.config.max_batch, block_ms=self.config.block_ms, on_step=self._on_step
         )
+        if self._idle_exit:
+            left = self.service.close()
+            log.info(
+                "coordinator for namespace %r idle for %.0fs: exiting (MLflow runs left open: %s)",
+                self.config.namespace,
+                self.config.idle_timeout_s,
+                left or "none",
+            )
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _on_step(self, result: StepResult) -> None:
         self.last_step = time.time()
         if result.read == 0:
             self.idle_steps += 1
+        else:
+            self._active()
+        timeout = self.config.idle_timeout_s
+        if timeout and time.monotonic() - self._last_activity > timeout and self._settled():
+            self._idle_exit = True
+            self._stop.set()
+
+    def _settled(self) -> bool:
+        try:
+            return self.service.stream.is_settled()
+        except Exception:  # Redis unreachable: not idle in any sense that allows leaving
+            return False
+
+    def _active(self) -> None:
+        self._last_activity = time.monotonic()
 
     # -- remote methods ------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
+        self._active()
         return self.config.to_dict()
 
+    def touch(self) -> None:
+        """Keep an idle coordinator alive (a job driver calls it while its tasks train)."""
+        self._active()
+
     def status(self) -> dict[str, Any]:
+        self._active()
         stream = self.service.stream
         return {
             **self.service.status(),
             "pid": os.getpid(),
             "running": self._thread.is_alive() and not self._stop.is_set(),
+            "loop_alive": self._thread.is_alive(),
             "started": self.started,
             "last_step": self.last_step,
+            "idle_s": time.monotonic() - self._last_activity,
+            "open_runs": self.service.open_runs,
             "pending": len(stream.pending()),
             "settled": stream.is_settled(),
             "crashes": self.service.crash.fired(),
@@ -81,6 +121,7 @@ class CoordinatorActor:
         deadline = time.monotonic() + timeout_s
         stream = self.service.stream
         while time.monotonic() < deadline:
+            self._active()
             if not self._thread.is_alive():
                 raise RuntimeError("the coordinator loop is not running; call stop() only to shut it down")
             if stream.is_settled():
@@ -97,10 +138,20 @@ class CoordinatorActor:
         )
 
     def stop(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Stop the merge loop after its current step (the actor stays; ``stop_coordinator`` removes it)."""
+        """Stop the merge loop after its current step and end the MLflow runs it opened (the actor
+        stays; ``stop_coordinator`` removes it). ``loop_alive`` and ``open_runs`` in the returned
+        status say whether that finished within ``timeout_s``."""
         self._stop.set()
         self._thread.join(timeout_s)
-        return self.status()
+        if not self._thread.is_alive():
+            self.service.close()
+        return {
+            **self.service.status(),
+            "pid": os.getpid(),
+            "running": False,
+            "loop_alive": self._thread.is_alive(),
+            "open_runs": self.service.open_runs,
+        }
 
 
 def get_or_start_coordinator(
@@ -157,13 +208,17 @@ def find_coordinator(namespace: str = "default") -> Any | None:
         return None
 
 
-def stop_coordinator(namespace: str = "default", timeout_s: float = 60.0) -> bool:
-    """Stop the namespace's coordinator after its current step and remove the actor. False if none ran."""
+def stop_coordinator(namespace: str = "default", timeout_s: float = 60.0) -> dict[str, Any] | None:
+    """Stop the namespace's coordinator after its current step (its MLflow runs ended) and remove the
+    actor. Returns its last status (``open_runs``: runs it could not end), or None if none ran."""
     handle = find_coordinator(namespace)
     if handle is None:
-        return False
+        return None
     try:
-        ray.get(handle.stop.remote(timeout_s), timeout=timeout_s + 30)
+        status: dict[str, Any] = ray.get(handle.stop.remote(timeout_s), timeout=timeout_s + 30)
+    except (ray.exceptions.RayError, TimeoutError) as err:
+        log.warning("the coordinator of %r did not stop cleanly (%s); removing it", namespace, err)
+        status = {"namespace": namespace, "loop_alive": True, "open_runs": [], "error": f"{type(err).__name__}: {err}"}
     finally:
         ray.kill(handle, no_restart=True)
-    return True
+    return status

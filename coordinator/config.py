@@ -41,6 +41,9 @@ class CoordinatorConfig:
     # is fastest, and more oversubscribe the cores that training workers share (measured: a merge
     # took 10 s with 2 threads on a loaded 2-core machine, 0.03 s with 1). None: torch's default.
     torch_threads: int | None = 1
+    # The actor exits by itself after this long without a submission to merge and without a call
+    # (a running job's driver keeps it alive; a detached coordinator holds 0.5-1 GB). 0: never.
+    idle_timeout_s: float = 1800.0
     crash_at: list[str] = field(default_factory=list)  # tests only: crash points (crash.py)
     crash_marker_dir: str | None = None
 
@@ -64,6 +67,10 @@ class CoordinatorConfig:
             found.append(f"block_ms must be >= 0 (got {self.block_ms})")
         if self.torch_threads is not None and self.torch_threads < 1:
             found.append(f"torch_threads must be >= 1 or None (got {self.torch_threads})")
+        if not isinstance(self.idle_timeout_s, int | float) or not self.idle_timeout_s >= 0:
+            found.append(
+                f"idle_timeout_s must be a number of seconds >= 0, 0 to never exit (got {self.idle_timeout_s!r})"
+            )
         return found
 
     def to_dict(self) -> dict[str, Any]:

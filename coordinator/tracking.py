@@ -142,10 +142,14 @@ class MergeTracker:
     def abandon(self, run_id: str | None, reason: str) -> bool:
         """End a run whose merge was not published (head conflict, crash) as FAILED with the reason:
         its submissions stay pending. False (logged) when MLflow could not be reached."""
+        return self.fail(run_id, f"not published: {reason}")
+
+    def fail(self, run_id: str | None, status: str) -> bool:
+        """End a run as FAILED with ``status`` as its status tag. False (logged) when MLflow could not be reached."""
         if run_id is None:
             return True
         try:
-            retry(lambda: self.client.set_tag(run_id, TAG_STATUS, f"not published: {reason}"[:_TAG_MAX]), "set_tag")
+            retry(lambda: self.client.set_tag(run_id, TAG_STATUS, status[:_TAG_MAX]), "set_tag")
             retry(lambda: self.client.set_terminated(run_id, "FAILED"), "set_terminated")
             return True
         except Exception as err:

@@ -6,6 +6,10 @@ CPUs/GPUs allow), reports each as it finishes, waits until every submission is m
 and prints the accuracy of every task after the last merge plus the `mlflow ui` command.
 A task whose worker died more often than ``cluster.max_retries`` allows, or whose code raised, is
 recorded as failed; the other tasks go on.
+
+A job whose tasks ask for resources no node of the cluster has (or can get from its autoscaler) is
+refused before anything is launched. A driver that started its own Ray stops the coordinator (which
+ends its MLflow runs) before shutting Ray down; runs still open after a bounded wait are marked FAILED.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from coordinator.matrix import AccuracyMatrix
 from jobs.errors import JobConfigError
 from jobs.schema import JobConfig, to_dict, validate
+from share.errors import ShareClError
 from subspace_store import SubmissionStatus, resolve_url
 from subspace_store.tracking import (
     TAG_ERROR,
@@ -36,6 +41,7 @@ from subspace_store.tracking import (
     resolve_mlflow_uri,
 )
 from workers import tracking
+from workers.capacity import unplaceable
 from workers.evaluator import EVALUATOR, launch_evaluation
 from workers.ray_task import launch
 from workers.task_job import SPEC_FIELDS, TaskJob, TaskSummary
@@ -51,7 +57,13 @@ def say_line(line: str) -> None:
 
 POLL_S = 0.5
 HEARTBEAT_S = 60.0
+KEEPALIVE_S = 60.0  # the coordinator exits after idle_timeout_s without a call (default 1800 s)
 DEFAULT_MERGE_TIMEOUT_S = 1800.0
+TRACKING_WAIT_S = 120.0  # how long a driver that owns Ray waits for the coordinator's last MLflow run
+
+
+class MergeWaitError(ShareClError):
+    """The job's submissions were not all merged or rejected in time; the message says which and where to look."""
 
 
 class TaskState(StrEnum):
@@ -143,6 +155,19 @@ def _start_coordinator(cfg: JobConfig, redis_url: str, tracking_uri: str) -> Any
     )
 
 
+def check_capacity(cfg: JobConfig) -> None:
+    """Refuse a job whose tasks ask for resources that no node of the connected cluster has (nor any
+    node type its autoscaler can add): Ray would keep such tasks queued forever without a word."""
+    c = cfg.cluster
+    problem = unplaceable({"CPU": c.num_cpus_per_task, "GPU": c.num_gpus_per_task})
+    if problem is not None:
+        raise JobConfigError(
+            f"cluster.num_cpus_per_task={c.num_cpus_per_task:g}, cluster.num_gpus_per_task={c.num_gpus_per_task:g}: "
+            f"{problem}. Lower them (cluster.num_gpus_per_task=0 trains on the CPU), or run the job on a cluster "
+            "whose nodes have them (cluster.address / --address)"
+        )
+
+
 def _check_new_tasks(store: Any, cfg: JobConfig) -> None:
     if store.head() is None:
         return
@@ -204,6 +229,7 @@ def task_jobs(
             training=spec,
             parent_run_id=parent_run_id,
             job_params=params,
+            allow_over_bound=a.allow_over_bound,
         )
         for task in cfg.tasks
     ]
@@ -281,17 +307,43 @@ class RunningJob:
         finally:
             _quietly(lambda: self.store.release_pins(self.job_id))
             if self.owns_ray:
+                # Ray goes down with this driver: let the coordinator finish its step and its MLflow
+                # runs first (bounded), and end whatever it could not.
+                _quietly(self._stop_coordinator)
                 ray.shutdown()
+
+    def _stop_coordinator(self) -> None:
+        from coordinator.actor import stop_coordinator
+
+        status = stop_coordinator(self.cfg.store.namespace, timeout_s=TRACKING_WAIT_S)
+        if status is not None and not status.get("loop_alive") and not status.get("open_runs"):
+            return
+        left = list(status.get("open_runs") or []) if status is not None and not status.get("loop_alive") else None
+        closed = _fail_open_merge_runs(
+            self.run.uri,
+            self.cfg.experiment_name,
+            self.cfg.store.namespace,
+            left,
+            f"the job driver shut down Ray before the coordinator finished tracking this merge "
+            f"(waited up to {TRACKING_WAIT_S:.0f}s); the store holds the version and its numbers",
+        )
+        if closed:
+            self.say(f"[job] marked {len(closed)} merge run(s) the coordinator could not finish as FAILED: {closed}")
 
     def _follow_tasks(self) -> None:
         import ray
 
         pending = list(self.refs)
         total, done = len(pending), 0
-        last_news = time.time()
+        last_news = last_touch = time.time()
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
             self._note_merges()
+            if time.time() - last_touch > KEEPALIVE_S:
+                touch = getattr(self.coordinator, "touch", None)
+                if touch is not None:
+                    _quietly(lambda touch=touch: touch.remote())  # no answer awaited
+                last_touch = time.time()
             if not ready:
                 if time.time() - last_news > HEARTBEAT_S:
                     self.say(f"[job] {done}/{total} task(s) finished; {len(pending)} training or queued")
@@ -353,18 +405,39 @@ class RunningJob:
         deadline = time.time() + timeout_s
         while not self._note_merges():
             if time.time() > deadline:
-                open_ids = [o.submission_id for o in self.outcomes.values() if o.status is TaskState.SUBMITTED]
-                raise TimeoutError(
-                    f"submissions {open_ids} were not merged within {timeout_s:.0f}s; check the coordinator "
-                    f"with `sharecl status --namespace {self.cfg.store.namespace}` and its log in the Ray dashboard"
+                open_tasks = {
+                    o.task: o.submission_id for o in self.outcomes.values() if o.status is TaskState.SUBMITTED
+                }
+                raise MergeWaitError(
+                    f"task(s) {open_tasks} (task: submission) were neither merged nor rejected within "
+                    f"{timeout_s:.0f}s{self._coordinator_error()}; check the coordinator with `sharecl status "
+                    f"--namespace {self.cfg.store.namespace}` and its log in the Ray dashboard"
                 )
             if flushing is not None:
                 ready, _ = ray.wait([flushing], timeout=POLL_S)
                 if ready:
-                    _quietly(lambda done=ready[0]: ray.get(done))
+                    try:
+                        ray.get(ready[0])
+                    except ray.exceptions.RayActorError:
+                        # The coordinator is gone (stopped, or exited when idle): start it again.
+                        self.say("[job] the coordinator is gone; starting it again")
+                        self.coordinator = _start_coordinator(self.cfg, self.redis_url, self.run.uri)
+                    except Exception as err:
+                        self.say(f"[job] still waiting for the coordinator ({type(err).__name__}: {err})")
                     flushing = None
             else:
                 time.sleep(POLL_S)
+
+    def _coordinator_error(self) -> str:
+        """``; the coordinator's last error: ...`` when it reports one (empty otherwise)."""
+        import ray
+
+        try:
+            status = ray.get(self.coordinator.status.remote(), timeout=30)
+        except Exception:
+            return ""
+        error = status.get("last_error") if isinstance(status, dict) else None
+        return f"; the coordinator's last error: {error}" if error else ""
 
     # -- results --------------------------------------------------------------------------------
     def _accuracy(self, head: str | None) -> tuple[dict[str, float], AccuracyMatrix]:
@@ -464,6 +537,19 @@ def _matrix_from_merge_runs(uri: str, experiment_id: str, namespace: str) -> Acc
         return AccuracyMatrix()
 
 
+def _fail_open_merge_runs(
+    uri: str, experiment: str, namespace: str, run_ids: list[str] | None, reason: str
+) -> list[str]:
+    """End as FAILED (with ``reason``) the namespace's merge runs still RUNNING: ``run_ids`` if given,
+    else every one. Returns the ids it ended."""
+    from coordinator.tracking import MergeTracker, merge_runs
+
+    tracker = MergeTracker(uri, experiment, namespace)
+    running = [r.info.run_id for r in merge_runs(tracker.client, tracker.experiment_id, namespace, "RUNNING")]
+    chosen = [r for r in running if run_ids is None or r in run_ids]
+    return [run_id for run_id in chosen if tracker.fail(run_id, reason)]
+
+
 def _quietly(fn: Callable[[], Any]) -> None:
     try:
         fn()
@@ -492,6 +578,7 @@ def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line
     experiment_id = tracking.ensure_experiment(tracking_uri, cfg.experiment_name)
     owns_ray = _connect_ray(cfg, address)
     try:
+        check_capacity(cfg)
         coordinator = _start_coordinator(cfg, redis_url, tracking_uri)
         run = tracking.TrackedRun.start(
             tracking_uri,
@@ -559,9 +646,11 @@ def run_job(
 
 __all__ = [
     "JobResult",
+    "MergeWaitError",
     "RunningJob",
     "TaskOutcome",
     "TaskState",
+    "check_capacity",
     "mlflow_ui_command",
     "run_job",
     "start_job",

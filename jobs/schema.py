@@ -116,6 +116,9 @@ class AdapterConfig:
     variance: float | None = None
     max_error: float | None = DEFAULT_MAX_ERROR
     k_max: int | None = 32
+    # The coordinator rejects a task whose merge would leave any task, committed or new, over
+    # max_error (k_max can keep the bound from holding); true accepts such a merge (recorded with the version).
+    allow_over_bound: bool = False
 
     @property
     def pseudo_rank(self) -> int:
@@ -164,6 +167,11 @@ class AdapterConfig:
             f"k, variance and max_error are all null; set one (e.g. {at}.max_error={DEFAULT_MAX_ERROR})",
         )
         p.need(self.k_max is None or self.k_max >= 1, "k_max", f"{self.k_max} must be >= 1, or null for no cap")
+        p.need(
+            isinstance(self.allow_over_bound, bool),
+            "allow_over_bound",
+            f"{self.allow_over_bound!r} must be true or false",
+        )
         return p.found
 
 

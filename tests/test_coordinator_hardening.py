@@ -6,17 +6,28 @@ Real redis-server, real PEFT files, real local Ray and a real MLflow sqlite stor
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
+import yaml
+from mlflow import MlflowClient
 from test_workers_task import TINY_BUILDER, tiny_builder, write_tiny_task
 
 from coordinator import Coordinator
+from coordinator.actor import find_coordinator, get_or_start_coordinator
+from jobs.cli import main
+from jobs.errors import JobConfigError
+from jobs.runner import check_capacity, run_job, start_job, task_jobs
+from jobs.schema import load_job
 from share import KPolicy, LoraAdapter, load_peft_adapter
 from subspace_store import Submission, SubmissionStatus, SubmissionStream, SubspaceStore
 from subspace_store.keys import Keys
 from subspace_store.payloads import encode_tensors, sha256
+from workers import tracking
+from workers.run_task import run_task_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TESTS_DIR = str(Path(__file__).parent)
@@ -171,3 +182,156 @@ def test_merge_over_the_bound_is_rejected_with_the_numbers_unless_allowed(setup)
     assert again.merged == {allowed: "huge_ok"} and not again.rejected
     over = store.manifest(again.version)["metadata"]["coordinator"]["over_bound"]
     assert set(over) >= {"t0", "t1", "t2"} and all(v > 0.05 for v in over.values())
+
+
+def test_allow_over_bound_travels_from_the_job_file_to_the_stream(tmp_path, redis_server, redis_client, namespace):
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = job_file(tmp_path, redis_server, namespace, mlflow_uri, ("a",))
+    assert load_job(path).adapter.allow_over_bound is False
+    with pytest.raises(JobConfigError, match="adapter.allow_over_bound"):
+        load_job(path, ["adapter.allow_over_bound=maybe"])
+    cfg = load_job(path, ["adapter.allow_over_bound=true"])
+    experiment_id = tracking.ensure_experiment(mlflow_uri, cfg.experiment_name)
+    (job,) = task_jobs(cfg, "job1", redis_server, mlflow_uri, experiment_id, None)
+    assert job.allow_over_bound and job.attempt_key == "job1/a"
+    summary = run_task_job(job)
+    entry = SubmissionStream(redis_client, namespace).submitted("job1/a")
+    assert entry is not None and entry.id == summary.submission_id and entry.allow_over_bound
+
+
+# -- through Ray: --wait, the driver's shutdown, stopping coordinators, resources -----------------
+# Each of the first two starts (and stops) a local Ray of its own, as the commands do; the last one
+# connects to a multi-node cluster. Keep this order: one Ray per process at a time.
+
+
+def job_file(folder: Path, redis_url: str, namespace: str, mlflow_uri: str, tasks: tuple[str, ...]) -> Path:
+    entries = []
+    for name in tasks:
+        write_tiny_task(folder, name)
+        entries.append(
+            {"name": name, "train": str(folder / name / "train.parquet"), "eval": str(folder / name / "eval.parquet")}
+        )
+    job = {
+        "model": {"builder": TINY_BUILDER, "max_length": 8},
+        "adapter": {"r": 2, "p": 2, "phi": 1, "k_max": 8},
+        "training": {"steps": 4, "batch_size": 8, "lr": 0.05, "log_every": 2},
+        "tasks": entries,
+        "cluster": {"num_cpus_per_task": 1, "max_retries": 0},
+        "store": {"redis_url": redis_url, "namespace": namespace},
+        "tracking": {"mlflow_uri": mlflow_uri},
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+@pytest.mark.slow
+def test_wait_settles_a_batch_with_a_bad_adapter_and_ends_with_a_clear_line(
+    tmp_path, redis_server, redis_client, namespace, monkeypatch, capsys
+) -> None:
+    """Defect 1 through the real coordinator actor: before the fix, the bad entry kept the batch
+    failing every 30 s and ``--wait`` ended in a raw TimeoutError traceback."""
+    monkeypatch.setenv("PYTHONPATH", TESTS_DIR)
+    stream = SubmissionStream(redis_client, namespace)
+    bad_id = raw_submit(stream, "too_big", load_peft_adapter(peft_folder(tmp_path / "r16", r=16)))
+    good = peft_folder(tmp_path / "good", r=2)
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--redis-url", redis_server, "--namespace", namespace, "--mlflow-uri", mlflow_uri]
+    code = main(["adapters", "add", str(good), "--task", "good", *args, "--wait", "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert code == 0 and "task 'good' (" in out and "merged into v1" in out
+    state = stream.status(bad_id)
+    assert state.state is SubmissionStatus.REJECTED and "rank 16" in state.reason
+    assert list(SubspaceStore(redis_client, namespace).get().tasks) == ["good"]
+    assert_no_run_left_running(mlflow_uri)
+
+
+def assert_no_run_left_running(mlflow_uri: str) -> None:
+    """Every run of every experiment is FINISHED, or FAILED with its reason in the status tag."""
+    client = MlflowClient(mlflow_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, max_results=1000)
+    assert runs
+    for run in runs:
+        assert run.info.status in ("FINISHED", "FAILED"), (run.info.run_name, run.info.status, run.data.tags)
+        if run.info.status == "FAILED":
+            assert run.data.tags.get("sharecl.status"), run.info.run_name
+
+
+@pytest.mark.slow
+def test_the_driver_shuts_ray_down_only_after_the_last_merge_run_is_finished(
+    tmp_path, redis_server, namespace, monkeypatch
+) -> None:
+    """Defect 9: the coordinator is still evaluating (and logging) the last merge when the driver is
+    done; before the fix the driver shut Ray down under it and the merge run stayed RUNNING."""
+    monkeypatch.setenv("PYTHONPATH", TESTS_DIR)
+    monkeypatch.setenv("SHARECL_TEST_SLOW_ACTOR_S", "20")  # the coordinator's evaluator is slow
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_job(job_file(tmp_path, redis_server, namespace, mlflow_uri, ("only",)))
+    result = run_job(cfg, say=lambda _: None)
+    assert result.ok and result.head == "v1"
+    assert_no_run_left_running(mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    (merge_run,) = client.search_runs(
+        [client.get_experiment_by_name(namespace).experiment_id], "tags.`sharecl.kind` = 'merge'"
+    )
+    assert merge_run.info.status == "FINISHED" and merge_run.data.tags["sharecl.version"] == "v1"
+    assert "accuracy/only" in merge_run.data.metrics  # its evaluation was logged, not cut off
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    """A real two-node Ray cluster: a head without GPUs and a worker node declaring one GPU."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_resources_no_node_has_are_refused_at_submit(gpu_cluster, tmp_path, redis_server, namespace) -> None:
+    """Defect 12: a job asking for more GPUs per task than any node has fails before launching anything."""
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = job_file(tmp_path, redis_server, namespace, mlflow_uri, ("a",))
+    check_capacity(load_job(path, ["cluster.num_gpus_per_task=1"]))  # the worker node has one
+
+    cfg = load_job(path, ["cluster.num_gpus_per_task=2"])
+    with pytest.raises(JobConfigError) as caught:
+        start_job(cfg, say=lambda _: None)
+    message = str(caught.value)
+    assert "cluster.num_gpus_per_task=2" in message and "{CPU: 1, GPU: 2}" in message
+    assert "{CPU: 1, GPU: 0}" in message and "{CPU: 1, GPU: 1}" in message  # each node, named
+    assert "cluster total {CPU: 2, GPU: 1}" in message
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.experiment_name)
+    assert client.search_runs([experiment.experiment_id]) == []  # no job run, no task launched
+
+    with pytest.raises(JobConfigError, match="asks Ray for {CPU: 4}"):
+        check_capacity(load_job(path, ["cluster.num_cpus_per_task=4"]))
+
+
+@pytest.mark.slow
+def test_coordinator_stop_and_idle_exit(gpu_cluster, redis_server, namespace, capsys) -> None:
+    """Defect 12: `sharecl coordinator stop` removes a namespace's detached coordinator and says
+    whether one ran; an idle coordinator exits by itself after idle_timeout_s."""
+    get_or_start_coordinator(namespace, redis_server, tracking=False, block_ms=200)
+    assert find_coordinator(namespace) is not None
+    assert main(["coordinator", "stop", "--namespace", namespace]) == 0
+    assert f"stopped the coordinator of namespace {namespace!r}" in capsys.readouterr().out
+    assert find_coordinator(namespace) is None
+    assert main(["coordinator", "stop", "--namespace", namespace]) == 0
+    assert f"no coordinator was running for namespace {namespace!r}" in capsys.readouterr().out
+
+    idle = f"{namespace}-idle"
+    get_or_start_coordinator(idle, redis_server, tracking=False, block_ms=200, idle_timeout_s=1)
+    deadline = time.monotonic() + 90
+    while find_coordinator(idle) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert find_coordinator(idle) is None  # it removed itself
+
+    with pytest.raises(ValueError, match="idle_timeout_s must be a number of seconds >= 0"):
+        get_or_start_coordinator(namespace, redis_server, tracking=False, idle_timeout_s=-1)

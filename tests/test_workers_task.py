@@ -10,6 +10,8 @@ inside a task job's Ray task (named ``sharecl:<job>:<task>``):
   every attempt: a worker killed mid-job.
 - ``SHARECL_TEST_BARRIER="<redis url>|<key>|<n>"``: every task waits until ``n`` tasks are inside the
   builder at once (fails after 120 s), which proves that ``n`` workers ran concurrently.
+- ``SHARECL_TEST_SLOW_ACTOR_S="<seconds>"``: the builder sleeps that long when a Ray actor calls it (the
+  coordinator's evaluator, after a merge): a coordinator still busy when the job's driver is done.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class TinyClassifier(nn.Module):
 
 
 def _hooks() -> None:
+    slow = os.environ.get("SHARECL_TEST_SLOW_ACTOR_S")
+    if slow and _in_ray_actor():
+        time.sleep(float(slow))
     name = _ray_task_name() or ""
     parts = name.split(":")
     if len(parts) != 3 or parts[0] != "sharecl" or parts[1] == "evaluate":
@@ -101,6 +106,15 @@ def _hooks() -> None:
             if time.time() > deadline:
                 raise TimeoutError(f"barrier {key}: fewer than {n} tasks ran at the same time")
             time.sleep(0.05)
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:
+        return False
 
 
 def tiny_builder(model_name_or_path: str | None, num_labels: int, seed: int) -> tuple[nn.Module, TinyTokenizer]:

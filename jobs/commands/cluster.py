@@ -2,7 +2,8 @@
 
 sharecl submit JOB.yaml [KEY=VALUE ...] [--address ADDR] [--no-wait] [--cluster-dir DIR]
 sharecl status [--namespace NS] [--jobs N] [--json]
-sharecl adapters add DIR... [--task NAME ...] [--base-model NAME] [--wait]
+sharecl adapters add DIR... [--task NAME ...] [--base-model NAME] [--allow-over-bound] [--wait [--timeout S]]
+sharecl coordinator stop [--namespace NS] [--address ADDR]
 sharecl demo [--tasks N] [--data DIR] [KEY=VALUE ...]
 
 ``--address``: nothing (a local Ray), ``auto`` / ``ray://host:10001`` (the job's driver runs here and
@@ -83,6 +84,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start the namespace's coordinator (local Ray unless --address) and wait until they are merged",
     )
+    add.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="for --wait: how long to wait for the coordinator (default 300)",
+    )
+    add.add_argument(
+        "--allow-over-bound",
+        action="store_true",
+        help="let the coordinator merge them even if that leaves some task over the merge policy's max_error "
+        "(it rejects such a merge otherwise)",
+    )
     add.add_argument("--address", default=None, help="Ray address for --wait (default: a local Ray)")
     add.add_argument(
         "--mlflow-uri", default=None, help="for --wait: default $MLFLOW_TRACKING_URI, else the sqlite default"
@@ -90,6 +104,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--experiment", default=None, help="for --wait: MLflow experiment (default: the namespace)")
     add_store_options(add)
     add.set_defaults(func=run_adapters_add)
+
+    coordinator = subparsers.add_parser("coordinator", help="manage the detached coordinator actor of a namespace")
+    actions = coordinator.add_subparsers(dest="coordinator_command", required=True, metavar="ACTION")
+    stop = actions.add_parser(
+        "stop",
+        help="stop a namespace's coordinator (after its current merge) and remove the actor",
+        description="Stop the detached coordinator actor of a namespace on a running Ray cluster: it finishes "
+        "its current merge and its MLflow runs, then the actor is removed. Says whether one was running.",
+    )
+    stop.add_argument("--namespace", default=None, help=f"store namespace (default ${NAMESPACE_ENV}, else 'default')")
+    stop.add_argument(
+        "--address", default="auto", help="Ray cluster to look on (default: auto, the cluster running on this machine)"
+    )
+    stop.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS", help="how long to wait for its current merge"
+    )
+    stop.set_defaults(func=run_coordinator_stop)
 
     demo = subparsers.add_parser(
         "demo",
@@ -382,7 +413,10 @@ def run_adapters_add(args: argparse.Namespace) -> int:
         }
         if args.base_model:
             metadata["base_model"] = args.base_model
-        sid = stream.submit(Submission(name, adapter=adapter, base_version=None, metadata=metadata))
+        submission = Submission(
+            name, adapter=adapter, base_version=None, metadata=metadata, allow_over_bound=args.allow_over_bound
+        )
+        sid = stream.submit(submission)
         ids.append((name, sid))
         print(f"{folder} -> task {name!r}: submitted {sid} ({len(adapter.factors)} modules)")
     if not args.wait:
@@ -413,20 +447,76 @@ def _wait_merged(args: argparse.Namespace, store: Any, stream: Any, ids: list[tu
         ray.init(address="local", include_dashboard=False)
     elif owns:
         ray.init(address=args.address)
+    problem = None
     try:
         coordinator = get_or_start_coordinator(
             store.namespace, url, args.mlflow_uri, experiment=args.experiment or store.namespace
         )
-        ray.get(coordinator.flush.remote())
+        try:
+            ray.get(coordinator.flush.remote(args.timeout), timeout=args.timeout + 60)
+        except (TimeoutError, ray.exceptions.RayError) as err:
+            problem = _flush_problem(coordinator, err)
     finally:
         if owns:
+            from coordinator.actor import stop_coordinator
+
+            stop_coordinator(store.namespace)  # this Ray goes away: let it end its MLflow runs first
             ray.shutdown()
     failed = 0
     for name, sid in ids:
         state = stream.status(sid)
         failed += state.state is not SubmissionStatus.MERGED
         print(f"task {name!r} ({sid}): {state}")
+    if problem:
+        print(
+            f"the coordinator of namespace {store.namespace!r} did not settle every submission within "
+            f"{args.timeout:.0f}s: {problem}. See `sharecl status --namespace {store.namespace}`"
+        )
     return 1 if failed else 0
+
+
+def _flush_problem(coordinator: Any, err: BaseException) -> str:
+    """One line for a flush that did not finish: the coordinator's last error if it reports one."""
+    import ray
+
+    cause = getattr(err, "cause", None) or err
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    try:
+        last = ray.get(coordinator.status.remote(), timeout=30).get("last_error")
+    except Exception:
+        last = None
+    return f"{first}" + (f"; its last error: {last}" if last else "")
+
+
+# ---------------------------------------------------------------- coordinator
+
+
+def run_coordinator_stop(args: argparse.Namespace) -> int:
+    import ray
+
+    from coordinator.actor import stop_coordinator
+
+    namespace = _namespace(args)
+    owns = not ray.is_initialized()
+    if owns:
+        try:
+            ray.init(address=args.address, log_to_driver=False)
+        except ConnectionError as err:
+            print(f"no Ray cluster at {args.address} ({str(err).splitlines()[0]}): no coordinator is running")
+            return 0
+    try:
+        status = stop_coordinator(namespace, timeout_s=args.timeout)
+    finally:
+        if owns:
+            ray.shutdown()
+    if status is None:
+        print(f"no coordinator was running for namespace {namespace!r}")
+        return 0
+    left = status.get("open_runs") or []
+    unclean = " (it did not finish its current merge in time)" if status.get("loop_alive") else ""
+    runs = f"; MLflow runs left open: {left}" if left else ""
+    print(f"stopped the coordinator of namespace {namespace!r}{unclean}{runs}")
+    return 0
 
 
 # ---------------------------------------------------------------- demo
