@@ -29,7 +29,7 @@ import os
 import random
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,9 @@ NOUN, VERB, ADJ = PartOfSpeech.NOUN, PartOfSpeech.VERB, PartOfSpeech.ADJ
 
 class PairKind(enum.Enum):
     POINTER = "pointer"  # a pointer of the class's relation from the first word's synset to the second's
-    UNRELATED = "unrelated"  # re-paired words of the task's other classes, with no pointer between them
+    SYNONYM = "synonym"  # two words of one synset
+    SISTER = "sister"  # the first words of two synsets with a common direct hypernym (co-hyponyms)
+    UNRELATED = "unrelated"  # re-paired words of the task's other classes, not related at all
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,9 @@ class PairClass:
     label: str
     meaning: str
     kind: PairKind = PairKind.POINTER
-    relation: Relation | None = None
+    relation: Relation | None = None  # for POINTER
     reverse: bool = False  # write the pointer's target first
-    source_pos: PartOfSpeech | None = None  # only pointers from synsets of this part of speech
+    source_pos: PartOfSpeech | None = None  # only from synsets of this part of speech
     target_pos: PartOfSpeech | None = None  # only pointers to synsets of this part of speech
 
 
@@ -70,6 +72,8 @@ class PairClass:
 class RelationTask:
     name: str
     classes: tuple[PairClass, ...]
+    train_per_class: int = 200  # default sizes; the builder's options override them
+    eval_per_class: int = 100
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -89,103 +93,142 @@ def _pointer(
 
 
 def _unrelated(label: str = "unrelated") -> PairClass:
-    return PairClass(label, "no WordNet pointer links the two words' synsets", PairKind.UNRELATED)
+    meaning = "the two words' synsets are not related (no pointer, no common hypernym)"
+    return PairClass(label, meaning, PairKind.UNRELATED)
 
 
-# The task sequence, in order.
-DEFAULT_TASKS: tuple[RelationTask, ...] = (
-    RelationTask(
-        "wnr_noun_links",
-        (
-            _pointer("hypernym", "b is a hypernym of a (dog ; canine)", Relation.HYPERNYM, source=NOUN, target=NOUN),
-            _pointer("hyponym", "b is a hyponym of a (canine ; dog)", Relation.HYPERNYM, reverse=True, source=NOUN),
-            _pointer("has_part", "b is a part of a (car ; wheel)", Relation.PART_MERONYM),
-            _unrelated(),
+# Every task the builder knows, by name; DEFAULT_TASKS is the sequence, in order.
+KNOWN_TASKS: dict[str, RelationTask] = {
+    t.name: t
+    for t in (
+        RelationTask(
+            "wnr_noun_links",
+            (
+                _pointer("hypernym", "b is a hypernym of a (dog ; canine)", Relation.HYPERNYM, source=NOUN,
+                         target=NOUN),
+                _pointer("hyponym", "b is a hyponym of a (canine ; dog)", Relation.HYPERNYM, reverse=True, source=NOUN),
+                _pointer("has_part", "b is a part of a (car ; wheel)", Relation.PART_MERONYM),
+                _unrelated(),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_meronymy",
-        (
-            _pointer("member", "b is a member of a (team ; player)", Relation.MEMBER_MERONYM),
-            _pointer("substance", "b is a substance of a (water ; oxygen)", Relation.SUBSTANCE_MERONYM),
-            _pointer("part", "b is a part of a (car ; wheel)", Relation.PART_MERONYM),
+        RelationTask(
+            "wnr_hypernym_direction",
+            (
+                _pointer("b_above", "b is a hypernym of a (oak ; tree)", Relation.HYPERNYM, source=NOUN, target=NOUN),
+                _pointer("a_above", "a is a hypernym of b (tree ; oak)", Relation.HYPERNYM, reverse=True, source=NOUN),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_adjectives",
-        (
-            _pointer("antonym", "b is an antonym of a (hot ; cold)", Relation.ANTONYM, source=ADJ),
-            _pointer("similar", "b is similar to a (hot ; scorching)", Relation.SIMILAR_TO),
-            _unrelated(),
+        RelationTask(
+            "wnr_derivation",
+            (
+                _pointer("derived_verb", "b is a verb derivationally related to the noun a (runner ; run)",
+                         Relation.DERIVATION, source=NOUN, target=VERB),
+                _unrelated("not_derived"),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_derivation",
-        (
-            _pointer(
-                "derived_verb",
-                "b is a verb derived with a (runner ; run)",
-                Relation.DERIVATION,
-                source=NOUN,
-                target=VERB,
-            ),  # fmt: skip
-            _unrelated("not_derived"),
+        RelationTask(
+            "wnr_adjectives",
+            (
+                _pointer("antonym", "b is an antonym of a (hot ; cold)", Relation.ANTONYM, source=ADJ),
+                _pointer("similar", "b is similar to a (hot ; scorching)", Relation.SIMILAR_TO),
+                _unrelated(),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_verb_links",
-        (
-            _pointer("entails", "doing a entails doing b (snore ; sleep)", Relation.ENTAILMENT),
-            _pointer("causes", "a causes b (kill ; die)", Relation.CAUSE),
-            _unrelated(),
+        RelationTask(
+            "wnr_part_direction",
+            (
+                _pointer("b_part_of_a", "b is a part of a (car ; wheel)", Relation.PART_MERONYM),
+                _pointer("a_part_of_b", "a is a part of b (wheel ; car)", Relation.PART_MERONYM, reverse=True),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_hypernym_direction",
-        (
-            _pointer("b_above", "b is a hypernym of a (oak ; tree)", Relation.HYPERNYM, source=NOUN, target=NOUN),
-            _pointer("a_above", "a is a hypernym of b (tree ; oak)", Relation.HYPERNYM, reverse=True, source=NOUN),
+        RelationTask(
+            "wnr_pertainym",
+            (
+                _pointer("pertains", "the adjective a pertains to the noun b (atomic ; atom)", Relation.PERTAINYM,
+                         source=ADJ, target=NOUN),
+                _unrelated("not_pertaining"),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_attribute",
-        (
-            _pointer(
-                "attribute_value", "b is a value of the attribute a (weight ; heavy)", Relation.ATTRIBUTE, source=NOUN
-            ),  # fmt: skip
-            _unrelated("no_attribute"),
+        RelationTask(
+            "wnr_meronymy",
+            (
+                _pointer("member", "b is a member of a (team ; player)", Relation.MEMBER_MERONYM),
+                _pointer("substance", "b is a substance of a (water ; oxygen)", Relation.SUBSTANCE_MERONYM),
+                _pointer("part", "b is a part of a (car ; wheel)", Relation.PART_MERONYM),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_verb_group",
-        (
-            _pointer("same_group", "a and b are grouped senses (bake ; broil)", Relation.VERB_GROUP),
-            _pointer("verb_hypernym", "b is a verb hypernym of a (stroll ; walk)", Relation.HYPERNYM, source=VERB),
-            _unrelated(),
+        RelationTask(
+            "wnr_member_direction",
+            (
+                _pointer("b_member_of_a", "b is a member of a (team ; player)", Relation.MEMBER_MERONYM),
+                _pointer("a_member_of_b", "a is a member of b (player ; team)", Relation.MEMBER_MERONYM, reverse=True),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_part_direction",
-        (
-            _pointer("b_part_of_a", "b is a part of a (car ; wheel)", Relation.PART_MERONYM),
-            _pointer("a_part_of_b", "a is a part of b (wheel ; car)", Relation.PART_MERONYM, reverse=True),
+        RelationTask(
+            "wnr_verb_direction",
+            (
+                _pointer("b_more_general", "b is a verb hypernym of a (stroll ; walk)", Relation.HYPERNYM, source=VERB),
+                _pointer("a_more_general", "a is a verb hypernym of b (walk ; stroll)", Relation.HYPERNYM,
+                         reverse=True, source=VERB),
+            ),
         ),
-    ),
-    RelationTask(
-        "wnr_pertainym",
-        (
-            _pointer(
-                "pertains",
-                "the adjective a pertains to the noun b (atomic ; atom)",
-                Relation.PERTAINYM,
-                source=ADJ,
-                target=NOUN,
-            ),  # fmt: skip
-            _unrelated("not_pertaining"),
+        RelationTask(
+            "wnr_verb_links",
+            (
+                _pointer("entails", "doing a entails doing b (snore ; sleep)", Relation.ENTAILMENT),
+                _pointer("causes", "a causes b (kill ; die)", Relation.CAUSE),
+                _unrelated(),
+            ),
+            train_per_class=100,
+            eval_per_class=40,
         ),
-    ),
-)
-TASKS_BY_NAME: dict[str, RelationTask] = {t.name: t for t in DEFAULT_TASKS}
+        RelationTask(
+            "wnr_attribute",
+            (
+                _pointer("value_of", "b is a value of the attribute a (weight ; heavy)", Relation.ATTRIBUTE,
+                         source=NOUN),
+                _unrelated("no_attribute"),
+            ),
+            train_per_class=150,
+            eval_per_class=60,
+        ),
+        RelationTask(
+            "wnr_synonym_antonym",
+            (
+                _pointer("antonym", "b is an antonym of a (good ; bad)", Relation.ANTONYM, source=ADJ),
+                PairClass("synonym", "a and b are words of one adjective synset (good ; well)", PairKind.SYNONYM,
+                          source_pos=ADJ),
+                _unrelated(),
+            ),
+        ),
+        RelationTask(
+            "wnr_noun_kin",
+            (
+                PairClass("sister", "a and b share a direct hypernym (oak ; maple)", PairKind.SISTER, source_pos=NOUN),
+                _pointer("hypernym", "b is a hypernym of a (oak ; tree)", Relation.HYPERNYM, source=NOUN, target=NOUN),
+                PairClass("synonym", "a and b are words of one noun synset (car ; automobile)", PairKind.SYNONYM,
+                          source_pos=NOUN),
+                _unrelated(),
+            ),
+        ),
+        RelationTask(
+            "wnr_verb_group",
+            (
+                _pointer("same_group", "a and b are grouped verb senses (bake ; broil)", Relation.VERB_GROUP),
+                _pointer("verb_hypernym", "b is a verb hypernym of a (stroll ; walk)", Relation.HYPERNYM, source=VERB),
+                _unrelated(),
+            ),
+        ),
+        RelationTask(
+            "wnr_topic_domain",
+            (
+                _pointer("topic_of", "b is the topic domain of a (bunt ; baseball)", Relation.TOPIC_DOMAIN),
+                _unrelated("no_topic"),
+            ),
+        ),
+    )
+}  # fmt: skip
+DEFAULT_TASKS: tuple[RelationTask, ...] = tuple(KNOWN_TASKS.values())
 
 
 @dataclass(frozen=True)
@@ -194,7 +237,7 @@ class Pair:
     second: str
     first_id: SynsetId
     second_id: SynsetId
-    anchor: SynsetId  # the pointer's source synset; train and eval never share an anchor
+    anchor: SynsetId  # the source synset; train and eval never share an anchor
 
     @property
     def text(self) -> str:
@@ -205,28 +248,89 @@ class Pair:
         return f"{self.second} ; {self.first}"
 
 
-class _PointerIndex:
-    """Pointers of the parsed WordNet by relation, and a check whether two synsets are linked at all."""
+@dataclass(frozen=True)
+class LabeledPair:
+    pair: Pair
+    label: int
 
-    def __init__(self, synsets: Mapping[SynsetId, Synset]) -> None:
+
+@dataclass(frozen=True)
+class SampledTask:
+    task: RelationTask
+    train: tuple[LabeledPair, ...]
+    eval: tuple[LabeledPair, ...]
+
+    def rows(self, split: str) -> list[tuple[str, int]]:
+        return [(p.pair.text, p.label) for p in (self.train if split == "train" else self.eval)]
+
+
+def _order(synset: SynsetId) -> tuple[str, int]:
+    return synset.pos.value, synset.offset
+
+
+def _other_word(synset: Synset, word: str) -> str | None:
+    """The synset's first word that differs from ``word`` ("wake ; awaken", not "wake ; wake")."""
+    return next((w for w in synset.words if w.lower() != word.lower()), None)
+
+
+class PairIndex:
+    """The parsed WordNet's pointers by relation: candidate pairs per class, and a relatedness check."""
+
+    def __init__(self, synsets: Mapping[SynsetId, Synset], source: Path) -> None:
         self.synsets = synsets
+        self.source = source  # the WordNet folder (its license goes with the data)
         self.by_relation: dict[Relation, list[tuple[Synset, int]]] = defaultdict(list)
         for synset in synsets.values():
             for i, pointer in enumerate(synset.pointers):
                 self.by_relation[pointer.relation].append((synset, i))
+        self._pairs: dict[PairClass, list[Pair]] = {}
 
-    def linked(self, a: SynsetId, b: SynsetId) -> bool:
+    @classmethod
+    def load(cls, wordnet_dir: str | os.PathLike[str]) -> PairIndex:
+        """Parse the WordNet files in ``wordnet_dir`` (all four parts of speech)."""
+        return cls(read_wordnet(wordnet_dir), Path(wordnet_dir))
+
+    def hypernyms(self, synset: SynsetId) -> set[SynsetId]:
+        return {p.target for p in self.synsets[synset].pointers if p.relation is Relation.HYPERNYM}
+
+    def related(self, a: SynsetId, b: SynsetId) -> bool:
+        """The same synset, a pointer of any kind either way, or a common direct hypernym."""
         if a == b:
             return True
-        return any(p.target == b for p in self.synsets[a].pointers) or any(
-            p.target == a for p in self.synsets[b].pointers
-        )
+        if any(p.target == b for p in self.synsets[a].pointers) or any(p.target == a for p in self.synsets[b].pointers):
+            return True
+        return bool(self.hypernyms(a) & self.hypernyms(b))
 
     def pairs(self, cls: PairClass) -> list[Pair]:
-        """Every pair of a pointer class, in file order, one per unordered synset pair (or word pair)."""
-        assert cls.relation is not None
+        """Every pair of a class, in file order, one per unordered word pair; the two words differ.
+
+        Computed once per class and index; the list is shared, so callers must not modify it.
+        """
+        if cls not in self._pairs:
+            self._pairs[cls] = self._find_pairs(cls)
+        return self._pairs[cls]
+
+    def _find_pairs(self, cls: PairClass) -> list[Pair]:
+        if cls.kind is PairKind.POINTER:
+            found = self._pointer_pairs(cls)
+        elif cls.kind is PairKind.SYNONYM:
+            found = self._synonym_pairs(cls)
+        elif cls.kind is PairKind.SISTER:
+            found = self._sister_pairs(cls)
+        else:
+            raise ShareClError(f"class {cls.label!r}: {cls.kind.name} pairs are made by sample_task, not listed")
         seen: set[tuple[str, str]] = set()
         out = []
+        for pair in found:
+            key = (min(pair.first, pair.second), max(pair.first, pair.second))
+            if pair.first.lower() != pair.second.lower() and key not in seen:
+                seen.add(key)
+                out.append(pair)
+        return out
+
+    def _pointer_pairs(self, cls: PairClass) -> Iterator[Pair]:
+        if cls.relation is None:
+            raise ShareClError(f"class {cls.label!r}: a POINTER class needs a relation")
         for source, i in self.by_relation[cls.relation]:
             pointer = source.pointers[i]
             if cls.source_pos is not None and source.id.pos != cls.source_pos:
@@ -235,37 +339,42 @@ class _PointerIndex:
                 continue
             target = self.synsets[pointer.target]
             a = source.word(pointer.source_word)
-            if pointer.lexical:
-                b = target.word(pointer.target_word)
-            else:  # the target's first word that differs from a ("wake ; awaken", not "wake ; wake")
-                b = next((w for w in target.words if w.lower() != a.lower()), a)
-            key = (min(a, b), max(a, b))
-            if a.lower() == b.lower() or key in seen:
+            b = target.word(pointer.target_word) if pointer.lexical else _other_word(target, a)
+            if b is None:
                 continue
-            seen.add(key)
             if cls.reverse:
-                out.append(Pair(b, a, target.id, source.id, anchor=source.id))
+                yield Pair(b, a, target.id, source.id, anchor=source.id)
             else:
-                out.append(Pair(a, b, source.id, target.id, anchor=source.id))
-        return out
+                yield Pair(a, b, source.id, target.id, anchor=source.id)
+
+    def _synonym_pairs(self, cls: PairClass) -> Iterator[Pair]:
+        for synset in self.synsets.values():
+            if cls.source_pos is None or synset.id.pos == cls.source_pos:
+                other = _other_word(synset, synset.words[0])
+                if other is not None:
+                    yield Pair(synset.words[0], other, synset.id, synset.id, anchor=synset.id)
+
+    def _sister_pairs(self, cls: PairClass) -> Iterator[Pair]:
+        for synset in self.synsets.values():
+            if cls.source_pos is not None and synset.id.pos != cls.source_pos:
+                continue
+            for hypernym in sorted(self.hypernyms(synset.id), key=_order):
+                children = [p.target for p in self.synsets[hypernym].pointers if p.relation is Relation.HYPONYM]
+                if synset.id not in children or len(children) < 2:
+                    continue
+                # One sister per synset and hypernym: the next hyponym in the hypernym's list.
+                sister = self.synsets[children[(children.index(synset.id) + 1) % len(children)]]
+                b = _other_word(sister, synset.words[0])
+                if b is not None:
+                    yield Pair(synset.words[0], b, synset.id, sister.id, anchor=synset.id)
 
 
-def _sizes(value: int | Mapping[str, int], task: str, what: str) -> int:
-    n = value.get(task) if isinstance(value, Mapping) else value
-    if n is None:
-        raise ShareClError(f"{what} has no entry for task {task!r}; give an int or a mapping naming every task")
-    if n < 1:
-        raise ShareClError(f"{what} must be >= 1 for task {task!r}, got {n}")
-    return n
-
-
-def _build_task(
-    task: RelationTask, index: _PointerIndex, n_train: int, n_eval: int, seed: int
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def sample_task(task: RelationTask, index: PairIndex, n_train: int, n_eval: int, seed: int) -> SampledTask:
+    """``n_train`` / ``n_eval`` pairs per class, train and eval from disjoint anchor synsets."""
     rng = random.Random(f"{seed}:{task.name}")
-    pools = {label: index.pairs(c) for label, c in enumerate(task.classes) if c.kind is PairKind.POINTER}
+    pools = {label: index.pairs(c) for label, c in enumerate(task.classes) if c.kind is not PairKind.UNRELATED}
     if not pools:
-        raise ShareClError(f"task {task.name!r} needs at least one pointer class besides 'unrelated'")
+        raise ShareClError(f"task {task.name!r} needs at least one class of related pairs besides 'unrelated'")
     # A text that two classes would hold is ambiguous: leave it out of both.
     owners: dict[str, set[int]] = defaultdict(set)
     for label, pairs in pools.items():
@@ -274,58 +383,65 @@ def _build_task(
     related_texts = set(owners)
     pools = {label: [p for p in pairs if len(owners[p.text]) == 1] for label, pairs in pools.items()}
 
-    anchors = sorted({p.anchor for pairs in pools.values() for p in pairs})
+    anchors = sorted({p.anchor for pairs in pools.values() for p in pairs}, key=_order)
     rng.shuffle(anchors)
     eval_anchors = set(anchors[: round(len(anchors) * n_eval / (n_train + n_eval))])
 
     def pick(label: int, candidates: list[Pair], n: int, split: str) -> list[Pair]:
         if len(candidates) < n:
-            cls = task.classes[label]
             raise ShareClError(
-                f"task {task.name!r}, class {cls.label!r}: {len(candidates)} {split} pairs available, {n} asked; "
-                f"lower the {split} size per class (train_per_class / eval_per_class)"
+                f"task {task.name!r}, class {task.classes[label].label!r}: {len(candidates)} {split} pairs "
+                f"available, {n} asked; lower {split}_per_class for this task"
             )
         return rng.sample(candidates, n)
 
-    train = {lab: pick(lab, [p for p in pairs if p.anchor not in eval_anchors], n_train, "train")
-             for lab, pairs in pools.items()}  # fmt: skip
-    train_texts = {text for pairs in train.values() for p in pairs for text in (p.text, p.reversed_text)}
-    evals = {
-        lab: pick(lab, [p for p in pairs if p.anchor in eval_anchors and p.text not in train_texts], n_eval, "eval")
-        for lab, pairs in pools.items()
-    }
-
-    def rows(chosen: dict[int, list[Pair]], n: int, split: str, exclude: set[str]) -> list[tuple[str, int]]:
-        out = [(p.text, lab) for lab, pairs in chosen.items() for p in pairs]
-        related = [p for pairs in chosen.values() for p in pairs]
-        used = set(exclude) | related_texts
-        for label, cls in enumerate(task.classes):
-            if cls.kind is not PairKind.UNRELATED:
+    def unrelated(related: list[Pair], n: int, used: set[str], split: str) -> list[Pair]:
+        made: list[Pair] = []
+        for _ in range(200 * n):
+            if len(made) == n:
+                break
+            x, y = rng.choice(related), rng.choice(related)
+            pair = Pair(x.first, y.second, x.first_id, y.second_id, anchor=x.anchor)
+            if pair.text in used or pair.reversed_text in used or x.first.lower() == y.second.lower():
                 continue
-            made = 0
-            for _ in range(200 * n):
-                if made == n:
-                    break
-                x, y = rng.choice(related), rng.choice(related)
-                text = f"{x.first} ; {y.second}"
-                if x.first.lower() == y.second.lower() or text in used or index.linked(x.first_id, y.second_id):
-                    continue
-                used.add(text)
-                out.append((text, label))
-                made += 1
-            if made < n:
-                raise ShareClError(f"task {task.name!r}: found only {made} of {n} unrelated {split} pairs")
-        rng.shuffle(out)
-        return out
+            if index.related(x.first_id, y.second_id):
+                continue
+            used.add(pair.text)
+            made.append(pair)
+        if len(made) < n:
+            raise ShareClError(f"task {task.name!r}: found only {len(made)} of {n} unrelated {split} pairs")
+        return made
 
-    train_rows = rows(train, n_train, "train", set())
-    eval_rows = rows(
-        evals,
-        n_eval,
-        "eval",
-        {t for t, _ in train_rows} | {" ; ".join(reversed(t.split(" ; "))) for t, _ in train_rows},
-    )
-    return train_rows, eval_rows
+    splits: dict[str, list[LabeledPair]] = {}
+    used = set(related_texts)  # texts an unrelated pair may not take
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        seen = {t for p in splits.get("train", []) for t in (p.pair.text, p.pair.reversed_text)}
+        chosen = {
+            label: pick(
+                label,
+                [p for p in pairs if (p.anchor in eval_anchors) == (split == "eval") and p.text not in seen
+                 and p.reversed_text not in seen],
+                n,
+                split,
+            )
+            for label, pairs in pools.items()
+        }  # fmt: skip
+        rows = [LabeledPair(p, label) for label, pairs in chosen.items() for p in pairs]
+        related = [p for pairs in chosen.values() for p in pairs]
+        for label, cls in enumerate(task.classes):
+            if cls.kind is PairKind.UNRELATED:
+                rows += [LabeledPair(p, label) for p in unrelated(related, n, used, split)]
+        rng.shuffle(rows)
+        splits[split] = rows
+    return SampledTask(task, tuple(splits["train"]), tuple(splits["eval"]))
+
+
+def _size(value: int | Mapping[str, int] | None, task: RelationTask, what: str) -> int:
+    default = task.train_per_class if what == "train_per_class" else task.eval_per_class
+    n = value.get(task.name, default) if isinstance(value, Mapping) else default if value is None else value
+    if n < 1:
+        raise ShareClError(f"{what} must be >= 1 for task {task.name!r}, got {n}")
+    return n
 
 
 def prepare_relation_tasks(
@@ -333,26 +449,28 @@ def prepare_relation_tasks(
     *,
     tasks: Sequence[RelationTask | str] | None = None,
     num_tasks: int | None = None,
-    train_per_class: int | Mapping[str, int] = 200,
-    eval_per_class: int | Mapping[str, int] = 100,
+    train_per_class: int | Mapping[str, int] | None = None,
+    eval_per_class: int | Mapping[str, int] | None = None,
     seed: int = 0,
     wordnet_dir: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    index: PairIndex | None = None,
 ) -> list[TaskPaths]:
     """Write the relation task sequence under ``out_dir`` and return it in order.
 
-    ``tasks`` are :class:`RelationTask` or names from :data:`DEFAULT_TASKS` (default: all of them, in
-    order); ``num_tasks`` keeps the first n. ``train_per_class`` / ``eval_per_class`` are per class
-    (every class of a task gets that many), one int for all tasks or a mapping by task name.
-    ``cache_dir`` (default ``<out_dir>/.cache``) is where WordNet is unpacked when it is not installed.
+    ``tasks`` are :class:`RelationTask` or names from :data:`KNOWN_TASKS` (default: :data:`DEFAULT_TASKS`,
+    in order); ``num_tasks`` keeps the first n. ``train_per_class`` / ``eval_per_class`` are pairs per
+    class: one int for every task, or a mapping by task name; a task not given keeps its own default.
+    ``cache_dir`` (default ``<out_dir>/.cache``) is where WordNet is unpacked when it is not installed;
+    ``index`` (from :meth:`PairIndex.load`) reuses an already parsed WordNet instead.
     """
     out = Path(out_dir)
     chosen: list[RelationTask] = []
     for t in tasks if tasks is not None else DEFAULT_TASKS:
         if isinstance(t, str):
-            if t not in TASKS_BY_NAME:
-                raise ShareClError(f"unknown relation task {t!r}; known: {sorted(TASKS_BY_NAME)}")
-            t = TASKS_BY_NAME[t]
+            if t not in KNOWN_TASKS:
+                raise ShareClError(f"unknown relation task {t!r}; known: {sorted(KNOWN_TASKS)}")
+            t = KNOWN_TASKS[t]
         chosen.append(t)
     if num_tasks is not None:
         if not 1 <= num_tasks <= len(chosen):
@@ -365,22 +483,25 @@ def prepare_relation_tasks(
         if len(t.classes) < 2 or len(set(t.label_names)) != len(t.label_names):
             raise ShareClError(f"task {t.name!r} needs at least 2 classes with distinct labels, has {t.label_names}")
     sizes = {
-        t.name: (_sizes(train_per_class, t.name, "train_per_class"), _sizes(eval_per_class, t.name, "eval_per_class"))
+        t.name: (_size(train_per_class, t, "train_per_class"), _size(eval_per_class, t, "eval_per_class"))
         for t in chosen
     }
 
-    source = locate_wordnet(wordnet_dir, out / ".cache" if cache_dir is None else cache_dir)
-    index = _PointerIndex(read_wordnet(source))
+    if index is None:
+        index = PairIndex.load(locate_wordnet(wordnet_dir, out / ".cache" if cache_dir is None else cache_dir))
     result = []
     for t in chosen:
-        train_rows, eval_rows = _build_task(t, index, *sizes[t.name], seed)
-        result.append(write_task(out, t.name, t.label_names, train_rows, eval_rows))
+        sampled = sample_task(t, index, *sizes[t.name], seed)
+        result.append(write_task(out, t.name, t.label_names, sampled.rows("train"), sampled.rows("eval")))
 
-    (out / "WORDNET_LICENSE").write_text(license_text(source), encoding="utf-8")
-    settings = {"seed": seed, "train_per_class": dict(sizes) if False else {n: s[0] for n, s in sizes.items()},
-                "eval_per_class": {n: s[1] for n, s in sizes.items()}}  # fmt: skip
+    (out / "WORDNET_LICENSE").write_text(license_text(index.source), encoding="utf-8")
+    settings = {
+        "seed": seed,
+        "train_per_class": {name: n for name, (n, _) in sizes.items()},
+        "eval_per_class": {name: n for name, (_, n) in sizes.items()},
+    }
     meanings = {t.name: {"label_meanings": {c.label: c.meaning for c in t.classes}} for t in chosen}
-    write_manifest(out, "WordNet 3.0 (Debian wordnet-base), word pairs by pointer relation", settings, result, meanings)
+    write_manifest(out, "WordNet 3.0 (Debian wordnet-base), word pairs by relation", settings, result, meanings)
     return result
 
 
@@ -389,8 +510,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder, e.g. benchmarks/data/wordnet-relations")
     parser.add_argument("--tasks", nargs="+", default=None, help=f"task names in order (default: {len(DEFAULT_TASKS)})")
     parser.add_argument("--num-tasks", type=int, default=None, help="keep the first n tasks")
-    parser.add_argument("--train-per-class", type=int, default=200)
-    parser.add_argument("--eval-per-class", type=int, default=100)
+    parser.add_argument("--train-per-class", type=int, default=None, help="pairs per class (default: per task)")
+    parser.add_argument("--eval-per-class", type=int, default=None, help="pairs per class (default: per task)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wordnet-dir", default=None, help="folder with data.noun, data.verb, ... (WordNet 3.0)")
     args = parser.parse_args(None if argv is None else list(argv))
