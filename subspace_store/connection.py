@@ -12,6 +12,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from .embedded import ensure_running
 from .errors import StoreConnectionError
@@ -110,4 +112,14 @@ def connect(
         raise StoreConnectionError(
             f"cannot reach Redis at {shown} ({_scrub(str(err), url)}){tls}. Is it running and is the URL right? {fix}"
         ) from None
+    return client
+
+
+def outlast_restarts(client: redis.Redis, retries: int = 35) -> redis.Redis:
+    """Let ``client`` retry a command whose connection was lost or refused (a server restarting) with
+    backoff up to 2 s, ``retries`` times (35: about a minute), instead of failing at once. For the
+    long-running processes: the coordinator, the workers and a job's driver; CLI commands fail fast.
+    WATCHed transactions still raise WatchError after a reconnect, so compare-and-set stays safe.
+    """
+    client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.1), retries))
     return client
