@@ -18,6 +18,8 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,6 +31,15 @@ from torch import Tensor
 from .adapter import LoraAdapter
 from .errors import ShareClError
 from .folders import MalformedFileError, MissingFileError, describe, read_json, recover_folder, write_folder
+from .model_card import (
+    CARD_FILE,
+    HEAD_CONFIG_FILE,
+    HEAD_WEIGHTS_FILE,
+    IDENTITY_FILE,
+    AdapterCard,
+    identity_json,
+    render_card,
+)
 from .subspace import Subspace
 from .targets import is_target
 
@@ -351,48 +362,169 @@ def _is_saved_module(name: str, modules_to_save: Iterable[str]) -> bool:
 # -- export --------------------------------------------------------------------------------------
 
 
+class ExportLayout(Enum):
+    """Which model an exported adapter's module names are for.
+
+    ``SHARECL``: the names of the model the task was trained on, heads as ``modules_to_save`` (what
+    ``load_peft_adapter`` reads back). ``ENCODER_CLASSIFIER``: share-cl's ``TextClassifier``
+    (``encoder`` + mean pooling + ``head``) as the standard ``AutoModel`` names it (``encoder.``
+    removed), the head written beside the adapter. ``CAUSAL_LM``: an ``AutoModelForCausalLM``, names
+    unchanged, no head.
+    """
+
+    SHARECL = "sharecl"
+    ENCODER_CLASSIFIER = "encoder-classifier"
+    CAUSAL_LM = "causal-lm"
+
+    @property
+    def auto_class(self) -> str | None:
+        """The ``transformers`` class the adapter loads on (None: the model it was trained on)."""
+        return {"encoder-classifier": "AutoModel", "causal-lm": "AutoModelForCausalLM"}.get(self.value)
+
+    @property
+    def module_prefix(self) -> str:
+        """What share-cl's module names have in front of the standard class's names."""
+        return "encoder." if self is ExportLayout.ENCODER_CLASSIFIER else ""
+
+    @property
+    def peft_task_type(self) -> str | None:
+        return {"encoder-classifier": "FEATURE_EXTRACTION", "causal-lm": "CAUSAL_LM"}.get(self.value)
+
+    @property
+    def has_head_beside(self) -> bool:
+        """Whether the task's head goes to ``head.safetensors`` (the standard class has no such module)."""
+        return self is ExportLayout.ENCODER_CLASSIFIER
+
+    def standard_name(self, module: str) -> str:
+        """``module`` as the standard class names it; raises if it does not start with the layout's prefix."""
+        prefix = self.module_prefix
+        if not module.startswith(prefix) or module == prefix:
+            raise ShareClError(
+                f"module {module!r} does not start with {prefix!r}, so it is not a module of share-cl's "
+                f"{self.value} model; export it with layout {ExportLayout.SHARECL.value!r} (names as trained)"
+            )
+        return module[len(prefix) :]
+
+
+ENCODER_HEAD = "head"  # TextClassifier's head module (workers.models.HEAD_MODULE), mean-pooled last hidden state
+
+
 def export_peft(
     subspace: Subspace,
     task: str,
     out_dir: str | os.PathLike[str],
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    *,
+    layout: ExportLayout = ExportLayout.SHARECL,
+    card: AdapterCard | None = None,
 ) -> Path:
-    """Write ``task`` as a PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads.
+    """Write ``task`` as a PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads, with a README.md
+    model card and ``sharecl.json`` (identity: namespace, task, subspace version; see ``share.model_card``).
 
     Factors come from ``Subspace.factors`` with scaling 1, so each module gets ``r = lora_alpha = p``
     (``rank_pattern``/``alpha_pattern`` by exact module name where ``p`` differs); ``target_modules``
-    lists the exact module names; the task's head tensors become ``modules_to_save``. Written to a
-    temporary sibling, then renamed; a non-empty ``out_dir`` is replaced only with ``overwrite=True``.
+    lists the exact module names, as ``layout`` names them. With ``ExportLayout.SHARECL`` the task's
+    head tensors become ``modules_to_save``; with ``ENCODER_CLASSIFIER`` the head goes to
+    ``head.safetensors`` + ``head_config.json`` (with ``id2label``) beside the adapter. A standard
+    layout needs the base model (``base_model_name_or_path``, else ``card.base_model``, else what the
+    task's source adapter recorded). Written to a temporary sibling, then renamed; a non-empty
+    ``out_dir`` is replaced only with ``overwrite=True``.
     """
     coefficients = subspace.task(task)
+    base = base_model_name_or_path or (card.base_model if card else None) or _recorded_base(coefficients.metadata)
+    if layout is not ExportLayout.SHARECL and not base:
+        raise ShareClError(
+            f"task {task!r}: no base model is recorded for it; pass the base model's path or hub name "
+            f"(--base-model) so that {CONFIG_FILE} names what {layout.auto_class}.from_pretrained loads"
+        )
+    card = replace(card or AdapterCard(task=task), task=task, base_model=base)
+    names = {module: layout.standard_name(module) for module in subspace.modules}
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
-    for module in subspace.modules:
+    for module, name in names.items():
         B, A = subspace.factors(task, module)
-        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = A.to(torch.float32).contiguous()
-        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = B.to(torch.float32).contiguous()
-        ranks[module] = A.shape[0]
-    for key, value in coefficients.head.items():
-        tensors[f"{KEY_PREFIX}{key}"] = value.to(torch.float32).contiguous()
-    config = _export_config(ranks, list(coefficients.head), coefficients.metadata, base_model_name_or_path)
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = A.to(torch.float32).contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = B.to(torch.float32).contiguous()
+        ranks[name] = A.shape[0]
+    head_files: dict[str, Any] = {}
+    saved_head: list[str] = []
+    if layout.has_head_beside:
+        head_files = _head_beside(task, coefficients.head, card)
+    elif coefficients.head and layout is not ExportLayout.SHARECL:
+        raise ShareClError(
+            f"task {task!r} has head tensors {sorted(coefficients.head)}, which {layout.auto_class} has no module "
+            f"for; export it with layout {ExportLayout.SHARECL.value!r}"
+        )
+    else:
+        for key, value in coefficients.head.items():
+            tensors[f"{KEY_PREFIX}{key}"] = value.to(torch.float32).contiguous()
+        saved_head = list(coefficients.head)
+    task_type = layout.peft_task_type or coefficients.metadata.get("task_type")
+    config = _export_config(ranks, saved_head, task_type, base)
+    target = Path(out_dir)
+    files = [WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, IDENTITY_FILE, *head_files]
+    readme = render_card(card, layout, str(target.absolute()), head_beside=bool(head_files))
+    identity = identity_json(card, layout, files)
 
     def write(folder: Path) -> None:
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", **card.header()})
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if head_files:
+            save_file(head_files[HEAD_WEIGHTS_FILE], str(folder / HEAD_WEIGHTS_FILE), metadata=card.header())
+            (folder / HEAD_CONFIG_FILE).write_text(json.dumps(head_files[HEAD_CONFIG_FILE], indent=2))
+        (folder / CARD_FILE).write_text(readme)
+        (folder / IDENTITY_FILE).write_text(identity)
 
-    return write_folder(Path(out_dir), write, overwrite)
+    return write_folder(target, write, overwrite)
+
+
+def _recorded_base(metadata: dict[str, Any]) -> str | None:
+    """The base model a task's source PEFT adapter recorded (``load_peft_adapter``'s metadata), if a string."""
+    value = metadata.get("base_model_name_or_path")
+    return value if isinstance(value, str) and value else None
+
+
+def _head_beside(task: str, head: dict[str, Tensor], card: AdapterCard) -> dict[str, Any]:
+    """``head.safetensors`` tensors and ``head_config.json`` of a mean-pooled linear classifier."""
+    if not head:
+        return {}  # e.g. an adapter trained on AutoModel itself: the body alone
+    weight, bias = head.get(f"{ENCODER_HEAD}.weight"), head.get(f"{ENCODER_HEAD}.bias")
+    if weight is None or bias is None or set(head) != {f"{ENCODER_HEAD}.weight", f"{ENCODER_HEAD}.bias"}:
+        raise ShareClError(
+            f"task {task!r}: head tensors {sorted(head)} are not one linear classifier "
+            f"'{ENCODER_HEAD}.weight' + '{ENCODER_HEAD}.bias' (share-cl's TextClassifier); export it with layout "
+            f"{ExportLayout.SHARECL.value!r}"
+        )
+    labels = card.label_names
+    if labels is not None and len(labels) != weight.shape[0]:
+        raise ShareClError(
+            f"task {task!r}: {len(labels)} label names {list(labels)} for a head of {weight.shape[0]} outputs; "
+            "the recorded label names belong to another head"
+        )
+    names = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(weight.shape[0])]
+    config = {
+        "module": ENCODER_HEAD,
+        "input": "last_hidden_state",
+        "pooling": "mean over tokens where attention_mask is 1",
+        "in_features": int(weight.shape[1]),
+        "out_features": int(weight.shape[0]),
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+    tensors = {"weight": weight.to(torch.float32).contiguous(), "bias": bias.to(torch.float32).contiguous()}
+    return {HEAD_WEIGHTS_FILE: tensors, HEAD_CONFIG_FILE: config}
 
 
 def _export_config(
-    ranks: dict[str, int], head_keys: list[str], metadata: dict[str, Any], base_model_name_or_path: str | None
+    ranks: dict[str, int], head_keys: list[str], task_type: str | None, base_model_name_or_path: str | None
 ) -> dict[str, Any]:
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {module: p for module, p in ranks.items() if p != r}
     config = {
         "peft_type": "LORA",
-        "task_type": metadata.get("task_type"),
-        "base_model_name_or_path": base_model_name_or_path or metadata.get("base_model_name_or_path"),
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": r,  # scaling alpha / r = 1: Subspace.factors already carries the scale
         "rank_pattern": pattern,
@@ -428,3 +560,126 @@ def _saved_modules(head_keys: list[str]) -> list[str]:
             )
         owners.add(owner)
     return sorted(o for o in owners if not any(o.startswith(f"{other}.") for other in owners))
+
+
+# -- module names of another model of the same base ----------------------------------------------
+
+
+class ModuleMismatchError(ShareClError):
+    """An adapter's module names are not a subspace's, and no single prefix change makes them so."""
+
+
+@dataclass(frozen=True)
+class ModulePrefix:
+    """Rename modules starting with ``old`` to start with ``new`` (``"" -> "encoder."`` adds a prefix)."""
+
+    old: str
+    new: str
+
+    @classmethod
+    def parse(cls, text: str) -> ModulePrefix:
+        """``FROM=TO`` (either side may be empty, e.g. ``=encoder.`` adds ``encoder.`` in front)."""
+        old, sep, new = text.partition("=")
+        if not sep or old == new:
+            raise ShareClError(
+                f"module prefix {text!r}: write FROM=TO with two different prefixes, e.g. '=encoder.' to add "
+                "'encoder.' in front of every module name, or 'model.=' to remove 'model.'"
+            )
+        return cls(old, new)
+
+    def apply(self, name: str) -> str:
+        return self.new + name[len(self.old) :]
+
+    def __str__(self) -> str:
+        return f"{self.old}={self.new}"
+
+
+def find_module_prefix(names: Iterable[str], known: Iterable[str]) -> ModulePrefix | None:
+    """The one prefix change that makes every name in ``names`` one of ``known``; None if none is needed.
+
+    None also when some names already are known ones (same naming: whatever differs is a different set
+    of layers, not a prefix). Raises ``ModuleMismatchError`` listing both name sets when no prefix
+    change fits, or the candidates when several do (pass one with ``ModulePrefix.parse``).
+    """
+    names, known = sorted(set(names)), set(known)
+    if not names or set(names) & known:
+        return None
+    candidates: dict[tuple[tuple[str, str], ...], ModulePrefix] = {}
+    first = names[0]
+    cuts = [0] + [i + 1 for i, char in enumerate(first) if char == "."]
+    for target in known:
+        for cut in cuts:
+            rest = first[cut:]
+            if not target.endswith(rest) or (len(target) > len(rest) and target[-len(rest) - 1] != "."):
+                continue
+            prefix = _shortest(ModulePrefix(first[:cut], target[: len(target) - len(rest)]))
+            if all(n.startswith(prefix.old) and prefix.apply(n) in known for n in names):
+                mapping = tuple((n, prefix.apply(n)) for n in names)
+                best = candidates.get(mapping)
+                if best is None or len(str(prefix)) < len(str(best)):
+                    candidates[mapping] = prefix
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))
+    if not candidates:
+        raise ModuleMismatchError(
+            f"no module name of the adapter is a module of the subspace, and no single prefix change makes them "
+            f"so: adapter modules {_sample(names)}; subspace modules {_sample(sorted(known))}. It must adapt the "
+            "same layers of the same base model; if the names differ by more than one prefix, rename them"
+        )
+    options = sorted(str(p) for p in candidates.values())
+    raise ModuleMismatchError(
+        f"several prefix changes make the adapter's modules {_sample(names)} modules of the subspace: {options}; "
+        "choose one with --module-prefix FROM=TO"
+    )
+
+
+def _shortest(prefix: ModulePrefix) -> ModulePrefix:
+    """The same renaming without the dotted parts both prefixes end with (``encoder.`` -> ``encoder.encoder.``
+    is ``""`` -> ``encoder.``). Prefixes end with a dot or are empty."""
+    old, new = prefix.old.split(".")[:-1], prefix.new.split(".")[:-1]
+    while old and new and old[-1] == new[-1]:
+        old, new = old[:-1], new[:-1]
+    return ModulePrefix("".join(f"{part}." for part in old), "".join(f"{part}." for part in new))
+
+
+def _sample(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    more = f", ... ({len(names)} in all)" if len(names) > limit else f" ({len(names)})"
+    return f"[{shown}{more}]"
+
+
+def rename_modules(adapter: LoraAdapter, prefix: ModulePrefix, source: str) -> LoraAdapter:
+    """``adapter`` with every module renamed by ``prefix`` (head tensors keep their names); raises naming
+    the modules that do not start with ``prefix.old``."""
+    outside = sorted(m for m in adapter.factors if not m.startswith(prefix.old))
+    if outside:
+        raise ModuleMismatchError(
+            f"adapter {source}: module prefix {str(prefix)!r} does not apply to modules {_sample(outside)}, which do "
+            f"not start with {prefix.old!r}; adapter modules are {_sample(sorted(adapter.factors))}"
+        )
+    renamed = {prefix.apply(m): pair for m, pair in adapter.factors.items()}
+    scaling = {prefix.apply(m): s for m, s in adapter.scaling.items()}
+    metadata = {**adapter.metadata, "module_prefix": {"from": prefix.old, "to": prefix.new}}
+    return LoraAdapter(factors=renamed, scaling=scaling, head=dict(adapter.head), metadata=metadata)
+
+
+def match_subspace_modules(
+    adapter: LoraAdapter, modules: Iterable[str], source: str, prefix: ModulePrefix | None = None
+) -> tuple[LoraAdapter, ModulePrefix | None]:
+    """``adapter`` with its modules named as the subspace's ``modules`` (by ``prefix``, else the one prefix change
+    that fits, else unchanged), and the prefix change used. Raises ``ModuleMismatchError`` naming both name sets
+    when the renamed modules are not exactly ``modules``."""
+    known = set(modules)
+    if prefix is None:
+        prefix = find_module_prefix(adapter.factors, known)
+    if prefix is not None:
+        adapter = rename_modules(adapter, prefix, source)
+    if set(adapter.factors) != known:
+        unknown = sorted(set(adapter.factors) - known)
+        missing = sorted(known - set(adapter.factors))
+        via = f" after the prefix change {str(prefix)!r}" if prefix is not None else ""
+        raise ModuleMismatchError(
+            f"adapter {source}: its modules differ from the subspace's{via} (unknown: {_sample(unknown)}, missing: "
+            f"{_sample(missing)}); it must adapt the same layers of the same base model (same target_modules)"
+        )
+    return adapter, prefix

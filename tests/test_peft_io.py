@@ -159,7 +159,7 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path) -> N
         export_peft(subspace, "a", out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     export_peft(subspace, "a", out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, "README.md", "sharecl.json"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folders left
     with pytest.raises(KeyError, match="unknown task"):
         export_peft(subspace, "nope", tmp_path / "other")

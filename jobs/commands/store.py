@@ -4,7 +4,7 @@ sharecl store start|stop|status          embedded redis-server in <data dir>/red
 sharecl versions [--json]
 sharecl show VERSION|TAG [--json]
 sharecl tag VERSION NAME / sharecl untag NAME
-sharecl pull VERSION|TAG [--task NAME ...] -o DIR [--format share|peft]
+sharecl pull VERSION|TAG [--task NAME ...] -o DIR [--format share|peft] [--layout L] [--base-model M]
 sharecl push SUBSPACE_DIR [--meta KEY=VALUE ...] [--tag NAME] [--replace]
 sharecl prune --keep N [--dry-run]
 
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jobs.commands.offline import PULLED_FROM, add_export_options, export_task
 from jobs.commands.options import add_store_options, namespace
 from jobs.errors import CLIError
 
@@ -69,7 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="share",
         help="share: a subspace folder (default); peft: a PEFT LoRA folder (DIR for one task, else DIR/<task>)",
     )
-    pull.add_argument("--base-model", default=None, help="peft: base_model_name_or_path for adapter_config.json")
+    add_export_options(pull)
+    pull.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="peft: where the model card reads each task's accuracy at this version (default: $MLFLOW_TRACKING_URI, "
+        "else the sqlite default if it exists)",
+    )
     pull.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
     pull.set_defaults(func=_guard(run_pull))
 
@@ -262,6 +269,8 @@ def _inside(out: Path, name: str) -> Path:
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    from share.model_card import task_fingerprint
+
     out = Path(args.output)
     _check_output(out, args.overwrite)
     store = _open(args)
@@ -269,19 +278,67 @@ def run_pull(args: argparse.Namespace) -> int:
     # Every name in the manifest is checked as it is read (full matches), before any path is built here.
     subspace = store.get(version, tasks=args.tasks)
     if args.format == "share":
+        # What `sharecl export` names the folder's tasks by; it is dropped if the folder changes (`sharecl add`).
+        subspace.metadata[PULLED_FROM] = {
+            "namespace": store.namespace,
+            "version": version,
+            "tasks": {task: task_fingerprint(subspace, task) for task in subspace.tasks},
+        }
         subspace.save(out, overwrite=True)
         print(f"{version} ({len(subspace.tasks)} task(s)) -> {out}")
         return 0
-    from share.peft_io import export_peft
-
     tasks = list(subspace.tasks)
     if not tasks:
         raise CLIError(f"version {version} holds no task to export")
     targets = {task: out if len(tasks) == 1 else _inside(out, task) for task in tasks}  # all checked, then written
+    manifest = store.manifest(version)
+    every_task = {name: entry.get("metadata", {}) for name, entry in manifest["tasks"].items()}
+    accuracy = _accuracy_at(manifest, args.mlflow_uri)
     for task, target in targets.items():
-        export_peft(subspace, task, target, base_model_name_or_path=args.base_model, overwrite=True)
-        print(f"{version} task {task} -> {target} (PEFT LoRA)")
+        extra = []
+        if task in accuracy:
+            from share.model_card import CardMetric
+
+            measured = "at this version: the coordinator served the task from it on its eval split after the merge"
+            extra.append(CardMetric("accuracy", accuracy[task], measured))
+        _, layout, card = export_task(
+            subspace,
+            task,
+            target,
+            layout=args.layout,
+            base_model=args.base_model,
+            task_metadata=every_task,
+            namespace=store.namespace,
+            version=version,
+            extra_metrics=extra,
+        )
+        where = f"for {layout.auto_class}" if layout.auto_class else "names as trained"
+        print(f"{version} task {task} -> {target} (PEFT LoRA {where}; {card.adapter_id})")
     return 0
+
+
+def _accuracy_at(manifest: dict[str, Any], uri: str | None) -> dict[str, float]:
+    """Each task's accuracy that the coordinator logged on the merge run of this version (MLflow), if any.
+
+    Best effort: the evaluation runs after the version is published, and MLflow may be elsewhere; the
+    default sqlite store is read only if it exists (never created by a pull).
+    """
+    from subspace_store.tracking import ACCURACY_METRIC, default_mlflow_uri, resolve_mlflow_uri
+
+    run_id = manifest.get("metadata", {}).get("mlflow_run_id")
+    if not isinstance(run_id, str) or not run_id:
+        return {}
+    resolved = resolve_mlflow_uri(uri)
+    if resolved == default_mlflow_uri() and not Path(resolved.removeprefix("sqlite:///")).is_file():
+        return {}
+    try:
+        from workers import tracking
+
+        metrics = tracking.client(resolved).get_run(run_id).data.metrics
+    except Exception as err:  # the card is still worth writing without it
+        print(f"note: no accuracy from MLflow at {resolved} ({type(err).__name__}); the card omits it", file=sys.stderr)
+        return {}
+    return {k[len(ACCURACY_METRIC) :]: float(v) for k, v in metrics.items() if k.startswith(ACCURACY_METRIC)}
 
 
 def _parse_meta(items: list[str]) -> dict[str, Any]:
@@ -319,6 +376,7 @@ def run_push(args: argparse.Namespace) -> int:
     if args.tag is not None:
         check_tag_name(args.tag)
     subspace = Subspace.load(args.folder)
+    subspace.metadata.pop(PULLED_FROM, None)  # the new version is not the one the folder was pulled as
     store = _open(args)
     for attempt in range(5):
         head = store.head()
