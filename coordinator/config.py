@@ -12,6 +12,7 @@ from typing import Any
 from share import KPolicy
 from share.errors import ShareClError
 from subspace_store import SubmissionStream, SubspaceStore, connect
+from subspace_store.connection import outlast_restarts
 
 from .crash import CrashPoints
 from .evaluation import Evaluation
@@ -92,7 +93,7 @@ class CoordinatorConfig:
 
 def build(config: CoordinatorConfig) -> Coordinator:
     """A ready ``Coordinator`` (connects to Redis; MLflow is contacted lazily)."""
-    client = connect(config.redis_url)
+    client = outlast_restarts(connect(config.redis_url))  # a long-running process: ride out a Redis restart
     store = SubspaceStore(client, config.namespace)
     stream = SubmissionStream(client, config.namespace)
     tracking = (

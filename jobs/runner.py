@@ -563,13 +563,14 @@ def _quietly(fn: Callable[[], Any]) -> None:
 def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line) -> RunningJob:
     """Connect everything and launch every task; returns at once (``.wait()`` follows the job)."""
     from subspace_store import SubmissionStream, SubspaceStore, connect
+    from subspace_store.connection import outlast_restarts
 
     # Files are checked by the workers, where they are read (a cluster's paths need not exist here).
     validate(cfg, check_files=False)
     started = time.time()
     job_id = new_job_id()
     redis_url = resolve_url(cfg.store.redis_url)
-    client = connect(redis_url)
+    client = outlast_restarts(connect(redis_url))  # the driver follows the job through a Redis restart
     store = SubspaceStore(client, cfg.store.namespace)
     stream = SubmissionStream(client, cfg.store.namespace)
     _check_new_tasks(store, cfg)

@@ -12,7 +12,15 @@ import time
 from typing import Any
 
 from share import TrainingMode
-from subspace_store import Submission, SubmissionStream, SubspaceStore, VersionNotFoundError, connect
+from subspace_store import (
+    StoreConnectionError,
+    Submission,
+    SubmissionStream,
+    SubspaceStore,
+    VersionNotFoundError,
+    connect,
+)
+from subspace_store.connection import outlast_restarts
 from subspace_store.evalspec import EVAL_KEY
 from workers import recovery
 from workers.data import TaskSplit, load_split
@@ -28,7 +36,7 @@ def run_task_job(job: TaskJob) -> TaskSummary:
     """Train, evaluate and submit one task; returns what it did."""
     started = time.time()
     placement = current_placement()
-    client = connect(job.redis_url)
+    client = _connect(job.redis_url)
     store = SubspaceStore(client, job.namespace)
     stream = SubmissionStream(client, job.namespace)
     base, pinned, run = None, False, None
@@ -113,6 +121,24 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         raise
     finally:
         client.close()
+
+
+CONNECT_WAIT_S = 60.0  # a task that starts while Redis restarts waits this long for it
+
+
+def _connect(url: str) -> Any:
+    """A client that waits out a Redis restart: at connect (up to ``CONNECT_WAIT_S``) and on every
+    command afterwards (``outlast_restarts``). The driver reached this URL before launching the task,
+    so a refusal here is an outage, not a wrong address or password."""
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        try:
+            return outlast_restarts(connect(url))
+        except StoreConnectionError as err:
+            if time.monotonic() >= deadline:
+                raise
+            print(f"[sharecl] waiting for Redis: {err}", file=sys.stderr, flush=True)
+            time.sleep(1.0)
 
 
 def _submission(
