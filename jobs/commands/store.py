@@ -323,9 +323,10 @@ def _accuracy_at(manifest: dict[str, Any], uri: str | None) -> dict[str, float]:
     Best effort: the evaluation runs after the version is published, and MLflow may be elsewhere; the
     default sqlite store is read only if it exists (never created by a pull).
     """
+    from coordinator.record import RUN_ID_KEY
     from subspace_store.tracking import ACCURACY_METRIC, default_mlflow_uri, resolve_mlflow_uri
 
-    run_id = manifest.get("metadata", {}).get("mlflow_run_id")
+    run_id = manifest.get("metadata", {}).get(RUN_ID_KEY)
     if not isinstance(run_id, str) or not run_id:
         return {}
     resolved = resolve_mlflow_uri(uri)
