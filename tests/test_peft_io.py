@@ -15,10 +15,23 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from share import KPolicy, ShareModel, match_modules, merge
+from share import KPolicy, LoraAdapter, ShareModel, match_modules, merge
 from share.errors import ShareClError
 from share.folders import FolderExistsError, MissingFileError
-from share.peft_io import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, export_peft, load_peft_adapter, pattern_value
+from share.model_card import AdapterCard
+from share.peft_io import (
+    CONFIG_FILE,
+    KEY_PREFIX,
+    WEIGHTS_FILE,
+    ExportLayout,
+    ModuleMismatchError,
+    ModulePrefix,
+    export_peft,
+    find_module_prefix,
+    load_peft_adapter,
+    match_subspace_modules,
+    pattern_value,
+)
 
 DIM = 16
 
@@ -294,3 +307,96 @@ def test_refuses_what_a_subspace_cannot_hold(tmp_path: Path, model, config: dict
     with pytest.raises(ValueError, match=words) as info:
         load_peft_adapter(tmp_path / "a")
     assert str(tmp_path / "a") in str(info.value)
+
+
+# -- module prefixes (an adapter of the same base model, trained on another wrapper) ---------------
+
+ENCODER = [f"encoder.layer.{i}.attention.self.{m}" for i in range(12) for m in ("query", "value")]
+
+
+@pytest.mark.parametrize(
+    ("names", "known", "expected"),
+    [
+        (ENCODER, [f"encoder.{n}" for n in ENCODER], ModulePrefix("", "encoder.")),  # AutoModel -> TextClassifier
+        ([f"encoder.{n}" for n in ENCODER], ENCODER, ModulePrefix("encoder.", "")),  # and back
+        ([f"model.{n}" for n in ENCODER], [f"base.{n}" for n in ENCODER], ModulePrefix("model.", "base.")),
+        (ENCODER, ENCODER, None),  # already the subspace's names
+        (ENCODER[:4], ENCODER, None),  # some names match: not a prefix problem (the set check reports it)
+    ],
+    ids=["add", "strip", "replace", "same", "overlap"],
+)
+def test_find_module_prefix(names: list[str], known: list[str], expected: ModulePrefix | None) -> None:
+    prefix = find_module_prefix(names, known)
+    assert prefix == expected
+    if prefix is not None:
+        assert {prefix.apply(n) for n in names} == set(known)
+
+
+def test_find_module_prefix_refuses_no_fit_and_several_fits() -> None:
+    with pytest.raises(
+        ModuleMismatchError,
+        match=r"no single prefix change.*adapter modules \[blocks\.0\.query.*"
+        r"subspace modules \[encoder\.layer\.0\.attention\.self\.query",
+    ):
+        find_module_prefix([f"blocks.{i}.query" for i in range(12)], ENCODER)
+    with pytest.raises(ModuleMismatchError, match=r"several prefix changes.*\['=a\.', '=b\.'\].*--module-prefix"):
+        find_module_prefix(["layer.0.q"], ["a.layer.0.q", "b.layer.0.q"])
+
+
+def test_match_subspace_modules_renames_factors_and_scalings_only(tmp_path: Path) -> None:
+    save_peft(tmp_path / "a", modules_to_save=["head"], **PATTERNS)
+    adapter = load_peft_adapter(tmp_path / "a")
+    known = [f"model.{m}" for m in adapter.factors]
+    renamed, prefix = match_subspace_modules(adapter, known, "a")
+    assert prefix == ModulePrefix("", "model.") and set(renamed.factors) == set(known)
+    assert renamed.head.keys() == adapter.head.keys() and renamed.metadata["module_prefix"] == {
+        "from": "",
+        "to": "model.",
+    }
+    for name in adapter.factors:
+        torch.testing.assert_close(renamed.delta_weight(f"model.{name}"), adapter.delta_weight(name))
+    with pytest.raises(ModuleMismatchError, match=r"does not apply to modules \[blocks\.0\.query"):
+        match_subspace_modules(adapter, known, "a", ModulePrefix("x.", "model."))
+    with pytest.raises(
+        ModuleMismatchError, match=r"after the prefix change 'blocks\.=model\.blocks\.' .*missing: \[model"
+    ):
+        match_subspace_modules(adapter, [*known, "model.extra"], "a", ModulePrefix("blocks.", "model.blocks."))
+    with pytest.raises(ShareClError, match="FROM=TO"):
+        ModulePrefix.parse("encoder.")
+
+
+def test_export_layouts_rename_modules_and_put_the_head_beside(tmp_path: Path) -> None:
+    """ENCODER_CLASSIFIER strips ``encoder.`` and writes the head beside; a module outside the prefix is refused."""
+    torch.manual_seed(0)
+    factors = {f"encoder.blocks.{i}.query": (torch.randn(DIM, 2), torch.randn(2, DIM)) for i in range(2)}
+    head = {"head.weight": torch.randn(3, DIM), "head.bias": torch.randn(3)}
+    subspace, _ = merge(None, {"t": LoraAdapter(factors=factors, head=head)}, KPolicy(k=DIM))
+    card = AdapterCard(task="t", namespace="ns", version="v7", label_names=("a", "b", "c"))
+    out = export_peft(subspace, "t", tmp_path / "out", "base", layout=ExportLayout.ENCODER_CLASSIFIER, card=card)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert sorted(config["target_modules"]) == ["blocks.0.query", "blocks.1.query"]
+    assert config["modules_to_save"] is None and config["base_model_name_or_path"] == "base"
+    assert set(load_file(str(out / WEIGHTS_FILE))) == {
+        f"{KEY_PREFIX}blocks.{i}.query.lora_{s}.weight" for i in range(2) for s in "AB"
+    }
+    torch.testing.assert_close(load_file(str(out / "head.safetensors"))["weight"], head["head.weight"])
+    assert json.loads((out / "head_config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}
+    assert json.loads((out / "sharecl.json").read_text())["adapter_id"] == "ns/t@v7"
+
+    with pytest.raises(ShareClError, match="2 label names"):
+        export_peft(
+            subspace,
+            "t",
+            tmp_path / "x",
+            "base",
+            layout=ExportLayout.ENCODER_CLASSIFIER,
+            card=AdapterCard(task="t", label_names=("a", "b")),
+        )
+    with pytest.raises(ShareClError, match="no base model is recorded"):
+        export_peft(subspace, "t", tmp_path / "x", layout=ExportLayout.CAUSAL_LM)
+    with pytest.raises(ShareClError, match="AutoModelForCausalLM has no module"):
+        export_peft(subspace, "t", tmp_path / "x", "base", layout=ExportLayout.CAUSAL_LM)
+    plain, _ = merge(None, {"t": LoraAdapter(factors={"blocks.0.query": factors["encoder.blocks.0.query"]})})
+    with pytest.raises(ShareClError, match="does not start with 'encoder.'"):
+        export_peft(plain, "t", tmp_path / "x", "base", layout=ExportLayout.ENCODER_CLASSIFIER)
+    assert not (tmp_path / "x").exists()
