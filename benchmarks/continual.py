@@ -62,7 +62,7 @@ from benchmarks.results_md import command_line, write_section
 from share.errors import ShareClError
 
 QUICK_TASKS = 4
-QUICK_STEPS = 200
+QUICK_STEPS = 100
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=[s.value for s in TaskSequence],
         default=TaskSequence.RELATIONS.value,
         help="the default data, built on first use (default: relations)",
+    )
+    data.add_argument(
+        "--rebuild-data",
+        action="store_true",
+        help="rebuild the --sequence folder even if it exists (after a builder change)",
     )
     data.add_argument("--num-tasks", type=int, default=None, help=f"the first N tasks (quick: {QUICK_TASKS})")
     data.add_argument("--reverse", action="store_true", help="train the (chosen) tasks in reverse order")
@@ -212,7 +217,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick and args.sweep:
         raise ShareClError("--quick and --sweep are separate runs; give one of them")
-    folder = args.data if args.data is not None else build_default(TaskSequence(args.sequence))
+    folder = (
+        args.data if args.data is not None else build_default(TaskSequence(args.sequence), rebuild=args.rebuild_data)
+    )
     num_tasks = args.num_tasks
     entries = read_manifest(folder)
     if num_tasks is None and args.quick:

@@ -128,10 +128,11 @@ DEFAULT_FOLDERS = {
 }
 
 
-def build_default(sequence: TaskSequence, folder: Path | None = None) -> Path:
-    """The default task folder of ``sequence``, built with ``jobs.datasets`` on first use (its default sizes)."""
+def build_default(sequence: TaskSequence, folder: Path | None = None, rebuild: bool = False) -> Path:
+    """The default task folder of ``sequence``, built with ``jobs.datasets`` (its default sizes) on first
+    use or when ``rebuild``; otherwise the folder already there is used as it is."""
     folder = folder or DEFAULT_FOLDERS[sequence]
-    if (folder / MANIFEST).is_file():
+    if (folder / MANIFEST).is_file() and not rebuild:
         return folder
     if sequence is TaskSequence.RELATIONS:
         from jobs.datasets.relations import prepare_relation_tasks
