@@ -24,6 +24,8 @@ from torch import nn  # noqa: E402
 from share import ShareModel  # noqa: E402
 from share.errors import ShareClError  # noqa: E402
 from subspace_store.plugins import load_callable  # noqa: E402
+from workers.causal_lm import BUILDER_NAME as BUILDER_NAME_CAUSAL_LM  # noqa: E402
+from workers.causal_lm import build_causal_lm  # noqa: E402
 
 Builder = Callable[[str | None, int, int], tuple[nn.Module, Any]]
 DEFAULT_BUILDER = "hf-text-classifier"
@@ -113,6 +115,7 @@ def get_builder(name: str) -> Builder:
 
 
 register_builder(DEFAULT_BUILDER, build_text_classifier)
+register_builder(BUILDER_NAME_CAUSAL_LM, build_causal_lm)  # workers/causal_lm.py: a local causal LM, no head
 
 
 def build_share_model(

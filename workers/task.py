@@ -13,8 +13,11 @@ from typing import Any
 from share import LoraAdapter, ShareModel
 from share.config import TrainingMode
 from share.errors import ShareClError
+from workers.causal_lm import is_causal_lm
 from workers.data import TaskSplit, iter_batches
-from workers.train import LrScheduler, MetricsFn, OptimConfig, TrainResult, evaluate, train
+from workers.generation import causal_lm_loss, evaluate_generation
+from workers.instruction_data import InstructionSplit, iter_instruction_batches
+from workers.train import LrScheduler, MetricsFn, OptimConfig, TrainResult, evaluate, precision, train
 
 
 @dataclass(frozen=True)
@@ -80,18 +83,27 @@ class TrainedTask:
 def train_task(
     model: ShareModel,
     spec: TaskSpec,
-    train_split: TaskSplit,
+    train_split: TaskSplit | InstructionSplit,
     tokenizer: Any,
-    eval_split: TaskSplit | None = None,
+    eval_split: TaskSplit | InstructionSplit | None = None,
     on_metrics: MetricsFn | None = None,
     init: LoraAdapter | None = None,
 ) -> TrainedTask:
     """Train ``spec.name`` from its data; returns the adapter (head included) and its eval metrics.
 
     ``init`` continues LoRA factors from an earlier adapter (the sequential-LoRA baseline).
+    An ``InstructionSplit`` (causal-LM task) trains on its response tokens and is evaluated by
+    greedy generation (``workers.generation``: exact_match, rougeL, loss).
     The model is left with the task still attached in training mode; callers merge the adapter
     and ``load_subspace`` the result (which ends training).
     """
+    generative = isinstance(train_split, InstructionSplit)
+    if generative != is_causal_lm(model):
+        raise ShareClError(
+            f"task {spec.name!r}: {'instruction (prompt, response)' if generative else 'classification (text, label)'} "
+            f"data needs model.builder {'hf-causal-lm' if generative else 'hf-text-classifier'}; the model is "
+            f"{'not ' if generative else ''}a causal LM. Match the builder to the data"
+        )
     if spec.mode is TrainingMode.LORA:
         model.start_lora(spec.name, r=spec.r, lora_alpha=spec.lora_alpha, seed=spec.seed, init=init)
     else:
@@ -99,11 +111,19 @@ def train_task(
             raise ShareClError("init applies to mode 'lora' only; coefficient training starts from dW = 0")
         model.start_coefficients(spec.name, p=spec.p, phi=spec.phi, seed=spec.seed)
 
+    iter_fn = iter_instruction_batches if generative else iter_batches
+
     def batches(epoch: int):
-        return iter_batches(
-            train_split, tokenizer, spec.batch_size, shuffle=True, seed=spec.seed + epoch, max_length=spec.max_length
+        return iter_fn(
+            train_split,  # type: ignore[arg-type]
+            tokenizer,
+            spec.batch_size,
+            shuffle=True,
+            seed=spec.seed + epoch,
+            max_length=spec.max_length,
         )
 
+    extra = {"loss_fn": causal_lm_loss} if generative else {}
     result = train(
         model,
         batches,
@@ -112,29 +132,42 @@ def train_task(
         log_every=spec.log_every,
         on_metrics=on_metrics,
         seed=spec.seed,
+        **extra,
     )
     metrics: dict[str, float] = {}
     if eval_split is not None:
-        metrics = evaluate(model, eval_split, tokenizer, spec.eval_batch_size, max_length=spec.max_length)
-    adapter = model.trained_adapter()
+        metrics = _evaluate_split(model, eval_split, tokenizer, spec.eval_batch_size, spec.max_length)
+    with precision(model):  # half-precision bases meet float32 coefficients
+        adapter = model.trained_adapter()
     adapter.metadata.update(
         {"task": spec.name, "mode": spec.mode.value, "label_names": train_split.label_names, "steps": spec.steps}
     )
     return TrainedTask(adapter=adapter, result=result, eval_metrics=metrics)
 
 
+def _evaluate_split(
+    model: ShareModel, split: TaskSplit | InstructionSplit, tokenizer: Any, batch_size: int, max_length: int
+) -> dict[str, float]:
+    """``evaluate`` (accuracy, loss) for a classification split; greedy generation for an instruction split."""
+    if isinstance(split, InstructionSplit):
+        return evaluate_generation(model, split, tokenizer, batch_size, max_length=max_length)
+    return evaluate(model, split, tokenizer, batch_size, max_length=max_length)
+
+
 def evaluate_tasks(
     model: ShareModel,
-    splits: dict[str, TaskSplit],
+    splits: dict[str, TaskSplit | InstructionSplit],
     tokenizer: Any,
     *,
     batch_size: int,
     max_length: int,
 ) -> dict[str, float]:
-    """Accuracy of every stored task named in ``splits`` (the model's loaded subspace must hold them)."""
+    """Accuracy of every stored task named in ``splits`` (the model's loaded subspace must hold them);
+    for an instruction split the score is its ROUGE-L."""
     accuracy = {}
     for task, split in splits.items():
         model.set_task(task)
-        accuracy[task] = evaluate(model, split, tokenizer, batch_size, max_length=max_length)["accuracy"]
+        metrics = _evaluate_split(model, split, tokenizer, batch_size, max_length)
+        accuracy[task] = metrics["rougeL" if isinstance(split, InstructionSplit) else "accuracy"]
     model.set_task(None)
     return accuracy

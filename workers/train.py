@@ -11,11 +11,12 @@ the gradient norm clipped to ``max_grad_norm`` before every step (:class:`OptimC
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -33,6 +34,9 @@ Batch = dict[str, torch.Tensor]
 # ``lambda epoch: iter_batches(split, tok, 16, shuffle=True, seed=seed + epoch, max_length=64)``.
 BatchesFn = Callable[[int], Iterable[Batch]]
 MetricsFn = Callable[[int, dict[str, float]], None]
+# The training objective of one batch; the default is classification cross-entropy on the logits
+# (``classification_loss``); causal-LM tasks pass ``workers.generation.causal_lm_loss``.
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 class LrScheduler(StrEnum):
@@ -159,6 +163,35 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of ``model(input_ids, attention_mask) -> logits`` against ``batch["labels"]``."""
+    return F.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
+
+
+@contextlib.contextmanager
+def precision(model: nn.Module) -> Iterator[None]:
+    """Mixed precision for ``model``'s forward: bf16 autocast on CUDA; on CPU autocast to the dtype of
+    half-precision base weights (so float32 adapters meet them); a float32 model on CPU runs as is."""
+    device = _device_of(model)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+        return
+    half = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
+    if device.type == "cpu" and half:
+        with torch.autocast("cpu", dtype=torch.bfloat16 if torch.bfloat16 in half else torch.float16):
+            yield
+        return
+    yield
+
+
+def keep_float32(params: list[nn.Parameter]) -> None:
+    """Trainable parameters in float32 whatever the base weights' dtype (full-precision optimizer state and updates)."""
+    for param in params:
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def train(
     model: nn.Module,
     batches_fn: BatchesFn,
@@ -168,8 +201,11 @@ def train(
     log_every: int,
     on_metrics: MetricsFn | None = None,
     seed: int,
+    loss_fn: LossFn = classification_loss,
 ) -> TrainResult:
-    """Run ``steps`` AdamW steps of cross-entropy on the model's trainable parameters, per ``optim``.
+    """Run ``steps`` AdamW steps of ``loss_fn`` (default: cross-entropy on the logits) on the model's
+    trainable parameters, per ``optim``; trainable parameters are kept in float32, and the forward runs
+    under ``precision(model)`` (bf16 autocast on CUDA).
 
     Every ``log_every`` steps (and at the last step) the mean loss and gradient norm since the previous
     report and the current learning rate go to ``on_metrics(step, metrics)`` if given, else as one line
@@ -185,6 +221,7 @@ def train(
             "the model has no parameter with requires_grad=True; attach adapters or unfreeze the head before training"
         )
     configure_threads()
+    keep_float32(params)
     torch.manual_seed(seed)
     device = _device_of(model)
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
@@ -208,8 +245,8 @@ def train(
             if batch is None:
                 raise ShareClError("batches_fn returned no batches; the training split is empty")
         batch = _to(batch, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = F.cross_entropy(logits, batch["labels"])
+        with precision(model):
+            loss = loss_fn(model, batch)
         step += 1
         lr = optimizer.param_groups[0]["lr"]
         value = float(loss.detach())
@@ -280,7 +317,7 @@ def evaluate(
     model.eval()
     correct, loss_sum = 0, 0.0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), precision(model):
             for batch in iter_batches(split, tokenizer, batch_size, shuffle=False, seed=0, max_length=max_length):
                 batch = _to(batch, device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -289,7 +326,7 @@ def evaluate(
                         f"model outputs {logits.shape[-1]} classes but task {split.task!r} has "
                         f"{split.num_labels} ({split.label_names}); build the model with num_labels={split.num_labels}"
                     )
-                loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+                loss_sum += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
                 correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
     finally:
         model.train(was_training)
