@@ -26,7 +26,7 @@ from jobs.cli import main
 from share import KPolicy, LoraAdapter, ShareModel, Subspace, merge
 from share.model_card import CARD_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE, IDENTITY_FILE
 from share.peft_io import CONFIG_FILE, WEIGHTS_FILE, ExportLayout, ModulePrefix, load_peft_adapter, rename_modules
-from subspace_store import SubmissionStream, SubspaceStore
+from subspace_store import Submission, SubmissionStream, SubspaceStore
 from workers import tracking
 from workers.data import write_split
 from workers.models import DEFAULT_BUILDER, build_share_model, default_model_path
@@ -399,7 +399,54 @@ def test_causal_lm_export_loads_on_automodelforcausallm_with_the_same_logits(tmp
 
 
 def test_layout_choices_are_the_export_layouts() -> None:
-    from jobs.commands.offline import BUILDER_LAYOUTS, LAYOUTS
+    from jobs.commands.offline import LAYOUTS, builder_layouts
+    from workers.causal_lm import BUILDER_NAME
 
     assert list(LAYOUTS[1:]) == [layout.value for layout in ExportLayout]
-    assert BUILDER_LAYOUTS[DEFAULT_BUILDER] == ExportLayout.ENCODER_CLASSIFIER.value
+    assert builder_layouts() == {DEFAULT_BUILDER: "encoder-classifier", BUILDER_NAME: "causal-lm"}
+
+
+def test_causal_lm_tasks_in_a_store_pull_as_adapters_for_automodelforcausallm(
+    tmp_path: Path, redis_client: redis.Redis, redis_server: str, namespace: str
+) -> None:
+    """Tasks of the hf-causal-lm builder (one LoRA, one in coefficients) merged by the coordinator; ``pull
+    --format peft`` picks the causal-LM layout from the recorded builder, and the logits equal share-cl's."""
+    from tests.llm_fixtures import make_tiny_llama
+    from workers.causal_lm import BUILDER_NAME, DEFAULT_TARGETS
+
+    base = str(make_tiny_llama(tmp_path / "llama"))
+    store, stream = SubspaceStore(redis_client, namespace), SubmissionStream(redis_client, namespace)
+    coordinator = Coordinator(store, stream, KPolicy(variance=1.0))
+    metadata = {"builder": BUILDER_NAME, "base_model": base}  # what a worker records (workers.run_task)
+
+    model, _ = build_share_model(BUILDER_NAME, base, DEFAULT_TARGETS, 0, 0, "cpu")
+    model.start_lora("copy", r=4, init=random_lora(model, 4, seed=1))
+    stream.submit(Submission("copy", adapter=model.trained_adapter(), base_version=None, metadata=metadata))
+    coordinator.step(block_ms=None)
+    model.load_subspace(store.get("v1"))
+    model.start_coefficients("reverse", p=4, phi=1)
+    g = torch.Generator().manual_seed(2)
+    for param in (p for p in model.parameters() if p.requires_grad):
+        param.data = torch.randn(param.shape, generator=g) / 10
+    update = Submission("reverse", adapter=None, base_version="v1", metadata=metadata, update=model.trained_update())
+    stream.submit(update)
+    coordinator.step(block_ms=None)
+    assert store.head() == "v2", stream.rejections()
+
+    served, _ = build_share_model(BUILDER_NAME, base, DEFAULT_TARGETS, 0, 0, "cpu")
+    served.load_subspace(store.get("v2"))
+    served.eval()
+    ids = torch.randint(3, 12, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for task in ("copy", "reverse"):
+        out = tmp_path / task
+        pull = ["pull", "v2", "--task", task, "-o", str(out), "--format", "peft"]
+        assert main([*pull, "--redis-url", redis_server, "--namespace", namespace]) == 0
+        config = json.loads((out / CONFIG_FILE).read_text())
+        assert config["base_model_name_or_path"] == base and config["task_type"] == "CAUSAL_LM"
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out)).eval()
+        with torch.no_grad():
+            got = loaded(input_ids=ids, attention_mask=mask).logits
+            expected = served(input_ids=ids, attention_mask=mask, tasks=task).logits
+        assert relative_error(got, expected) <= 1e-5, task
+        assert json.loads((out / IDENTITY_FILE).read_text())["adapter_id"] == f"{namespace}/{task}@v2"

@@ -257,8 +257,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 PULLED_FROM = "pulled_from"  # subspace metadata of a folder `sharecl pull` wrote: namespace, version, task fingerprints
 LAYOUTS = ("auto", "sharecl", "encoder-classifier", "causal-lm")  # "auto", then share.peft_io.ExportLayout values
-# What the builders of workers.models record (TaskJob.builder) -> the layout of their models' module names.
-BUILDER_LAYOUTS = {"hf-text-classifier": "encoder-classifier", "hf-causal-lm": "causal-lm"}
 BUNDLED_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what workers.task_job.BUNDLED_MODEL packages
 
 
@@ -275,6 +273,15 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="base_model_name_or_path for adapter_config.json (default: the base model the jobs recorded)",
     )
+
+
+def builder_layouts() -> dict[str, str]:
+    """The builders of ``workers.models`` (as jobs record them, ``TaskJob.builder``) -> the ExportLayout value
+    of their models' module names. Other builders (custom models) export with the names as trained."""
+    from workers.causal_lm import BUILDER_NAME as CAUSAL_LM_BUILDER
+    from workers.models import DEFAULT_BUILDER
+
+    return {DEFAULT_BUILDER: "encoder-classifier", CAUSAL_LM_BUILDER: "causal-lm"}
 
 
 def _loads_on(layout: Any) -> str:
@@ -297,7 +304,8 @@ def _layout(choice: str, task_metadata: dict[str, dict[str, Any]]) -> Any:
     if choice != "auto":
         return ExportLayout(choice)
     builders = {_submission_metadata(meta).get("builder") for meta in task_metadata.values()} - {None}
-    layouts = {BUILDER_LAYOUTS.get(b, ExportLayout.SHARECL.value) for b in builders if isinstance(b, str)}
+    known = builder_layouts()
+    layouts = {known.get(b, ExportLayout.SHARECL.value) for b in builders if isinstance(b, str)}
     if len(layouts) > 1:
         raise CLIError(
             f"the tasks were trained with builders {sorted(builders)}, whose models name modules differently; "
