@@ -184,6 +184,25 @@ def test_merge_over_the_bound_is_rejected_with_the_numbers_unless_allowed(setup)
     assert set(over) >= {"t0", "t1", "t2"} and all(v > 0.05 for v in over.values())
 
 
+def test_two_that_only_fit_one_at_a_time_the_second_waits_for_the_next_version(setup) -> None:
+    """Each merges alone within the bound, together they need more than k_max: the first is merged, the
+    second stays pending and is tried on the new head (where it no longer fits: rejected, with why)."""
+    store, stream = setup
+    coordinator = Coordinator(store, stream, KPolicy(max_error=0.05, k_max=6))
+    for i in range(2):
+        stream.submit(Submission(f"t{i}", small_lora(i), None))
+    assert coordinator.step(max_batch=8, block_ms=None).version == "v1"  # k = 4 of 6
+    x = stream.submit(Submission("x", small_lora(20), "v1"))
+    y = stream.submit(Submission("y", small_lora(21), "v1"))
+    first = coordinator.step(max_batch=8, block_ms=None)
+    assert first.merged == {x: "x"} and first.deferred == [y] and not first.rejected
+    assert stream.status(y).state is SubmissionStatus.PENDING
+    second = coordinator.step(max_batch=8, block_ms=None)  # takes y back first
+    assert second.recovered == 1 and second.version is None and set(second.rejected) == {y}
+    assert "max_error=0.05" in stream.status(y).reason and stream.pending() == []
+    assert list(store.get().tasks) == ["t0", "t1", "x"]
+
+
 def test_allow_over_bound_travels_from_the_job_file_to_the_stream(tmp_path, redis_server, redis_client, namespace):
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = job_file(tmp_path, redis_server, namespace, mlflow_uri, ("a",))
