@@ -200,6 +200,10 @@ class Runner:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--model" in (sys.argv[1:] if argv is None else argv):  # any local causal LM: benchmarks/continual_llm.py
+        from benchmarks.continual_llm import main as llm_main
+
+        return llm_main(argv)
     args = _parser().parse_args(argv)
     try:
         return _main(args, argv)

@@ -313,3 +313,24 @@ def test_the_example_job_validates() -> None:
     assert job.model.builder == "hf-causal-lm" and job.model.name_or_path
     assert job.adapter.target_modules == list(DEFAULT_TARGETS)
     assert [t.name for t in job.tasks] == ["copy", "reverse", "rotate", "shift"]
+
+
+def test_the_llm_benchmark_runs_its_methods_on_a_local_model(tiny, one_thread, tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.continual_llm import main
+
+    folder, tasks = tiny
+    argv = ["--model", str(folder), "--data", str(tasks), "--methods", "share", "lora-seq", "share-full"]
+    argv += ["--steps", "6", "--lr-lora", "1e-2", "--lr-coefficients", "1e-2", "--max-length", str(MAX_LENGTH)]
+    argv += ["--max-eval", "6", "--out", str(tmp_path), "--label", "tiny"]
+    assert main(argv) == 0
+    written = json.loads((tmp_path / "continual-llm-tiny.json").read_text())
+    results = {r["method"]: r for r in written["results"]}
+    assert sorted(results) == ["lora-seq", "share", "share-full"]
+    for r in results.values():
+        assert r["tasks"] == ["copy", "reverse"] and len(r["R"]) == 2 and r["R"][0][1] is None
+        assert all(0.0 <= v <= 1.0 for row in r["R"] for v in row if v is not None)
+        assert len(r["extra"]["exact_match"]) == 2
+    assert results["share"]["trained_params_per_task"][1] < results["share"]["trained_params_per_task"][0]
+    assert main([*argv, "--methods", "joint"]) == 2  # not an LLM method here: refused with a message
