@@ -33,6 +33,7 @@ from workers.instruction_data import (
 )
 from workers.models import build_share_model, get_builder
 from workers.task import TaskSpec, train_task
+from workers.train import precision
 
 MAX_LENGTH = 32
 STEPS = 200
@@ -276,6 +277,17 @@ def test_bf16_base_trains_float32_adapters(tiny, one_thread) -> None:
     )
 
 
+def test_precision_leaves_a_float32_cpu_model_alone_and_autocasts_half_weights(tiny) -> None:
+    folder, _ = tiny
+    for dtype, expected in (("float32", None), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        model, _ = build_causal_lm(str(folder), dtype=dtype)
+        with precision(model):
+            on = torch.is_autocast_enabled("cpu")
+            assert on is (expected is not None)
+            if on:
+                assert torch.get_autocast_dtype("cpu") == expected
+
+
 def test_gradient_checkpointing_gives_the_same_training(tiny, one_thread) -> None:
     folder, tasks = tiny
     copy_train, _ = _splits(tasks, "copy")
@@ -306,13 +318,17 @@ def test_data_and_builder_must_match(tiny) -> None:
         train_task(model, _spec("c", "lora"), classification, tokenizer)
 
 
-def test_the_example_job_validates() -> None:
+def test_the_example_job_validates_with_the_data_its_comment_makes(tmp_path: Path, monkeypatch) -> None:
     from jobs.schema import load_job
 
-    job = load_job(Path(__file__).parent.parent / "jobs/examples/llm.yaml", check_files=False)
-    assert job.model.builder == "hf-causal-lm" and job.model.name_or_path
+    example = Path(__file__).parent.parent / "jobs/examples/llm.yaml"
+    monkeypatch.chdir(tmp_path)
+    make_string_tasks(Path("benchmarks/data/tiny-llm/tasks"), ("copy", "reverse", "rotate", "shift"))
+    job = load_job(example)  # checks that every task file exists
+    assert job.model.builder == "hf-causal-lm" and job.model.name_or_path == "benchmarks/data/tiny-llm/model"
     assert job.adapter.target_modules == list(DEFAULT_TARGETS)
     assert [t.name for t in job.tasks] == ["copy", "reverse", "rotate", "shift"]
+    assert all(isinstance(load_task_split(t.train), InstructionSplit) for t in job.tasks)
 
 
 def test_the_llm_benchmark_runs_its_methods_on_a_local_model(tiny, one_thread, tmp_path: Path) -> None:

@@ -106,7 +106,8 @@ def generate(
 
     ``tasks``: None leaves the model as it is (the task in training, or the selection made before);
     a name serves every row with that stored task; a list names a task (or None, the base model) per
-    prompt. A prompt keeps its last ``max(max_length - max_new_tokens, max_length // 2)`` tokens.
+    prompt (the last batch's selection stays, as ``ShareModel.set_task`` keeps it). A prompt keeps its
+    last ``max(max_length - max_new_tokens, max_length // 2)`` tokens.
     """
     if max_new_tokens < 1:
         raise ShareClError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -137,7 +137,7 @@ def train_task(
     metrics: dict[str, float] = {}
     if eval_split is not None:
         metrics = _evaluate_split(model, eval_split, tokenizer, spec.eval_batch_size, spec.max_length)
-    with precision(model):  # half-precision bases meet float32 coefficients
+    with precision(model, cuda_bf16=False):  # half-precision bases meet float32 coefficients; else exact
         adapter = model.trained_adapter()
     adapter.metadata.update(
         {"task": spec.name, "mode": spec.mode.value, "label_names": train_split.label_names, "steps": spec.steps}

@@ -169,20 +169,20 @@ def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def precision(model: nn.Module) -> Iterator[None]:
-    """Mixed precision for ``model``'s forward: bf16 autocast on CUDA; on CPU autocast to the dtype of
-    half-precision base weights (so float32 adapters meet them); a float32 model on CPU runs as is."""
+def precision(model: nn.Module, *, cuda_bf16: bool = True) -> Iterator[None]:
+    """Mixed precision for ``model``'s forward: autocast to the dtype of half-precision base weights (so
+    float32 adapters meet them), else bf16 autocast on CUDA (``cuda_bf16``); a float32 model on CPU
+    runs as is."""
     device = _device_of(model)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            yield
-        return
     half = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
-    if device.type == "cpu" and half:
-        with torch.autocast("cpu", dtype=torch.bfloat16 if torch.bfloat16 in half else torch.float16):
-            yield
+    dtype = (torch.bfloat16 if torch.bfloat16 in half else torch.float16) if half else None
+    if dtype is None and cuda_bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    if dtype is None or device.type not in ("cpu", "cuda"):
+        yield
         return
-    yield
+    with torch.autocast(device.type, dtype=dtype):
+        yield
 
 
 def keep_float32(params: list[nn.Parameter]) -> None:
