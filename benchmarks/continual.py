@@ -62,7 +62,7 @@ from benchmarks.results_md import command_line, write_section
 from share.errors import ShareClError
 
 QUICK_TASKS = 4
-QUICK_STEPS = 100
+QUICK_STEPS = 150
 
 
 def _parser() -> argparse.ArgumentParser:
