@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from .config import TrainingMode
 from .errors import ShareClError
 
+ADAPTER_DTYPE = torch.float32  # bases, coefficients and trainables, whatever the base weights' dtype
+
 
 class Serving(StrEnum):
     """What a layer that is not training computes."""
@@ -50,7 +52,9 @@ class ShareLinear(nn.Module):
         self.out_features = base_layer.out_features
         self.mode: TrainingMode | Serving = Serving.OFF
         self.scaling = 1.0
-        factory = {"dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
+        # Bases, stacked task coefficients and trainables stay float32 whatever the base weights' dtype: a
+        # bf16 base then trains and serves against exact bases (``ADAPTER_DTYPE``; see ``_delta``).
+        factory = {"dtype": ADAPTER_DTYPE, "device": base_layer.weight.device}
         # Bases and stacked task coefficients are buffers: saved with the model, never trained.
         self.register_buffer("U_A", torch.zeros(self.in_features, 0, **factory), persistent=False)
         self.register_buffer("U_B", torch.zeros(self.out_features, 0, **factory), persistent=False)
@@ -68,7 +72,7 @@ class ShareLinear(nn.Module):
         restored first.
         """
         self.restore()
-        dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
+        dtype, device = ADAPTER_DTYPE, self.base_layer.weight.device
         self.U_A = U_A.to(device=device, dtype=dtype)
         self.U_B = U_B.to(device=device, dtype=dtype)
         p = max((e.shape[1] for e in E_A), default=1)
@@ -88,7 +92,7 @@ class ShareLinear(nn.Module):
         A materialized task is restored first: training starts from the base weight.
         """
         self.restore()
-        factory = {"dtype": self.base_layer.weight.dtype, "device": self.base_layer.weight.device}
+        factory = {"dtype": ADAPTER_DTYPE, "device": self.base_layer.weight.device}
         if init is None:
             bound = 1.0 / math.sqrt(self.in_features)
             A = (torch.rand(r, self.in_features, generator=generator) * 2 - 1) * bound
@@ -119,7 +123,7 @@ class ShareLinear(nn.Module):
         task is restored first.
         """
         self.restore()
-        factory = {"dtype": self.base_layer.weight.dtype, "device": self.base_layer.weight.device}
+        factory = {"dtype": ADAPTER_DTYPE, "device": self.base_layer.weight.device}
         k_A, k_B = self.U_A.shape[1], self.U_B.shape[1]
         if init is None:
             E_A = torch.randn(k_A, p, generator=generator) * init_scale
@@ -149,14 +153,17 @@ class ShareLinear(nn.Module):
         self.mode = TrainingMode.COEFFICIENTS
 
     def trained_factors(self) -> tuple[Tensor, Tensor, float]:
-        """``(B, A, scaling)`` of what is being trained, temporary directions included."""
-        t = self.trainable
+        """``(B, A, scaling)`` of what is being trained, temporary directions included, in float32 (also
+        under an autocast context, which would otherwise round the products to half precision)."""
+        t = {k: v.detach().to(ADAPTER_DTYPE) for k, v in self.trainable.items()}
         if self.mode == TrainingMode.LORA:
-            return t["lora_B"].detach().clone(), t["lora_A"].detach().clone(), self.scaling
+            return t["lora_B"].clone(), t["lora_A"].clone(), self.scaling
         if self.mode == TrainingMode.COEFFICIENTS:
-            B = self.U_B @ t["E_B"] + t["V_B"] @ t["F_B"]
-            A_T = self.U_A @ t["E_A"] + t["V_A"] @ t["F_A"]
-            return B.detach().clone(), A_T.T.detach().clone(), 1.0
+            U_A, U_B = self.U_A.to(ADAPTER_DTYPE), self.U_B.to(ADAPTER_DTYPE)
+            with torch.autocast(U_A.device.type, enabled=False):
+                B = U_B @ t["E_B"] + t["V_B"] @ t["F_B"]
+                A_T = U_A @ t["E_A"] + t["V_A"] @ t["F_A"]
+            return B.clone(), A_T.T.clone(), 1.0
         raise ModelStateError(f"layer is in mode {str(self.mode)!r}, not training; start a task first")
 
     # -- forward -------------------------------------------------------------------------------
@@ -164,15 +171,23 @@ class ShareLinear(nn.Module):
         out = self.base_layer(x)
         if self.mode == Serving.OFF or self._original_weight is not None:
             return out
+        return out + self._delta(x).to(out.dtype)
+
+    def _delta(self, x: Tensor) -> Tensor:
+        """The update's output for ``x``. A half-precision ``x`` outside autocast (a bf16 base called
+        directly) is computed in float32 against the float32 adapter; under autocast the matmuls
+        follow the autocast dtype, as the base layer's do."""
+        if x.dtype != ADAPTER_DTYPE and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(ADAPTER_DTYPE)
         if self.mode == TrainingMode.LORA:
             t = self.trainable
-            return out + self.scaling * ((x @ t["lora_A"].T) @ t["lora_B"].T)
+            return self.scaling * ((x @ t["lora_A"].T) @ t["lora_B"].T)
         if self.mode == TrainingMode.COEFFICIENTS:
             t = self.trainable
             A_T = self.U_A @ t["E_A"] + t["V_A"] @ t["F_A"]
             B = self.U_B @ t["E_B"] + t["V_B"] @ t["F_B"]
-            return out + (x @ A_T) @ B.T
-        return out + self._mixed_delta(x)
+            return (x @ A_T) @ B.T
+        return self._mixed_delta(x)
 
     def _mixed_delta(self, x: Tensor) -> Tensor:
         if self.task_ids is None:
