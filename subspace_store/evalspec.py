@@ -33,6 +33,11 @@ class EvalSpec:
     batch_size: int  # examples per evaluation batch
     model_name_or_path: str | None = None  # None: the builder's default model
     evaluator: str | None = None  # "package.module:function"; None: the coordinator's default
+    # The base weights' dtype (model.dtype of the job: float32, bfloat16, float16; the builder checks the
+    # name) and gradient checkpointing (model.gradient_checkpointing), so the task is evaluated on the
+    # model it was trained on.
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         problems = _problems(asdict(self))
@@ -81,6 +86,10 @@ def _problems(data: dict[str, Any]) -> list[str]:
             out.append(f"{name} must be an integer >= 1, got {value!r}")
     if data.get("model_name_or_path") is not None and not isinstance(data["model_name_or_path"], str):
         out.append(f"model_name_or_path must be a string or null, got {data['model_name_or_path']!r}")
+    if not isinstance(data.get("dtype", "float32"), str) or not data.get("dtype", "float32"):
+        out.append(f"dtype must be a non-empty string such as 'float32' or 'bfloat16', got {data['dtype']!r}")
+    if not isinstance(data.get("gradient_checkpointing", False), bool):
+        out.append(f"gradient_checkpointing must be true or false, got {data['gradient_checkpointing']!r}")
     evaluator = data.get("evaluator")
     if evaluator is not None and (not isinstance(evaluator, str) or not is_import_path(evaluator)):
         out.append(f"evaluator must be 'package.module:function' or null, got {evaluator!r}")

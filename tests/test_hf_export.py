@@ -399,11 +399,12 @@ def test_causal_lm_export_loads_on_automodelforcausallm_with_the_same_logits(tmp
 
 
 def test_layout_choices_are_the_export_layouts() -> None:
-    from jobs.commands.offline import LAYOUTS, builder_layouts
+    from jobs.commands.offline import LAYOUTS
     from workers.causal_lm import BUILDER_NAME
+    from workers.models import builder_layouts
 
     assert list(LAYOUTS[1:]) == [layout.value for layout in ExportLayout]
-    assert builder_layouts() == {DEFAULT_BUILDER: "encoder-classifier", BUILDER_NAME: "causal-lm"}
+    assert builder_layouts() == {DEFAULT_BUILDER: ExportLayout.ENCODER_CLASSIFIER, BUILDER_NAME: ExportLayout.CAUSAL_LM}
 
 
 def test_causal_lm_tasks_in_a_store_pull_as_adapters_for_automodelforcausallm(

@@ -1,7 +1,7 @@
 """Evaluation models kept between the coordinator's evaluations.
 
 The coordinator evaluates every task after every merge; building the base model each time would
-cost more than the evaluation. A few models (by builder, model and target modules) stay loaded in
+cost more than the evaluation. A few models (by builder, model, target modules and dtype) stay loaded in
 the process; loading a version into one replaces whatever subspace it held.
 """
 
@@ -20,7 +20,7 @@ _MODELS: OrderedDict[tuple[Any, ...], tuple[Any, Any]] = OrderedDict()
 
 def eval_model(spec: EvalSpec, num_labels: int) -> tuple[Any, Any]:
     """A ``ShareModel`` and tokenizer for ``spec``'s base model (built once, then reused)."""
-    key = (spec.builder, spec.model_name_or_path, tuple(spec.target_modules))
+    key = (spec.builder, spec.model_name_or_path, tuple(spec.target_modules), spec.dtype, spec.gradient_checkpointing)
     if key not in _MODELS:
         while len(_MODELS) >= _KEEP:
             _MODELS.popitem(last=False)
@@ -32,5 +32,7 @@ def eval_model(spec: EvalSpec, num_labels: int) -> tuple[Any, Any]:
             max(num_labels, 2),
             seed=0,
             device=current_placement().device,
+            dtype=spec.dtype,
+            gradient_checkpointing=spec.gradient_checkpointing,
         )
     return _MODELS[key]

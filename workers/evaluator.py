@@ -15,19 +15,26 @@ EVALUATOR = "workers.evaluator:evaluate_subspace"
 
 
 def evaluate_subspace(subspace: Any, specs: dict[str, EvalSpec]) -> dict[str, float]:
-    """Accuracy of each task in ``specs`` served from ``subspace``; tasks sharing a base model (and
-    max length) are evaluated on one model."""
-    from workers.data import load_split
+    """The score of each task in ``specs`` served from ``subspace`` (accuracy for a classification task,
+    ROUGE-L for an instruction task); tasks sharing a base model (and max length) are evaluated on one model."""
     from workers.eval_models import eval_model
+    from workers.instruction_data import load_task_split
     from workers.task import evaluate_tasks
 
     groups: dict[tuple[Any, ...], dict[str, EvalSpec]] = {}
     for task, spec in specs.items():
-        key = (spec.builder, spec.model_name_or_path, tuple(spec.target_modules), spec.max_length)
+        key = (
+            spec.builder,
+            spec.model_name_or_path,
+            tuple(spec.target_modules),
+            spec.max_length,
+            spec.dtype,
+            spec.gradient_checkpointing,
+        )
         groups.setdefault(key, {})[task] = spec
     accuracy: dict[str, float] = {}
     for group in groups.values():
-        splits = {task: load_split(spec.eval_path) for task, spec in group.items()}
+        splits = {task: load_task_split(spec.eval_path) for task, spec in group.items()}
         first = next(iter(group.values()))
         model, tokenizer = eval_model(first, max(s.num_labels for s in splits.values()))
         model.load_subspace(subspace)

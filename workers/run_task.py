@@ -23,13 +23,16 @@ from subspace_store import (
 from subspace_store.connection import outlast_restarts
 from subspace_store.evalspec import EVAL_KEY
 from workers import recovery
-from workers.data import TaskSplit, load_split
+from workers.data import TaskSplit
+from workers.instruction_data import InstructionSplit, load_task_split
 from workers.models import build_share_model
 from workers.placement import Placement, current_placement
 from workers.task import train_task
 from workers.task_job import TaskJob, TaskJobError, TaskSummary
 from workers.task_tracking import quietly, record_failure, record_submission, start_task_run
 from workers.tracking import progress_logger
+
+Split = TaskSplit | InstructionSplit  # a classification or an instruction task's split
 
 
 def run_task_job(job: TaskJob) -> TaskSummary:
@@ -74,7 +77,14 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         )
 
         model, tokenizer = build_share_model(
-            job.builder, job.model_name_or_path, job.target_modules, train_split.num_labels, spec.seed, placement.device
+            job.builder,
+            job.model_name_or_path,
+            job.target_modules,
+            train_split.num_labels,
+            spec.seed,
+            placement.device,
+            dtype=job.dtype,
+            gradient_checkpointing=job.gradient_checkpointing,
         )
         if mode is TrainingMode.COEFFICIENTS:
             # Bases only: the new task's coefficients are relative to them; old tasks are not needed.
@@ -104,10 +114,8 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         submission_id = stream.submit(submission)
         # Submitted: from here on nothing may fail the task (tracking is recorded best effort).
         quietly(lambda: record_submission(run, submission_id, trained.result, eval_metrics))
-        accuracy = eval_metrics.get("accuracy")
         print(
-            f"[{job.task}] submitted {submission_id} (base {base or '-'}, "
-            f"eval accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}, "
+            f"[{job.task}] submitted {submission_id} (base {base or '-'}, {_eval_line(eval_metrics)}, "
             f"{summary.trainable_params} trainable params)",
             file=sys.stderr,
             flush=True,
@@ -121,6 +129,16 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         raise
     finally:
         client.close()
+
+
+def _eval_line(metrics: dict[str, float]) -> str:
+    """The task's score as the log shows it: accuracy (classification), ROUGE-L and exact match (generation)."""
+    if "accuracy" in metrics:
+        return f"eval accuracy {metrics['accuracy']:.3f}"
+    if "rougeL" in metrics:
+        exact = f", exact match {metrics['exact_match']:.3f}" if "exact_match" in metrics else ""
+        return f"eval rougeL {metrics['rougeL']:.3f}{exact}"
+    return "no eval split"
 
 
 CONNECT_WAIT_S = 60.0  # a task that starts while Redis restarts waits this long for it
@@ -142,7 +160,7 @@ def _connect(url: str) -> Any:
 
 
 def _submission(
-    job: TaskJob, summary: TaskSummary, model: Any, trained: Any, train_split: TaskSplit, placement: Placement
+    job: TaskJob, summary: TaskSummary, model: Any, trained: Any, train_split: Split, placement: Placement
 ) -> Submission:
     """The stream entry: the trained task (compact for coefficients) and what the coordinator and
     later readers need to know about it (``metadata``, with its eval spec under ``"eval"``)."""
@@ -153,6 +171,7 @@ def _submission(
         "base_model": job.base_model,
         "model_name_or_path": job.model_name_or_path,
         "builder": job.builder,
+        "dtype": job.dtype.value,
         "max_length": spec.max_length,
         "target_modules": list(job.target_modules),
         "train_path": job.train_path,
@@ -194,10 +213,17 @@ def _submission(
     )
 
 
-def _load_data(job: TaskJob) -> tuple[TaskSplit, TaskSplit | None]:
-    train = load_split(job.train_path)
+def _load_data(job: TaskJob) -> tuple[Split, Split | None]:
+    """The task's splits, classification (``text``, ``label``) or instruction (``prompt``, ``response``)
+    as their columns say (``load_task_split``)."""
+    train = load_task_split(job.train_path)
     if len(train) == 0:
         raise TaskJobError(f"task {job.task!r}: training split {job.train_path} is empty; add rows")
+    if job.num_labels is not None and isinstance(train, InstructionSplit):
+        raise TaskJobError(
+            f"task {job.task!r}: num_labels is {job.num_labels} but {job.train_path} is an instruction split "
+            "(prompt, response), which has no classes; remove num_labels from the task"
+        )
     if job.num_labels is not None and job.num_labels != train.num_labels:
         raise TaskJobError(
             f"task {job.task!r}: num_labels is {job.num_labels} but {job.train_path} names {train.num_labels} "
@@ -205,7 +231,13 @@ def _load_data(job: TaskJob) -> tuple[TaskSplit, TaskSplit | None]:
         )
     evaluation = None
     if job.eval_path is not None:
-        evaluation = load_split(job.eval_path)
+        evaluation = load_task_split(job.eval_path)
+        if type(evaluation) is not type(train):
+            kinds = {TaskSplit: "a classification split (text, label)", InstructionSplit: "an instruction split"}
+            raise TaskJobError(
+                f"task {job.task!r}: eval split {job.eval_path} is {kinds[type(evaluation)]} but the training split "
+                f"{job.train_path} is {kinds[type(train)]}; write both splits in one format"
+            )
         if evaluation.label_names != train.label_names:
             raise TaskJobError(
                 f"task {job.task!r}: eval split {job.eval_path} has classes {evaluation.label_names}, the training "

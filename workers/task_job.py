@@ -15,6 +15,7 @@ from typing import Any
 from share import TrainingMode
 from share.errors import ShareClError
 from subspace_store import EvalSpec
+from workers.causal_lm import ModelDtype
 from workers.evaluator import EVALUATOR
 from workers.task import TaskSpec
 
@@ -54,12 +55,17 @@ class TaskJob:
     # adapter.allow_over_bound of the job: the coordinator may merge this task even if that leaves
     # some task over the merge policy's max_error (it rejects such a merge otherwise).
     allow_over_bound: bool = False
+    # model.dtype and model.gradient_checkpointing of the job: the base weights' dtype (a name such as
+    # "bf16" becomes its ModelDtype) and activation recomputation in the backward pass.
+    dtype: ModelDtype = ModelDtype.FLOAT32
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.training) - set(SPEC_FIELDS))
         if unknown:
             raise TaskJobError(f"TaskJob.training has unknown keys {unknown}; allowed: {', '.join(SPEC_FIELDS)}")
         TrainingMode.resolve(self.mode, has_base=True)  # raises naming the allowed modes
+        object.__setattr__(self, "dtype", ModelDtype.parse(self.dtype))  # raises naming the allowed dtypes
 
     @property
     def pin_id(self) -> str:
@@ -94,6 +100,8 @@ class TaskJob:
             batch_size=spec.eval_batch_size,
             model_name_or_path=self.model_name_or_path,
             evaluator=EVALUATOR,
+            dtype=self.dtype.value,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
 
 

@@ -275,15 +275,6 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def builder_layouts() -> dict[str, str]:
-    """The builders of ``workers.models`` (as jobs record them, ``TaskJob.builder``) -> the ExportLayout value
-    of their models' module names. Other builders (custom models) export with the names as trained."""
-    from workers.causal_lm import BUILDER_NAME as CAUSAL_LM_BUILDER
-    from workers.models import DEFAULT_BUILDER
-
-    return {DEFAULT_BUILDER: "encoder-classifier", CAUSAL_LM_BUILDER: "causal-lm"}
-
-
 def _loads_on(layout: Any) -> str:
     return f"loads on {layout.auto_class}" if layout.auto_class else "names as trained"
 
@@ -303,15 +294,17 @@ def _layout(choice: str, task_metadata: dict[str, dict[str, Any]]) -> Any:
 
     if choice != "auto":
         return ExportLayout(choice)
+    from workers.models import builder_layouts  # the layout is registered with each builder
+
     builders = {_submission_metadata(meta).get("builder") for meta in task_metadata.values()} - {None}
     known = builder_layouts()
-    layouts = {known.get(b, ExportLayout.SHARECL.value) for b in builders if isinstance(b, str)}
+    layouts = {known.get(b, ExportLayout.SHARECL) for b in builders if isinstance(b, str)}
     if len(layouts) > 1:
         raise CLIError(
             f"the tasks were trained with builders {sorted(builders)}, whose models name modules differently; "
             f"choose the names with --layout ({', '.join(LAYOUTS[1:])})"
         )
-    return ExportLayout(layouts.pop()) if layouts else ExportLayout.SHARECL
+    return layouts.pop() if layouts else ExportLayout.SHARECL
 
 
 def _base_model(option: str | None, submitted: dict[str, Any], subspace_metadata: dict[str, Any]) -> str | None:
