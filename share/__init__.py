@@ -9,6 +9,7 @@ from .gauge import canonicalize
 from .merge import MergeReport, merge
 from .model import ShareModel, match_modules
 from .peft_io import export_peft, load_peft_adapter
+from .remove import RemoveReport, remove_tasks
 from .subspace import ModuleBasis, Subspace, TaskCoefficients
 from .update import TaskUpdate
 
@@ -20,6 +21,7 @@ __all__ = [
     "LoraAdapter",
     "MergeReport",
     "ModuleBasis",
+    "RemoveReport",
     "ShareModel",
     "Subspace",
     "TaskCoefficients",
@@ -29,4 +31,5 @@ __all__ = [
     "load_peft_adapter",
     "match_modules",
     "merge",
+    "remove_tasks",
 ]

@@ -1,0 +1,199 @@
+"""Retiring tasks: a new subspace without them, its bases refitted exactly to the tasks that remain.
+
+Per module and side the remaining tasks' coordinates ``E`` (``k x sum p``, side by side) are known,
+and ``U E`` is each task's factor, so the best basis for exactly these tasks is ``U W`` with ``W`` the
+left singular vectors of ``E`` (the eigenvectors of its ``k x k`` Gram): no ``n``-sized work, no
+original adapter needed. Each remaining task's coefficients rotate to ``W.T E_i``. Directions that hold
+no remaining task's energy (within the float32 precision the state is stored at) are dropped; the
+policy may drop more (fixed ``k``, explained variance, or the fewest directions that keep every
+task within ``max_error``), and every remaining task's error is measured as a merge measures it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import KPolicy
+from .errors import ShareClError
+from .merge import (
+    _RANK_TOL,
+    DRIFT_BOUND,
+    ENERGY_KEPT,
+    ERROR_BOUND,
+    MODULE_DRIFT,
+    RECONSTRUCTION_ERROR,
+    MergeReport,
+    _choose_k,
+    _choose_k_bounded,
+    _Drift,
+    _frobenius_sq_of_product,
+    _groups_by_width,
+    _kept_fraction,
+    _module_drift_before,
+    _pushed_over,
+    _Side,
+    _track_drift,
+    _track_module_drift,
+)
+from .subspace import ModuleBasis, Subspace, TaskCoefficients, UnknownTaskError, check_task_name
+
+# Metadata key of the returned subspace: which tasks were removed from it, oldest removal first.
+REMOVED_TASKS = "removed_tasks"
+
+
+@dataclass
+class RemoveReport(MergeReport):
+    """What a removal did, in ``MergeReport``'s terms for the tasks that remain (``new_tasks`` is empty).
+
+    ``reconstruction_error`` is each remaining task's error of this step (zero unless the policy
+    truncated below the rank the remaining tasks need); ``error_bound`` their cumulative bound.
+    """
+
+    removed_tasks: list[str] = field(default_factory=list)
+    k_before: dict[str, tuple[int, int]] = field(default_factory=dict)  # module -> (k_A, k_B) before the removal
+
+
+def remove_tasks(
+    subspace: Subspace, tasks: Sequence[str], policy: KPolicy | None = None
+) -> tuple[Subspace, RemoveReport]:
+    """A new subspace without ``tasks``, each module's bases refitted to the remaining tasks.
+
+    The input is not modified. ``policy`` defaults to the subspace's own. Nothing of a removed task
+    (coefficients, head, metadata) is in the result; its name is listed in the result's
+    ``metadata["removed_tasks"]``. Raises ``ShareClError`` for an empty list, a repeated or unknown
+    task, or removing every task.
+    """
+    start = time.perf_counter()
+    removed = _check_removal(subspace, tasks)
+    if policy is None:
+        policy = subspace.policy
+    names = [t for t in subspace.tasks if t not in removed]
+    before = {name: _module_drift_before(subspace.tasks[name].metadata) for name in names}
+
+    new_bases: dict[str, ModuleBasis] = {}
+    new_E: dict[str, dict[str, tuple[Tensor, Tensor]]] = {name: {} for name in names}
+    sq_err: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in names}
+    k_out: dict[str, tuple[int, int]] = {}
+    variance: dict[str, tuple[float, float]] = {}
+    capped: list[str] = []
+    for m, basis in subspace.modules.items():
+        widths = [subspace.tasks[t].E[m][0].shape[1] for t in names]
+        A = _refit_side(basis.U_A, [subspace.tasks[t].E[m][0] for t in names], widths)
+        B = _refit_side(basis.U_B, [subspace.tasks[t].E[m][1] for t in names], widths)
+        groups = _groups_by_width(names, widths, A.C, B.C)
+        if policy.max_error is not None:
+            drift = {t: before[t].get(m, _Drift(None, 0.0)) for t in names}
+            k_A, k_B, met = _choose_k_bounded(groups, A, B, drift, policy.max_error, policy.k_max)
+            if not met:
+                capped.append(m)
+        else:
+            k_A, k_B = _choose_k(A.eigvals, policy), _choose_k(B.eigvals, policy)
+        W_A, W_B = A.eigvecs[:, :k_A], B.eigvecs[:, :k_B]
+        new_bases[m] = ModuleBasis(U_A=(A.extended @ W_A).to(torch.float32), U_B=(B.extended @ W_B).to(torch.float32))
+        k_out[m] = (k_A, k_B)
+        variance[m] = (_kept_fraction(A.eigvals, k_A), _kept_fraction(B.eigvals, k_B))
+        for group_names, group_A, group_B in groups:
+            E_A, E_B = W_A.T @ group_A, W_B.T @ group_B
+            total = _frobenius_sq_of_product(group_B, group_A)
+            kept = _frobenius_sq_of_product(E_B, E_A)
+            E_A32, E_B32 = E_A.to(torch.float32), E_B.to(torch.float32)
+            for i, name in enumerate(group_names):
+                new_E[name][m] = (E_A32[i], E_B32[i])
+                sq_err[name][m] = (max(float(total[i] - kept[i]), 0.0), max(float(total[i]), 0.0))
+
+    report = RemoveReport(
+        new_tasks=[],
+        k=k_out,
+        explained_variance=variance,
+        reconstruction_error={},
+        seconds=0.0,
+        max_error=policy.max_error,
+        capped_modules=capped,
+        removed_tasks=removed,
+        k_before=subspace.k(),
+    )
+    kept_tasks: dict[str, TaskCoefficients] = {}
+    for name in names:
+        source = subspace.tasks[name]
+        metadata = dict(source.metadata)
+        diff = sum(e for e, _ in sq_err[name].values())
+        norm = sum(n for _, n in sq_err[name].values())
+        report.reconstruction_error[name] = (diff / norm) ** 0.5 if norm > 0 else 0.0
+        report.module_error[name] = {mod: (e / n) ** 0.5 if n > 0 else 0.0 for mod, (e, n) in sq_err[name].items()}
+        metadata[RECONSTRUCTION_ERROR] = report.reconstruction_error[name]
+        _track_drift(metadata, diff, norm, entering=False)
+        _track_module_drift(metadata, sq_err[name], before[name])
+        report.module_drift[name] = dict(metadata[MODULE_DRIFT])
+        report.error_bound[name] = metadata[ERROR_BOUND]
+        report.energy_kept[name] = metadata[ENERGY_KEPT]
+        report.drift_bound[name] = metadata[DRIFT_BOUND]
+        if policy.max_error is not None and _pushed_over(report.module_drift[name], before[name], policy.max_error):
+            report.over_bound[name] = metadata[ERROR_BOUND]
+        kept_tasks[name] = TaskCoefficients(E=new_E[name], head=dict(source.head), metadata=metadata)
+
+    metadata = dict(subspace.metadata)
+    previous = metadata.get(REMOVED_TASKS)
+    metadata[REMOVED_TASKS] = [*(previous if isinstance(previous, list) else []), *removed]
+    result = Subspace(modules=new_bases, tasks=kept_tasks, policy=policy, metadata=metadata)
+    report.seconds = time.perf_counter() - start
+    return result, report
+
+
+def _check_removal(subspace: Subspace, tasks: Sequence[str]) -> list[str]:
+    """The tasks to remove, as a list, after every check (nothing is computed before)."""
+    if isinstance(tasks, str):
+        raise ShareClError(f"tasks must be a list of task names, got the string {tasks!r}; pass [{tasks!r}]")
+    removed = list(tasks)
+    if not removed:
+        raise ShareClError("nothing to remove: name at least one task of the subspace")
+    for name in removed:
+        check_task_name(name)
+    repeated = sorted({t for t in removed if removed.count(t) > 1})
+    if repeated:
+        raise ShareClError(f"task(s) {', '.join(map(repr, repeated))} named more than once; name each task once")
+    unknown = [t for t in removed if t not in subspace.tasks]
+    if unknown:
+        raise UnknownTaskError(
+            f"cannot remove unknown task(s) {', '.join(map(repr, unknown))}; the subspace holds: "
+            f"{', '.join(subspace.tasks) or 'none'}"
+        )
+    if len(removed) == len(subspace.tasks):
+        raise ShareClError(
+            f"removing {', '.join(map(repr, removed))} would remove every task of the subspace and leave its bases "
+            "spanning nothing; keep at least one task (to start over, use a new store namespace or folder)"
+        )
+    return removed
+
+
+def _refit_side(U: Tensor, coefficients: list[Tensor], widths: list[int]) -> _Side:
+    """One side of one module: the remaining tasks' coordinates ``C`` in ``U`` and the directions of ``U``
+    that hold their energy, strongest first (``eigvecs``, ``k x r``), with the Gram's eigenvalues.
+
+    The left singular vectors of ``C`` (not an eigendecomposition of its Gram) keep a weak task's
+    directions apart from round-off. A direction counts if some task holds more than ``_RANK_TOL`` of
+    its own norm there: the stored float32 coefficients put ~1e-7 of every task into the directions
+    only the removed tasks used, which are dropped.
+    """
+    U64 = U.to(torch.float64)
+    C = torch.cat(coefficients, dim=1).to(torch.float64)
+    k = C.shape[0]
+    W, s, _ = torch.linalg.svd(C, full_matrices=True)
+    eigvals = torch.zeros(k, dtype=torch.float64)
+    eigvals[: s.shape[0]] = s.square()
+    projected = W.T @ C  # k x sum p: each task's coordinates along each direction
+    significant = torch.zeros(k, dtype=torch.bool)
+    offset = 0
+    for width in widths:
+        block = projected[:, offset : offset + width]
+        offset += width
+        norm = float(torch.linalg.matrix_norm(block))
+        if norm > 0:
+            significant |= torch.linalg.vector_norm(block, dim=1) > _RANK_TOL * norm
+    found = torch.nonzero(significant).flatten()
+    rank = int(found[-1]) + 1 if found.numel() else 1  # at least one direction, so shapes stay valid
+    return _Side(extended=U64, C=C, eigvals=eigvals[:rank], eigvecs=W[:, :rank])
