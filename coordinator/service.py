@@ -11,6 +11,12 @@ One bad submission never blocks the others: whatever makes its merge fail (an ex
 ``share.merge``, or leaving a task over the policy's ``max_error`` when its job does not allow that) is
 isolated by bisecting the batch (``isolation.py``) and the submission is rejected with the reason.
 
+A removal request (``subspace_store.RemovalRequest``) in the stream is handled in stream order: the
+submissions read before it are merged first, then it is published as its own version (the head
+without its tasks, bases refitted by ``share.remove_tasks``; ``metadata["removal"]`` records it), and
+what was read after it is handed back to the next step. Older versions keep the removed tasks until
+retention prunes them.
+
 Every MLflow merge run this process opens is ended: finished once its version is published,
 FAILED when it is not, and, when a publish ended in an error that leaves its outcome unknown (Redis
 went away), settled at the next step or at ``close``.
@@ -25,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from share import KPolicy, Subspace
+from share import KPolicy, Subspace, remove_tasks
 from share.errors import ShareClError
 from subspace_store import (
     HeadConflictError,
@@ -36,6 +42,7 @@ from subspace_store import (
     SubmissionStream,
     SubspaceStore,
 )
+from subspace_store.stream import RemovalRequest, StreamItem
 
 from .crash import AFTER_MERGE, AFTER_PUBLISH, AFTER_READ, CrashPoints
 from .evaluation import Evaluation
@@ -46,6 +53,8 @@ from .tracking import MergeTracker
 from .validation import BASE_MODEL_KEY, BaseCache, check_batch
 
 log = logging.getLogger(__name__)
+
+REMOVAL_KEY = "removal"  # version metadata of a removal: request id, tasks, reason, parent, errors
 
 
 @dataclass
@@ -60,6 +69,7 @@ class StepResult:
     rejected: dict[str, str] = field(default_factory=dict)  # submission id -> reason
     acknowledged: list[str] = field(default_factory=list)  # already merged earlier: acknowledged only
     deferred: list[str] = field(default_factory=list)  # still pending: merged into the next version instead
+    removed: dict[str, list[str]] = field(default_factory=dict)  # removal request id -> tasks it took out
     over_bound: dict[str, float] = field(default_factory=dict)  # task -> error bound, merged over it (allowed)
     head_conflicts: int = 0
     merge_seconds: float = 0.0
@@ -119,7 +129,15 @@ class Coordinator:
         self._last_recover = 0.0
         self._lock = threading.Lock()
         self._open_runs: dict[str, str | None] = {}  # MLflow run -> its version if known: not ended yet
-        self.counters = {"steps": 0, "merges": 0, "merged": 0, "rejected": 0, "recovered": 0, "head_conflicts": 0}
+        self.counters = {
+            "steps": 0,
+            "merges": 0,
+            "merged": 0,
+            "rejected": 0,
+            "recovered": 0,
+            "head_conflicts": 0,
+            "removals": 0,
+        }
         self.last_version: str | None = None
         self.last_error: str | None = None
 
@@ -235,7 +253,7 @@ class Coordinator:
                 return result
             self.crash.fire(AFTER_READ)
             try:
-                self._merge_batch(batch, result)
+                self._handle(batch, result)
             except BaseException:
                 self._need_recover = True  # what we hold is still pending: take it back next step
                 raise
@@ -245,7 +263,27 @@ class Coordinator:
             self.last_error = None
             return result
 
-    def _take(self, max_batch: int, block_ms: int | None, result: StepResult) -> list[Submission]:
+    def _handle(self, batch: list[StreamItem], result: StepResult) -> None:
+        """Merge the submissions before the first removal request, or, when the batch starts with one,
+        publish that removal. What comes after stays pending and is taken back, in order, next step."""
+        cut = next((i for i, item in enumerate(batch) if isinstance(item, RemovalRequest)), None)
+        if cut is None:
+            self._merge_batch(batch, result)  # type: ignore[arg-type]  # no removal: submissions only
+            return
+        now, later = (batch[:1], batch[1:]) if cut == 0 else (batch[:cut], batch[cut:])
+        if later:
+            self._need_recover = True  # our own pending entries come back first, in stream order
+        try:
+            if cut == 0:
+                request = now[0]
+                assert isinstance(request, RemovalRequest)
+                self._remove(request, result)
+            else:
+                self._merge_batch(now, result)  # type: ignore[arg-type]  # everything before the cut is a submission
+        finally:
+            result.deferred += [item.id for item in later if item.id is not None]
+
+    def _take(self, max_batch: int, block_ms: int | None, result: StepResult) -> list[StreamItem]:
         now = time.monotonic()
         if self._need_recover or now - self._last_recover >= self.recover_every_s:
             held = self.stream.recover(self.consumer, min_idle_ms=self.recover_idle_ms, count=max_batch)
@@ -364,6 +402,105 @@ class Coordinator:
             f"gave up merging {len(todo)} submission(s) after {self.max_conflicts} head conflicts; another "
             "publisher keeps moving the head of this namespace: run one coordinator per namespace"
         )
+
+    def _remove(self, request: RemovalRequest, result: StepResult) -> None:
+        """Publish the head without ``request.tasks`` (bases refitted to the rest), acknowledging the
+        request in the same transaction; or reject it with the reason (a task the head does not hold,
+        every task, no head yet). A request some version already carries out is only acknowledged."""
+        assert request.id is not None
+        for _ in range(self.max_conflicts):
+            parent, head = self._load_head()
+            done = self._removal_version(request.id)
+            if done is not None:
+                self._acknowledge_merged(request.id)
+                result.acknowledged.append(request.id)
+                return
+            try:
+                if head is None or parent is None:
+                    raise ShareClError(f"namespace {self.store.namespace!r} holds no version yet")
+                reduced, report = remove_tasks(head, request.tasks, self.policy)
+            except ShareClError as err:
+                reason = f"cannot remove {', '.join(request.tasks)} from {parent or 'an empty namespace'}: {err}"
+                self.stream.reject(request.id, reason)
+                result.rejected[request.id] = reason
+                log.info("rejected removal request %s: %s", request.id, reason)
+                return
+            if report.over_bound:
+                log.warning("removing %s leaves tasks over max_error: %s", request.tasks, report.over_bound)
+            self.crash.fire(AFTER_MERGE)
+
+            run_id = self.tracking.start(parent, []) if self.tracking is not None else None
+            metadata = {
+                RUN_ID_KEY: run_id,
+                REMOVAL_KEY: {
+                    "request": request.id,
+                    "tasks": list(request.tasks),
+                    "reason": request.reason,
+                    "parent": parent,
+                    "metadata": request.metadata,
+                    "k_before": {m: list(k) for m, k in report.k_before.items()},
+                    "reconstruction_error": dict(report.reconstruction_error),
+                    "error_bound": dict(report.error_bound),
+                },
+                COORDINATOR_KEY: {
+                    "consumer": self.consumer,
+                    "new_tasks": [],
+                    "submissions": {},
+                    "removed_tasks": list(request.tasks),
+                    "explained_variance": {m: list(v) for m, v in report.explained_variance.items()},
+                    "merge_seconds": report.seconds,
+                    "batch_size": 0,
+                    "head_conflicts": result.head_conflicts,
+                    "rejected": len(result.rejected),
+                    "merge_attempts": 1,
+                    "over_bound": dict(report.over_bound),
+                    "max_error": report.max_error,
+                },
+            }
+            started = time.perf_counter()
+            try:
+                version = self.stream.publish_with_ack(self.store, reduced, parent, [request], metadata)
+            except HeadConflictError as err:
+                log.info("head moved (%s); removing again from the new head", err.actual)
+                reason = f"head conflict: {parent} -> {err.actual}"
+                if self.tracking is not None and run_id is not None and not self.tracking.abandon(run_id, reason):
+                    self._open_runs[run_id] = None
+                result.head_conflicts += 1
+                continue
+            except SubmissionError as err:
+                # Another consumer settled the request meanwhile: nothing is left to do.
+                if self.tracking is not None and run_id is not None and not self.tracking.abandon(run_id, str(err)):
+                    self._open_runs[run_id] = None
+                log.info("removal request %s settled elsewhere: %s", request.id, err)
+                return
+            except BaseException:
+                if run_id is not None:
+                    self._open_runs[run_id] = None
+                raise
+            result.publish_seconds = time.perf_counter() - started
+            self._head, self._head_version = reduced, version
+            self.bases.put(version, Subspace(modules=reduced.modules, policy=reduced.policy, metadata=reduced.metadata))
+            self.crash.fire(AFTER_PUBLISH)
+            result.version, result.parent, result.merge_seconds = version, parent, report.seconds
+            result.removed = {request.id: list(request.tasks)}
+            result.over_bound = dict(report.over_bound)
+            self.counters["removals"] += 1
+            self.last_version = version
+            log.info("published %s: -%s (parent %s)", version, request.tasks, parent)
+            self._after_publish(version, reduced, run_id, result)
+            return
+        raise StoreError(
+            f"gave up removing {request.tasks} after {self.max_conflicts} head conflicts; another publisher keeps "
+            "moving the head of this namespace: run one coordinator per namespace"
+        )
+
+    def _removal_version(self, request_id: str) -> str | None:
+        """The version that already carries out removal ``request_id`` (published, ack lost), or None."""
+        for info in reversed(self.store.list_versions()):
+            removal = info.metadata.get(REMOVAL_KEY)
+            if isinstance(removal, dict) and removal.get("request") == request_id:
+                return info.version
+        return None
 
     def _after_publish(self, version: str, merged: Subspace, run_id: str | None, result: StepResult) -> None:
         if run_id is not None:

@@ -48,6 +48,7 @@ class SubmissionKind(StrEnum):
 
     ADAPTER = "adapter"  # full LoRA factors (a cold start, an external adapter)
     UPDATE = "update"  # coefficients and temporary directions relative to its base version
+    REMOVAL = "removal"  # no payload: a request to take tasks out of the head (``stream.RemovalRequest``)
 
 
 @dataclass(frozen=True)

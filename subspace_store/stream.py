@@ -13,6 +13,12 @@ A submission may carry an ``attempt_key`` (one task of one job, the same for eve
 entry's id is recorded under that key in the same transaction as the entry (``attempts`` hash), so a
 retried task finds what an earlier attempt submitted from Redis alone (``submitted``), and submitting
 again under the same key returns the first id instead of adding a second entry.
+
+A ``RemovalRequest`` (``submit_removal``) is an entry of the same stream without a payload: take
+these tasks out of the head. Being in the stream, it is ordered with the submissions around it (the
+coordinator merges what came before it, publishes the removal, then merges what came after), and it
+is acknowledged, like a submission, only in the transaction that publishes the version without the
+tasks (or that records its rejection). ``read`` and ``recover`` return both kinds, in stream order.
 """
 
 from __future__ import annotations
@@ -86,6 +92,21 @@ class Submission:
         if base is None:
             raise StoreError(f"submission {self.task!r} is a coefficient update; pass its base version's subspace")
         return self.update.to_adapter(base, self.task)
+
+
+@dataclass
+class RemovalRequest:
+    """Take ``tasks`` out of the head: the coordinator publishes a version without them, with the bases
+    refitted to the remaining tasks (``share.remove_tasks``). ``reason`` is recorded in that version."""
+
+    tasks: list[str]
+    reason: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None  # stream entry id, set by submit_removal/read
+    deliveries: int = 0
+
+
+StreamItem = Submission | RemovalRequest  # what read() and recover() hand out, in stream order
 
 
 @dataclass(frozen=True)
@@ -213,6 +234,44 @@ class SubmissionStream:
         submission.id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         return submission.id
 
+    def submit_removal(self, request: RemovalRequest) -> str:
+        """Durably enqueue a request to remove ``request.tasks`` from the head; returns its id.
+
+        Only its form is checked here (names valid, none twice, JSON metadata); whether the head holds
+        the tasks is decided by the coordinator when it reaches the request, after everything before it.
+        """
+        tasks = request.tasks
+        if isinstance(tasks, str) or not isinstance(tasks, list | tuple) or not tasks:
+            raise StoreError(f"removal request: tasks must be a non-empty list of task names, got {tasks!r}")
+        for name in tasks:
+            check_task_name(name)
+        if len(set(tasks)) != len(tasks):
+            raise StoreError(f"removal request: tasks {list(tasks)} name a task more than once; name each once")
+        if request.reason is not None and not isinstance(request.reason, str):
+            raise StoreError(f"removal request: reason must be a string or None, got {request.reason!r}")
+        try:
+            metadata = json.dumps(request.metadata)
+        except (TypeError, ValueError) as err:
+            raise StoreError(f"removal request {list(tasks)}: metadata is not JSON-serializable ({err})") from None
+        self.ensure_group()
+        fields = {
+            "task": ",".join(tasks),  # task names hold no comma: what status rows show
+            "base_version": "",
+            # No payload. A key that never exists, in the namespace's slot: acks and rejections expire it.
+            "payload_key": self.keys.submission_payload("none"),
+            "sha256": "",
+            "bytes": "0",
+            "kind": SubmissionKind.REMOVAL.value,
+            "tasks": json.dumps(list(tasks)),
+            "reason": request.reason or "",
+            "metadata": metadata,
+            "allow_over_bound": "0",
+            "attempt_key": "",
+        }
+        entry_id = self.client.xadd(self.keys.stream, fields)
+        request.id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return request.id
+
     def submitted(self, attempt_key: str) -> SubmissionEntry | None:
         """The entry submitted under ``attempt_key`` (by any earlier attempt), or None if none was."""
         found = self.client.hget(self.attempts_key, attempt_key)
@@ -241,7 +300,7 @@ class SubmissionStream:
         )
 
     # -- consuming -----------------------------------------------------------------------------
-    def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[Submission]:
+    def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[StreamItem]:
         """New submissions for ``consumer`` (waits up to ``block_ms`` for one; None or 0: do not wait).
 
         A submission whose payload is missing or corrupted is rejected on the spot with that reason.
@@ -259,7 +318,7 @@ class SubmissionStream:
                 break
         return self._load([entry for _, entries in reply or [] for entry in entries], default_deliveries=1)
 
-    def recover(self, consumer: str, min_idle_ms: int = 60_000, count: int = 1000) -> list[Submission]:
+    def recover(self, consumer: str, min_idle_ms: int = 60_000, count: int = 1000) -> list[StreamItem]:
         """After a restart: ``consumer``'s own unacknowledged submissions, plus those other consumers have
         held for ``min_idle_ms`` (claimed for ``consumer``, XAUTOCLAIM)."""
         self.ensure_group()
@@ -295,7 +354,7 @@ class SubmissionStream:
             for r in rows
         ]
 
-    def _load(self, entries: list[Any], default_deliveries: int) -> list[Submission]:
+    def _load(self, entries: list[Any], default_deliveries: int) -> list[StreamItem]:
         deliveries = {}
         if entries:
             pipe = self.client.pipeline(transaction=False)
@@ -308,6 +367,12 @@ class SubmissionStream:
         for raw_id, raw_fields in entries:
             sid = raw_id.decode()
             fields = {k.decode(): v.decode() for k, v in raw_fields.items()}
+            if fields.get("kind") == SubmissionKind.REMOVAL:
+                try:
+                    out.append(_to_removal(sid, fields, deliveries.get(sid, default_deliveries)))
+                except (KeyError, ValueError) as err:
+                    self.reject(sid, f"unreadable removal request ({type(err).__name__}: {err}); request it again")
+                continue
             data = self.client.get(fields["payload_key"])
             problem = None
             if data is None:
@@ -444,14 +509,14 @@ class SubmissionStream:
         store: SubspaceStore,
         subspace: Subspace,
         parent: str | None,
-        submissions: Sequence[Submission | str],
+        submissions: Sequence[StreamItem | str],
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> str:
         """Publish ``subspace`` and acknowledge ``submissions`` in the same transaction."""
         if store.namespace != self.namespace:
             raise StoreError(f"store namespace {store.namespace!r} differs from stream namespace {self.namespace!r}")
-        ids = [s.id if isinstance(s, Submission) else s for s in submissions]
+        ids = [s if isinstance(s, str) else s.id for s in submissions]
         if any(i is None for i in ids):
             raise SubmissionError("a submission has no id; pass submissions returned by read() or recover()")
         return store.publish(subspace, parent, metadata, submission_ids=ids, group=self.group, **kwargs)
@@ -485,6 +550,18 @@ def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], de
         allow_over_bound=_flag(fields),
         attempt_key=fields.get("attempt_key") or None,
     )
+
+
+def _to_removal(sid: str, fields: dict[str, str], deliveries: int) -> RemovalRequest:
+    tasks = json.loads(fields["tasks"])
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks is {fields['tasks']!r}, expected a non-empty JSON list of task names")
+    for name in tasks:
+        check_task_name(name)
+    metadata = json.loads(fields.get("metadata") or "{}")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"metadata is {fields.get('metadata')!r}, expected a JSON object")
+    return RemovalRequest(tasks, fields.get("reason") or None, metadata, id=sid, deliveries=deliveries)
 
 
 def _flag(fields: dict[str, str]) -> bool:
