@@ -3,21 +3,28 @@
 ``demo_job()`` builds the job of ``jobs/examples/wordnet.yaml`` with the tasks found in the WordNet
 data folder (built first if missing) and small training budgets, so that a 2-core machine runs it
 end to end in minutes: local Ray, embedded Redis, MLflow in sqlite, the bundled all-MiniLM-L6-v2.
+``run_demo_job()`` runs it, printing the Ray dashboard's URL while it runs and, at the end, the
+``sharecl`` commands that look at what it published (with the ``--namespace`` they need: every demo
+run writes to a new ``demo-<time>`` namespace).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
 from jobs.datasets.glosses import prepare_wordnet_tasks
 from jobs.schema import JobConfig, TaskConfig, load_job
+
+if TYPE_CHECKING:
+    from jobs.runner import JobResult
 
 EXAMPLE = Path(__file__).parent / "examples" / "wordnet.yaml"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +85,54 @@ def demo_job(
         path = Path(tmp) / "demo.yaml"
         path.write_text(OmegaConf.to_yaml(OmegaConf.structured(base)), encoding="utf-8")
         return load_job(path, [*DEMO_SETTINGS, *overrides])
+
+
+def follow_up_commands(namespace: str, task: str) -> list[str]:
+    """The commands that look at what a job published into ``namespace`` and deploy ``task`` from it."""
+    ns, name = shlex.quote(namespace), shlex.quote(task)
+    return [
+        f"sharecl versions --namespace {ns}",
+        f"sharecl show head --namespace {ns}",
+        f"sharecl status --namespace {ns}",
+        f"sharecl tag head prod --namespace {ns}",
+        f"sharecl pull prod --task {name} -o {shlex.quote(task + '_peft')} --format peft --namespace {ns}",
+    ]
+
+
+def dashboard_url() -> str | None:
+    """The dashboard URL of the Ray this process is connected to; None if none runs (or Ray is not connected).
+
+    Ray hands the URL to whoever calls ``ray.init`` (the job runner here); its node object is where
+    everyone else finds it.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    node = getattr(ray._private.worker, "_global_node", None)
+    url = getattr(node, "webui_url", None) if node is not None else None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def run_demo_job(cfg: JobConfig, say: Callable[[str], None] | None = None) -> JobResult:
+    """Run the demo's job on a local Ray, saying where to watch it and how to look at what it published."""
+    from jobs.runner import say_line, start_job
+
+    say = say or say_line
+    running = start_job(cfg, say=say)
+    url = dashboard_url()
+    if url:
+        say(f"[demo] Ray dashboard (workers, tasks, logs) while the job runs: {url}")
+        say("[demo]   if it asks for a token: `ray get-auth-token`")
+    else:
+        say("[demo] this Ray runs without its dashboard (jobs.runner starts it with include_dashboard=False)")
+    result = running.wait()
+    task = cfg.tasks[0].name
+    say("")
+    say(f"[demo] the versions are in namespace {cfg.store.namespace!r}, not 'default'; look at them with:")
+    for line in follow_up_commands(cfg.store.namespace, task):
+        say(f"  {line}")
+    say(f"[demo] or `export SHARECL_NAMESPACE={shlex.quote(cfg.store.namespace)}` once; `sharecl namespaces` lists all")
+    return result

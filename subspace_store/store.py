@@ -33,12 +33,19 @@ from .codec import (
     encode_subspace,
 )
 from .errors import HeadConflictError, StoreError, TaskNotFoundError, VersionNotFoundError
-from .keys import Keys, check_version
+from .keys import Keys, check_namespace, check_version
 from .refs import resolve as _resolve
 from .refs import server_time
 from .tags import check_tag_name
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_FORMAT_VERSION", "SubspaceStore", "VersionInfo", "build_manifest"]
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_FORMAT_VERSION",
+    "SubspaceStore",
+    "VersionInfo",
+    "build_manifest",
+    "list_namespaces",
+]
 _UNSET: Any = object()
 _WRITE_CHUNK = 32 << 20  # bytes per pipeline round-trip when writing payloads
 
@@ -117,6 +124,10 @@ class SubspaceStore:
         bases = dict(zip(modules, decoded[: len(modules)], strict=True))
         task_entries = dict(zip(wanted, decoded[len(modules) :], strict=True))
         return assemble(manifest, bases, task_entries)
+
+    def version_count(self) -> int:
+        """How many committed versions the namespace holds (pruned ones not counted)."""
+        return int(self.client.zcard(self.keys.versions))
 
     def tags(self) -> dict[str, str]:
         """Tag -> version id; a tag or target that share-cl could not have written raises ``StoreError``."""
@@ -239,6 +250,33 @@ class SubspaceStore:
         they started.
         """
         return retention.prune(self, keep, dry_run=dry_run, orphan_grace_s=orphan_grace_s)
+
+
+# Keys whose presence makes a namespace exist: its head (a version was committed) or its submission stream.
+_NAMESPACE_MARKERS = ("head", "submissions")
+
+
+def list_namespaces(client: redis.Redis) -> list[str]:
+    """Every namespace of this Redis that holds a committed version or a submission, sorted.
+
+    Found by SCAN over the keys that mark a namespace (``sharecl:{<namespace>}:head`` and
+    ``...:submissions``), never KEYS, so a large database is not blocked. A name read back is kept
+    only if it is a valid namespace (``keys.check_namespace``): share-cl could not have written any
+    other, and such a key (another program's, or ``{`` and ``}`` inside the braces) is skipped.
+    """
+    found: set[str] = set()
+    for marker in _NAMESPACE_MARKERS:
+        start, end = b"sharecl:{", f"}}:{marker}".encode()
+        for raw in client.scan_iter(match=f"sharecl:{{*}}:{marker}", count=1000):
+            key = raw if isinstance(raw, bytes) else str(raw).encode()
+            if not (key.startswith(start) and key.endswith(end)):
+                continue
+            name = key[len(start) : -len(end)].decode(errors="replace")
+            try:
+                found.add(check_namespace(name))
+            except StoreError:
+                continue
+    return sorted(found)
 
 
 def _version(raw: bytes, where: str) -> str:

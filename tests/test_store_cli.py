@@ -37,7 +37,8 @@ def test_push_versions_show_tag_pull(cli, tmp_path, make_adapter) -> None:
     assert [r["version"] for r in rows] == ["v1", "v2"] and rows[0]["metadata"]["mlflow_run_id"] == "r1"
 
     code, out, _ = cli("show", "prod")
-    assert code == 0 and "version v1" in out and "layer.0.query: 24x16" in out and "reconstruction error" in out
+    assert code == 0 and out.startswith("version:") and "v1 (tag prod)" in out.splitlines()[0]
+    assert "layer.0.query  24x16" in out and "reconstruction error" in out and "metadata.mlflow_run_id: r1" in out
     assert json.loads(cli("show", "v2", "--json")[1])["parent"] == "v1"
 
     assert cli("tag", "v2", "canary")[1].strip() == "canary -> v2"

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.commands.options import add_store_options
+from jobs.commands.options import add_store_options, namespace_given
 from jobs.errors import CLIError
 
 NAMESPACE_ENV = "SHARECL_NAMESPACE"
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run a job file on Ray: train every task, merge every result",
         description="Run JOB.yaml: one Ray task per task job, merged by the namespace's coordinator.",
     )
-    submit.add_argument("job", metavar="JOB.yaml")
+    submit.add_argument("job", metavar="JOB.yaml", help="job file (examples in jobs/examples/; check it with validate)")
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.steps=50")
     submit.add_argument(
         "--address",
@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--base-dir", default=None, help=argparse.SUPPRESS)  # set by the Jobs API entrypoint
     submit.set_defaults(func=run_submit)
 
-    status = subparsers.add_parser("status", help="jobs, tasks, submissions and versions of a namespace")
+    status = subparsers.add_parser(
+        "status", help="jobs, tasks, submissions and versions of a namespace (without one: every namespace)"
+    )
     add_store_options(status)
     status.add_argument("--mlflow-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else the sqlite default")
     status.add_argument("--experiment", default=None, help="MLflow experiment (default: the namespace)")
@@ -69,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapters = subparsers.add_parser("adapters", help="feed external PEFT LoRA adapters into the stream")
     sub = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
     add = sub.add_parser("add", help="submit PEFT LoRA folders as new tasks; the coordinator merges them")
-    add.add_argument("folders", nargs="+", metavar="DIR")
+    add.add_argument("folders", nargs="+", metavar="DIR", help="PEFT LoRA folders (as save_pretrained writes them)")
     add.add_argument(
         "--task",
         dest="tasks",
@@ -329,6 +331,10 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[JobRow]:
 def run_status(args: argparse.Namespace) -> int:
     from subspace_store.tracking import resolve_mlflow_uri
 
+    if not namespace_given(args):  # every namespace, as `sharecl namespaces` lists them (jobs.commands.store)
+        from jobs.commands.store import status_of_every_namespace
+
+        return status_of_every_namespace(args)
     store, stream = _open_store(args)
     namespace = store.namespace
     uri = resolve_mlflow_uri(args.mlflow_uri)
@@ -541,8 +547,8 @@ def run_coordinator_stop(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from jobs.demo import default_data_dir, demo_job
-    from jobs.runner import run_job, say_line
+    from jobs.demo import default_data_dir, demo_job, run_demo_job
+    from jobs.runner import say_line
 
     started = time.time()
     data = Path(args.data) if args.data else default_data_dir()
@@ -552,6 +558,6 @@ def run_demo(args: argparse.Namespace) -> int:
         f"and MLflow; namespace {cfg.store.namespace!r}",
         flush=True,
     )
-    result = run_job(cfg)
+    result = run_demo_job(cfg)
     print(f"[demo] done in {time.time() - started:.0f}s")
     return 0 if result.ok else 1

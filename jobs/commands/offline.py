@@ -1,14 +1,19 @@
-"""Offline commands (no services): ``compress``, ``add``, ``export``, ``info`` on a subspace folder.
+"""Offline commands (no services): ``compress``, ``add``, ``export``, ``info`` on a subspace folder, and
+``validate`` on a job file.
 
 sharecl compress ADAPTER_DIR... -o SUBSPACE_DIR [--max-error EPS | --variance F | --k K] [--k-max K] [--task NAME ...]
 sharecl add SUBSPACE_DIR ADAPTER_DIR [--task NAME] [--max-error EPS | --variance F | --k K] [--k-max K]
+            [--allow-over-bound]
 sharecl export SUBSPACE_DIR --task NAME -o DIR [--layout auto|sharecl|encoder-classifier|causal-lm] [--base-model M]
 sharecl info SUBSPACE_DIR [--json]
+sharecl validate JOB.yaml [KEY=VALUE ...]
 
 Every write goes to a temporary folder that is then renamed, so an error leaves SUBSPACE_DIR as it was.
 ``compress`` chooses k as a job does (the job schema's ``adapter`` defaults); ``add`` keeps the
 subspace's own policy unless told otherwise, and maps the adapter's module names onto the subspace's
-when exactly one prefix change does it (``--module-prefix FROM=TO`` to choose).
+when exactly one prefix change does it (``--module-prefix FROM=TO`` to choose). Both print every
+task's reconstruction error and error bound; ``add`` refuses (and writes nothing) when the merge would
+leave a task over the policy's ``max_error``, unless ``--allow-over-bound``, as the coordinator does.
 
 ``export`` (and ``sharecl pull --format peft``, through :func:`export_task`) writes an adapter for the
 standard Hugging Face class of the model the task was trained on: the layout comes from the builder
@@ -62,10 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compress = subparsers.add_parser(
         "compress",
         help="build a subspace folder from PEFT LoRA adapter folders",
-        description="Compress PEFT LoRA adapters into one Share subspace (Phase 1, data-free).",
+        description="Compress PEFT LoRA adapters into one Share subspace folder (data-free). Prints every "
+        "task's reconstruction error and error bound, and warns when k_max kept a task over --max-error.",
     )
-    compress.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA folders (save_pretrained)")
-    compress.add_argument("-o", "--output", required=True, metavar="SUBSPACE_DIR", help="folder to write")
+    compress.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA folders (as save_pretrained writes them)"
+    )
+    compress.add_argument(
+        "-o", "--output", required=True, metavar="SUBSPACE_DIR", help="folder to write (new, empty, or --overwrite)"
+    )
     _policy_options(compress, compress=True)
     compress.add_argument(
         "--task",
@@ -81,9 +91,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compress.set_defaults(func=run_compress)
 
-    add = subparsers.add_parser("add", help="merge one more PEFT LoRA adapter into a subspace folder")
-    add.add_argument("subspace", metavar="SUBSPACE_DIR")
-    add.add_argument("adapter", metavar="ADAPTER_DIR")
+    add = subparsers.add_parser(
+        "add",
+        help="merge one more PEFT LoRA adapter into a subspace folder",
+        description="Merge one PEFT LoRA adapter into a subspace folder as a new task (data-free): the bases are "
+        "updated and every old task re-projected. Prints every task's reconstruction error and error bound; a "
+        "merge that would leave a task over the policy's max_error is refused unless --allow-over-bound. On any "
+        "error SUBSPACE_DIR is left as it was.",
+    )
+    add.add_argument("subspace", metavar="SUBSPACE_DIR", help="subspace folder to add to (written by compress or pull)")
+    add.add_argument("adapter", metavar="ADAPTER_DIR", help="PEFT LoRA folder of the new task")
     add.add_argument("--task", default=None, metavar="NAME", help="task name (default: the adapter folder's name)")
     add.add_argument(
         "--module-prefix",
@@ -94,20 +111,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "them the subspace's, if its names are not already)",
     )
     _policy_options(add, compress=False)
+    add.add_argument(
+        "--allow-over-bound",
+        action="store_true",
+        help="write the merge even if it leaves some task over the policy's max_error (refused otherwise)",
+    )
     add.set_defaults(func=run_add)
 
-    export = subparsers.add_parser("export", help="write one task as a PEFT LoRA folder")
-    export.add_argument("subspace", metavar="SUBSPACE_DIR")
-    export.add_argument("--task", required=True, metavar="NAME")
-    export.add_argument("-o", "--output", required=True, metavar="DIR")
+    export = subparsers.add_parser(
+        "export",
+        help="write one task as a PEFT LoRA folder",
+        description="Write one task of a subspace folder as a PEFT LoRA adapter (adapter_config.json, "
+        "adapter_model.safetensors, a model card), loadable with peft.PeftModel.from_pretrained.",
+    )
+    export.add_argument("subspace", metavar="SUBSPACE_DIR", help="subspace folder (written by compress, add or pull)")
+    export.add_argument("--task", required=True, metavar="NAME", help="the task to export (see `sharecl info`)")
+    export.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the adapter to")
     add_export_options(export)
     export.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
     export.set_defaults(func=run_export)
 
-    info = subparsers.add_parser("info", help="tasks, k per module, storage and reconstruction error")
-    info.add_argument("subspace", metavar="SUBSPACE_DIR")
+    info = subparsers.add_parser(
+        "info",
+        help="tasks, k per module, storage and reconstruction error",
+        description="Summarize a subspace folder: its tasks (rank, head, reconstruction error, error bound), k per "
+        "module, the bytes on disk against separate adapters, and the worst task.",
+    )
+    info.add_argument("subspace", metavar="SUBSPACE_DIR", help="subspace folder to summarize")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=run_info)
+
+    validate = subparsers.add_parser(
+        "validate",
+        help="check a job file and its task files without running anything",
+        description="Load JOB.yaml with the overrides as `sharecl submit` does, check it with the job schema and "
+        "read every task's Parquet splits (columns and metadata). Prints the resolved job, or every problem found; "
+        "exit status 0 if the job can be submitted, else 2.",
+    )
+    validate.add_argument("job", metavar="JOB.yaml", help="job file (examples in jobs/examples/)")
+    validate.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, as for `sharecl submit` (e.g. training.steps=50)"
+    )
+    validate.set_defaults(func=run_validate)
 
 
 def _progress(message: str) -> None:
@@ -151,6 +196,7 @@ def run_compress(args: argparse.Namespace) -> int:
     _progress(f"merging {len(adapters)} adapter(s)")
     subspace, report = merge(None, adapters, policy)
     subspace.save(output, overwrite=True)
+    _print_task_errors(report, policy)
     _warn_over_bound(report, policy)
     k_values = [k for pair in report.k.values() for k in pair]
     print(
@@ -160,17 +206,36 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_task_errors(report: MergeReport, policy: KPolicy) -> None:
+    """One line per task of the merged subspace: this merge's relative reconstruction error and the bound on
+    its error since it entered (what ``max_error`` holds), marked where it is over ``max_error``."""
+    tasks = list(report.reconstruction_error)
+    width = max(len("task"), *(len(t) for t in tasks))
+    bound = f"max_error {policy.max_error}" if policy.max_error is not None else "no max_error (k or variance rule)"
+    print(f"how much of each adapter was kept ({bound}):")
+    print(f"  {'task':<{width}}  {'reconstruction error':>20}  {'error bound':>11}")
+    for task in tasks:
+        over = "  over max_error" if task in report.over_bound else ""
+        print(
+            f"  {task:<{width}}  {report.reconstruction_error[task]:>20.3g}  "
+            f"{report.error_bound.get(task, float('nan')):>11.3g}{over}"
+        )
+
+
+def _over_bound_text(report: MergeReport, policy: KPolicy) -> str:
+    worst_first = sorted(report.over_bound.items(), key=lambda item: -item[1])
+    tasks = ", ".join(f"{task!r} {error:.3g}" for task, error in worst_first)
+    return (
+        f"{len(worst_first)} task(s) over max_error={policy.max_error} (error bound: {tasks}); "
+        f"k_max={policy.k_max} capped k in {len(report.capped_modules)} module(s)"
+    )
+
+
 def _warn_over_bound(report: MergeReport, policy: KPolicy) -> None:
     """Say on stderr which tasks the merge left over ``max_error`` (k_max kept k too small for them)."""
     if report.within_bound:
         return
-    worst_first = sorted(report.over_bound.items(), key=lambda item: -item[1])
-    tasks = ", ".join(f"{task!r} {error:.3g}" for task, error in worst_first)
-    _progress(
-        f"warning: {len(worst_first)} task(s) over max_error={policy.max_error} (error bound: {tasks}); "
-        f"k_max={policy.k_max} capped k in {len(report.capped_modules)} module(s). Raise --k-max, or pass a "
-        "larger --max-error to accept it"
-    )
+    _progress(f"warning: {_over_bound_text(report, policy)}. Raise --k-max, or pass a larger --max-error to accept it")
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -212,8 +277,15 @@ def run_add(args: argparse.Namespace) -> int:
         _progress(f"module names of {args.adapter}: prefix {str(prefix)!r} (now e.g. {next(iter(adapter.factors))})")
     policy = _policy(args, subspace.policy)
     merged, report = merge(subspace, {name: adapter}, policy)
+    if not report.within_bound and not args.allow_over_bound:
+        _print_task_errors(report, policy)
+        raise CLIError(
+            f"adding {name!r} to {args.subspace} would leave {_over_bound_text(report, policy)}; nothing was "
+            "written. Raise --k-max, pass a larger --max-error, or --allow-over-bound to accept it"
+        )
     merged.metadata.pop(PULLED_FROM, None)  # the bases moved: this folder is no longer the version it was pulled as
     merged.save(args.subspace, overwrite=True)
+    _print_task_errors(report, policy)
     _warn_over_bound(report, policy)
     worst = max(report.reconstruction_error, key=report.reconstruction_error.get)
     print(
@@ -473,3 +545,75 @@ def run_info(args: argparse.Namespace) -> int:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
+
+
+# -- validate a job file ------------------------------------------------------------------------------
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """The resolved job (exit 0), or every problem of the job and of its task files (exit 2)."""
+    import dataclasses
+
+    import yaml
+
+    from jobs.errors import JobConfigError
+    from jobs.schema import load_job
+    from subspace_store import redact
+
+    try:
+        cfg = load_job(args.job, args.overrides)
+    except JobConfigError as err:
+        print(f"{args.job}: not valid; fix these and run `sharecl validate` again:\n{err}")
+        return 2
+    lines, problems = [], []
+    for i, task in enumerate(cfg.tasks):
+        found, summary = _check_task_files(task)
+        problems += [f"tasks.{i} ({task.name}): {problem}" for problem in found]
+        lines.append(f"  {task.name}: {summary}")
+    if problems:
+        print(f"{args.job}: the job is valid but its task files are not:")
+        print("\n".join(f"  - {problem}" for problem in problems))
+        return 2
+    resolved = dataclasses.asdict(cfg)
+    for section, key in (("store", "redis_url"), ("tracking", "mlflow_uri"), ("cluster", "address")):
+        if isinstance(resolved[section][key], str):
+            resolved[section][key] = redact(resolved[section][key])
+    print(f"# {args.job} with {len(args.overrides)} override(s), as `sharecl submit` would run it")
+    print(yaml.safe_dump(resolved, sort_keys=False).rstrip())
+    print(f"# task files ({len(cfg.tasks)} task(s)):")
+    print("\n".join(f"#{line}" for line in lines))
+    print(f"# valid: namespace {cfg.store.namespace!r}, MLflow experiment {cfg.experiment_name!r}")
+    return 0
+
+
+def _check_task_files(task: Any) -> tuple[list[str], str]:
+    """Read a task's splits as a worker would (``load_task_split``): the problems found, and a summary."""
+    from workers.instruction_data import load_task_split
+
+    problems, parts, splits = [], [], {}
+    for split in ("train", "eval"):
+        path = getattr(task, split)
+        if path is None:
+            continue
+        if "://" in path:
+            parts.append(f"{split} {path} (remote: read by the workers, not checked here)")
+            continue
+        try:
+            data = load_task_split(path)
+        except (ValueError, OSError) as err:  # FileNotFoundError, a ShareClError, or the reader's ValueError
+            problems.append(f"{split}: {err}")
+            continue
+        splits[split] = data
+        kind = f"{data.num_labels} classes" if data.num_labels else "instruction"
+        parts.append(f"{split} {len(data)} rows ({kind})")
+    train, evaluation = splits.get("train"), splits.get("eval")
+    if train is not None and len(train) == 0:
+        problems.append(f"train: {task.train} has no rows; add rows")
+    if train is not None and evaluation is not None and type(train) is not type(evaluation):
+        problems.append(f"eval: {task.eval} and {task.train} hold different kinds of split; write both in one format")
+    elif train is not None and evaluation is not None and train.label_names != evaluation.label_names:
+        problems.append(
+            f"eval: {task.eval} has classes {evaluation.label_names}, the training split {train.label_names}; "
+            "write both splits with the same label_names"
+        )
+    return problems, ", ".join(parts) or "-"

@@ -1,6 +1,7 @@
 """Store commands: the embedded Redis and the versions it holds.
 
 sharecl store start|stop|status          embedded redis-server in <data dir>/redis
+sharecl namespaces [--json]              every namespace: head, versions, tasks, submissions, last activity
 sharecl versions [--json]
 sharecl show VERSION|TAG [--json]
 sharecl tag VERSION NAME / sharecl untag NAME
@@ -9,7 +10,8 @@ sharecl push SUBSPACE_DIR [--meta KEY=VALUE ...] [--tag NAME] [--replace]
 sharecl prune --keep N [--dry-run]
 
 Every command takes --redis-url (default $SHARECL_REDIS_URL, else the embedded server, started if
-needed) and --namespace (default $SHARECL_NAMESPACE, else "default").
+needed) and, but for ``namespaces``, --namespace (default $SHARECL_NAMESPACE, else "default"). A command
+that finds its namespace empty names the namespaces that hold versions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,43 +30,95 @@ from jobs.commands.options import add_store_options, namespace
 from jobs.errors import CLIError
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(*, with_namespace: bool = True) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    add_store_options(parent)
+    add_store_options(parent, with_namespace=with_namespace)
     return parent
+
+
+_REF_HELP = "a version id (v3), a tag (prod), or head"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     common = _common()
-    store = subparsers.add_parser("store", parents=[common], help="start, stop or inspect the embedded Redis")
-    store.add_argument("action", choices=["start", "stop", "status"])
+    store = subparsers.add_parser(
+        "store",
+        parents=[common],
+        help="start, stop or inspect the embedded Redis",
+        description="Manage the embedded redis-server that holds the versions when no --redis-url or "
+        "$SHARECL_REDIS_URL is set (its data in $SHARECL_HOME/redis). Other commands start it on their own.",
+    )
+    store.add_argument(
+        "action",
+        choices=["start", "stop", "status"],
+        help="start it (if it is not running), stop it (data kept), or show its address and memory",
+    )
     store.add_argument("--port", type=int, default=None, help="port for `start` (default: a free one)")
     store.set_defaults(func=_guard(run_store))
 
-    versions = subparsers.add_parser("versions", parents=[common], help="list the subspace versions in the store")
+    namespaces = subparsers.add_parser(
+        "namespaces",
+        parents=[_common(with_namespace=False)],
+        help="list the namespaces in the store: head, versions, tasks, last activity",
+        description="List every namespace of the Redis that holds a version or a submission (each job writes to "
+        "its own: store.namespace of the job file, demo-<time> for the demo), with its head, number of versions, "
+        "the head's tasks, submissions and last activity. Pass one to other commands with --namespace NAME.",
+    )
+    namespaces.add_argument("--json", action="store_true", help="print one JSON list")
+    namespaces.set_defaults(func=_guard(run_namespaces))
+
+    versions = subparsers.add_parser(
+        "versions",
+        parents=[common],
+        help="list the subspace versions of a namespace",
+        description="List the committed versions of a namespace, oldest first: created, parent, tasks, k, size, "
+        "and which is the head, tagged or pinned by a running job.",
+    )
     versions.add_argument("--json", action="store_true", help="print one JSON list")
     versions.set_defaults(func=_guard(run_versions))
 
-    show = subparsers.add_parser("show", parents=[common], help="show one version's manifest")
-    show.add_argument("ref", metavar="VERSION|TAG")
+    show = subparsers.add_parser(
+        "show",
+        parents=[common],
+        help="show one version: metadata, modules, tasks",
+        description="Show one version's manifest readably: where it comes from (created, parent, merged "
+        "submissions, metadata such as the MLflow run), its modules with k, and its tasks with their "
+        "reconstruction error and error bound. --json prints the whole manifest for scripts.",
+    )
+    show.add_argument("ref", metavar="VERSION|TAG", help=_REF_HELP)
     show.add_argument("--json", action="store_true", help="print the manifest as JSON")
     show.set_defaults(func=_guard(run_show))
 
-    tag = subparsers.add_parser("tag", parents=[common], help="point a tag (prod, canary, ...) at a version")
-    tag.add_argument("ref", metavar="VERSION")
-    tag.add_argument("name", metavar="NAME")
+    tag = subparsers.add_parser(
+        "tag",
+        parents=[common],
+        help="point a tag (prod, canary, ...) at a version",
+        description="Point tag NAME at a version, moving it if it exists. Tagged versions are never pruned; "
+        "deployments follow a tag (`sharecl pull prod`, subspace_store.TagFollower).",
+    )
+    tag.add_argument("ref", metavar="VERSION", help=_REF_HELP)
+    tag.add_argument("name", metavar="NAME", help="the tag: letters, digits, '_', '.', '-' (e.g. prod)")
     tag.set_defaults(func=_guard(run_tag))
 
-    untag = subparsers.add_parser("untag", parents=[common], help="delete a tag")
-    untag.add_argument("name", metavar="NAME")
+    untag = subparsers.add_parser(
+        "untag", parents=[common], help="delete a tag", description="Delete a tag (the version stays)."
+    )
+    untag.add_argument("name", metavar="NAME", help="the tag to delete")
     untag.set_defaults(func=_guard(run_untag))
 
-    pull = subparsers.add_parser("pull", parents=[common], help="write a version (or some tasks) to a folder")
-    pull.add_argument("ref", metavar="VERSION|TAG")
+    pull = subparsers.add_parser(
+        "pull",
+        parents=[common],
+        help="write a version (or some tasks) to a folder",
+        description="Write a version to a folder: as a subspace folder (--format share; `sharecl export`, "
+        "`sharecl add` and `sharecl info` read it), or each task as a PEFT LoRA adapter with its model card "
+        "(--format peft).",
+    )
+    pull.add_argument("ref", metavar="VERSION|TAG", help=_REF_HELP)
     pull.add_argument(
         "--task", dest="tasks", action="append", default=None, metavar="NAME", help="only this task (repeatable)"
     )
-    pull.add_argument("-o", "--output", required=True, metavar="DIR")
+    pull.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write (new or empty)")
     pull.add_argument(
         "--format",
         choices=["share", "peft"],
@@ -80,8 +135,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
     pull.set_defaults(func=_guard(run_pull))
 
-    push = subparsers.add_parser("push", parents=[common], help="publish a subspace folder as a new version")
-    push.add_argument("folder", metavar="SUBSPACE_DIR")
+    push = subparsers.add_parser(
+        "push",
+        parents=[common],
+        help="publish a subspace folder as a new version",
+        description="Publish a subspace folder (from compress, add or pull) as the namespace's new head version.",
+    )
+    push.add_argument("folder", metavar="SUBSPACE_DIR", help="subspace folder to publish")
     push.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="version metadata (repeatable)")
     push.add_argument("--tag", default=None, metavar="NAME", help="also point this tag at the new version")
     push.add_argument(
@@ -92,7 +152,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.set_defaults(func=_guard(run_push))
 
     prune = subparsers.add_parser(
-        "prune", parents=[common], help="delete old versions (never the head, a tagged or a pinned one)"
+        "prune",
+        parents=[common],
+        help="delete old versions (never the head, a tagged or a pinned one)",
+        description="Delete all but the newest N versions of a namespace; the head, tagged versions and versions "
+        "pinned by running jobs are always kept.",
     )
     prune.add_argument("--keep", type=int, required=True, metavar="N", help="keep the newest N versions")
     prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
@@ -129,10 +193,33 @@ def _url(args: argparse.Namespace) -> str | None:
     return configured_url(args.redis_url)
 
 
-def _open(args: argparse.Namespace) -> Any:
+def _open(args: argparse.Namespace, *, need_versions: bool = False) -> Any:
+    """The namespace's store; with ``need_versions``, a namespace without a version is an error that names
+    the namespaces holding versions."""
     from subspace_store import SubspaceStore, connect
 
-    return SubspaceStore(connect(args.redis_url), namespace(args))
+    store = SubspaceStore(connect(args.redis_url), namespace(args))
+    if need_versions and store.head() is None:
+        raise CLIError(empty_namespace_message(store.client, store.namespace))
+    return store
+
+
+def empty_namespace_message(client: Any, name: str) -> str:
+    """ "namespace 'x' holds no version", with the namespaces that hold one (or how to make one)."""
+    from subspace_store import SubspaceStore
+    from subspace_store.store import list_namespaces
+
+    others = [n for n in list_namespaces(client) if n != name and SubspaceStore(client, n).head() is not None]
+    if not others:
+        return (
+            f"namespace {name!r} holds no version, nor does any other namespace of this Redis; run a job "
+            "(`sharecl submit JOB.yaml`, `sharecl demo`) or publish a subspace folder with `sharecl push SUBSPACE_DIR`"
+        )
+    shown = ", ".join(others[:10]) + (f", ... ({len(others)} in all: `sharecl namespaces`)" if len(others) > 10 else "")
+    return (
+        f"namespace {name!r} holds no version; namespaces with versions: {shown}; pass --namespace NAME "
+        "(or set $SHARECL_NAMESPACE)"
+    )
 
 
 def _when(timestamp: float) -> str:
@@ -187,6 +274,103 @@ def run_store(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- namespaces -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NamespaceRow:
+    """One namespace of the store, as ``sharecl namespaces`` and ``sharecl status`` list it."""
+
+    namespace: str
+    head: str | None
+    versions: int
+    tasks: list[str]  # the head's
+    submissions: int
+    waiting: int  # submissions not yet merged or rejected
+    last_activity: float | None  # unix seconds: the newest version or submission
+
+
+def namespace_rows(client: Any) -> list[NamespaceRow]:
+    """Every namespace of the Redis behind ``client`` that holds a version or a submission."""
+    from subspace_store import SubmissionStream, SubspaceStore
+    from subspace_store.store import list_namespaces
+
+    rows = []
+    for name in list_namespaces(client):
+        store, stream = SubspaceStore(client, name), SubmissionStream(client, name)
+        head = store.head()
+        manifest = store.manifest(head) if head else None
+        subs = stream.summary(last=0)
+        newest = stream.latest_id()
+        times = [manifest["created"]] if manifest else []
+        if newest:
+            times.append(int(newest.split("-", 1)[0]) / 1000.0)  # a stream id starts with its time in ms
+        rows.append(
+            NamespaceRow(
+                namespace=name,
+                head=head,
+                versions=store.version_count(),
+                tasks=list(manifest["tasks"]) if manifest else [],
+                submissions=subs.total,
+                waiting=subs.pending + subs.queued,
+                last_activity=max(times, default=None),
+            )
+        )
+    return rows
+
+
+def print_namespaces(rows: list[NamespaceRow], where: str) -> None:
+    """The namespaces as a table, then how to look into one."""
+    if not rows:
+        print(
+            f"no namespace of {where} holds a version or a submission yet; run a job (`sharecl submit JOB.yaml`, "
+            "`sharecl demo`) or publish a subspace folder (`sharecl push SUBSPACE_DIR --namespace NAME`)"
+        )
+        return
+    width = max(len("namespace"), *(len(r.namespace) for r in rows))
+    print(f"{'namespace':<{width}}  {'head':<6} {'versions':>8} {'tasks':>5} {'submissions':>17}  last activity")
+    for r in rows:
+        subs = f"{r.submissions}" + (f" ({r.waiting} waiting)" if r.waiting else "")
+        when = _when(r.last_activity) if r.last_activity is not None else "-"
+        print(f"{r.namespace:<{width}}  {r.head or '-':<6} {r.versions:>8} {len(r.tasks):>5} {subs:>17}  {when}")
+    example = next((r.namespace for r in reversed(rows) if r.head), rows[-1].namespace)
+    print(
+        f"look into one with --namespace NAME (or export SHARECL_NAMESPACE=NAME), e.g. "
+        f"`sharecl versions --namespace {example}`, `sharecl status --namespace {example}`"
+    )
+
+
+def _where(args: argparse.Namespace) -> str:
+    from subspace_store import redact
+
+    url = _url(args)
+    return f"the Redis at {redact(url)}" if url else "the embedded Redis"
+
+
+def run_namespaces(args: argparse.Namespace) -> int:
+    from subspace_store import connect
+
+    rows = namespace_rows(connect(args.redis_url))
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    print_namespaces(rows, _where(args))
+    return 0
+
+
+def status_of_every_namespace(args: argparse.Namespace) -> int:
+    """``sharecl status`` without a namespace: the namespaces (JSON: ``{"namespaces": [...]}``), then how to
+    see one's jobs, submissions and versions."""
+    from subspace_store import connect
+
+    rows = namespace_rows(connect(args.redis_url))
+    if args.json:
+        print(json.dumps({"namespace": None, "namespaces": [asdict(r) for r in rows]}, indent=2))
+        return 0
+    print_namespaces(rows, _where(args))
+    if rows:
+        print("status of one namespace (its jobs, tasks, submissions): sharecl status --namespace NAME")
+    return 0
+
+
 # -- versions / show / tag --------------------------------------------------------------------
 def run_versions(args: argparse.Namespace) -> int:
     store = _open(args)
@@ -195,7 +379,7 @@ def run_versions(args: argparse.Namespace) -> int:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
         return 0
     if not rows:
-        print(f"namespace {store.namespace!r} holds no version; publish one with `sharecl push SUBSPACE_DIR`")
+        print(empty_namespace_message(store.client, store.namespace))
         return 0
     print(f"{'version':<9} {'created':<19} {'parent':<7} {'tasks':>5} {'k (min-max)':>11} {'size':>10}  tags / pins")
     for r in rows:
@@ -209,39 +393,93 @@ def run_versions(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    store = _open(args)
+    store = _open(args, need_versions=True)
     m = store.manifest(args.ref)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
-    tags = [t for t, v in store.tags().items() if v == m["version"]]
-    print(f"version {m['version']} of namespace {m['namespace']!r}" + (f" (tags: {', '.join(tags)})" if tags else ""))
-    print(f"  created {m['created_iso']}, parent {m['parent'] or '-'}, {_size(m['bytes'])} of payloads")
-    print(f"  policy {m['policy']}")
-    if m["metadata"]:
-        print(f"  metadata {json.dumps(m['metadata'])}")
-    if m["submissions"]:
-        print(f"  merged submissions: {', '.join(m['submissions'])}")
-    print(f"  modules ({len(m['modules'])}):")
-    for name, e in m["modules"].items():
-        print(f"    {name}: {e['out_features']}x{e['in_features']}, k_A={e['k_A']}, k_B={e['k_B']}")
-    print(f"  tasks ({len(m['tasks'])}):")
-    for name, e in m["tasks"].items():
-        err = e["reconstruction_error"]
-        shown = f"{err:.3g}" if err is not None else "n/a"
-        print(f"    {name}: reconstruction error {shown}, head {e['head'] or '-'}, {_size(e['bytes'])}")
+    marks = (["HEAD"] if m["version"] == store.head() else []) + [
+        f"tag {t}" for t, v in sorted(store.tags().items()) if v == m["version"]
+    ]
+    policy = ", ".join(f"{k} {v}" for k, v in m["policy"].items() if v is not None) or "-"
+    fields = [
+        ("version", m["version"] + (f" ({', '.join(marks)})" if marks else "")),
+        ("namespace", m["namespace"]),
+        ("created", f"{_when(m['created'])} ({m['created_iso']})"),
+        ("parent", m["parent"] or "- (first version)"),
+        ("payloads", _size(m["bytes"])),
+        ("policy", policy),
+        ("submissions", ", ".join(m["submissions"]) or "-"),
+    ]
+    fields += [(f"metadata.{key}", value) for key, value in _flatten(m["metadata"])]
+    _aligned(fields)
+    print(f"modules ({len(m['modules'])}):")
+    _table(
+        ["module", "shape (out x in)", "k_A", "k_B"],
+        [[name, f"{e['out_features']}x{e['in_features']}", e["k_A"], e["k_B"]] for name, e in m["modules"].items()],
+    )
+    print(f"tasks ({len(m['tasks'])}):")
+    _table(
+        ["task", "reconstruction error", "error bound", "head", "size"],
+        [
+            [
+                name,
+                _num(e["reconstruction_error"]),
+                _num(e["metadata"].get("error_bound")),
+                ", ".join(e["head"]) or "-",
+                _size(e["bytes"]),
+            ]
+            for name, e in m["tasks"].items()
+        ],
+    )
     return 0
 
 
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``[("a.b", "1"), ("c", "[1, 2]")]``: one line per leaf."""
+    if isinstance(value, dict) and value:
+        return [item for k, v in value.items() for item in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    shown = value if isinstance(value, str) else json.dumps(value)
+    return [(prefix, shown)]
+
+
+def _aligned(fields: list[tuple[str, Any]]) -> None:
+    width = max(len(key) for key, _ in fields)
+    for key, value in fields:
+        print(f"{key + ':':<{width + 1}} {value}")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> None:
+    """Left-aligned text columns, right-aligned numbers, indented two spaces."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    numeric = [all(_is_number(row[i]) for row in cells[1:]) for i in range(len(header))]
+    for row in cells:
+        parts = [c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        print("  " + "  ".join(parts).rstrip())
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == "n/a"
+    return True
+
+
 def run_tag(args: argparse.Namespace) -> int:
-    store = _open(args)
+    store = _open(args, need_versions=True)
     version = store.tag(args.ref, args.name)
     print(f"{args.name} -> {version}")
     return 0
 
 
 def run_untag(args: argparse.Namespace) -> int:
-    store = _open(args)
+    store = _open(args, need_versions=True)
     if not store.untag(args.name):
         raise CLIError(f"no tag {args.name!r} in namespace {store.namespace!r}; see `sharecl versions`")
     print(f"tag {args.name} deleted")
@@ -273,7 +511,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     _check_output(out, args.overwrite)
-    store = _open(args)
+    store = _open(args, need_versions=True)
     version = store.resolve(args.ref)
     # Every name in the manifest is checked as it is read (full matches), before any path is built here.
     subspace = store.get(version, tasks=args.tasks)
@@ -398,7 +636,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    store = _open(args)
+    store = _open(args, need_versions=True)
     result = store.prune(args.keep, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {len(result.removed)} version(s): {', '.join(result.removed) or '-'}")
