@@ -266,20 +266,16 @@ class Coordinator:
     def _handle(self, batch: list[StreamItem], result: StepResult) -> None:
         """Merge the submissions before the first removal request, or, when the batch starts with one,
         publish that removal. What comes after stays pending and is taken back, in order, next step."""
-        cut = next((i for i, item in enumerate(batch) if isinstance(item, RemovalRequest)), None)
-        if cut is None:
-            self._merge_batch(batch, result)  # type: ignore[arg-type]  # no removal: submissions only
-            return
-        now, later = (batch[:1], batch[1:]) if cut == 0 else (batch[:cut], batch[cut:])
+        cut = next((i for i, item in enumerate(batch) if isinstance(item, RemovalRequest)), len(batch))
+        first = batch[0]
+        later = batch[1:] if isinstance(first, RemovalRequest) else batch[cut:]
         if later:
             self._need_recover = True  # our own pending entries come back first, in stream order
         try:
-            if cut == 0:
-                request = now[0]
-                assert isinstance(request, RemovalRequest)
-                self._remove(request, result)
+            if isinstance(first, RemovalRequest):
+                self._remove(first, result)
             else:
-                self._merge_batch(now, result)  # type: ignore[arg-type]  # everything before the cut is a submission
+                self._merge_batch([item for item in batch[:cut] if isinstance(item, Submission)], result)
         finally:
             result.deferred += [item.id for item in later if item.id is not None]
 

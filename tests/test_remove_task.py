@@ -335,6 +335,20 @@ def test_impossible_removals_are_rejected_with_the_reason(setup) -> None:
             stream.submit_removal(RemovalRequest(tasks))
 
 
+def test_a_removal_whose_ack_was_lost_is_acknowledged_not_redone(setup) -> None:
+    store, stream = setup
+    for name in ("a", "b", "c"):
+        stream.submit(Submission(name, lora(ord(name)), None))
+    Coordinator(store, stream, KPolicy(variance=1.0)).step(max_batch=16, block_ms=None)
+    rid = stream.submit_removal(RemovalRequest(["b"]))
+    assert Coordinator(store, stream, KPolicy(variance=1.0)).step(block_ms=None).version == "v2"
+    # Put the request back into the pending list on the real server, as a lost acknowledgement leaves it.
+    store.client.xclaim(Keys(store.namespace).stream, stream.group, "coordinator", 0, [rid], force=True)
+    result = Coordinator(store, stream, KPolicy(variance=1.0)).step(block_ms=None)
+    assert result.recovered == 1 and result.acknowledged == [rid] and not result.rejected
+    assert result.version is None and store.head() == "v2" and stream.pending() == []
+
+
 class _RacingPublisher(MergeTracker):
     """Publishes a merge of its own exactly between the coordinator's removal and its publish (``start``
     is called there): the removal must be redone on the new head, keeping what the other one added."""
