@@ -54,7 +54,8 @@ class TextClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.head(pooled.to(self.head.weight.dtype))  # a half-precision encoder meets a float32 head
+        # A half-precision encoder meets the float32 head (or the per-task heads Share swaps in for it).
+        return self.head(pooled.to(next(self.head.parameters()).dtype))
 
 
 def default_model_path() -> Path:
