@@ -55,7 +55,10 @@ class TextClassifier(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         # A half-precision encoder meets the float32 head (or the per-task heads Share swaps in for it).
-        return self.head(pooled.to(next(self.head.parameters()).dtype))
+        # The head stays float32 when the encoder is loaded in half precision; a parameter-free head
+        # (the benchmark's frozen-encoder probe swaps in nn.Identity) takes the pooled output as it is.
+        head_param = next(self.head.parameters(), None)
+        return self.head(pooled if head_param is None else pooled.to(head_param.dtype))
 
 
 def default_model_path() -> Path:
