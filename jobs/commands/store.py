@@ -298,7 +298,7 @@ def namespace_rows(client: Any) -> list[NamespaceRow]:
         store, stream = SubspaceStore(client, name), SubmissionStream(client, name)
         head = store.head()
         manifest = store.manifest(head) if head else None
-        subs = stream.summary(last=0)
+        subs = stream.summary(last=1)  # counts; (last=0 would ask Redis for 0 entries, an error)
         newest = stream.latest_id()
         times = [manifest["created"]] if manifest else []
         if newest:
