@@ -247,6 +247,7 @@ BAD_ADAPTERS: dict[str, tuple[Callable[[Path], Path], list[str]]] = {
     ),
     "missing-config": (lambda f: (save_tiny(f) / CONFIG_FILE).unlink() or f, ["no adapter_config.json"]),
     "missing-folder": (lambda f: f, ["does not exist"]),
+    "rank-above-layer": (lambda f: save_tiny(f, r=20), ["module 'blocks.0.query'", "rank 20 exceeds", "r <= 16"]),
     "dora": (lambda f: save_tiny(f, use_dora=True), ["DoRA", "use_dora", "plain LoRA"]),
     "pickle": (lambda f: save_tiny(f, safe=False), ["pickle", "safe_serialization=True"]),
 }
@@ -389,6 +390,135 @@ def test_a_capped_max_error_warns_with_the_tasks_over_it(tmp_path: Path, capsys)
     assert "over max_error=0.01" in warning[0] and "k_max=2 capped k in 4 module(s)" in warning[0]
     over = Subspace.load(tmp_path / "sub").tasks
     assert all(f"{name!r} {t.metadata['error_bound']:.3g}" in warning[0] for name, t in over.items())
+
+
+def _error_table(out: str) -> dict[str, list[str]]:
+    """The per-task lines that compress and add print: task -> [reconstruction error, error bound, (over)]."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("how much of each adapter was kept"))
+    assert lines[start + 1].split() == ["task", "reconstruction", "error", "error", "bound"]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("  "):
+            break
+        name, *rest = line.split()
+        rows[name] = rest
+    return rows
+
+
+def test_compress_and_add_print_every_tasks_error_and_bound(tmp_path: Path, capsys) -> None:
+    adapters = _three_adapters(tmp_path)
+    sub = tmp_path / "sub"
+    capsys.readouterr()
+    assert main(["compress", *adapters, "-o", str(sub), "--max-error", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "(max_error 0.3)" in out
+    tasks = Subspace.load(sub).tasks
+    expected = {
+        name: [f"{t.metadata['reconstruction_error']:.3g}", f"{t.metadata['error_bound']:.3g}"]
+        for name, t in tasks.items()
+    }
+    assert _error_table(out) == expected
+
+    assert main(["add", str(sub), str(save_tiny(tmp_path / "adapters" / "dddd"))]) == 0
+    out = capsys.readouterr().out
+    tasks = Subspace.load(sub).tasks
+    assert list(_error_table(out)) == ["a", "bb", "ccc", "dddd"]  # every task, the re-projected old ones too
+    assert _error_table(out)["a"] == [
+        f"{tasks['a'].metadata['reconstruction_error']:.3g}",
+        f"{tasks['a'].metadata['error_bound']:.3g}",
+    ]
+
+
+def test_add_refuses_a_merge_over_the_bound_unless_allowed(tmp_path: Path, capsys) -> None:
+    adapters = _three_adapters(tmp_path)
+    sub = tmp_path / "store" / "sub"
+    assert main(["compress", *adapters[:2], "-o", str(sub), "--max-error", "0.01", "--k-max", "4"]) == 0
+    before = snapshot(sub)
+    capsys.readouterr()
+    assert main(["add", str(sub), adapters[2]]) == 2
+    captured = capsys.readouterr()
+    refused = captured.err.splitlines()[-1]
+    assert refused.startswith(f"sharecl add: error: adding 'ccc' to {sub} would leave ")
+    assert "over max_error=0.01 (error bound: " in refused and "nothing was written" in refused
+    assert "--allow-over-bound" in refused and "--k-max" in refused
+    table = _error_table(captured.out)  # the numbers of the merge that was refused
+    over = [name for name, row in table.items() if row[-1:] == ["max_error"]]
+    assert over and all(f"{name!r} {table[name][1]}" in refused for name in over)
+    assert snapshot(sub) == before
+
+    assert main(["add", str(sub), adapters[2], "--allow-over-bound"]) == 0
+    captured = capsys.readouterr()
+    assert list(Subspace.load(sub).tasks) == ["a", "bb", "ccc"]
+    assert "warning:" in captured.err and "added task 'ccc'" in captured.out
+
+
+# -- validate: a job file and its task files --------------------------------------------------------
+
+
+def _job(folder: Path, tasks: list[dict]) -> Path:
+    import yaml
+
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump({"tasks": tasks, "store": {"namespace": "checked"}}))
+    return path
+
+
+def test_validate_prints_the_resolved_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import yaml
+
+    from workers.data import write_split
+
+    for split in ("train", "eval"):
+        write_split(tmp_path / "t" / f"{split}.parquet", ["a b", "c d", "e f"], [0, 1, 0], ["x", "y"], "t")
+    job = _job(tmp_path, [{"name": "t", "train": str(tmp_path / "t/train.parquet"), "eval": "t/eval.parquet"}])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["validate", str(job), "training.steps=7", "store.redis_url=redis://:secret@h:1/0"]) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)  # the comment lines are YAML comments
+    assert resolved["training"]["steps"] == 7 and resolved["store"]["redis_url"] == "redis://:***@h:1/0"
+    assert resolved["tasks"][0]["eval"] == str(tmp_path / "t" / "eval.parquet")  # made absolute, as submit does
+    assert resolved["adapter"]["max_error"] == 0.05 and "secret" not in out
+    assert "#  t: train 3 rows (2 classes), eval 3 rows (2 classes)" in out
+    assert "# valid: namespace 'checked'" in out
+
+
+def test_validate_reports_every_problem_of_the_job_and_its_task_files(tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.data import write_split
+
+    bare = tmp_path / "bare.parquet"  # the right columns, without the label_names/task metadata
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 1]}), bare)
+    write_split(tmp_path / "good.parquet", ["a", "b"], [0, 1], ["x", "y"], "good")
+    write_split(tmp_path / "other.parquet", ["a", "b"], [0, 1], ["p", "q"], "good")
+    job = _job(
+        tmp_path,
+        [
+            {"name": "bare", "train": str(bare)},
+            {"name": "mixed", "train": str(tmp_path / "good.parquet"), "eval": str(tmp_path / "other.parquet")},
+        ],
+    )
+    capsys.readouterr()
+    assert main(["validate", str(job)]) == 2
+    out = capsys.readouterr().out
+    problems = [line for line in out.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 2, out
+    assert problems[0].startswith(f"  - tasks.0 (bare): train: {bare}: file metadata must hold 'label_names'")
+    assert problems[1].startswith("  - tasks.1 (mixed): eval: ") and "['p', 'q']" in problems[1]
+
+    # Schema problems: every one of them, named by key (task files are read once the job itself is valid).
+    missing = tmp_path / "nowhere" / "train.parquet"
+    job = _job(tmp_path, [{"name": "bad name", "train": str(missing)}])
+    assert main(["validate", str(job), "training.steps=0", "adapter.r=-1"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"{job}: not valid;")
+    for key in ("training.steps", "adapter.r", "tasks.0.name", "tasks.0.train: file not found"):
+        assert key in out, (key, out)
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "job file not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["compress", "add"])

@@ -116,3 +116,160 @@ def test_embedded_store_start_status_stop(tmp_path, monkeypatch, capsys) -> None
         main(["store", "stop"])
     assert "stopped" in capsys.readouterr().out
     assert main(["store", "status"]) == 1
+
+
+# -- namespaces: listed, named when a command's namespace is empty, status without one ---------------------
+
+
+@pytest.fixture
+def private_cli(private_redis, monkeypatch, capsys):
+    """The CLI on a Redis of this test's own (so the namespaces listed are exactly this test's), no namespace set."""
+    monkeypatch.setenv("SHARECL_REDIS_URL", private_redis.url)
+    monkeypatch.delenv("SHARECL_NAMESPACE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(private_redis.folder / "mlflow.db"))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def _three_namespaces(url: str, make_adapter) -> dict[str, object]:
+    """wordnet: v1 (a, b) then v2 (a, b, c); demo-1: v1 (a, b); queued: one submission, no version."""
+    from subspace_store import Submission, SubmissionStream, SubspaceStore, connect
+
+    client = connect(url)
+    first, _ = merge(None, {"a": make_adapter(0), "b": make_adapter(1)})
+    second, _ = merge(first, {"c": make_adapter(2)})
+    wordnet = SubspaceStore(client, "wordnet")
+    wordnet.publish(second, parent=wordnet.publish(first, parent=None))
+    SubspaceStore(client, "demo-1").publish(first, parent=None)
+    queued = SubmissionStream(client, "queued")
+    sid = queued.submit(Submission("z", adapter=make_adapter(3), base_version=None))
+    return {"client": client, "wordnet": wordnet, "submission": sid}
+
+
+def test_namespaces_lists_each_with_head_versions_tasks_and_activity(private_cli, private_redis, make_adapter) -> None:
+    made = _three_namespaces(private_redis.url, make_adapter)
+    code, out, _ = private_cli("namespaces")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["namespace", "head", "versions", "tasks", "submissions", "last", "activity"]
+    rows = {line.split()[0]: line.split() for line in lines[1:4]}
+    assert list(rows) == ["demo-1", "queued", "wordnet"]
+    assert rows["wordnet"][1:5] == ["v2", "2", "3", "0"] and rows["demo-1"][1:5] == ["v1", "1", "2", "0"]
+    assert rows["queued"][1:7] == ["-", "0", "0", "1", "(1", "waiting)"]
+    assert "--namespace" in lines[4]
+
+    code, out, _ = private_cli("namespaces", "--json")
+    listed = {row["namespace"]: row for row in json.loads(out)}
+    assert listed["wordnet"]["tasks"] == ["a", "b", "c"] and listed["wordnet"]["versions"] == 2
+    assert listed["wordnet"]["last_activity"] == made["wordnet"].manifest("head")["created"]
+    submitted_ms = int(made["submission"].split("-")[0])
+    assert listed["queued"] == {
+        "namespace": "queued",
+        "head": None,
+        "versions": 0,
+        "tasks": [],
+        "submissions": 1,
+        "waiting": 1,
+        "last_activity": submitted_ms / 1000.0,
+    }
+
+
+def test_status_without_a_namespace_lists_every_namespace(private_cli, private_redis, make_adapter, monkeypatch):
+    _three_namespaces(private_redis.url, make_adapter)
+    code, out, _ = private_cli("status")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()[1:4]] == ["demo-1", "queued", "wordnet"]
+    assert "sharecl status --namespace NAME" in out and "jobs" not in out.splitlines()[0]
+    shown = json.loads(private_cli("status", "--json")[1])
+    assert shown["namespace"] is None and [n["namespace"] for n in shown["namespaces"]] == [
+        "demo-1",
+        "queued",
+        "wordnet",
+    ]
+
+    # A namespace named by the option or the environment: that namespace's status, as before.
+    for argv, env in ((["status", "--namespace", "wordnet"], None), (["status"], "wordnet")):
+        if env:
+            monkeypatch.setenv("SHARECL_NAMESPACE", env)
+        code, out, _ = private_cli(*argv)
+        assert code == 0 and out.startswith("namespace 'wordnet': head v2, 2 version(s)")
+
+
+def test_a_command_on_an_empty_namespace_names_the_namespaces_with_versions(
+    private_cli, private_redis, make_adapter, tmp_path
+) -> None:
+    code, out, _ = private_cli("versions")
+    assert code == 0 and "nor does any other namespace" in out and "sharecl submit" in out
+    code, out, _ = private_cli("namespaces")
+    assert code == 0 and out.startswith("no namespace of the Redis at redis://")
+
+    _three_namespaces(private_redis.url, make_adapter)
+    named = (
+        "namespace 'default' holds no version; namespaces with versions: demo-1, wordnet; pass --namespace NAME "
+        "(or set $SHARECL_NAMESPACE)"
+    )
+    code, out, _ = private_cli("versions")
+    assert (code, out) == (0, named + "\n")
+    for argv in (
+        ["show", "head"],
+        ["show", "v3"],
+        ["tag", "head", "prod"],
+        ["untag", "prod"],
+        ["pull", "prod", "-o", str(tmp_path / "out")],
+        ["prune", "--keep", "1"],
+    ):
+        code, _, err = private_cli(*argv)
+        assert (code, err) == (2, f"sharecl {argv[0]}: error: {named}\n"), argv
+    assert not (tmp_path / "out").exists()
+    code, _, err = private_cli("show", "head", "--namespace", "queued")  # submissions, but no version yet
+    assert code == 2 and "namespace 'queued' holds no version; namespaces with versions: demo-1, wordnet;" in err
+
+
+def test_list_namespaces_keeps_only_names_share_cl_could_have_written(private_redis, make_adapter) -> None:
+    from subspace_store import SubspaceStore, connect
+    from subspace_store.store import list_namespaces
+
+    client = connect(private_redis.url)
+    sub, _ = merge(None, {"a": make_adapter(0)})
+    SubspaceStore(client, "real.ns-1").publish(sub, parent=None)
+    for key in ("sharecl:{bad name}:head", "sharecl:{a}:b}:head", "sharecl:{}:head", "other:{x}:head", "sharecl:{y}:x"):
+        client.set(key, b"v1")
+    client.set("sharecl:{" + "n" * 65 + "}:head", b"v1")  # longer than a namespace may be
+    assert list_namespaces(client) == ["real.ns-1"]
+
+
+def test_show_prints_aligned_fields_and_tables_and_json_for_scripts(cli, redis_client, namespace, make_adapter) -> None:
+    from subspace_store import SubspaceStore
+
+    sub, _ = merge(None, {"a": make_adapter(0), "bb_long_name": make_adapter(1)})
+    store = SubspaceStore(redis_client, namespace)
+    store.publish(sub, parent=None, metadata={"mlflow_run_id": "r1", "job": {"id": "j1", "tasks": ["a", "b"]}})
+    store.tag("v1", "prod")
+    code, out, _ = cli("show", "prod")
+    assert code == 0
+    head, _, rest = out.partition("modules (2):\n")
+    fields = head.splitlines()
+    columns = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in fields}
+    assert len(columns) == 1  # every value starts in the same column
+    values = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in fields}
+    assert values["version"] == "v1 (HEAD, tag prod)" and values["namespace"] == namespace
+    assert values["metadata.mlflow_run_id"] == "r1" and values["metadata.job.id"] == "j1"
+    assert values["metadata.job.tasks"] == '["a", "b"]' and values["parent"] == "- (first version)"
+    modules, _, tasks = rest.partition("tasks (2):\n")
+    assert modules.splitlines()[1].split() == ["layer.0.query", "24x16", "8", "8"]
+    rows = [line.split() for line in tasks.splitlines()]
+    assert rows[0] == ["task", "reconstruction", "error", "error", "bound", "head", "size"]
+    manifest = store.manifest("v1")
+    for row, (name, entry) in zip(rows[1:], manifest["tasks"].items(), strict=True):
+        assert row[:4] == [
+            name,
+            f"{entry['reconstruction_error']:.3g}",
+            f"{entry['metadata']['error_bound']:.3g}",
+            "classifier.weight",
+        ]
+    assert json.loads(cli("show", "prod", "--json")[1]) == manifest
