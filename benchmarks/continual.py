@@ -20,10 +20,14 @@ from there, so two processes can share a run (``--methods`` splits it; overlappi
 train the same pair twice) and a run can span sessions. The last process to finish writes the
 complete tables, JSON, CSV, heatmaps and the Pareto figure.
 
-    python -m benchmarks.continual --quick                 # 1 seed, the first 4 tasks, fewer steps
+    python -m benchmarks.continual --quick                 # 1 seed, the first 4 tasks, 150 steps
     python -m benchmarks.continual                         # every method, 3 seeds
     python -m benchmarks.continual --sweep                 # share's k policies against stored bytes, 1 seed
     python -m benchmarks.continual --reverse --seeds 0     # the sequence reversed
+
+On 2 cores, start the same command twice with ``--threads 1`` (each takes the next unclaimed pair),
+or split it with ``--methods``; then run it once more with ``--write``: everything is loaded, nothing
+retrained, and the complete tables go to RESULTS.md.
 """
 
 from __future__ import annotations
@@ -282,7 +286,8 @@ def _report(
         f"{num_tasks} tasks ({', '.join(results[0].tasks)}), seeds {seeds}; every method {budget.steps} steps "
         f"per task, "
         f"batch {budget.batch_size}, max length {budget.max_length}; all-MiniLM-L6-v2, LoRA r={budget.r} on "
-        f"query/value. Training time of the stored results: {compute:,.0f} s in all; this process ran {elapsed:,.0f} s"
+        f"query/value. Wall time summed over the stored (method, seed) results: {compute:,.0f} s; this process "
+        f"ran {elapsed:,.0f} s"
     )
     tables = [
         "Results (points; mean ± std over seeds):\n\n" + summary_table(results),
