@@ -38,7 +38,7 @@ def test_push_versions_show_tag_pull(cli, tmp_path, make_adapter) -> None:
 
     code, out, _ = cli("show", "prod")
     assert code == 0 and out.startswith("version:") and "v1 (tag prod)" in out.splitlines()[0]
-    assert "layer.0.query  24x16" in out and "reconstruction error" in out and "metadata.mlflow_run_id: r1" in out
+    assert "layer.0.query  24x16" in out and "reconstruction error" in out and "\n  mlflow_run_id: r1\n" in out
     assert json.loads(cli("show", "v2", "--json")[1])["parent"] == "v1"
 
     assert cli("tag", "v2", "canary")[1].strip() == "canary -> v2"
@@ -248,18 +248,26 @@ def test_show_prints_aligned_fields_and_tables_and_json_for_scripts(cli, redis_c
 
     sub, _ = merge(None, {"a": make_adapter(0), "bb_long_name": make_adapter(1)})
     store = SubspaceStore(redis_client, namespace)
-    store.publish(sub, parent=None, metadata={"mlflow_run_id": "r1", "job": {"id": "j1", "tasks": ["a", "b"]}})
+    metadata = {"mlflow_run_id": "r1", "job": {"id": "j1", "tasks": ["a", "b"], "variance": [0.123456, 1.0]}}
+    store.publish(sub, parent=None, metadata=metadata)
     store.tag("v1", "prod")
     code, out, _ = cli("show", "prod")
     assert code == 0
     head, _, rest = out.partition("modules (2):\n")
-    fields = head.splitlines()
-    columns = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in fields}
-    assert len(columns) == 1  # every value starts in the same column
+    top, _, nested = head.partition("metadata:\n")
+    fields = top.splitlines()
+    assert len({len(line) - len(line.split(":", 1)[1].lstrip()) for line in fields}) == 1  # values in one column
     values = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in fields}
     assert values["version"] == "v1 (HEAD, tag prod)" and values["namespace"] == namespace
-    assert values["metadata.mlflow_run_id"] == "r1" and values["metadata.job.id"] == "j1"
-    assert values["metadata.job.tasks"] == '["a", "b"]' and values["parent"] == "- (first version)"
+    assert values["parent"] == "- (first version)" and values["submissions"] == "-"
+    # The metadata nests as YAML would, each level's values aligned; floats shown short (--json has them exact).
+    assert nested.splitlines() == [
+        "  mlflow_run_id: r1",
+        "  job:",
+        "    id:       j1",
+        '    tasks:    ["a", "b"]',
+        "    variance: [0.1235, 1]",
+    ]
     modules, _, tasks = rest.partition("tasks (2):\n")
     assert modules.splitlines()[1].split() == ["layer.0.query", "24x16", "8", "8"]
     rows = [line.split() for line in tasks.splitlines()]

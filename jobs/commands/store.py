@@ -411,8 +411,8 @@ def run_show(args: argparse.Namespace) -> int:
         ("policy", policy),
         ("submissions", ", ".join(m["submissions"]) or "-"),
     ]
-    fields += [(f"metadata.{key}", value) for key, value in _flatten(m["metadata"])]
-    _aligned(fields)
+    _aligned([*fields, ("metadata", "" if m["metadata"] else "-")])
+    _print_mapping(m["metadata"], indent=2)
     print(f"modules ({len(m['modules'])}):")
     _table(
         ["module", "shape (out x in)", "k_A", "k_B"],
@@ -439,18 +439,34 @@ def _num(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
 
 
-def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``[("a.b", "1"), ("c", "[1, 2]")]``: one line per leaf."""
-    if isinstance(value, dict) and value:
-        return [item for k, v in value.items() for item in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
-    shown = value if isinstance(value, str) else json.dumps(value)
-    return [(prefix, shown)]
+def _shown(value: Any) -> str:
+    """A metadata value on one line: strings as they are, floats to 4 significant digits (``--json`` has them
+    exact), anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return json.dumps(value)
 
 
-def _aligned(fields: list[tuple[str, Any]]) -> None:
+def _aligned(fields: list[tuple[str, Any]], indent: int = 0) -> None:
+    """``key: value`` lines, the values in one column."""
     width = max(len(key) for key, _ in fields)
     for key, value in fields:
-        print(f"{key + ':':<{width + 1}} {value}")
+        print(f"{' ' * indent}{key + ':':<{width + 1}} {value}".rstrip())
+
+
+def _print_mapping(mapping: dict[str, Any], indent: int) -> None:
+    """A nested mapping as indented ``key: value`` lines, each level's values aligned (as YAML would nest it)."""
+    leaves = [(str(k), _shown(v)) for k, v in mapping.items() if not (isinstance(v, dict) and v)]
+    if leaves:
+        _aligned(leaves, indent)
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            print(f"{' ' * indent}{key}:")
+            _print_mapping(value, indent + 2)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> None:
