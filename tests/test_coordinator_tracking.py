@@ -1,9 +1,11 @@
 """MLflow merge runs (real sqlite store), accuracy after every merge through a plug-in evaluator, the
-accuracy matrix artifacts, and completing a run that a crashed coordinator left open."""
+accuracy matrix artifacts, completing a run that a crashed coordinator left open, and a heatmap that
+stays readable from 2 to 200 tasks."""
 
 from __future__ import annotations
 
 import csv
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ from mlflow import MlflowClient
 
 from coordinator import Coordinator, CoordinatorConfig, Evaluation, MergeTracker, build
 from coordinator.crash import EXIT_CODE
+from coordinator.matrix import ANNOTATE_MAX_TASKS, DARK_TEXT, HEATMAP_MAX_PX, LIGHT_TEXT, AccuracyMatrix
 from share import KPolicy, LoraAdapter, Subspace
 from subspace_store import EvalSpec, Submission, SubmissionStream, SubspaceStore
 
@@ -187,3 +190,71 @@ def test_run_left_open_by_a_crash_is_completed_on_restart(redis_server, namespac
     assert runs[orphan].info.status == "FAILED" and "not published" in runs[orphan].data.tags["sharecl.status"]
     # The published merge is not redone: nothing is pending, and an idle step publishes nothing.
     assert coordinator.stream.pending() == [] and coordinator.step(block_ms=None).version is None
+
+
+def _matrix(tasks: int) -> AccuracyMatrix:
+    """``tasks`` tasks entering one per version, accuracies spread over [0, 1] (both ends included)."""
+    matrix = AccuracyMatrix()
+    names = [f"relation_task_{i:03d}" for i in range(tasks)]
+    for v in range(tasks):
+        accuracy = {names[j]: ((v * 7 + j * 3) % 11) / 10.0 for j in range(v + 1)}
+        matrix.add(f"v{v + 1}", [names[v]], accuracy)
+    return matrix
+
+
+@pytest.mark.parametrize("tasks", [2, 6, 60, 200])
+def test_heatmap_stays_readable_from_2_to_200_tasks(tasks: int, tmp_path: Path) -> None:
+    matrix = _matrix(tasks)
+    title = f"demo-20260101-120000 ({tasks} tasks): accuracy after each merge"
+    png = matrix.write_heatmap(tmp_path / "m.png", title=title).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert 300 <= width <= HEATMAP_MAX_PX and 300 <= height <= HEATMAP_MAX_PX, (width, height)
+
+    fig = matrix.heatmap_figure(title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    (suptitle,) = fig.texts
+    inside = [suptitle, *fig.axes[0].get_xticklabels(), *fig.axes[0].get_yticklabels()]
+    for text in (t for t in inside if t.get_visible() and t.get_text()):
+        extent = text.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, (
+            text.get_text(),
+            extent,
+            box,
+        )
+    assert suptitle.get_text().replace("\n", " ") == title
+    # Tick labels never overlap: at most one per label height along each axis.
+    ax = fig.axes[0]
+    for labels, along in ((ax.get_xticklabels(), "x"), (ax.get_yticklabels(), "y")):
+        spans = sorted(
+            (e.x0, e.x1) if along == "x" else (e.y0, e.y1)
+            for e in (t.get_window_extent(renderer) for t in labels if t.get_text())
+        )
+        assert all(a[1] <= b[0] + 0.5 for a, b in zip(spans, spans[1:], strict=False)), along
+
+    cells = [t for t in ax.texts if t.get_text()]
+    if tasks <= ANNOTATE_MAX_TASKS:
+        assert len(cells) == tasks * (tasks + 1) // 2  # every evaluated cell, none of the empty ones
+        for cell in cells:
+            value = float(cell.get_text())
+            background = ax.images[0].cmap(ax.images[0].norm(value))
+            other = LIGHT_TEXT if cell.get_color() == DARK_TEXT else DARK_TEXT
+            assert _contrast(cell.get_color(), background) > _contrast(other, background)
+        by_value = {float(c.get_text()): c.get_color() for c in cells}
+        assert by_value[1.0] == DARK_TEXT and by_value[0.0] == LIGHT_TEXT  # viridis: yellow top, purple bottom
+    else:
+        assert cells == []
+
+
+def _contrast(color: str, background: tuple[float, ...]) -> float:
+    """WCAG contrast ratio, computed independently of the code under test."""
+    from matplotlib.colors import to_rgb
+
+    def lum(rgb: tuple[float, ...]) -> float:
+        r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3])
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    a, b = sorted((lum(to_rgb(color)), lum(background)), reverse=True)
+    return (a + 0.05) / (b + 0.05)
