@@ -97,7 +97,7 @@ def build(config: CoordinatorConfig) -> Coordinator:
     store = SubspaceStore(client, config.namespace)
     stream = SubmissionStream(client, config.namespace)
     tracking = (
-        MergeTracker(config.mlflow_uri, config.experiment or config.namespace, config.namespace)
+        MergeTracker(config.mlflow_uri, config.experiment or config.namespace, config.namespace, store_tags=store.tags)
         if config.mlflow_uri
         else None
     )

@@ -10,8 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .validation import SUBMISSION_KEY
+
 COORDINATOR_KEY = "coordinator"  # version metadata written by the coordinator
 RUN_ID_KEY = "mlflow_run_id"  # version metadata: the merge's MLflow run
+# What a worker puts in a submission's metadata (kept in the task's metadata under SUBMISSION_KEY).
+JOB_ID_KEY = "job_id"
+TASK_RUN_KEY = "mlflow_run_id"  # the task's training run
 
 
 def submitted_at(submission_id: str) -> float:
@@ -36,6 +41,9 @@ class MergeRecord:
     latency_s: dict[str, float] = field(default_factory=dict)  # submission id -> submit-to-published seconds
     run_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the rest of metadata["coordinator"]
+    jobs: dict[str, str] = field(default_factory=dict)  # task -> the sharecl job that trained it (tasks of jobs)
+    task_runs: dict[str, str] = field(default_factory=dict)  # task -> the MLflow run of its training
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)  # the version's manifest, as read
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> MergeRecord:
@@ -51,6 +59,16 @@ class MergeRecord:
                 value = entry.get("metadata", {}).get(key)
                 if isinstance(value, int | float):
                     out[name] = float(value)
+            return out
+
+        def origin(key: str) -> dict[str, str]:
+            """A value of each task's submission metadata (what its worker sent), where it is a string."""
+            out = {}
+            for name, entry in tasks.items():
+                submitted = entry.get("metadata", {}).get(SUBMISSION_KEY, {})
+                value = submitted.get("metadata", {}).get(key) if isinstance(submitted, dict) else None
+                if isinstance(value, str) and value:
+                    out[name] = value
             return out
 
         return cls(
@@ -73,6 +91,9 @@ class MergeRecord:
             latency_s={sid: max(created - submitted_at(sid), 0.0) for sid in submissions.values()},
             run_id=meta.get(RUN_ID_KEY),
             extra=info,
+            jobs=origin(JOB_ID_KEY),
+            task_runs=origin(TASK_RUN_KEY),
+            manifest=manifest,
         )
 
     def metrics(self) -> dict[str, float]:

@@ -17,6 +17,7 @@ from subspace_store.tracking import (
     TAG_ATTEMPT,
     TAG_BASE_VERSION,
     TAG_ERROR,
+    TAG_FAILED,
     TAG_GPU_IDS,
     TAG_JOB,
     TAG_KIND,
@@ -113,6 +114,13 @@ def record_failure(run: TrackedRun, err: BaseException) -> None:
     status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
     quietly(lambda: run.set_tags({TAG_STATUS: "failed", TAG_ERROR: repr(err)}))
     quietly(lambda: run.finish(status))
+
+
+def record_task_failure_on_job(job_run: TrackedRun, task: str, reason: str) -> None:
+    """Tag the job's run with why ``task`` failed (``failed/<task>``: the reason), also when the task
+    failed before its own MLflow run started (bad data, an import error, a worker that never came up);
+    ``subspace_store.tracking.failed_tasks`` reads them back. Best effort: the job goes on."""
+    quietly(lambda: job_run.set_tags({TAG_FAILED + task: reason or "failed (no reason given)"}))
 
 
 def quietly(fn: Callable[[], Any]) -> None:
