@@ -217,3 +217,62 @@ def test_runs_tree_curves_registry_and_aliases(
     record_task_failure_on_job(job_run, "a2", "TaskJobError: tasks.2.train: no such file a2/train.parquet")
     tags = client.get_run(job_runs["job-a"]).data.tags
     assert failed_tasks(tags) == {"a2": "TaskJobError: tasks.2.train: no such file a2/train.parquet"}
+
+
+@pytest.mark.slow  # a local Ray, two tiny tasks trained and merged: ~1-2 min here
+def test_a_submitted_job_reads_as_a_tree_with_curves_and_registered_versions(
+    tmp_path: Path, redis_server: str, redis_client, namespace: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import yaml
+    from test_workers_task import TINY_BUILDER, write_tiny_task
+
+    from jobs.cli import main
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the workers import the tiny builder
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tasks = []
+    for name, classes in (("fruit", (0, 1)), ("colors", (2, 1))):
+        train, evaluation = write_tiny_task(tmp_path, name, classes)
+        tasks.append({"name": name, "train": train, "eval": evaluation})
+    job = {
+        "model": {"builder": TINY_BUILDER, "max_length": 8},
+        "adapter": {"r": 2, "p": 2, "phi": 1, "k_max": 8},
+        "training": {"steps": 6, "batch_size": 8, "lr": 0.05, "log_every": 2},
+        "tasks": tasks,
+        "cluster": {"num_cpus_per_task": 1, "max_retries": 0},
+        "store": {"redis_url": redis_server, "namespace": namespace},
+        "tracking": {"mlflow_uri": uri},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["submit", str(tmp_path / "job.yaml")]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    store = SubspaceStore(redis_client, namespace)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(namespace)  # the namespace's experiment holds every run
+    runs = client.search_runs([experiment.experiment_id], "")
+    by_kind: dict[str, list] = {}
+    for run in runs:
+        by_kind.setdefault(run.data.tags.get(TAG_KIND, "?"), []).append(run)
+    (job_run,) = by_kind[RunKind.JOB]
+    job_id = job_run.info.run_id
+    assert {r.data.tags["sharecl.task"] for r in by_kind[RunKind.TASK]} == {"fruit", "colors"}
+    assert all(r.data.tags[PARENT_TAG] == job_id for r in by_kind[RunKind.TASK])
+    versions = [info.version for info in store.list_versions()]
+    assert sorted(r.data.tags["sharecl.version"] for r in by_kind[RunKind.MERGE]) == sorted(versions)
+    assert all(r.data.tags[PARENT_TAG] == job_id for r in by_kind[RunKind.MERGE])
+
+    # The job run's curves: a point per version that holds the task, at step = version number.
+    for task in ("fruit", "colors"):
+        held = {version_number(v) for v in versions if task in store.manifest(v)["tasks"]}
+        assert held <= set(_history(client, job_id, f"accuracy/{task}")), task
+        assert held == set(_history(client, job_id, f"reconstruction_error/{task}")), task
+
+    # Every version registered; `sharecl tag` then its alias: models:/...@prod is what pull prod pulls.
+    model = registered_model_name(namespace)
+    registered = {mv.tags["sharecl.version"] for mv in client.search_model_versions(f"name='{model}'")}
+    assert registered == set(versions)
+    assert main(["tag", "head", "prod", "--redis-url", redis_server, "--namespace", namespace]) == 0
+    mirrored = mirror_tag(namespace, "prod", store.resolve("prod"), uri)
+    assert mirrored.outcome in (AliasOutcome.SET, AliasOutcome.UNCHANGED), mirrored.message
+    assert client.get_model_version_by_alias(model, "prod").tags["sharecl.version"] == store.resolve("prod")
