@@ -2,11 +2,17 @@
 
 On an error the attempt's MLflow run ends FAILED with the error as a tag, its pin is released, and
 the error propagates (Ray hands it to the driver, which records the task as failed).
+
+Along the way the worker writes its task's progress record (``subspace_store.progress``: started,
+each training log step with step/total/loss, submitted or failed), which ``sharecl status`` and the
+job driver show with an ETA. Hugging Face progress bars ("Loading weights") are off in workers: a job's
+log has one line per log step and task instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any
@@ -22,6 +28,7 @@ from subspace_store import (
 )
 from subspace_store.connection import outlast_restarts
 from subspace_store.evalspec import EVAL_KEY
+from subspace_store.progress import ProgressBoard, TaskPhase, TaskProgress
 from workers import recovery
 from workers.data import TaskSplit
 from workers.instruction_data import InstructionSplit, load_task_split
@@ -35,10 +42,98 @@ from workers.tracking import progress_logger
 Split = TaskSplit | InstructionSplit  # a classification or an instruction task's split
 
 
+HF_PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
+QUIET_ENV = {HF_PROGRESS_BARS_ENV: "1"}  # the env every sharecl Ray task and job runs with (jobs.runner)
+
+
+def quiet_hugging_face() -> None:
+    """No Hugging Face progress bars ("Loading weights", downloads) in this process: in a worker they
+    only clutter the job's log. The env var covers the libraries imported later (both read it on import),
+    the calls those already imported (importing them here would cost a task that never uses them a second)."""
+    os.environ.update(QUIET_ENV)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' bars, and huggingface_hub's through it
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+class ProgressReporter:
+    """Writes this attempt's progress record, best effort: a record that cannot be written (Redis away)
+    never fails or slows the task; the first such failure is printed."""
+
+    RECONNECT_S = 30.0
+
+    def __init__(self, job: TaskJob, node: str | None) -> None:
+        self.job, self.node = job, node
+        self.started = time.time()
+        self.attempt: int | None = None
+        self.total = 0
+        self._board: ProgressBoard | None = None
+        self._tried: float | None = None  # time.monotonic() of the last connection attempt
+        self._failed = False
+
+    def _connected(self) -> ProgressBoard | None:
+        """The board, on its own client without outlast_restarts' retries (a write during an outage is
+        skipped, not waited for); connecting is tried again at most every ``RECONNECT_S``."""
+        if self._board is None and (self._tried is None or time.monotonic() - self._tried >= self.RECONNECT_S):
+            self._tried = time.monotonic()
+            try:
+                self._board = ProgressBoard(connect(self.job.redis_url, timeout_s=2.0), self.job.namespace)
+            except Exception as err:
+                self._warn(err)
+        return self._board
+
+    def report(self, phase: TaskPhase, **fields: Any) -> None:
+        board = self._connected()
+        if board is None:
+            return
+        progress = TaskProgress(
+            task=self.job.task,
+            phase=phase,
+            started=self.started,
+            updated=time.time(),
+            attempt=self.attempt,
+            node=self.node,
+            **fields,
+        )
+        try:
+            board.report(self.job.job_id, progress)
+        except Exception as err:
+            self._warn(err)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """``on_metrics`` of training: one record per log step (the last one: evaluating)."""
+        phase = TaskPhase.EVALUATING if step >= self.total else TaskPhase.TRAINING
+        loss = metrics.get("loss")
+        self.report(
+            phase,
+            step=step,
+            total=self.total,
+            loss=None if loss is None else float(loss),
+            train_seconds=float(metrics.get("elapsed_s", 0.0)),
+        )
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.client.close()
+
+    def _warn(self, err: BaseException) -> None:
+        if not self._failed:
+            self._failed = True
+            print(f"[{self.job.task}] progress record not written ({err!r}); the task goes on", file=sys.stderr)
+
+
 def run_task_job(job: TaskJob) -> TaskSummary:
     """Train, evaluate and submit one task; returns what it did."""
     started = time.time()
+    quiet_hugging_face()
     placement = current_placement()
+    progress = ProgressReporter(job, placement.where)
+    progress.report(TaskPhase.STARTING)
     client = _connect(job.redis_url)
     store = SubspaceStore(client, job.namespace)
     stream = SubmissionStream(client, job.namespace)
@@ -47,10 +142,13 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         submitted = recovery.find_submitted(job, stream)
         if submitted is not None:
             # An earlier attempt submitted, then its worker died: never train and submit twice.
-            return recovery.summary_of_submitted(job, submitted, recovery.count_earlier_attempts(job), started)
+            summary = recovery.summary_of_submitted(job, submitted, recovery.count_earlier_attempts(job), started)
+            progress.report(TaskPhase.SUBMITTED)
+            return summary
         train_split, eval_split = _load_data(job)
         earlier = recovery.count_earlier_attempts(job)
         recovery.close_dead_attempts(job)
+        progress.attempt = earlier + 1
 
         base, base_tasks = _start_base(job, store)
         pinned = base is not None
@@ -67,6 +165,8 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         mode = TrainingMode.resolve(job.mode, has_base=base is not None)
         spec = job.spec(mode)
         attempt = earlier + 1
+        progress.total = spec.steps
+        progress.report(TaskPhase.TRAINING, step=0, total=spec.steps)
         run = start_task_run(job, spec, base, attempt, placement, train_split.num_labels, len(train_split))
         print(
             f"[{job.task}] start: mode {mode}, base {base or '- (cold start)'}, {len(train_split)} examples, "
@@ -89,9 +189,13 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         if mode is TrainingMode.COEFFICIENTS:
             # Bases only: the new task's coefficients are relative to them; old tasks are not needed.
             model.load_subspace(store.get(base, tasks=[]))
-        trained = train_task(
-            model, spec, train_split, tokenizer, eval_split, on_metrics=progress_logger(run, job.task, spec.steps)
-        )
+        log_step = progress_logger(run, job.task, spec.steps)
+
+        def on_metrics(step: int, metrics: dict[str, float]) -> None:
+            log_step(step, metrics)
+            progress.on_metrics(step, metrics)
+
+        trained = train_task(model, spec, train_split, tokenizer, eval_split, on_metrics=on_metrics)
         eval_metrics = {k: float(v) for k, v in trained.eval_metrics.items()}
         summary = TaskSummary(
             task=job.task,
@@ -113,6 +217,7 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         # Recorded under the task's attempt key with the entry: a retry finds it (and cannot submit twice).
         submission_id = stream.submit(submission)
         # Submitted: from here on nothing may fail the task (tracking is recorded best effort).
+        progress.report(TaskPhase.SUBMITTED, step=spec.steps, total=spec.steps)
         quietly(lambda: record_submission(run, submission_id, trained.result, eval_metrics))
         print(
             f"[{job.task}] submitted {submission_id} (base {base or '-'}, {_eval_line(eval_metrics)}, "
@@ -122,6 +227,7 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         )
         return dataclasses.replace(summary, submission_id=submission_id, seconds=time.time() - started)
     except BaseException as err:
+        progress.report(TaskPhase.FAILED, error=f"{type(err).__name__}: {err}")
         if pinned and base is not None:
             quietly(lambda: store.unpin(base, job.pin_id))
         if run is not None:
@@ -129,6 +235,7 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         raise
     finally:
         client.close()
+        progress.close()
 
 
 def _eval_line(metrics: dict[str, float]) -> str:
@@ -215,35 +322,54 @@ def _submission(
 
 def _load_data(job: TaskJob) -> tuple[Split, Split | None]:
     """The task's splits, classification (``text``, ``label``) or instruction (``prompt``, ``response``)
-    as their columns say (``load_task_split``)."""
-    train = load_task_split(job.train_path)
-    if len(train) == 0:
-        raise TaskJobError(f"task {job.task!r}: training split {job.train_path} is empty; add rows")
-    if job.num_labels is not None and isinstance(train, InstructionSplit):
-        raise TaskJobError(
-            f"task {job.task!r}: num_labels is {job.num_labels} but {job.train_path} is an instruction split "
-            "(prompt, response), which has no classes; remove num_labels from the task"
+    as their columns say (``load_task_split``); a ``TaskJobError`` naming every problem otherwise."""
+    train, evaluation, problems = read_task_splits(job.task, job.train_path, job.eval_path, job.num_labels)
+    if problems or train is None:
+        raise TaskJobError(f"task {job.task!r}: " + "; ".join(problems))
+    return train, evaluation
+
+
+def read_task_splits(
+    task: str, train_path: str, eval_path: str | None, num_labels: int | None = None
+) -> tuple[Split | None, Split | None, list[str]]:
+    """Both splits of ``task`` read as its worker reads them, and every problem found (empty: the worker
+    will accept them). Each problem names its file and the fix. ``sharecl submit`` runs this on every
+    task before launching anything (``jobs.runner.check_task_files``)."""
+    problems: list[str] = []
+    splits: dict[str, Split] = {}
+    for split, path in (("training split", train_path), ("eval split", eval_path)):
+        if path is None:
+            continue
+        try:
+            splits[split] = load_task_split(path)
+        except (ValueError, OSError) as err:  # FileNotFoundError, a ShareClError, or the reader's ValueError
+            problems.append(f"{split}: {err}")
+    train, evaluation = splits.get("training split"), splits.get("eval split")
+    if train is not None and len(train) == 0:
+        problems.append(f"training split {train_path} is empty; add rows")
+    if train is not None and num_labels is not None and isinstance(train, InstructionSplit):
+        problems.append(
+            f"num_labels is {num_labels} but {train_path} is an instruction split (prompt, response), which has "
+            "no classes; remove num_labels from the task"
         )
-    if job.num_labels is not None and job.num_labels != train.num_labels:
-        raise TaskJobError(
-            f"task {job.task!r}: num_labels is {job.num_labels} but {job.train_path} names {train.num_labels} "
-            f"classes {train.label_names}; remove num_labels from the job or fix the data"
+    elif train is not None and num_labels is not None and num_labels != train.num_labels:
+        problems.append(
+            f"num_labels is {num_labels} but {train_path} names {train.num_labels} classes {train.label_names}; "
+            "remove num_labels from the job or fix the data"
         )
-    evaluation = None
-    if job.eval_path is not None:
-        evaluation = load_task_split(job.eval_path)
+    if train is not None and evaluation is not None:
         if type(evaluation) is not type(train):
             kinds = {TaskSplit: "a classification split (text, label)", InstructionSplit: "an instruction split"}
-            raise TaskJobError(
-                f"task {job.task!r}: eval split {job.eval_path} is {kinds[type(evaluation)]} but the training split "
-                f"{job.train_path} is {kinds[type(train)]}; write both splits in one format"
+            problems.append(
+                f"eval split {eval_path} is {kinds[type(evaluation)]} but the training split {train_path} is "
+                f"{kinds[type(train)]}; write both splits in one format"
             )
-        if evaluation.label_names != train.label_names:
-            raise TaskJobError(
-                f"task {job.task!r}: eval split {job.eval_path} has classes {evaluation.label_names}, the training "
-                f"split {train.label_names}; write both splits with the same label_names"
+        elif evaluation.label_names != train.label_names:
+            problems.append(
+                f"eval split {eval_path} has classes {evaluation.label_names}, the training split "
+                f"{train.label_names}; write both splits with the same label_names"
             )
-    return train, evaluation
+    return train, evaluation, problems
 
 
 def _start_base(job: TaskJob, store: SubspaceStore) -> tuple[str | None, list[str]]:
