@@ -7,13 +7,21 @@ and prints the accuracy of every task after the last merge plus the `mlflow ui` 
 A task whose worker died more often than ``cluster.max_retries`` allows, or whose code raised, is
 recorded as failed; the other tasks go on.
 
-A job whose tasks ask for resources no node of the cluster has (or can get from its autoscaler) is
-refused before anything is launched. A driver that started its own Ray stops the coordinator (which
-ends its MLflow runs) before shutting Ray down; runs still open after a bounded wait are marked FAILED.
+A job whose tasks ask for resources no node of the cluster has (or can get from its autoscaler), or
+whose task files a worker would refuse (``check_task_files``), is refused before anything is launched.
+A driver that started its own Ray stops the coordinator (which ends its MLflow runs) before shutting
+Ray down; runs still open after a bounded wait are marked FAILED.
+
+While it waits, the driver says at a steady interval (``HEARTBEAT_S``) where each task is (step/total,
+loss and ETA from the progress records its worker writes, ``subspace_store.progress``) and, once every
+task is trained, which submissions the coordinator has yet to merge and for how long it has waited.
+A driver that runs as a Ray Jobs API submission (``sharecl submit --address http://...``) names that
+submission (``ray_submission_id(job_id)``) in its output and on its MLflow run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -21,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from coordinator.matrix import AccuracyMatrix
@@ -28,6 +37,7 @@ from jobs.errors import JobConfigError
 from jobs.schema import JobConfig, to_dict, validate
 from share.errors import ShareClError
 from subspace_store import SubmissionStatus, resolve_url
+from subspace_store.progress import ProgressBoard, TaskPhase, TaskProgress, duration
 from subspace_store.tracking import (
     TAG_ERROR,
     TAG_HEAD,
@@ -45,7 +55,9 @@ from workers.capacity import unplaceable
 from workers.causal_lm import ModelDtype
 from workers.evaluator import EVALUATOR, launch_evaluation
 from workers.ray_task import launch
+from workers.run_task import QUIET_ENV, read_task_splits
 from workers.task_job import SPEC_FIELDS, TaskJob, TaskSummary
+from workers.task_tracking import record_task_failure_on_job
 
 Say = Callable[[str], None]
 
@@ -57,7 +69,7 @@ def say_line(line: str) -> None:
 
 
 POLL_S = 0.5
-HEARTBEAT_S = 60.0
+HEARTBEAT_S = 30.0  # how often a driver with nothing new to say says what it waits for
 KEEPALIVE_S = 60.0  # the coordinator exits after idle_timeout_s without a call (default 1800 s)
 DEFAULT_MERGE_TIMEOUT_S = 1800.0
 TRACKING_WAIT_S = 120.0  # how long a driver that owns Ray waits for the coordinator's last MLflow run
@@ -113,6 +125,19 @@ def new_job_id() -> str:
     return f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
+def ray_submission_id(job_id: str) -> str:
+    """The Ray Jobs API submission id of sharecl job ``job_id`` (``sharecl-<job_id>``): either id finds the other."""
+    return f"sharecl-{job_id}"
+
+
+# Job runs (MLflow): the Ray cluster the driver ran on, and the Jobs API submission it ran in.
+TAG_RAY_ADDRESS = "sharecl.ray_address"
+TAG_RAY_SUBMISSION = "sharecl.ray_submission_id"
+# Set by Ray's job supervisor in a submitted driver's env: its JobConfig, with the metadata
+# (``job_submission_id``) the submission was given.
+_RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def mlflow_ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
@@ -120,24 +145,71 @@ def mlflow_ui_command(uri: str) -> str:
 # ---------------------------------------------------------------- services
 
 
-def _connect_ray(cfg: JobConfig, address: str | None) -> bool:
-    """Connect to Ray; returns True if this call started it (and so should stop it)."""
+@dataclass(frozen=True)
+class RayConnection:
+    """The Ray this driver runs its tasks on."""
+
+    owns: bool  # this driver started it, and stops it when the job ends
+    local: bool  # a Ray started on this machine for this job
+    address: str  # the GCS address (``host:port``), or what the driver was told to connect to
+    submission_id: str | None = None  # the Ray Jobs API submission this driver runs in
+
+    def describe(self) -> str:
+        """``Ray (local)`` only for a Ray of this job on this machine; else the cluster and the submission."""
+        if self.local:
+            return "Ray (local)"
+        where = f"the Ray cluster at {self.address}"
+        return where + (f" (Ray job {self.submission_id})" if self.submission_id else "")
+
+
+def _will_start_local_ray(cfg: JobConfig, address: str | None) -> bool:
+    import ray
+
+    return not ray.is_initialized() and (address or cfg.cluster.address) is None and not os.environ.get("RAY_ADDRESS")
+
+
+def _connect_ray(cfg: JobConfig, address: str | None, *, dashboard: bool = False) -> RayConnection:
+    """Connect to Ray (or start a local one). Every process of the job runs without Hugging Face progress
+    bars: a local Ray's workers inherit this env, a cluster's tasks and the coordinator get it as the job's
+    ``runtime_env`` (a Jobs API submission carries it already)."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return RayConnection(owns=False, local=False, address=_gcs_address(str(address or cfg.cluster.address)))
     target = address or cfg.cluster.address
     # Our own env for the local instance's workers: no downloads, ever (docs/architecture.md).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     if target is None and os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # a Ray Jobs API entrypoint: the cluster it was submitted to
-    elif target is None:
+        return RayConnection(True, False, _gcs_address(os.environ["RAY_ADDRESS"]), _ray_submission_of_driver())
+    if target is None:
         # "local": a new Ray for this job, never whatever cluster last ran on this machine (that is
         # what plain ray.init() would join); `--address auto` joins the machine's cluster.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    else:
-        ray.init(address=target, log_to_driver=True)
-    return True
+        ray.init(address="local", include_dashboard=dashboard, log_to_driver=True)
+        return RayConnection(owns=True, local=True, address=_gcs_address("local"))
+    ray.init(address=target, log_to_driver=True, runtime_env={"env_vars": dict(QUIET_ENV)})
+    return RayConnection(owns=True, local=False, address=_gcs_address(str(target)))
+
+
+def _gcs_address(fallback: str) -> str:
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().gcs_address or fallback)
+    except Exception:  # a Ray Client connection has no GCS address to show
+        return fallback
+
+
+def _ray_submission_of_driver() -> str | None:
+    """The Ray Jobs API submission id this driver runs in (None outside one)."""
+    try:
+        metadata = json.loads(os.environ.get(_RAY_JOB_CONFIG_ENV, "{}")).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return None
+    found = metadata.get("job_submission_id")
+    return str(found) if found else None
 
 
 def _start_coordinator(cfg: JobConfig, redis_url: str, tracking_uri: str) -> Any:
@@ -166,6 +238,28 @@ def check_capacity(cfg: JobConfig) -> None:
             f"cluster.num_cpus_per_task={c.num_cpus_per_task:g}, cluster.num_gpus_per_task={c.num_gpus_per_task:g}: "
             f"{problem}. Lower them (cluster.num_gpus_per_task=0 trains on the CPU), or run the job on a cluster "
             "whose nodes have them (cluster.address / --address)"
+        )
+
+
+def check_task_files(cfg: JobConfig, *, missing_ok: bool = False) -> None:
+    """Read every task's splits as its worker will (``workers.run_task.read_task_splits``: the columns,
+    the Parquet metadata such as ``label_names``, labels in range, both splits alike) and refuse the job
+    with one message naming every bad file and what it lacks. ``missing_ok``: a task whose files are not
+    on this machine is left to its worker (a cluster's paths need not exist where the driver runs);
+    remote URIs always are."""
+    problems = []
+    for i, task in enumerate(cfg.tasks):
+        paths = [p for p in (task.train, task.eval) if p is not None]
+        if any("://" in p for p in paths) or (missing_ok and not all(Path(p).expanduser().exists() for p in paths)):
+            continue
+        _, _, found = read_task_splits(task.name, task.train, task.eval, task.num_labels)
+        problems += [f"tasks.{i} ({task.name}): {problem}" for problem in found]
+    if problems:
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        raise JobConfigError(
+            f"{len(problems)} problem(s) in the job's task files; nothing was launched. Fix them (workers.data."
+            f"write_split / workers.instruction_data.write_instruction_split write valid splits) and submit again:\n"
+            f"{lines}"
         )
 
 
@@ -259,12 +353,14 @@ class RunningJob:
         owns_ray: bool,
         say: Say,
         started: float,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.cfg = cfg
         self.job_id = job_id
         self.refs = refs
         self.store = store
         self.stream = stream
+        self.progress = ProgressBoard(store.client, cfg.store.namespace)
         self.coordinator = coordinator
         self.run = run
         self.experiment_id = experiment_id
@@ -272,6 +368,7 @@ class RunningJob:
         self.owns_ray = owns_ray
         self.say = say
         self.started = started
+        self.heartbeat_s = heartbeat_s
         self.outcomes = {task.name: TaskOutcome(task.name) for task in cfg.tasks}
 
     # -- following ------------------------------------------------------------------------------
@@ -348,8 +445,9 @@ class RunningJob:
                     _quietly(lambda touch=touch: touch.remote())  # no answer awaited
                 last_touch = time.time()
             if not ready:
-                if time.time() - last_news > HEARTBEAT_S:
-                    self.say(f"[job] {done}/{total} task(s) finished; {len(pending)} training or queued")
+                if time.time() - last_news > self.heartbeat_s:
+                    running = [self.refs[ref] for ref in pending]
+                    self.say(f"[job] {done}/{total} task(s) finished; {self._where_tasks_are(running)}")
                     last_news = time.time()
                 continue
             for ref in ready:
@@ -361,6 +459,7 @@ class RunningJob:
                 except Exception as err:
                     outcome.status, outcome.error = TaskState.FAILED, _describe_failure(err)
                     self._close_task_runs(outcome.task)
+                    self._record_failure(outcome)
                     self.say(f"[job] {done}/{total} {outcome.task}: FAILED: {outcome.error}")
                     continue
                 outcome.status, outcome.result = TaskState.SUBMITTED, summary
@@ -373,6 +472,36 @@ class RunningJob:
                     f"{'n/a' if acc is None else f'{acc:.3f}'}, node {summary.node_ip}, gpu {gpus}, "
                     f"attempt {summary.attempt})"
                 )
+
+    def _where_tasks_are(self, tasks: list[str]) -> str:
+        """``fruit training 40/250, loss 0.5310, ETA 1m20s; colors queued (no worker has started it)``."""
+        try:
+            records = self.progress.read(self.job_id)
+        except Exception as err:  # progress is a view; the job goes on without it
+            return f"{len(tasks)} training or queued (progress records unreadable: {err})"
+        now = time.time()
+        parts = []
+        for task in tasks:
+            record = records.get(task)
+            parts.append(f"{task} {record.line(now) if record else 'queued (no worker has started it)'}")
+        return "; ".join(parts)
+
+    def _record_failure(self, outcome: TaskOutcome) -> None:
+        """Why the task failed, on the job's MLflow run and in its progress record (``sharecl status``
+        shows it also when the task failed before its worker could write either)."""
+        reason = outcome.error or "failed (no reason given)"
+        record_task_failure_on_job(self.run, outcome.task, reason)
+
+        def note() -> None:
+            record = self.progress.read(self.job_id).get(outcome.task)
+            if record is not None and record.phase is TaskPhase.FAILED and record.error:
+                return  # the worker's own account stands
+            now = time.time()
+            started = record.started if record is not None else now
+            failed = TaskProgress(outcome.task, TaskPhase.FAILED, started, now, error=reason)
+            self.progress.report(self.job_id, failed)
+
+        _quietly(note)
 
     def _close_task_runs(self, task: str) -> None:
         """A worker killed for the last time leaves its MLflow run RUNNING; end it as FAILED."""
@@ -402,11 +531,18 @@ class RunningJob:
 
         if self._note_merges():
             return
-        self.say("[job] every task finished training; waiting for the coordinator to merge the rest")
+        self.say(f"[job] every task finished training; waiting for the coordinator to merge {self._open_submissions()}")
         flush = getattr(self.coordinator, "flush", None)
         flushing = flush.remote() if flush is not None else None
-        deadline = time.time() + timeout_s
+        waiting_since = last_news = time.time()
+        deadline = waiting_since + timeout_s
         while not self._note_merges():
+            if time.time() - last_news > self.heartbeat_s:
+                self.say(
+                    f"[job] still waiting for the coordinator to merge {self._open_submissions()}: "
+                    f"{duration(time.time() - waiting_since)} so far{self._stream_state()}"
+                )
+                last_news = time.time()
             if time.time() > deadline:
                 open_tasks = {
                     o.task: o.submission_id for o in self.outcomes.values() if o.status is TaskState.SUBMITTED
@@ -430,6 +566,23 @@ class RunningJob:
                     flushing = None
             else:
                 time.sleep(POLL_S)
+
+    def _open_submissions(self) -> str:
+        """``fruit (1718-0), colors (1719-0)``: the job's submissions neither merged nor rejected yet."""
+        open_ones = [o for o in self.outcomes.values() if o.status is TaskState.SUBMITTED]
+        return ", ".join(f"{o.task} ({o.submission_id})" for o in open_ones) or "nothing"
+
+    def _stream_state(self) -> str:
+        """``; namespace 'x' has 3 submission(s) queued, 1 being merged``, read from Redis (the coordinator
+        may be busy merging and slow to answer)."""
+        try:
+            summary = self.stream.summary(last=1)
+        except Exception:
+            return ""
+        return (
+            f"; namespace {self.cfg.store.namespace!r} has {summary.queued} submission(s) queued and "
+            f"{summary.pending} being merged"
+        )
 
     def _coordinator_error(self) -> str:
         """``; the coordinator's last error: ...`` when it reports one (empty otherwise)."""
@@ -563,15 +716,30 @@ def _quietly(fn: Callable[[], Any]) -> None:
 # ---------------------------------------------------------------- entry point
 
 
-def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line) -> RunningJob:
-    """Connect everything and launch every task; returns at once (``.wait()`` follows the job)."""
+def start_job(
+    cfg: JobConfig,
+    *,
+    address: str | None = None,
+    say: Say = say_line,
+    job_id: str | None = None,
+    dashboard: bool = False,
+    heartbeat_s: float = HEARTBEAT_S,
+) -> RunningJob:
+    """Connect everything and launch every task; returns at once (``.wait()`` follows the job).
+
+    ``job_id``: the id to run under (a Jobs API submission passes the one its submission id names);
+    ``dashboard``: a local Ray starts its dashboard; ``heartbeat_s``: how often the driver says what it
+    waits for when nothing else happened.
+    """
     from subspace_store import SubmissionStream, SubspaceStore, connect
     from subspace_store.connection import outlast_restarts
 
-    # Files are checked by the workers, where they are read (a cluster's paths need not exist here).
     validate(cfg, check_files=False)
+    # Before anything heavy: every task file a worker would refuse. Files missing here are the workers'
+    # to find when the tasks run on a cluster (its paths need not exist where the driver runs).
+    check_task_files(cfg, missing_ok=not _will_start_local_ray(cfg, address))
     started = time.time()
-    job_id = new_job_id()
+    job_id = job_id or new_job_id()
     redis_url = resolve_url(cfg.store.redis_url)
     client = outlast_restarts(connect(redis_url))  # the driver follows the job through a Redis restart
     store = SubspaceStore(client, cfg.store.namespace)
@@ -580,22 +748,21 @@ def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line
 
     tracking_uri = resolve_mlflow_uri(cfg.tracking.mlflow_uri)
     experiment_id = tracking.ensure_experiment(tracking_uri, cfg.experiment_name)
-    owns_ray = _connect_ray(cfg, address)
+    ray_at = _connect_ray(cfg, address, dashboard=dashboard)
     try:
         check_capacity(cfg)
         coordinator = _start_coordinator(cfg, redis_url, tracking_uri)
-        run = tracking.TrackedRun.start(
-            tracking_uri,
-            experiment_id,
-            name=job_id,
-            tags={
-                TAG_KIND: RunKind.JOB,
-                TAG_JOB: job_id,
-                TAG_NAMESPACE: cfg.store.namespace,
-                TAG_STATUS: "running",
-                TAG_TASKS: ",".join(t.name for t in cfg.tasks),
-            },
-        )
+        tags = {
+            TAG_KIND: RunKind.JOB,
+            TAG_JOB: job_id,
+            TAG_NAMESPACE: cfg.store.namespace,
+            TAG_STATUS: "running",
+            TAG_TASKS: ",".join(t.name for t in cfg.tasks),
+            TAG_RAY_ADDRESS: "local" if ray_at.local else ray_at.address,
+        }
+        if ray_at.submission_id:
+            tags[TAG_RAY_SUBMISSION] = ray_at.submission_id
+        run = tracking.TrackedRun.start(tracking_uri, experiment_id, name=job_id, tags=tags)
         run.log_params(to_dict(cfg))
         jobs = task_jobs(cfg, job_id, redis_url, tracking_uri, experiment_id, run.run_id)
         c = cfg.cluster
@@ -610,14 +777,13 @@ def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line
             for job in jobs
         }
     except BaseException:
-        if owns_ray:
+        if ray_at.owns:
             import ray
 
             ray.shutdown()
         raise
     say(
-        f"[job] {job_id}: {len(refs)} task(s) launched on Ray "
-        f"({'local' if (address or c.address) is None else address or c.address}), namespace "
+        f"[job] {job_id}: {len(refs)} task(s) launched on {ray_at.describe()}, namespace "
         f"{cfg.store.namespace!r}, head {store.head() or '- (cold start)'}"
     )
     say(f"[job] watch it: {mlflow_ui_command(tracking_uri)}   (or `sharecl status --namespace {cfg.store.namespace}`)")
@@ -631,9 +797,10 @@ def start_job(cfg: JobConfig, *, address: str | None = None, say: Say = say_line
         run=run,
         experiment_id=experiment_id,
         redis_url=redis_url,
-        owns_ray=owns_ray,
+        owns_ray=ray_at.owns,
         say=say,
         started=started,
+        heartbeat_s=heartbeat_s,
     )
 
 
@@ -643,19 +810,26 @@ def run_job(
     address: str | None = None,
     say: Say = say_line,
     merge_timeout_s: float = DEFAULT_MERGE_TIMEOUT_S,
+    job_id: str | None = None,
 ) -> JobResult:
     """Run ``cfg`` on Ray (local unless ``address`` or ``cluster.address``) and follow it to the end."""
-    return start_job(cfg, address=address, say=say).wait(merge_timeout_s)
+    return start_job(cfg, address=address, say=say, job_id=job_id).wait(merge_timeout_s)
 
 
 __all__ = [
+    "TAG_RAY_ADDRESS",
+    "TAG_RAY_SUBMISSION",
     "JobResult",
     "MergeWaitError",
+    "RayConnection",
     "RunningJob",
     "TaskOutcome",
     "TaskState",
     "check_capacity",
+    "check_task_files",
     "mlflow_ui_command",
+    "new_job_id",
+    "ray_submission_id",
     "run_job",
     "start_job",
     "task_jobs",

@@ -8,7 +8,14 @@ sharecl demo [--tasks N] [--data DIR] [KEY=VALUE ...]
 
 ``--address``: nothing (a local Ray), ``auto`` / ``ray://host:10001`` (the job's driver runs here and
 connects), or ``http://head:8265`` (the Ray Jobs API: the driver runs on the cluster, this command
-only submits and follows its log).
+only submits and follows its log). Through the Jobs API the driver reads relative task paths from
+``--cluster-dir`` on the cluster (default ``~/share-cl``, where ray_cluster.yaml syncs the checkout;
+a head on this machine: ``--cluster-dir $PWD``); a directory that is not there fails before anything
+is submitted (a head on this machine) or as the driver's first step (a remote head). The Ray submission
+is ``sharecl-<job id>`` with the job id and namespace as its metadata.
+
+Every submit reads every task file as its worker will before launching anything, and refuses the job
+with one message listing every bad file and what it lacks.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jobs.commands.options import add_store_options, namespace_given
 from jobs.errors import CLIError
+from subspace_store.progress import ProgressBoard, TaskPhase, TaskProgress
 
 NAMESPACE_ENV = "SHARECL_NAMESPACE"
 CLUSTER_DIR = "~/share-cl"  # where ray_cluster.yaml syncs the checkout on every node
@@ -35,7 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit = subparsers.add_parser(
         "submit",
         help="run a job file on Ray: train every task, merge every result",
-        description="Run JOB.yaml: one Ray task per task job, merged by the namespace's coordinator.",
+        description="Run JOB.yaml: one Ray task per task job, merged by the namespace's coordinator. Every task "
+        "file is read first, as its worker will; a bad one stops the job before anything is launched. "
+        f"With --address http://HEAD:8265 (the Ray Jobs API) the job's driver runs on the cluster and reads "
+        f"relative task paths from --cluster-dir there (default {CLUSTER_DIR}, where ray_cluster.yaml syncs the "
+        "checkout; for a head on this machine pass the checkout, e.g. --cluster-dir $PWD). The Ray submission "
+        "id is sharecl-<job id>.",
     )
     submit.add_argument("job", metavar="JOB.yaml", help="job file (examples in jobs/examples/; check it with validate)")
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.steps=50")
@@ -53,9 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=CLUSTER_DIR,
         metavar="DIR",
         help=f"with an http:// address: the checkout on the cluster that relative task paths are read from "
-        f"(default {CLUSTER_DIR}, as ray_cluster.yaml syncs it)",
+        f"(default {CLUSTER_DIR}, as ray_cluster.yaml syncs it; for a head on this machine: the checkout, "
+        "e.g. $PWD). Absolute or ~/...",
     )
-    submit.add_argument("--base-dir", default=None, help=argparse.SUPPRESS)  # set by the Jobs API entrypoint
+    # Set by the Jobs API entrypoint: the cluster dir, and the sharecl job id the submission id names.
+    submit.add_argument("--base-dir", default=None, help=argparse.SUPPRESS)
+    submit.add_argument("--job-id", default=None, help=argparse.SUPPRESS)
     submit.set_defaults(func=run_submit)
 
     status = subparsers.add_parser(
@@ -168,27 +185,106 @@ def run_submit(args: argparse.Namespace) -> int:
         )
     job_path = Path(args.job).absolute()
     if args.base_dir:
-        os.chdir(Path(args.base_dir).expanduser())
+        os.chdir(_existing_cluster_dir(args.base_dir, on_cluster=True))
     cfg = load_job(job_path, args.overrides)
-    result = run_job(cfg, address=args.address)
+    result = run_job(cfg, address=args.address, job_id=args.job_id)  # task files checked before launching
     return 0 if result.ok else 1
 
 
+def _existing_cluster_dir(path: str, *, on_cluster: bool) -> Path:
+    """``path`` (``~`` expanded) if it is a directory; else a ``CLIError`` naming ``--cluster-dir``."""
+    import socket
+
+    found = Path(path).expanduser()
+    if found.is_dir():
+        return found
+    where = f"on the cluster node running the job's driver ({socket.gethostname()})" if on_cluster else "here"
+    raise CLIError(
+        f"--cluster-dir {path}: no such directory {where}. Through the Ray Jobs API the job's driver reads "
+        f"relative task paths from --cluster-dir (default {CLUSTER_DIR}, where ray_cluster.yaml syncs the "
+        "checkout); pass the checkout on the cluster, e.g. --cluster-dir $PWD for a head on this machine"
+    )
+
+
+def _head_is_here(address: str) -> bool:
+    """Whether the Jobs API at ``address`` runs on this machine (its host is a loopback or this host's name
+    or address), so that ``--cluster-dir`` and the task files can be checked here before submitting."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address).hostname or ""
+    if host in ("localhost", socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    try:
+        own = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return False
+    return str(ip) in own
+
+
 def _submit_to_jobs_api(args: argparse.Namespace) -> int:
+    from contextlib import chdir
+
+    from jobs.runner import check_task_files, new_job_id, ray_submission_id
+    from jobs.schema import load_job
+    from workers.run_task import QUIET_ENV
+
+    # Checked here so that a typo fails now, before anything is contacted; the files are checked where
+    # the driver runs: here too when the head runs on this machine (then --cluster-dir must be here).
+    job_file = Path(args.job).absolute()
+    cfg = load_job(job_file, args.overrides, check_files=False)
+    cluster_dir = args.cluster_dir
+    here = _head_is_here(args.address)
+    if not (cluster_dir.startswith("~") or Path(cluster_dir).is_absolute()):
+        if not here:
+            raise CLIError(
+                f"--cluster-dir {cluster_dir}: give the checkout's path on the cluster, absolute or ~/... "
+                f"(default {CLUSTER_DIR}); a relative path would be read from the submission's upload folder"
+            )
+        cluster_dir = str(Path(cluster_dir).absolute())
+    if here:
+        with chdir(_existing_cluster_dir(cluster_dir, on_cluster=False)):
+            cfg = load_job(job_file, args.overrides)
+            check_task_files(cfg)
+    job_id = new_job_id()
+    submission_id = ray_submission_id(job_id)
+    metadata = {"sharecl_job_id": job_id, "namespace": cfg.store.namespace, "job_file": job_file.name}
+    return _submit_and_follow(args, cluster_dir, job_id, submission_id, metadata, cfg.store.namespace, QUIET_ENV)
+
+
+def _submit_and_follow(
+    args: argparse.Namespace,
+    cluster_dir: str,
+    job_id: str,
+    submission_id: str,
+    metadata: dict[str, str],
+    namespace: str,
+    env: dict[str, str],
+) -> int:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from jobs.schema import load_job
-
-    # Checked here so that a typo fails now, not on the cluster; the files are checked there.
-    load_job(args.job, args.overrides, check_files=False)
     with tempfile.TemporaryDirectory() as tmp:
         # Only the job file travels (the code and data are on the cluster's nodes already).
         (Path(tmp) / "job.yaml").write_bytes(Path(args.job).read_bytes())
-        entrypoint = shlex.join(["sharecl", "submit", "job.yaml", *args.overrides, "--base-dir", args.cluster_dir])
+        entrypoint = shlex.join(
+            ["sharecl", "submit", "job.yaml", *args.overrides, "--base-dir", cluster_dir, "--job-id", job_id]
+        )
         try:
             client = JobSubmissionClient(args.address)
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": tmp})
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                metadata=metadata,
+                runtime_env={"working_dir": tmp, "env_vars": dict(env)},
+            )
         except AuthenticationError as err:
             raise CLIError(
                 f"the Ray Jobs API at {args.address} needs an auth token: put the cluster's token in "
@@ -200,20 +296,25 @@ def _submit_to_jobs_api(args: argparse.Namespace) -> int:
                 f"could not submit to the Ray Jobs API at {args.address} ({err}); is the cluster up and its "
                 "dashboard port reachable (`ray dashboard ray_cluster.yaml` forwards it to localhost:8265)?"
             ) from None
-    print(f"submitted Ray job {job_id} to {args.address}: {entrypoint}")
+    print(
+        f"submitted Ray job {submission_id} (sharecl job {job_id}, namespace {namespace!r}) to {args.address}: "
+        f"{entrypoint}",
+        flush=True,
+    )
     if args.no_wait:
-        print(f"follow it with: ray job logs --follow --address {args.address} {job_id}")
+        print(f"follow it with: ray job logs --follow --address {args.address} {submission_id}")
+        print(f"or: sharecl status --namespace {namespace}   (job {job_id})")
         return 0
     seen = 0
     while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
+        status = client.get_job_status(submission_id)
+        logs = client.get_job_logs(submission_id)
         if len(logs) > seen:
             sys.stdout.write(logs[seen:])
             sys.stdout.flush()
             seen = len(logs)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            print(f"Ray job {job_id}: {status.value}")
+            print(f"Ray job {submission_id} (sharecl job {job_id}): {status.value}")
             return 0 if status == JobStatus.SUCCEEDED else 1
         time.sleep(1.0)
 
@@ -244,11 +345,30 @@ class TaskRow:
     accuracy_after_merge: float | None  # served from the head when the job ended
     base_version: str | None
     gpu_ids: str | None
-    error: str | None
+    error: str | None  # why it failed: its run's error, else the job run's failed/<task> (before its run started)
+    progress: TaskProgress | None = None  # its worker's latest report (step/total, loss, ETA)
 
     @property
     def accuracy(self) -> float | None:
         return self.accuracy_after_merge if self.accuracy_after_merge is not None else self.eval_accuracy
+
+    @property
+    def finished(self) -> bool:
+        """Merged, rejected or failed: the job run holds its final state."""
+        return bool(self.status) and self.status.split()[0] in ("merged", "rejected", "failed")
+
+    def line(self, now: float) -> str:
+        """What ``sharecl status`` prints after the task's name."""
+        shown = f"accuracy {self.accuracy:.3f}" if self.accuracy is not None else ""
+        tries = f", {self.attempts} attempts" if self.attempts > 1 else ""
+        status = self.status or "-"
+        if not self.finished and self.progress is not None:
+            if not self.progress.phase.finished:  # training: step/total, loss, ETA
+                return f"{self.progress.line(now)}{tries}"
+            if self.progress.phase is TaskPhase.FAILED:  # also before its MLflow run started
+                status = "failed"
+        error = f"  {_one_line(self.error)}" if self.error and not status.startswith("merged") else ""
+        return f"{status:<22} {shown}{tries}{error}".rstrip()
 
 
 @dataclass(frozen=True)
@@ -262,10 +382,21 @@ class JobRow:
     started: float  # unix seconds
     head: str | None
     tasks: list[TaskRow] = field(default_factory=list)
+    ray_submission_id: str | None = None  # the Ray Jobs API submission its driver ran in
+    ray_address: str | None = None  # "local", or the cluster's GCS address
 
 
-def jobs_summary(uri: str, experiment: str, last: int) -> list[JobRow]:
-    """The newest ``last`` jobs of ``experiment`` with their tasks' latest attempts (from MLflow)."""
+def _one_line(text: str, limit: int = 160) -> str:
+    first = " ".join(text.split())
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def jobs_summary(
+    uri: str, experiment: str, last: int, progress: Callable[[str], dict[str, TaskProgress]] | None = None
+) -> list[JobRow]:
+    """The newest ``last`` jobs of ``experiment`` with their tasks' latest attempts (from MLflow) and, with
+    ``progress`` (job id -> its tasks' progress records), where their workers are."""
+    from jobs.runner import TAG_RAY_ADDRESS, TAG_RAY_SUBMISSION
     from subspace_store.tracking import (
         ACCURACY_METRIC,
         TAG_BASE_VERSION,
@@ -279,6 +410,7 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[JobRow]:
         TAG_TASK_OUTCOME,
         TAG_TASKS,
         RunKind,
+        failed_tasks,
     )
     from workers import tracking
 
@@ -298,9 +430,12 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[JobRow]:
         for t in sorted(task_runs, key=lambda r: r.info.start_time):
             latest[t.data.tags.get(TAG_TASK, "?")] = t
         task_names = [n for n in run.data.tags.get(TAG_TASKS, "").split(",") if n] or sorted(latest)
+        failures = failed_tasks(run.data.tags)
+        records = _quietly_read(progress, job_id) if progress is not None and run.info.status == "RUNNING" else {}
         tasks = []
         for name in task_names:
             t = latest.get(name)
+            record = records.get(name)
             final = run.data.tags.get(TAG_TASK_OUTCOME + name)
             tasks.append(
                 TaskRow(
@@ -311,7 +446,10 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[JobRow]:
                     accuracy_after_merge=run.data.metrics.get(ACCURACY_METRIC + name),
                     base_version=t.data.tags.get(TAG_BASE_VERSION) if t else None,
                     gpu_ids=t.data.tags.get(TAG_GPU_IDS) if t else None,
-                    error=t.data.tags.get(TAG_ERROR) if t else None,
+                    error=(t.data.tags.get(TAG_ERROR) if t else None)
+                    or failures.get(name)
+                    or (record.error if record is not None else None),
+                    progress=record,
                 )
             )
         out.append(
@@ -323,9 +461,19 @@ def jobs_summary(uri: str, experiment: str, last: int) -> list[JobRow]:
                 started=run.info.start_time / 1000.0,
                 head=run.data.tags.get(TAG_HEAD),
                 tasks=tasks,
+                ray_submission_id=run.data.tags.get(TAG_RAY_SUBMISSION),
+                ray_address=run.data.tags.get(TAG_RAY_ADDRESS),
             )
         )
     return out
+
+
+def _quietly_read(progress: Callable[[str], dict[str, TaskProgress]], job_id: str) -> dict[str, TaskProgress]:
+    try:
+        return progress(job_id)
+    except Exception as err:  # a view: status still shows what MLflow holds
+        print(f"progress of job {job_id} unreadable ({err})", file=sys.stderr)
+        return {}
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -340,8 +488,9 @@ def run_status(args: argparse.Namespace) -> int:
     uri = resolve_mlflow_uri(args.mlflow_uri)
     versions = store.list_versions()
     subs = stream.summary()
+    board = ProgressBoard(store.client, namespace)
     try:
-        jobs = jobs_summary(uri, args.experiment or namespace, args.jobs)
+        jobs = jobs_summary(uri, args.experiment or namespace, args.jobs, board.read)
         tracking_error = None
     except Exception as err:  # the store part is still worth showing
         jobs, tracking_error = [], f"{type(err).__name__}: {err}"
@@ -376,13 +525,13 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"jobs: MLflow at {uri} could not be read ({tracking_error})")
     elif not jobs:
         print(f"jobs: none in MLflow experiment {args.experiment or namespace!r} at {uri}")
+    now = time.time()
     for job in jobs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.started))
-        print(f"job {job.job_id} ({started}): {job.status or job.mlflow_status}, head {job.head or '-'}")
+        ray = f", Ray job {job.ray_submission_id}" if job.ray_submission_id else ""
+        print(f"job {job.job_id} ({started}{ray}): {job.status or job.mlflow_status}, head {job.head or '-'}")
         for t in job.tasks:
-            shown = f"accuracy {t.accuracy:.3f}" if t.accuracy is not None else ""
-            tries = f", {t.attempts} attempts" if t.attempts > 1 else ""
-            print(f"  {t.task:<30} {t.status or '-':<22} {shown}{tries}")
+            print(f"  {t.task:<30} {t.line(now)}")
     print(f"watch: mlflow ui --backend-store-uri {uri}")
     return 0
 
