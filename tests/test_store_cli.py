@@ -41,7 +41,7 @@ def test_push_versions_show_tag_pull(cli, tmp_path, make_adapter) -> None:
     assert "layer.0.query  24x16" in out and "reconstruction error" in out and "\n  mlflow_run_id: r1\n" in out
     assert json.loads(cli("show", "v2", "--json")[1])["parent"] == "v1"
 
-    assert cli("tag", "v2", "canary")[1].strip() == "canary -> v2"
+    assert cli("tag", "v2", "canary")[1].splitlines()[0] == "canary -> v2"
     code, _, err = cli("tag", "v9", "x")
     assert code == 2 and "no version v9" in err
 

@@ -28,6 +28,7 @@ from typing import Any
 from jobs.commands.offline import PULLED_FROM, add_export_options, export_task
 from jobs.commands.options import add_store_options, namespace
 from jobs.errors import CLIError
+from subspace_store.tracking import mirror_tag
 
 
 def _common(*, with_namespace: bool = True) -> argparse.ArgumentParser:
@@ -98,12 +99,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     tag.add_argument("ref", metavar="VERSION", help=_REF_HELP)
     tag.add_argument("name", metavar="NAME", help="the tag: letters, digits, '_', '.', '-' (e.g. prod)")
+    tag.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI whose registry alias follows the tag")
     tag.set_defaults(func=_guard(run_tag))
 
     untag = subparsers.add_parser(
         "untag", parents=[common], help="delete a tag", description="Delete a tag (the version stays)."
     )
     untag.add_argument("name", metavar="NAME", help="the tag to delete")
+    untag.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI whose registry alias follows the tag")
     untag.set_defaults(func=_guard(run_untag))
 
     pull = subparsers.add_parser(
@@ -491,6 +494,8 @@ def run_tag(args: argparse.Namespace) -> int:
     store = _open(args, need_versions=True)
     version = store.tag(args.ref, args.name)
     print(f"{args.name} -> {version}")
+    # The store is the truth; the MLflow registry mirrors the tag as an alias (models:/sharecl-NS@TAG).
+    print(mirror_tag(store.namespace, args.name, version, args.mlflow_uri).message)
     return 0
 
 
@@ -499,6 +504,7 @@ def run_untag(args: argparse.Namespace) -> int:
     if not store.untag(args.name):
         raise CLIError(f"no tag {args.name!r} in namespace {store.namespace!r}; see `sharecl versions`")
     print(f"tag {args.name} deleted")
+    print(mirror_tag(store.namespace, args.name, None, args.mlflow_uri).message)
     return 0
 
 
