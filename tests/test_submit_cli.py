@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -220,6 +221,11 @@ def test_a_head_on_this_machine_gets_its_cluster_dir_checked_before_it_is_contac
     # A remote head's checkout is a path on the cluster: a relative one would be read from the upload folder.
     assert main(["submit", str(job), "--address", "http://head.invalid:8265", "--cluster-dir", "share-cl"]) == 2
     assert "--cluster-dir share-cl: give the checkout's path on the cluster, absolute or ~/" in capsys.readouterr().err
+    # A remote head's driver (the Jobs API entrypoint) checks it first thing, on the cluster.
+    assert main(["submit", str(job), "--base-dir", str(absent)]) == 2
+    assert f"--cluster-dir {absent}: no such directory on the cluster node running the job's driver (" in (
+        capsys.readouterr().err
+    )
     # With the checkout there, the next step is the head itself (and nothing answers at that port).
     assert main(["submit", str(job), "--address", nobody, "--cluster-dir", str(tmp_path)]) == 2
     assert f"could not submit to the Ray Jobs API at {nobody}" in capsys.readouterr().err
@@ -396,6 +402,11 @@ def test_a_waiting_driver_says_what_it_waits_for_and_records_why_a_task_failed(
     job.outcomes["colors"] = TaskOutcome("colors", TaskState.FAILED, error=reason)
     job._record_failure(job.outcomes["colors"])
 
+    # What the driver's heartbeat says while tasks train: each task's record, or that no worker has it yet.
+    assert (
+        job._where_tasks_are(["fruit", "colors"]) == f"fruit queued (no worker has started it); colors failed, {reason}"
+    )
+
     with pytest.raises(MergeWaitError, match=rf"\{{'fruit': '{sid}'\}} .* neither merged nor rejected within 2s"):
         job._follow_merges(timeout_s=2.0)
     assert said[0] == f"[job] every task finished training; waiting for the coordinator to merge fruit ({sid})"
@@ -432,7 +443,9 @@ def test_a_worker_draws_no_loading_bars_and_leaves_its_progress(
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()
+    with warnings.catch_warnings():  # huggingface_hub's own bars stay off if an earlier test imported it under the env
+        warnings.simplefilter("ignore")
+        hf_logging.enable_progress_bar()
     try:
         bert = save_tiny_bert(tmp_path / "bert")
         capfd.readouterr()
@@ -450,7 +463,9 @@ def test_a_worker_draws_no_loading_bars_and_leaves_its_progress(
     finally:
         os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
         if was_enabled:
-            hf_logging.enable_progress_bar()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hf_logging.enable_progress_bar()
     assert "[fruit] step 3/6 loss" in err and "[fruit] submitted" in err
     assert "Loading weights" not in err and "it/s]" not in err
 
