@@ -386,7 +386,7 @@ class JobRow:
     ray_address: str | None = None  # "local", or the cluster's GCS address
 
 
-def _one_line(text: str, limit: int = 160) -> str:
+def _one_line(text: str, limit: int = 400) -> str:
     first = " ".join(text.split())
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
