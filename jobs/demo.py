@@ -121,7 +121,7 @@ def run_demo_job(cfg: JobConfig, say: Callable[[str], None] | None = None) -> Jo
     from jobs.runner import say_line, start_job
 
     say = say or say_line
-    running = start_job(cfg, say=say)
+    running = start_job(cfg, say=say, dashboard=True)
     url = dashboard_url()
     if url:
         say(f"[demo] Ray dashboard (workers, tasks, logs) while the job runs: {url}")

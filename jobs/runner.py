@@ -37,6 +37,7 @@ from jobs.errors import JobConfigError
 from jobs.schema import JobConfig, to_dict, validate
 from share.errors import ShareClError
 from subspace_store import SubmissionStatus, resolve_url
+from subspace_store.keys import version_number
 from subspace_store.progress import ProgressBoard, TaskPhase, TaskProgress, duration
 from subspace_store.tracking import (
     TAG_ERROR,
@@ -635,7 +636,8 @@ class RunningJob:
         metrics["tasks_merged"] = sum(o.status is TaskState.MERGED for o in result.tasks.values())
         metrics["tasks_failed"] = len(result.failed)
         metrics["job_seconds"] = result.seconds
-        self.run.log_metrics(metrics)
+        # step = the version the job ended on, as the coordinator's per-version series (no stray point at 0).
+        self.run.log_metrics(metrics, step=version_number(result.head) or 0)
         if result.matrix:
             columns = [t.name for t in self.cfg.tasks]
             csv = result.matrix.csv_text(columns, new_tasks=False)

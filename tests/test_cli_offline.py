@@ -506,8 +506,8 @@ def test_validate_reports_every_problem_of_the_job_and_its_task_files(tmp_path: 
     out = capsys.readouterr().out
     problems = [line for line in out.splitlines() if line.startswith("  - ")]
     assert len(problems) == 2, out
-    assert problems[0].startswith(f"  - tasks.0 (bare): train: {bare}: file metadata must hold 'label_names'")
-    assert problems[1].startswith("  - tasks.1 (mixed): eval: ") and "['p', 'q']" in problems[1]
+    assert problems[0].startswith(f"  - tasks.0 (bare): training split: {bare}: file metadata must hold 'label_names'")
+    assert problems[1].startswith("  - tasks.1 (mixed): eval split ") and "['p', 'q']" in problems[1]
 
     # Schema problems: every one of them, named by key (task files are read once the job itself is valid).
     missing = tmp_path / "nowhere" / "train.parquet"

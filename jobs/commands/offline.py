@@ -587,33 +587,17 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def _check_task_files(task: Any) -> tuple[list[str], str]:
-    """Read a task's splits as a worker would (``load_task_split``): the problems found, and a summary."""
-    from workers.instruction_data import load_task_split
+    """Read a task's splits as its worker will (``workers.run_task.read_task_splits``, which ``sharecl submit``
+    also runs): the problems found, and a summary."""
+    from workers.run_task import read_task_splits
 
-    problems, parts, splits = [], [], {}
-    for split in ("train", "eval"):
-        path = getattr(task, split)
-        if path is None:
-            continue
-        if "://" in path:
-            parts.append(f"{split} {path} (remote: read by the workers, not checked here)")
-            continue
-        try:
-            data = load_task_split(path)
-        except (ValueError, OSError) as err:  # FileNotFoundError, a ShareClError, or the reader's ValueError
-            problems.append(f"{split}: {err}")
-            continue
-        splits[split] = data
-        kind = f"{data.num_labels} classes" if data.num_labels else "instruction"
-        parts.append(f"{split} {len(data)} rows ({kind})")
-    train, evaluation = splits.get("train"), splits.get("eval")
-    if train is not None and len(train) == 0:
-        problems.append(f"train: {task.train} has no rows; add rows")
-    if train is not None and evaluation is not None and type(train) is not type(evaluation):
-        problems.append(f"eval: {task.eval} and {task.train} hold different kinds of split; write both in one format")
-    elif train is not None and evaluation is not None and train.label_names != evaluation.label_names:
-        problems.append(
-            f"eval: {task.eval} has classes {evaluation.label_names}, the training split {train.label_names}; "
-            "write both splits with the same label_names"
-        )
+    remote = [p for p in (task.train, task.eval) if p is not None and "://" in p]
+    if remote:
+        return [], ", ".join(f"{p} (remote: read by the workers, not checked here)" for p in remote)
+    train, evaluation, problems = read_task_splits(task.name, task.train, task.eval, task.num_labels)
+    parts = []
+    for split, data in (("train", train), ("eval", evaluation)):
+        if data is not None:
+            kind = f"{data.num_labels} classes" if getattr(data, "num_labels", None) else "instruction"
+            parts.append(f"{split} {len(data)} rows ({kind})")
     return problems, ", ".join(parts) or "-"
