@@ -221,4 +221,9 @@ def stop_coordinator(namespace: str = "default", timeout_s: float = 60.0) -> dic
         status = {"namespace": namespace, "loop_alive": True, "open_runs": [], "error": f"{type(err).__name__}: {err}"}
     finally:
         ray.kill(handle, no_restart=True)
+    # ray.kill returns before the actor's name is released: wait (bounded) so that a caller that stops and
+    # then looks up or starts the namespace's coordinator never finds the dying one.
+    deadline = time.monotonic() + 30.0
+    while find_coordinator(namespace) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
     return status
