@@ -104,6 +104,47 @@ class _Side:
     eigvecs: Tensor  # (k + q) x (k + q), columns in the same order
 
 
+@dataclass
+class _ModuleCut:
+    """One module after truncation: its bases, k, kept variance, and every task's coefficients and errors."""
+
+    basis: ModuleBasis
+    k: tuple[int, int]
+    variance: tuple[float, float]
+    met: bool  # False: k_max stopped the max_error rule before every task was within its bound
+    E: dict[str, tuple[Tensor, Tensor]]  # task -> (E_A, E_B), float32
+    sq_err: dict[str, tuple[float, float]]  # task -> (|dW - dW'|^2, |dW|^2) in this module
+
+
+def _truncate_module(
+    names: list[str], widths: list[int], A: _Side, B: _Side, drift: dict[str, _Drift], policy: KPolicy
+) -> _ModuleCut:
+    """Choose k per side by ``policy``, rotate the extended bases, and project every task (``names``, whose
+    coordinates are the columns of ``A.C``/``B.C`` in order, ``widths`` each). Used by merge and removal."""
+    groups = _groups_by_width(names, widths, A.C, B.C)
+    met = True
+    if policy.max_error is not None:
+        k_A, k_B, met = _choose_k_bounded(groups, A, B, drift, policy.max_error, policy.k_max)
+    else:
+        k_A, k_B = _choose_k(A.eigvals, policy), _choose_k(B.eigvals, policy)
+    W_A, W_B = A.eigvecs[:, :k_A], B.eigvecs[:, :k_B]
+    basis = ModuleBasis(U_A=(A.extended @ W_A).to(torch.float32), U_B=(B.extended @ W_B).to(torch.float32))
+    E: dict[str, tuple[Tensor, Tensor]] = {}
+    sq_err: dict[str, tuple[float, float]] = {}
+    for group_names, group_A, group_B in groups:
+        # group_*: g x (k+q) x p, every task's full coordinates in [U Q], before truncation.
+        E_A, E_B = W_A.T @ group_A, W_B.T @ group_B
+        # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
+        total = _frobenius_sq_of_product(group_B, group_A)
+        kept = _frobenius_sq_of_product(E_B, E_A)
+        E_A32, E_B32 = E_A.to(torch.float32), E_B.to(torch.float32)
+        for i, name in enumerate(group_names):
+            E[name] = (E_A32[i], E_B32[i])
+            sq_err[name] = (max(float(total[i] - kept[i]), 0.0), max(float(total[i]), 0.0))
+    variance = (_kept_fraction(A.eigvals, k_A), _kept_fraction(B.eigvals, k_B))
+    return _ModuleCut(basis, (k_A, k_B), variance, met, E, sq_err)
+
+
 def merge(
     subspace: Subspace | None,
     adapters: dict[str, LoraAdapter],
@@ -156,30 +197,14 @@ def merge(
             # Canonical B is n x p; canonical A is p x d, so its column space lives in A.T.
             new_X = torch.cat([canon[t][m][1].T if side == "A" else canon[t][m][0] for t in new_names], dim=1)
             sides[side] = _side_coordinates(U, old_E, new_X)
-        A, B = sides["A"], sides["B"]
         widths = [subspace.tasks[t].E[m][0].shape[1] for t in old_names] + [canon[t][m][0].shape[1] for t in new_names]
-        groups = _groups_by_width(names, widths, A.C, B.C)
-        if policy.max_error is not None:
-            drift = {t: before[t].get(m, _Drift(None, 0.0)) for t in old_names}
-            k_A, k_B, met = _choose_k_bounded(groups, A, B, drift, policy.max_error, policy.k_max)
-            if not met:
-                capped.append(m)
-        else:
-            k_A, k_B = _choose_k(A.eigvals, policy), _choose_k(B.eigvals, policy)
-        W_A, W_B = A.eigvecs[:, :k_A], B.eigvecs[:, :k_B]
-        new_bases[m] = ModuleBasis(U_A=(A.extended @ W_A).to(torch.float32), U_B=(B.extended @ W_B).to(torch.float32))
-        k_out[m] = (k_A, k_B)
-        variance[m] = (_kept_fraction(A.eigvals, k_A), _kept_fraction(B.eigvals, k_B))
-        for group_names, group_A, group_B in groups:
-            # group_*: g x (k+q) x p, every task's full coordinates in [U Q], before truncation.
-            E_A, E_B = W_A.T @ group_A, W_B.T @ group_B
-            # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
-            total = _frobenius_sq_of_product(group_B, group_A)
-            kept = _frobenius_sq_of_product(E_B, E_A)
-            E_A32, E_B32 = E_A.to(torch.float32), E_B.to(torch.float32)
-            for i, name in enumerate(group_names):
-                new_E[name][m] = (E_A32[i], E_B32[i])
-                sq_err[name][m] = (max(float(total[i] - kept[i]), 0.0), max(float(total[i]), 0.0))
+        drift = {t: before[t].get(m, _Drift(None, 0.0)) for t in old_names}
+        cut = _truncate_module(names, widths, sides["A"], sides["B"], drift, policy)
+        new_bases[m], k_out[m], variance[m] = cut.basis, cut.k, cut.variance
+        if not cut.met:
+            capped.append(m)
+        for name in names:
+            new_E[name][m], sq_err[name][m] = cut.E[name], cut.sq_err[name]
 
     tasks: dict[str, TaskCoefficients] = {}
     report = MergeReport(

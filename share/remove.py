@@ -28,17 +28,13 @@ from .merge import (
     MODULE_DRIFT,
     RECONSTRUCTION_ERROR,
     MergeReport,
-    _choose_k,
-    _choose_k_bounded,
     _Drift,
-    _frobenius_sq_of_product,
-    _groups_by_width,
-    _kept_fraction,
     _module_drift_before,
     _pushed_over,
     _Side,
     _track_drift,
     _track_module_drift,
+    _truncate_module,
 )
 from .subspace import ModuleBasis, Subspace, TaskCoefficients, UnknownTaskError, check_task_name
 
@@ -85,26 +81,13 @@ def remove_tasks(
         widths = [subspace.tasks[t].E[m][0].shape[1] for t in names]
         A = _refit_side(basis.U_A, [subspace.tasks[t].E[m][0] for t in names], widths)
         B = _refit_side(basis.U_B, [subspace.tasks[t].E[m][1] for t in names], widths)
-        groups = _groups_by_width(names, widths, A.C, B.C)
-        if policy.max_error is not None:
-            drift = {t: before[t].get(m, _Drift(None, 0.0)) for t in names}
-            k_A, k_B, met = _choose_k_bounded(groups, A, B, drift, policy.max_error, policy.k_max)
-            if not met:
-                capped.append(m)
-        else:
-            k_A, k_B = _choose_k(A.eigvals, policy), _choose_k(B.eigvals, policy)
-        W_A, W_B = A.eigvecs[:, :k_A], B.eigvecs[:, :k_B]
-        new_bases[m] = ModuleBasis(U_A=(A.extended @ W_A).to(torch.float32), U_B=(B.extended @ W_B).to(torch.float32))
-        k_out[m] = (k_A, k_B)
-        variance[m] = (_kept_fraction(A.eigvals, k_A), _kept_fraction(B.eigvals, k_B))
-        for group_names, group_A, group_B in groups:
-            E_A, E_B = W_A.T @ group_A, W_B.T @ group_B
-            total = _frobenius_sq_of_product(group_B, group_A)
-            kept = _frobenius_sq_of_product(E_B, E_A)
-            E_A32, E_B32 = E_A.to(torch.float32), E_B.to(torch.float32)
-            for i, name in enumerate(group_names):
-                new_E[name][m] = (E_A32[i], E_B32[i])
-                sq_err[name][m] = (max(float(total[i] - kept[i]), 0.0), max(float(total[i]), 0.0))
+        drift = {t: before[t].get(m, _Drift(None, 0.0)) for t in names}
+        cut = _truncate_module(names, widths, A, B, drift, policy)
+        new_bases[m], k_out[m], variance[m] = cut.basis, cut.k, cut.variance
+        if not cut.met:
+            capped.append(m)
+        for name in names:
+            new_E[name][m], sq_err[name][m] = cut.E[name], cut.sq_err[name]
 
     report = RemoveReport(
         new_tasks=[],
