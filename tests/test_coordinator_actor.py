@@ -53,6 +53,9 @@ def assert_merged_exactly_once(store: SubspaceStore, stream: SubmissionStream, i
 def test_killed_at_every_crash_point_and_by_ray_kill(ray_session, redis_server, namespace, mlflow_uri, tmp_path):
     store = SubspaceStore(connect(redis_server), namespace)
     stream = SubmissionStream(store.client, namespace)
+    # Submitted before the coordinator starts, so its first read takes all three (one batch, one
+    # version) however slowly the submissions would otherwise trickle in on a loaded machine.
+    ids = {f"a{i}": stream.submit(Submission(f"a{i}", adapter(i), None)) for i in range(3)}
     handle = get_or_start_coordinator(
         namespace,
         redis_server,
@@ -62,7 +65,6 @@ def test_killed_at_every_crash_point_and_by_ray_kill(ray_session, redis_server, 
         crash_at=list(POINTS),
         crash_marker_dir=str(tmp_path / "markers"),
     )
-    ids = {f"a{i}": stream.submit(Submission(f"a{i}", adapter(i), None)) for i in range(3)}
     # Dies after reading them, again after merging them, again after publishing v1; Ray restarts it
     # each time (and retries this call on the new incarnation).
     status = ray.get(handle.flush.remote(240), timeout=300)
