@@ -75,6 +75,9 @@ class MergeReport:
     max_error: float | None = None  # the policy's eps; None for the k and variance rules
     over_bound: dict[str, float] = field(default_factory=dict)  # task -> error_bound, tasks this merge left over eps
     capped_modules: list[str] = field(default_factory=list)  # modules where k_max kept the bound from holding
+    # module -> (R_A, R_B), float64, k_after x k_before per side: every task that was in the subspace before
+    # the merge has ``E_side_after = R_side @ E_side_before`` (up to float32 storage). Empty at initialization.
+    rotations: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def worst_error(self) -> float:
@@ -112,6 +115,7 @@ class _ModuleCut:
     k: tuple[int, int]
     variance: tuple[float, float]
     met: bool  # False: k_max stopped the max_error rule before every task was within its bound
+    W: tuple[Tensor, Tensor]  # (W_A, W_B): (k + q) x k' each, the kept eigenvectors; U' = [U Q] W
     E: dict[str, tuple[Tensor, Tensor]]  # task -> (E_A, E_B), float32
     sq_err: dict[str, tuple[float, float]]  # task -> (|dW - dW'|^2, |dW|^2) in this module
 
@@ -142,7 +146,7 @@ def _truncate_module(
             E[name] = (E_A32[i], E_B32[i])
             sq_err[name] = (max(float(total[i] - kept[i]), 0.0), max(float(total[i]), 0.0))
     variance = (_kept_fraction(A.eigvals, k_A), _kept_fraction(B.eigvals, k_B))
-    return _ModuleCut(basis, (k_A, k_B), variance, met, E, sq_err)
+    return _ModuleCut(basis, (k_A, k_B), variance, met, (W_A, W_B), E, sq_err)
 
 
 def merge(
@@ -180,6 +184,7 @@ def merge(
     k_out: dict[str, tuple[int, int]] = {}
     variance: dict[str, tuple[float, float]] = {}
     capped: list[str] = []
+    rotations: dict[str, tuple[Tensor, Tensor]] = {}
     for m in modules:
         old_basis = subspace.modules[m] if subspace is not None else None
         sides: dict[str, _Side] = {}
@@ -203,6 +208,10 @@ def merge(
         new_bases[m], k_out[m], variance[m] = cut.basis, cut.k, cut.variance
         if not cut.met:
             capped.append(m)
+        if old_basis is not None:
+            # Old tasks' coordinates in [U Q] are [E_i; 0], so E_i' = W.T [E_i; 0] = W[:k].T E_i.
+            W_A, W_B = cut.W
+            rotations[m] = (W_A[: old_basis.k_A].T.contiguous(), W_B[: old_basis.k_B].T.contiguous())
         for name in names:
             new_E[name][m], sq_err[name][m] = cut.E[name], cut.sq_err[name]
 
@@ -215,6 +224,7 @@ def merge(
         seconds=0.0,
         max_error=policy.max_error,
         capped_modules=capped,
+        rotations=rotations,
     )
     for name in names:
         source = subspace.tasks[name] if name in old_names else None
