@@ -1,7 +1,17 @@
 """Redis key layout of one store namespace.
 
-Every key of a namespace carries the hash tag ``{namespace}``, so on a Redis Cluster they all live
-in one slot and WATCH/MULTI/EXEC over them stays valid.
+Two kinds of keys:
+
+- Commit keys (head, versions, tags, pins, writing, the submission stream and its payloads, merged,
+  rejected, attempts, manifests, progress) carry the hash tag ``{namespace}``: on a Redis Cluster
+  they all live in one slot, so WATCH/MULTI/EXEC and the submit script over them stay valid.
+- Version payload keys (bases, task payloads, rotations) carry no hash tag
+  (``sharecl:<namespace>:v:<version>:...``): a cluster spreads them over its masters by the whole
+  key. They are written before the commit that makes them visible and never change, so no
+  transaction needs them. Stores written before this layout keep their payloads at
+  ``sharecl:{<namespace>}:v:<version>:...`` (the legacy form, in the namespace's slot); a manifest
+  records each payload's key, readers follow it, and both forms are accepted (``basis_keys``,
+  ``task_keys``).
 """
 
 from __future__ import annotations
@@ -71,11 +81,47 @@ class Keys:
     def manifest(self, version: str) -> str:
         return f"{self.prefix}v:{version}:manifest"
 
+    # -- version payloads: no hash tag, spread over a cluster's slots --------------------------------
+    def payload_prefix(self, version: str) -> str:
+        """Prefix of every payload key ``version`` writes (its bases, task payloads and rotations)."""
+        return f"sharecl:{self.namespace}:v:{version}:"
+
+    def legacy_payload_prefix(self, version: str) -> str:
+        """Prefix of ``version``'s payload keys in stores written before payloads left the namespace's slot."""
+        return f"{self.prefix}v:{version}:"
+
     def basis(self, version: str, module: str) -> str:
-        return f"{self.prefix}v:{version}:basis:{module}"
+        return f"{self.payload_prefix(version)}basis:{module}"
 
     def task(self, version: str, task: str) -> str:
-        return f"{self.prefix}v:{version}:task:{task}"
+        return f"{self.payload_prefix(version)}task:{task}"
+
+    def rotation(self, version: str, module: str) -> str:
+        return f"{self.payload_prefix(version)}rotation:{module}"
+
+    def basis_keys(self, version: str, module: str) -> tuple[str, str]:
+        """Where ``version`` may keep ``module``'s basis: (current form, legacy form)."""
+        return self.basis(version, module), f"{self.legacy_payload_prefix(version)}basis:{module}"
+
+    def task_keys(self, version: str, task: str) -> tuple[str, str]:
+        """Where ``version`` may keep ``task``'s payload: (current form, legacy form)."""
+        return self.task(version, task), f"{self.legacy_payload_prefix(version)}task:{task}"
+
+    def owned_by(self, version: str, key: str) -> bool:
+        """Whether ``key`` is one of ``version``'s own keys (payloads in either form, or its manifest)."""
+        return key.startswith((self.payload_prefix(version), self.legacy_payload_prefix(version)))
+
+    def payload_version(self, key: str) -> str | None:
+        """The version whose payload ``key`` is (either form), or None if it is no payload key of this namespace."""
+        for prefix in (f"sharecl:{self.namespace}:v:", f"{self.prefix}v:"):
+            if key.startswith(prefix):
+                version = key[len(prefix) :].split(":", 1)[0]
+                return version if version_number(version) is not None else None
+        return None
+
+    def in_namespace_slot(self, key: str) -> bool:
+        """Whether ``key`` carries the namespace's hash tag (may join a transaction over the commit keys)."""
+        return key.startswith(self.prefix)
 
     def submission_payload(self, uid: str) -> str:
         return f"{self.prefix}sub:{uid}"
