@@ -177,8 +177,9 @@ def decode_manifest(raw: bytes, keys: Keys, version: str) -> dict[str, Any]:
     """The manifest of ``version`` from its stored bytes, every field checked (``CorruptPayloadError`` if not).
 
     Names are full matches (task names by ``share.subspace.check_task_name``, module and head tensor
-    names by ``keys.check_module_name``), every payload key is the one this version's layout gives,
-    every payload has its size and sha256, and the manifest says it is ``version`` of this namespace.
+    names by ``keys.check_module_name``), every payload key is one this version's layout gives (current
+    or legacy form), every payload has its size and sha256, and the manifest says it is ``version`` of
+    this namespace.
     Unknown extra fields are ignored.
     """
     return _ManifestReader(keys, version).read(raw)
@@ -221,7 +222,7 @@ class _ManifestReader:
         modules = self._object(self._field(top, "modules"), ("modules",))
         for name, entry in modules.items():
             self._check(("modules", name), check_module_name, name)
-            self._payload(name, entry, ("modules", name), self.keys.basis(self.version, name))
+            self._payload(name, entry, ("modules", name), self.keys.basis_keys(self.version, name))
             for key in ("in_features", "out_features", "k_A", "k_B"):
                 self._count(entry, key, ("modules", name))
             if self._field(entry, "dtype", ("modules", name)) not in _FLOAT_DTYPES:
@@ -229,7 +230,7 @@ class _ManifestReader:
         for name, entry in self._object(self._field(top, "tasks"), ("tasks",)).items():
             where = ("tasks", name)
             self._check(where, check_task_name, name)
-            self._payload(name, entry, where, self.keys.task(self.version, name))
+            self._payload(name, entry, where, self.keys.task_keys(self.version, name))
             p = self._object(self._field(entry, "p", where), (*where, "p"))
             if set(p) != set(modules):
                 self._fail((*where, "p"), f"must give p for exactly the modules {sorted(modules)}")
@@ -252,10 +253,13 @@ class _ManifestReader:
         self._typed(top, "metadata", dict, ())
         return top
 
-    def _payload(self, name: str, entry: Any, where: tuple[str, ...], key: str) -> None:
+    def _payload(self, name: str, entry: Any, where: tuple[str, ...], keys: tuple[str, ...]) -> None:
+        """``keys``: where this version may keep the payload (current form first, then the legacy one)."""
         entry = self._object(entry, where)
-        if self._field(entry, "key", where) != key:
-            self._fail((*where, "key"), f"is {str(entry['key'])[:120]!r}, but this version keeps {name!r} at {key!r}")
+        if self._field(entry, "key", where) not in keys:
+            self._fail(
+                (*where, "key"), f"is {str(entry['key'])[:120]!r}, but this version keeps {name!r} at {keys[0]!r}"
+            )
         self._count(entry, "bytes", where)
         digest = self._field(entry, "sha256", where)
         if not isinstance(digest, str) or _SHA256.fullmatch(digest) is None:

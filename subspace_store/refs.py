@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.cluster import RedisCluster
+
 from .errors import VersionNotFoundError
 from .keys import Keys, version_number
 
@@ -11,7 +13,13 @@ HEAD_ALIASES = ("head", "HEAD", "latest")
 
 
 def server_time(client: Any) -> float:
-    """Redis's clock, so that every machine agrees on created times and pin expiries."""
+    """Redis's clock, so that every machine agrees on created times and pin expiries.
+
+    On a cluster, TIME names no key, so a transaction (which must stay in one slot) cannot send it:
+    one node of the cluster answers instead (``RedisCluster`` or a pipeline of one).
+    """
+    if isinstance(client, RedisCluster):  # ClusterPipeline is one too
+        client = client.get_redis_connection(client.get_default_node())
     seconds, micros = client.time()
     return seconds + micros / 1e6
 

@@ -44,7 +44,7 @@ def pin(store: SubspaceStore, ref: str, job_id: str, ttl_s: float) -> str:
     if ttl_s <= 0:
         raise StoreError(f"pin ttl_s must be > 0 (got {ttl_s}); it bounds how long a crashed job holds a version")
     keys = store.keys
-    with store.client.pipeline() as pipe:
+    with store.client.pipeline(transaction=True) as pipe:  # explicit: a RedisCluster's default is False
         while True:
             try:
                 pipe.watch(keys.versions, keys.head, keys.tags)
@@ -82,8 +82,10 @@ def _version_keys(client: Any, keys: Keys, version: str, raw: bytes | None) -> l
     try:
         m = decode_manifest(raw, keys, version)
     except CorruptPayloadError:
-        pattern = keys.manifest(version).removesuffix("manifest") + "*"  # namespace and version hold no glob
-        return out + [k.decode() for k in client.scan_iter(match=pattern, count=1000) if k.decode() not in out]
+        # Namespace and version hold no glob character. Both payload key forms (``keys`` module docstring).
+        for prefix in (keys.legacy_payload_prefix(version), keys.payload_prefix(version)):
+            out += [k.decode() for k in client.scan_iter(match=prefix + "*", count=1000) if k.decode() not in out]
+        return out
     return out + [e["key"] for e in m["modules"].values()] + [e["key"] for e in m["tasks"].values()]
 
 
@@ -97,9 +99,24 @@ def _writing_record(keys: Keys, version: str, raw: bytes) -> tuple[float, list[s
         return 0.0, []  # unreadable: swept at once, its listed keys ignored (their version is never committed)
     if version_number(version) is None:
         return started, []
-    prefix = keys.manifest(version).removesuffix("manifest")
-    own = [k for k in listed if isinstance(k, str) and k.startswith(prefix)] if isinstance(listed, list) else []
+    own = [k for k in listed if isinstance(k, str) and keys.owned_by(version, k)] if isinstance(listed, list) else []
     return started, own
+
+
+def _deferred(keys: Keys, outside: list[str]) -> dict[str, list[str]]:
+    """Version -> the doomed payload keys it wrote that lie outside the namespace's slot (a cluster's other slots).
+
+    They cannot join prune's transaction, which files them as records of unfinished publishes of their
+    version, started at 0; prune deletes them right after its commit and drops the records. A prune
+    that dies in between leaves the records, and the next one sweeps them at once (their versions are
+    no longer committed).
+    """
+    out: dict[str, list[str]] = {}
+    for key in outside:
+        out.setdefault(keys.payload_version(key) or "", []).append(key)
+    if "" in out:  # no payload key of this namespace: share-cl never lists one
+        raise StoreError(f"prune of namespace {keys.namespace!r} would delete foreign keys {out['']}; nothing deleted")
+    return out
 
 
 def live_pins(store: SubspaceStore, client=None) -> dict[str, list[str]]:
@@ -118,7 +135,7 @@ def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: flo
     keys = store.keys
     for _ in range(32):
         try:
-            with store.client.pipeline() as pipe:
+            with store.client.pipeline(transaction=True) as pipe:
                 pipe.watch(keys.versions, keys.head, keys.tags, keys.pins, keys.writing)
                 # Checked: a version name becomes a key prefix of what is deleted (``v*`` would match them all).
                 versions = [
@@ -149,7 +166,7 @@ def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: flo
                 doomed: list[str] = []
                 manifests = pipe.mget([keys.manifest(v) for v in removed]) if removed else []
                 for version, raw in zip(removed, manifests, strict=True):
-                    doomed += _version_keys(pipe, keys, version, raw)
+                    doomed += _version_keys(store.client, keys, version, raw)  # a SCAN cannot join a cluster MULTI
                 for payload_keys in orphans.values():
                     doomed += payload_keys
                 result = PruneResult(
@@ -160,15 +177,22 @@ def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: flo
                 )
                 if dry_run:
                     return result
+                inside = [k for k in doomed if keys.in_namespace_slot(k)]
+                later = _deferred(keys, [k for k in doomed if not keys.in_namespace_slot(k)])
                 pipe.multi()
-                if doomed:
-                    pipe.delete(*doomed)
+                if inside:
+                    pipe.delete(*inside)
                 if removed:
                     pipe.zrem(keys.versions, *removed)
-                if orphan_fields:
-                    pipe.hdel(keys.writing, *orphan_fields)
+                if done := [f for f in orphan_fields if f.decode(errors="replace") not in later]:
+                    pipe.hdel(keys.writing, *done)
+                for version, payload_keys in later.items():
+                    pipe.hset(keys.writing, version, json.dumps({"started": 0, "keys": payload_keys}))
                 pipe.zremrangebyscore(keys.pins, "-inf", f"({now}")  # expired pins
                 pipe.execute()
+                if later:
+                    store.client.delete(*[k for payload_keys in later.values() for k in payload_keys])
+                    store.client.hdel(keys.writing, *later)
                 return result
         except WatchError:
             continue

@@ -212,7 +212,7 @@ class SubspaceStore:
     def tag(self, ref: str, name: str) -> str:
         """Point tag ``name`` at the version ``ref`` names (moving it if it exists); returns the version."""
         check_tag_name(name)
-        with self.client.pipeline() as pipe:
+        with self.client.pipeline(transaction=True) as pipe:  # explicit: a RedisCluster's default is False
             while True:
                 try:
                     pipe.watch(self.keys.versions, self.keys.head, self.keys.tags)
@@ -346,7 +346,7 @@ class _Publication:
         keys, v = self.keys, self.version
         for _ in range(16):
             try:
-                with self.client.pipeline() as pipe:
+                with self.client.pipeline(transaction=True) as pipe:
                     pipe.watch(keys.head, keys.merged, keys.rejected)
                     raw = pipe.get(keys.head)
                     actual = raw.decode() if raw is not None else None
@@ -378,13 +378,13 @@ class _Publication:
         if not self.version:
             return
         try:
-            with self.client.pipeline() as pipe:
+            with self.client.pipeline(transaction=True) as pipe:
                 pipe.watch(self.keys.writing)
                 if not pipe.hexists(self.keys.writing, self.version):
                     return  # committed: the commit removes the record in its transaction
+                if self.payload_keys:  # outside MULTI: on a cluster they lie in other slots than the record
+                    self.client.delete(*self.payload_keys)
                 pipe.multi()
-                if self.payload_keys:
-                    pipe.delete(*self.payload_keys)
                 pipe.hdel(self.keys.writing, self.version)
                 pipe.execute()
         except (redis.RedisError, OSError):

@@ -402,7 +402,7 @@ class SubmissionStream:
         Rejecting an already-rejected submission is a no-op; a merged one raises SubmissionError.
         """
         keys = self.keys
-        with self.client.pipeline() as pipe:
+        with self.client.pipeline(transaction=True) as pipe:  # explicit: a RedisCluster's default is False
             while True:
                 try:
                     pipe.watch(keys.merged, keys.rejected)
