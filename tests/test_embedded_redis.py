@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import servers_on
 
 from share import merge
 from subspace_store.embedded import ensure_running, running_server, start_redis, stop_embedded
@@ -26,25 +27,6 @@ from subspace_store.errors import StoreError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def servers_on(folder: Path) -> list[int]:
-    """Pids of live (not zombie) redis-server processes running in ``folder``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() != "redis-server":
-                continue
-            if os.readlink(entry / "cwd") != str(folder.resolve()):
-                continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-        except OSError:
-            continue
-        found.append(int(entry.name))
-    return sorted(found)
 
 
 def wait_until(predicate, timeout_s: float = 30.0) -> bool:

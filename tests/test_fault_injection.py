@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import servers_on
 from test_workers_task import TINY_BUILDER, write_tiny_task
 
 from jobs.runner import start_job
@@ -27,25 +28,6 @@ from subspace_store.embedded import ensure_running, stop_embedded
 pytestmark = pytest.mark.slow
 TESTS_DIR = str(Path(__file__).parent)
 TASKS = ("fruit", "colors", "cars")
-
-
-def servers_on(folder: Path) -> list[int]:
-    """Pids of live redis-server processes whose working directory is ``folder`` (the server runs there)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() != "redis-server":
-                continue
-            if os.readlink(entry / "cwd") != str(folder.resolve()):
-                continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-        except OSError:
-            continue
-        found.append(int(entry.name))
-    return sorted(found)
 
 
 def write_job(folder: Path, redis_url: str, namespace: str, mlflow_uri: str) -> Path:

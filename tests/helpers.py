@@ -1,0 +1,86 @@
+"""Plain helpers several test files share (fixtures live in ``conftest.py``). Import as ``from helpers import ...``
+(pytest puts ``tests/`` on the path). Heavy imports stay inside the functions, so importing this is cheap."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+
+# The fuzz tests' bounds: 200 examples per test, no deadline, no example database (that would be a write).
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def servers_on(folder: Path) -> list[int]:
+    """Pids of live (not zombie) redis-server processes whose working directory is ``folder`` (the server
+    runs in its data folder), found by scanning ``/proc``: real processes, not what the launcher believes."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "redis-server":
+                continue
+            if os.readlink(entry / "cwd") != str(folder.resolve()):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+        except OSError:
+            continue
+        found.append(int(entry.name))
+    return sorted(found)
+
+
+def peft_folder(folder: Path, r: int = 2, seed: int = 7, modules_to_save: list[str] | None = None) -> Path:
+    """A real PEFT LoRA folder (``save_pretrained``) for the tiny model's query and value layers, with
+    trained-looking (seeded, nonzero) ``lora_B`` weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from test_workers_task import tiny_builder
+
+    model, _ = tiny_builder(None, 2, seed=seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"], modules_to_save=modules_to_save)
+    peft_model = get_peft_model(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # PEFT starts lora_B at zero
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_job(
+    folder: Path,
+    tasks: list[dict[str, str]],
+    redis_url: str,
+    namespace: str,
+    mlflow_uri: str,
+    *,
+    steps: int = 4,
+    k_max: int = 8,
+    max_retries: int = 0,
+) -> Path:
+    """``folder/job.yaml``: a job of the tiny model on ``tasks`` (``{"name", "train"[, "eval"]}`` entries)."""
+    import yaml
+    from test_workers_task import TINY_BUILDER
+
+    job: dict[str, Any] = {
+        "model": {"builder": TINY_BUILDER, "max_length": 8},
+        "adapter": {"r": 2, "p": 2, "phi": 1, "k_max": k_max},
+        "training": {"steps": steps, "batch_size": 8, "lr": 0.05, "log_every": 2},
+        "tasks": tasks,
+        "cluster": {"num_cpus_per_task": 1, "max_retries": max_retries},
+        "store": {"redis_url": redis_url, "namespace": namespace},
+        "tracking": {"mlflow_uri": mlflow_uri},
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
