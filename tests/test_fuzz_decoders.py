@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from helpers import FUZZ
+from hypothesis import event, given
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -30,12 +31,6 @@ from share.subspace import MANIFEST
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 # Keys the decoders look for, so random edits often hit a field that matters.
 WORDS = [

@@ -15,7 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from helpers import FUZZ
+from hypothesis import given
 from hypothesis import strategies as st
 
 from share import LoraAdapter, merge
@@ -26,12 +27,6 @@ from subspace_store.payloads import decode_tensors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 KEYS = Keys("fuzz")
 WORDS = [
     "format", "format_version", "namespace", "version", "parent", "created", "created_iso", "policy", "modules",
