@@ -9,6 +9,10 @@
   password-protect them; all are stopped afterwards.
 - ``private_redis``: one such server.
 - ``make_adapter(seed, ...)``: a random ``share.LoraAdapter`` (small shapes) for store/merge tests.
+- ``cli(*argv)``: runs ``sharecl`` in process against ``redis_server`` in ``namespace``; returns
+  ``(exit code, stdout, stderr)``.
+
+Plain helper functions shared by several test files are in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -100,3 +104,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli(
+    redis_server: str, namespace: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., tuple[int, str, str]]:
+    """``sharecl`` in process, with ``SHARECL_REDIS_URL``/``SHARECL_NAMESPACE`` set to this test's server and
+    namespace: ``cli("versions", "--json")`` returns ``(exit code, stdout, stderr)``."""
+    from jobs.cli import main
+
+    monkeypatch.setenv("SHARECL_REDIS_URL", redis_server)
+    monkeypatch.setenv("SHARECL_NAMESPACE", namespace)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -11,19 +11,6 @@ from jobs.cli import main
 from share import Subspace, merge
 
 
-@pytest.fixture
-def cli(redis_server, namespace, monkeypatch, capsys):
-    monkeypatch.setenv("SHARECL_REDIS_URL", redis_server)
-    monkeypatch.setenv("SHARECL_NAMESPACE", namespace)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
 def test_push_versions_show_tag_pull(cli, tmp_path, make_adapter) -> None:
     sub, _ = merge(None, {"a": make_adapter(0), "b": make_adapter(1)})
     sub.save(tmp_path / "sub")
@@ -122,18 +109,13 @@ def test_embedded_store_start_status_stop(tmp_path, monkeypatch, capsys) -> None
 
 
 @pytest.fixture
-def private_cli(private_redis, monkeypatch, capsys):
-    """The CLI on a Redis of this test's own (so the namespaces listed are exactly this test's), no namespace set."""
+def private_cli(cli, private_redis, monkeypatch):
+    """The CLI on a Redis of this test's own (so the namespaces listed are exactly this test's), no namespace set:
+    ``cli`` with its environment set over (this fixture's setup runs after ``cli``'s)."""
     monkeypatch.setenv("SHARECL_REDIS_URL", private_redis.url)
     monkeypatch.delenv("SHARECL_NAMESPACE", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + str(private_redis.folder / "mlflow.db"))
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
+    return cli
 
 
 def _three_namespaces(url: str, make_adapter) -> dict[str, object]:

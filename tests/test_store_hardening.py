@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from jobs.cli import main
 from share import merge
 from subspace_store import CorruptPayloadError, SubspaceStore, connect
 from subspace_store.errors import StoreError
@@ -23,19 +22,6 @@ from subspace_store.tags import check_tag_name
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def cli(redis_server, namespace, monkeypatch, capsys):
-    monkeypatch.setenv("SHARECL_REDIS_URL", redis_server)
-    monkeypatch.setenv("SHARECL_NAMESPACE", namespace)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture
