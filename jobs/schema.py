@@ -56,7 +56,7 @@ TRAINING_MODES = ("auto", *(m.value for m in TrainingMode))
 # The training loop's schedules, named as Hugging Face's Trainer names them (its lr_scheduler_type).
 LR_SCHEDULERS = tuple(s.value for s in LrScheduler)
 MAX_WARMUP_RATIO = 0.5
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")  # connection.REDIS_SCHEMES
 # Task names and namespaces become Redis keys, MLflow run names and folder names.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"

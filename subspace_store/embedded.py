@@ -173,7 +173,9 @@ def _conf_value(value: str | os.PathLike[str]) -> str:
     return '"' + "".join(chr(b) if chr(b) in _CONF_SAFE else f"\\x{b:02x}" for b in raw) + '"'
 
 
-def _write_conf(folder: Path, port: int, password: str | None, appendonly: bool, fsync: str) -> Path:
+def _write_conf(
+    folder: Path, port: int, password: str | None, appendonly: bool, fsync: str, cluster: bool = False
+) -> Path:
     if fsync not in _FSYNC:
         raise StoreError(f"fsync {fsync!r} is not a Redis appendfsync policy; use one of {', '.join(_FSYNC)}")
     lines = [
@@ -191,6 +193,9 @@ def _write_conf(folder: Path, port: int, password: str | None, appendonly: bool,
     ]
     if password:
         lines.append(f"requirepass {_conf_value(password)}")
+    if cluster:  # a node of a Redis Cluster (start_redis_cluster); its node id and slots live in nodes.conf
+        lines += ["cluster-enabled yes", f"cluster-config-file {_conf_value(folder / 'nodes.conf')}"]
+        lines.append("cluster-node-timeout 5000")
     conf = folder / _CONF
     # The password lives in the config file, not on the command line where `ps` would show it.
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -240,13 +245,15 @@ def start_redis(
     detach: bool = False,
     fsync: str = "everysec",
     timeout_s: float = 60.0,
+    cluster: bool = False,
 ) -> RedisServer:
     """Start ``redis-server`` on 127.0.0.1 with its files in ``folder``; return once it answers.
 
     Restarting on the same folder replays its append-only file. ``detach=True`` starts it in a
     session of its own so it outlives this process (the CLI's embedded server); otherwise it is this
     process's child. Refused (``StoreError``) while another server runs on ``folder``; a server that
-    does not come up is killed before the error is raised.
+    does not come up is killed before the error is raised. ``cluster=True``: a Redis Cluster node
+    (``start_redis_cluster`` joins such nodes into a cluster).
     """
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,7 +265,7 @@ def start_redis(
             (folder / name).unlink(missing_ok=True)
         for attempt in range(3):
             chosen = port or free_port()
-            conf = _write_conf(folder, chosen, password, appendonly, fsync)
+            conf = _write_conf(folder, chosen, password, appendonly, fsync, cluster)
             log = folder / _LOGFILE
             offset = log.stat().st_size if log.exists() else 0
             # Config errors go to stderr before the logfile is open: append them to the log too.
@@ -440,3 +447,105 @@ def stop_embedded(folder: str | os.PathLike[str] | None = None) -> bool:
             return False
         server.stop()
         return True
+
+
+_CLUSTER_SLOTS = 16384
+
+
+@dataclass
+class LocalCluster:
+    """A Redis Cluster of masters on 127.0.0.1, each a ``RedisServer`` in a folder of its own (tests)."""
+
+    servers: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        """What ``connect`` takes: any one node names the cluster."""
+        return f"redis+cluster://127.0.0.1:{self.servers[0].port}"
+
+    def restart(self, index: int, timeout_s: float = 60.0) -> RedisServer:
+        """Stop master ``index`` cleanly (its append-only file flushed) and start it again on the same port and
+        folder; return once the whole cluster reports ``cluster_state:ok`` again."""
+        old = self.servers[index]
+        old.stop()
+        appendonly = (old.folder / "appendonly.aof").exists()
+        self.servers[index] = start_redis(old.folder, port=old.port, appendonly=appendonly, cluster=True)
+        wait_cluster_ok(self.servers, timeout_s)
+        return self.servers[index]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            if server.process is None or server.process.poll() is None:
+                server.stop()
+
+
+def start_redis_cluster(
+    folder: str | os.PathLike[str], masters: int = 3, *, appendonly: bool = True, timeout_s: float = 60.0
+) -> LocalCluster:
+    """Start ``masters`` cluster-enabled servers (``folder/node<i>``), join them (CLUSTER MEET), split the
+    16384 slots evenly between them (CLUSTER ADDSLOTS: Redis 6.2 has no ADDSLOTSRANGE), and return
+    once every node reports ``cluster_state:ok``. No replicas: a master that stops takes its slots with it
+    until it is back. On failure, every node started is stopped."""
+    if masters < 1:
+        raise StoreError(f"a cluster needs at least one master (got {masters})")
+    servers: list[RedisServer] = []
+    try:
+        for i in range(masters):
+            servers.append(_start_node(Path(folder) / f"node{i}", appendonly))
+        for i, server in enumerate(servers):
+            client = server.client()
+            try:
+                if i:
+                    client.execute_command("CLUSTER MEET", "127.0.0.1", servers[0].port)
+                low, high = i * _CLUSTER_SLOTS // masters, (i + 1) * _CLUSTER_SLOTS // masters
+                client.execute_command("CLUSTER ADDSLOTS", *range(low, high))
+            finally:
+                client.close()
+        wait_cluster_ok(servers, timeout_s)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return LocalCluster(servers)
+
+
+def _start_node(folder: Path, appendonly: bool) -> RedisServer:
+    """A cluster node on a free port whose bus port (port + 10000; Redis 6.2 cannot set it) is free too."""
+    for attempt in range(20):
+        port = secrets.choice(range(20000, 65535 - 10000))
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        try:
+            return start_redis(folder, port=port, appendonly=appendonly, cluster=True)
+        except StoreError as err:
+            if "Address already in use" not in str(err) or attempt == 19:
+                raise
+    raise StoreError("found no free port pair (port, port + 10000) for a Redis Cluster node; free some ports")
+
+
+def wait_cluster_ok(servers: list[RedisServer], timeout_s: float = 60.0) -> None:
+    """Return once every one of ``servers`` knows all of them and reports ``cluster_state:ok``; else ``StoreError``."""
+    deadline = time.monotonic() + timeout_s
+    states: dict[int, str] = {}
+    while True:
+        for server in servers:
+            client = server.client(retries=0, timeout_s=_PROBE_TIMEOUT_S)
+            try:
+                info = client.cluster("INFO")
+                known = int(info.get("cluster_known_nodes", 0))
+                states[server.port] = f"{info.get('cluster_state')}, knows {known} node(s)"
+                if info.get("cluster_state") == "ok" and known == len(servers):
+                    states[server.port] = "ok"
+            except (redis.RedisError, OSError, ValueError) as err:
+                states[server.port] = f"{type(err).__name__}: {err}"
+            finally:
+                client.close()
+        if all(state == "ok" for state in states.values()):
+            return
+        if time.monotonic() >= deadline:
+            raise StoreError(f"the Redis Cluster did not reach cluster_state:ok within {timeout_s:g} s: {states}")
+        time.sleep(0.1)

@@ -229,7 +229,8 @@ class SubmissionStream:
         pipe = self.client.pipeline(transaction=True)
         pipe.set(payload_key, data)
         # EVAL, not EVALSHA: a server restarted between loading a script and this MULTI has no cache.
-        pipe.eval(_SUBMIT_LUA, 3, payload_key, self.keys.stream, self.attempts_key, *args)
+        # Through execute_command: a cluster pipeline has no eval() of its own.
+        pipe.execute_command("EVAL", _SUBMIT_LUA, 3, payload_key, self.keys.stream, self.attempts_key, *args)
         _, (_, entry_id) = pipe.execute()
         submission.id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
         return submission.id

@@ -20,7 +20,8 @@ def add_store_options(parser: argparse.ArgumentParser, *, with_namespace: bool =
         "--redis-url",
         default=None,
         metavar="URL",
-        help="redis://[:password@]host:port/db or rediss://... (default: $SHARECL_REDIS_URL, else embedded Redis)",
+        help="redis://[:password@]host:port/db or rediss://..., redis+cluster://host:port for a Redis Cluster "
+        "(default: $SHARECL_REDIS_URL, else embedded Redis)",
     )
     if with_namespace:
         parser.add_argument(
