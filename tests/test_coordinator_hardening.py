@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-import yaml
+from helpers import peft_folder, write_tiny_job
 from mlflow import MlflowClient
-from test_workers_task import TINY_BUILDER, tiny_builder, write_tiny_task
+from test_workers_task import write_tiny_task
 
 from coordinator import Coordinator
 from coordinator.actor import find_coordinator, get_or_start_coordinator
@@ -32,21 +32,6 @@ from workers.run_task import run_task_job
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TESTS_DIR = str(Path(__file__).parent)
 DIM = 12  # the tiny model's query/value layers are 12 x 12
-
-
-def peft_folder(folder: Path, r: int, seed: int = 7) -> Path:
-    """A real PEFT LoRA folder (``save_pretrained``) for the tiny model's query and value layers."""
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = tiny_builder(None, 2, seed=seed)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a trained-looking adapter (PEFT starts lora_B at zero)
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-    peft_model.save_pretrained(folder)
-    return folder
 
 
 def small_lora(seed: int, r: int = 2) -> LoraAdapter:
@@ -230,18 +215,7 @@ def job_file(folder: Path, redis_url: str, namespace: str, mlflow_uri: str, task
         entries.append(
             {"name": name, "train": str(folder / name / "train.parquet"), "eval": str(folder / name / "eval.parquet")}
         )
-    job = {
-        "model": {"builder": TINY_BUILDER, "max_length": 8},
-        "adapter": {"r": 2, "p": 2, "phi": 1, "k_max": 8},
-        "training": {"steps": 4, "batch_size": 8, "lr": 0.05, "log_every": 2},
-        "tasks": entries,
-        "cluster": {"num_cpus_per_task": 1, "max_retries": 0},
-        "store": {"redis_url": redis_url, "namespace": namespace},
-        "tracking": {"mlflow_uri": mlflow_uri},
-    }
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return write_tiny_job(folder, entries, redis_url, namespace, mlflow_uri)
 
 
 @pytest.mark.slow

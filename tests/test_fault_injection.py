@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import servers_on
-from test_workers_task import TINY_BUILDER, write_tiny_task
+from helpers import servers_on, write_tiny_job
+from test_workers_task import write_tiny_task
 
 from jobs.runner import start_job
 from jobs.schema import load_job
@@ -35,18 +34,7 @@ def write_job(folder: Path, redis_url: str, namespace: str, mlflow_uri: str) -> 
     for i, name in enumerate(TASKS):
         write_tiny_task(folder, name, ((0, 1), (2, 1), (1, 0))[i])
         entries.append({"name": name, "train": str(folder / name / "train.parquet")})
-    job = {
-        "model": {"builder": TINY_BUILDER, "max_length": 8},
-        "adapter": {"r": 2, "p": 2, "phi": 1, "k_max": 16},
-        "training": {"steps": 4, "batch_size": 8, "lr": 0.05, "log_every": 2},
-        "tasks": entries,
-        "cluster": {"num_cpus_per_task": 1, "max_retries": 1},
-        "store": {"redis_url": redis_url, "namespace": namespace},
-        "tracking": {"mlflow_uri": mlflow_uri},
-    }
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return write_tiny_job(folder, entries, redis_url, namespace, mlflow_uri, k_max=16, max_retries=1)
 
 
 def test_redis_sigkill_mid_job_then_restart(tmp_path: Path, namespace: str, monkeypatch) -> None:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from helpers import peft_folder, write_tiny_job
 from test_workers_task import TINY_BUILDER, tiny_builder, tiny_job, write_tiny_task
 
 from jobs.cli import main
@@ -74,32 +75,12 @@ def _job_file(folder: Path, redis_url: str, namespace: str, mlflow_uri: str) -> 
         # Relative to ``folder``, as task paths are relative to the checkout on a cluster.
         tasks.append({"name": name, "train": f"{name}/train.parquet", "eval": f"{name}/eval.parquet"})
         assert Path(train) == folder / name / "train.parquet" and Path(evaluation) == folder / name / "eval.parquet"
-    job = {
-        "model": {"builder": TINY_BUILDER, "max_length": 8},
-        "adapter": {"r": 2, "p": 2, "phi": 1, "k_max": 8},
-        "training": {"steps": 20, "batch_size": 8, "lr": 0.05, "log_every": 2},
-        "tasks": tasks,
-        "cluster": {"num_cpus_per_task": 1, "max_retries": 0},
-        "store": {"redis_url": redis_url, "namespace": namespace},
-        "tracking": {"mlflow_uri": mlflow_uri},
-    }
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return write_tiny_job(folder, tasks, redis_url, namespace, mlflow_uri, steps=20)
 
 
 def _peft_folder(folder: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = tiny_builder(None, 2, seed=7)
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["head"])
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # a trained-looking adapter (PEFT starts lora_B at zero)
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.1)
-    peft_model.save_pretrained(folder)
-    return folder
+    """A PEFT folder for the tiny model that also saves its classifier head (``modules_to_save``)."""
+    return peft_folder(folder, modules_to_save=["head"])
 
 
 def test_submit_errors_exit_2_and_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
