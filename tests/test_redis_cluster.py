@@ -140,6 +140,21 @@ def test_raw_reader_goes_to_the_node_that_owns_each_key(cluster, client, namespa
         assert get(f"sharecl:{namespace}:v:v1:task:missing") is None
 
 
+def test_pull_of_large_payloads_through_the_raw_reader(cluster, client, namespace, make_adapter) -> None:
+    """Bases of 2048 x 16 floats (over fetch's inline size) take the raw reader, node by node."""
+    store = SubspaceStore(client, namespace)
+    modules = ("big.0.query", "big.1.query", "big.2.query", "big.3.query")
+    subspace, _ = merge(None, {f"t{s}": make_adapter(s, modules=modules, n=2048, d=2048, r=8) for s in range(2)})
+    version = store.publish(subspace, None)
+    bases = store.manifest(version)["modules"]
+    assert min(e["bytes"] for e in bases.values()) >= 256 << 10
+    assert len({owner(cluster, e["key"]) for e in bases.values()}) >= 2
+    pulled = store.get(version)
+    for name, module in subspace.modules.items():
+        assert torch.equal(pulled.modules[name].U_A, module.U_A) and torch.equal(pulled.modules[name].U_B, module.U_B)
+    assert_same_tasks(pulled, subspace)
+
+
 def test_aborted_publish_deletes_its_payloads_on_every_master(cluster, client, namespace, make_adapter) -> None:
     store = SubspaceStore(client, namespace)
     subspace, _ = merge(None, {f"t{s}": make_adapter(s, modules=MODULES) for s in range(3)})
