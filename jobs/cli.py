@@ -26,7 +26,7 @@ import argcomplete
 from jobs.errors import CLIError
 from share.errors import ShareClError
 
-_COMMAND_MODULES = ("offline", "store", "cluster", "retire")
+_COMMAND_MODULES = ("offline", "store", "cluster", "retire", "serve")
 
 __all__ = ["CLIError", "build_parser", "main"]
 

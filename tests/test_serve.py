@@ -313,3 +313,38 @@ def test_a_version_that_cannot_load_leaves_the_old_one_serving(env, server) -> N
         check(body, task, rows, env.expected)
     env.store.tag("v1", "prod")  # and it still follows the tag
     wait_for(lambda: health(server)["version"] == "v1", what="v1 after the refused v3")
+
+
+# ------------------------------------------------------------------ without Serve
+
+
+def test_one_mixed_forward_gives_each_row_its_own_tasks_logits(env) -> None:
+    from jobs.serving.model import ServedModel, VersionLoadError
+
+    served = ServedModel(device="cpu")
+    served.load_subspace(env.store.get("v1"))
+    assert served.labels == LABELS and served.max_length == 16  # label names and max_length as the jobs recorded
+    rows = [(list(LABELS)[i % 3], TEXTS[i]) for i in range(len(TEXTS))]  # tasks interleaved row by row
+    encoded = served.tokenizer([t for _, t in rows], padding=True, max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        mixed = served.model(encoded["input_ids"], encoded["attention_mask"], tasks=[task for task, _ in rows])
+    subspace = env.store.get("v1")
+    for i, (task, text) in enumerate(rows):
+        alone, _ = reference(env.model, subspace, task, [text])
+        n = len(LABELS[task])
+        torch.testing.assert_close(mixed[i, :n], alone[0], rtol=1e-4, atol=1e-4)
+        assert torch.isinf(mixed[i, n:]).all()  # narrower heads are padded with -inf, outside argmax's reach
+    before = served.predict([task for task, _ in rows], [text for _, text in rows])
+    with pytest.raises(VersionLoadError, match="no-such-model"):  # v3: its tasks name another base model
+        served.load_subspace(env.store.get("v3"))
+    assert served.predict([task for task, _ in rows], [text for _, text in rows]) == before  # v1 still served
+
+
+def test_serve_without_the_tag_names_the_command_that_sets_it(env, capsys) -> None:
+    from jobs.cli import main
+
+    code = main(["serve", "--redis-url", env.url, "--namespace", env.store.namespace, "--tag", "canary"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"sharecl tag head canary --namespace {env.store.namespace}" in err, err
+    code = main(["serve", "--redis-url", env.url, "--namespace", env.store.namespace, "--max-batch-size", "0"])
+    assert code == 2 and "--max-batch-size must be >= 1" in capsys.readouterr().err

@@ -63,6 +63,9 @@ class ShareServer:
 
         from subspace_store import SubspaceStore, connect
         from subspace_store.connection import outlast_restarts
+        from workers.run_task import quiet_hugging_face
+
+        quiet_hugging_face()  # no "Loading weights" bars in the replica's log
 
         if options["threads"]:
             torch.set_num_threads(int(options["threads"]))
@@ -115,12 +118,7 @@ def build_app(namespace: str, redis_url: str, tag: str = "prod", **options: Any)
     ``redis_url`` must be reachable from the replicas (``subspace_store.resolve_url`` gives the embedded
     server's). Run it with ``serve.run(app, route_prefix="/")``.
     """
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        from .model import ServeError
-
-        raise ServeError(f"unknown option(s) {unknown} for build_app; known: {', '.join(sorted(DEFAULTS))}")
-    settings = {**DEFAULTS, **options}
+    settings = _settings(options)
     batch = int(settings["max_batch_size"])
     deployment = ShareServer.options(
         num_replicas=int(settings["num_replicas"]),
@@ -129,3 +127,36 @@ def build_app(namespace: str, redis_url: str, tag: str = "prod", **options: Any)
         ray_actor_options={"num_cpus": float(settings["num_cpus"]), "num_gpus": float(settings["num_gpus"])},
     )
     return deployment.bind(namespace, redis_url, tag, settings)
+
+
+_AT_LEAST = {  # option -> smallest value it takes
+    "poll_s": 0.01,
+    "max_batch_size": 1,
+    "batch_wait_ms": 0,
+    "max_inputs": 1,
+    "max_chars": 1,
+    "max_length": 1,
+    "chunk_rows": 1,
+    "num_replicas": 1,
+    "num_cpus": 0,
+    "num_gpus": 0,
+    "threads": 1,
+}
+
+
+def _settings(options: dict[str, Any]) -> dict[str, Any]:
+    """``DEFAULTS`` updated with ``options``; a ``ServeError`` naming every unknown or out-of-range one."""
+    from .model import ServeError
+
+    problems = [f"unknown option {k!r}" for k in sorted(set(options) - set(DEFAULTS))]
+    for key, low in _AT_LEAST.items():
+        value = options.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+            problems.append(f"{key} must be a number >= {low}, got {value!r}")
+    if options.get("device") is not None and not isinstance(options["device"], str):
+        problems.append(f"device must be a torch device name such as 'cpu' or 'cuda', got {options['device']!r}")
+    if problems:
+        raise ServeError(f"build_app: {'; '.join(problems)} (options: {', '.join(sorted(DEFAULTS))})")
+    return {**DEFAULTS, **options}
