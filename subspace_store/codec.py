@@ -3,8 +3,16 @@
 Per module, one payload holds ``U_A`` and ``U_B``. Per task, one payload holds every module's
 ``E_A``/``E_B`` and the task's head tensors, so a deployment can pull one task without the others.
 The manifest (JSON) lists them with their keys, sizes and sha256; ``decode_manifest`` checks every
-field of one read back from Redis (names full-matched, keys the version's own, a checksum for every
+field of one read back from Redis (names full-matched, keys the layout gives, a checksum for every
 payload) before anything uses it. Pure functions: no Redis here.
+
+Format 2 (delta versions, ``chains.py``): a task entry names the version it was written in
+(``written_in``; its key is that version's) and the manifest's ``rotations`` lists, oldest first, the
+versions whose basis rotations carry such payloads to this version's basis: each element names its
+version and parent and, per module, the rotation payload's key, size, sha256 and shapes. A task
+written in ``w`` is read through the elements after the one whose parent is ``w``. Format 1 (every
+task written in its own version, no ``rotations``) is still read; ``decode_manifest`` fills in
+``written_in`` and an empty ``rotations`` so readers see one layout.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from torch import Tensor
@@ -23,12 +31,14 @@ from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
 from share.errors import ShareClError
 from share.subspace import check_task_name
 
+from .chains import MAX_CHAIN, Rotation, encode_rotation
 from .errors import CorruptPayloadError, StoreError
-from .keys import Keys, check_module_name, check_version
+from .keys import Keys, check_module_name, check_version, version_number
 from .payloads import PayloadFormatError, decode_tensors, encode_tensors, sha256
 
 MANIFEST_FORMAT = "share-cl-store-version"
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 E_A, E_B, HEAD = "E_A:", "E_B:", "head:"
@@ -39,13 +49,61 @@ class EncodedSubspace:
     """Serialized payloads plus the manifest entries describing them (keys are filled in by the store)."""
 
     bases: dict[str, bytes]  # module -> payload
-    tasks: dict[str, bytes]  # task -> payload
+    tasks: dict[str, bytes]  # task -> payload, only the tasks this version writes
     modules_manifest: dict[str, dict[str, Any]]
-    tasks_manifest: dict[str, dict[str, Any]]
+    tasks_manifest: dict[str, dict[str, Any]]  # every task; reused ones carry their key and ``written_in``
+    rotations: dict[str, bytes] = field(default_factory=dict)  # module -> payload (a delta version)
+    rotations_manifest: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> bytes, sha256, to, from
+    chain: list[dict[str, Any]] = field(default_factory=list)  # the parent's rotation elements still needed
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes of the payloads this version writes."""
+        return (
+            sum(map(len, self.bases.values()))
+            + sum(map(len, self.tasks.values()))
+            + sum(map(len, self.rotations.values()))
+        )
 
 
-def encode_subspace(subspace: Subspace, reconstruction_error: dict[str, float] | None = None) -> EncodedSubspace:
-    """Validate and serialize; raises ValueError (naming the task/module) before anything is written."""
+def encode_subspace(
+    subspace: Subspace,
+    reconstruction_error: dict[str, float] | None = None,
+    *,
+    reuse: dict[str, dict[str, Any]] | None = None,
+    rotations: dict[str, Rotation] | None = None,
+    chain: list[dict[str, Any]] | None = None,
+) -> EncodedSubspace:
+    """Validate and serialize; raises ValueError (naming the task/module) before anything is written.
+
+    A delta version: ``reuse`` maps old tasks to their (checked) manifest entries in the parent, whose
+    payloads it keeps (``key``, ``bytes``, ``sha256``, ``written_in``); ``rotations`` are the parent-to-this
+    basis rotations per module; ``chain`` the parent's rotation elements those entries still need.
+    """
+    reuse = reuse or {}
+    if reuse and rotations is None:
+        raise StoreError("a delta version needs the rotations from its parent's bases (module -> (R_A, R_B))")
+    encoded = _encode_subspace(subspace, reconstruction_error, set(reuse))
+    for tname, old in reuse.items():
+        entry = encoded.tasks_manifest[tname]
+        entry.update({k: old[k] for k in ("bytes", "sha256", "key", "written_in")})
+    if rotations is not None:
+        for m, (ra, rb) in rotations.items():
+            data = encode_rotation((ra, rb))
+            encoded.rotations[m] = data
+            encoded.rotations_manifest[m] = {
+                "bytes": len(data),
+                "sha256": sha256(data),
+                "to": [int(ra.shape[0]), int(rb.shape[0])],
+                "from": [int(ra.shape[1]), int(rb.shape[1])],
+            }
+        encoded.chain = [dict(e) for e in chain or []]
+    return encoded
+
+
+def _encode_subspace(
+    subspace: Subspace, reconstruction_error: dict[str, float] | None, skip: set[str]
+) -> EncodedSubspace:
     subspace.validate()
     for name in subspace.modules:
         check_module_name(name)
@@ -69,6 +127,15 @@ def encode_subspace(subspace: Subspace, reconstruction_error: dict[str, float] |
         }
     tasks, tasks_manifest = {}, {}
     for tname, task in subspace.tasks.items():
+        error = errors.get(tname, task.metadata.get("reconstruction_error"))
+        tasks_manifest[tname] = {
+            "p": {m: int(ea.shape[1]) for m, (ea, _) in task.E.items()},
+            "head": list(task.head),
+            "reconstruction_error": float(error) if error is not None else None,
+            "metadata": task.metadata,
+        }
+        if tname in skip:
+            continue
         tensors: dict[str, Tensor] = {}
         for mname, (ea, eb) in task.E.items():
             tensors[E_A + mname] = ea
@@ -77,15 +144,7 @@ def encode_subspace(subspace: Subspace, reconstruction_error: dict[str, float] |
             tensors[HEAD + hname] = value
         data = encode_tensors(tensors)
         tasks[tname] = data
-        error = errors.get(tname, task.metadata.get("reconstruction_error"))
-        tasks_manifest[tname] = {
-            "p": {m: int(ea.shape[1]) for m, (ea, _) in task.E.items()},
-            "head": list(task.head),
-            "reconstruction_error": float(error) if error is not None else None,
-            "metadata": task.metadata,
-            "bytes": len(data),
-            "sha256": sha256(data),
-        }
+        tasks_manifest[tname].update({"bytes": len(data), "sha256": sha256(data)})
     return EncodedSubspace(bases, tasks, modules_manifest, tasks_manifest)
 
 
@@ -151,13 +210,34 @@ def build_manifest(
     metadata: dict[str, Any],
     submissions: Sequence[str],
     now: float,
+    format_version: int = MANIFEST_FORMAT_VERSION,
 ) -> dict[str, Any]:
-    """The manifest of version ``version`` (``now``: the server's clock); ``decode_manifest`` reads it back."""
+    """The manifest of version ``version`` (``now``: the server's clock); ``decode_manifest`` reads it back.
+
+    ``format_version=1`` writes the layout before delta versions (only for a full version; tests of old stores).
+    """
     modules = {m: {**e, "key": keys.basis(version, m)} for m, e in encoded.modules_manifest.items()}
-    tasks = {t: {**e, "key": keys.task(version, t)} for t, e in encoded.tasks_manifest.items()}
+    tasks = {}
+    for t, e in encoded.tasks_manifest.items():
+        entry = {**e} if "written_in" in e else {**e, "key": keys.task(version, t), "written_in": version}
+        if format_version == 1:
+            if entry.pop("written_in") != version:
+                raise StoreError("format 1 cannot hold a delta version: publish it full")
+        tasks[t] = entry
+    chain = [dict(e) for e in encoded.chain]
+    if encoded.rotations_manifest:
+        own = {m: {"key": keys.rotation(version, m), **e} for m, e in encoded.rotations_manifest.items()}
+        chain.append({"version": version, "parent": parent, "rotations": own})
+    total = sum(e["bytes"] for e in modules.values()) + sum(e["bytes"] for e in tasks.values())
+    total += sum(r["bytes"] for e in chain for r in e["rotations"].values())
+    extra: dict[str, Any] = {}
+    if format_version != 1:
+        extra = {"rotations": chain, "written_bytes": encoded.written_bytes}
+    elif chain:
+        raise StoreError("format 1 cannot hold a delta version: publish it full")
     return {
         "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_FORMAT_VERSION,
+        "format_version": format_version,
         "namespace": keys.namespace,
         "version": version,
         "parent": parent,
@@ -167,9 +247,10 @@ def build_manifest(
         "modules": modules,
         "tasks": tasks,
         "submissions": list(submissions),
-        "bytes": sum(len(d) for d in encoded.bases.values()) + sum(len(d) for d in encoded.tasks.values()),
+        "bytes": total,  # what reading every task transfers (payloads of older versions included)
         "subspace_metadata": subspace.metadata,
         "metadata": metadata,
+        **extra,
     }
 
 
@@ -197,11 +278,12 @@ class _ManifestReader:
             self._fail((), f"is not valid JSON ({' '.join(str(err).split())[:120]})")
         top = self._object(top, ())
         fmt, fmt_version = self._field(top, "format"), self._field(top, "format_version")
-        if fmt != MANIFEST_FORMAT or fmt_version != MANIFEST_FORMAT_VERSION:
+        if fmt != MANIFEST_FORMAT or fmt_version not in READABLE_FORMAT_VERSIONS:
             self._fail(
                 ("format",),
                 f"is {str(fmt)[:40]!r} version {str(fmt_version)[:20]!r}; this share-cl reads "
-                f"{MANIFEST_FORMAT!r} version {MANIFEST_FORMAT_VERSION}",
+                f"{MANIFEST_FORMAT!r} versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))} (a newer share-cl "
+                "wrote it? upgrade share-cl)",
             )
         if type(top["format_version"]) is not int:
             self._fail(("format_version",), "must be an integer")
@@ -227,10 +309,25 @@ class _ManifestReader:
                 self._count(entry, key, ("modules", name))
             if self._field(entry, "dtype", ("modules", name)) not in _FLOAT_DTYPES:
                 self._fail(("modules", name, "dtype"), f"must be one of {', '.join(_FLOAT_DTYPES)}")
+        delta = top["format_version"] >= 2
+        origins = self._chain(top, modules, parent) if delta else set()
+        if not delta:
+            top["rotations"] = []
         for name, entry in self._object(self._field(top, "tasks"), ("tasks",)).items():
             where = ("tasks", name)
             self._check(where, check_task_name, name)
-            self._payload(name, entry, where, self.keys.task_keys(self.version, name))
+            written = self.version
+            if delta:
+                written = self._field(self._object(entry, where), "written_in", where)
+                self._check((*where, "written_in"), check_version, written, "written_in")
+                if written != self.version and written not in origins:
+                    self._fail(
+                        (*where, "written_in"),
+                        f"is {written!r}, which is neither this version nor the start of one of its rotation chains",
+                    )
+            self._payload(name, entry, where, self.keys.task_keys(written, name))
+            if not delta:
+                entry["written_in"] = self.version
             p = self._object(self._field(entry, "p", where), (*where, "p"))
             if set(p) != set(modules):
                 self._fail((*where, "p"), f"must give p for exactly the modules {sorted(modules)}")
@@ -252,6 +349,52 @@ class _ManifestReader:
         self._typed(top, "subspace_metadata", dict, ())
         self._typed(top, "metadata", dict, ())
         return top
+
+    def _chain(self, top: dict[str, Any], modules: dict[str, Any], parent: str | None) -> set[str]:
+        """Check ``rotations`` (format 2); returns the versions a task payload may be written in besides this one."""
+        chain = self._typed(top, "rotations", list, ())
+        if len(chain) > MAX_CHAIN:
+            self._fail(("rotations",), f"is a chain of {len(chain)} versions; a reader takes at most {MAX_CHAIN}")
+        origins: set[str] = set()
+        number = version_number(self.version) or 0
+        for i, element in enumerate(chain):
+            where = ("rotations", str(i))
+            element = self._object(element, where)
+            version, before = self._field(element, "version", where), self._field(element, "parent", where)
+            self._check((*where, "version"), check_version, version, "a chain's version")
+            self._check((*where, "parent"), check_version, before, "a chain's parent")
+            if not (version_number(before) or 0) < (version_number(version) or 0) <= number:
+                self._fail(where, f"goes from {before} to {version}: a chain runs forward and ends at {self.version}")
+            if i and before != chain[i - 1]["version"]:
+                self._fail(
+                    (*where, "parent"), f"is {before!r}, but the element before it is {chain[i - 1]['version']!r}"
+                )
+            if i == len(chain) - 1 and (version != self.version or before != parent):
+                self._fail(where, f"must end with this version {self.version} (parent {parent})")
+            origins.add(before)
+            rotations = self._object(self._field(element, "rotations", where), (*where, "rotations"))
+            if set(rotations) != set(modules):
+                self._fail((*where, "rotations"), f"must hold a rotation for exactly the modules {sorted(modules)}")
+            for m, entry in rotations.items():
+                at = (*where, "rotations", m)
+                self._payload(m, entry, at, (self.keys.rotation(version, m),))
+                to = self._pair(entry, "to", at)
+                self._pair(entry, "from", at)
+                if i + 1 < len(chain):
+                    following = chain[i + 1]
+                    nxt = following.get("rotations", {}).get(m) if isinstance(following, dict) else None
+                    want = nxt.get("from") if isinstance(nxt, dict) else None
+                else:
+                    want = [modules[m]["k_A"], modules[m]["k_B"]]
+                if to != want:
+                    self._fail((*at, "to"), f"is {to}, but the next basis has k {str(want)[:40]}")
+        return origins
+
+    def _pair(self, entry: dict[str, Any], key: str, where: tuple[str, ...]) -> list[int]:
+        value = self._typed(entry, key, list, where)
+        if len(value) != 2 or not all(type(v) is int and 0 <= v < (1 << 24) for v in value):
+            self._fail((*where, key), f"must be [k_A, k_B], two integers >= 0, got {str(value)[:40]}")
+        return value
 
     def _payload(self, name: str, entry: Any, where: tuple[str, ...], keys: tuple[str, ...]) -> None:
         """``keys``: where this version may keep the payload (current form first, then the legacy one)."""

@@ -4,10 +4,15 @@ A pin (``version|job`` in a sorted set scored by its expiry on Redis's clock) ke
 in-flight job started from. ``prune`` runs in one WATCH/MULTI/EXEC over the versions, head, tags,
 pins and unfinished publishes, so a version that gets tagged or pinned while prune plans is never
 deleted (the transaction aborts and prune plans again).
+
+Delta versions share payloads: a version's manifest may name task payloads and rotations written by
+older versions. A pruned version's keys are deleted only where no retained version's manifest names
+them, so every retained version stays readable, and a payload goes with the last version that names it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -74,19 +79,41 @@ def release_pins(store: SubspaceStore, job_id: str) -> list[str]:
 
 
 def _version_keys(client: Any, keys: Keys, version: str, raw: bytes | None) -> list[str]:
-    """Every key of ``version``: its manifest's payload keys, or, if the manifest is damaged, the keys under
-    the version's own prefix. A manifest never makes prune delete a key outside its version."""
+    """Every key ``version`` needs: its manifest and the payload keys it names (its own, and those of older
+    versions that a delta version reads through), or, if the manifest is damaged, the keys under the version's
+    own prefixes. Only keys of this namespace's layout (``decode_manifest`` checks every one)."""
     out = [keys.manifest(version)]
     if raw is None:
         return out
-    try:
-        m = decode_manifest(raw, keys, version)
-    except CorruptPayloadError:
+    named = _named_keys(keys, version, raw)
+    if named is None:
         # Namespace and version hold no glob character. Both payload key forms (``keys`` module docstring).
         for prefix in (keys.legacy_payload_prefix(version), keys.payload_prefix(version)):
             out += [k.decode() for k in client.scan_iter(match=prefix + "*", count=1000) if k.decode() not in out]
         return out
-    return out + [e["key"] for e in m["modules"].values()] + [e["key"] for e in m["tasks"].values()]
+    return out + named
+
+
+_named: dict[tuple[str, str, bytes], list[str]] = {}  # (namespace, version, manifest digest) -> payload keys
+
+
+def _named_keys(keys: Keys, version: str, raw: bytes) -> list[str] | None:
+    """The payload keys a manifest names (bases, tasks, rotations), or None if it is damaged; cached per
+    manifest content (they are immutable, and a coordinator prunes after every publish)."""
+    cache_key = (keys.namespace, version, hashlib.blake2b(raw, digest_size=16).digest())
+    hit = _named.get(cache_key)
+    if hit is not None:
+        return hit
+    try:
+        m = decode_manifest(raw, keys, version)
+    except CorruptPayloadError:
+        return None
+    out = [e["key"] for e in m["modules"].values()] + [e["key"] for e in m["tasks"].values()]
+    out += [r["key"] for element in m["rotations"] for r in element["rotations"].values()]
+    if len(_named) >= 1024:
+        _named.clear()
+    _named[cache_key] = out
+    return out
 
 
 def _writing_record(keys: Keys, version: str, raw: bytes) -> tuple[float, list[str]]:
@@ -164,9 +191,19 @@ def prune(store: SubspaceStore, keep: int, *, dry_run: bool, orphan_grace_s: flo
                         orphans[version] = [] if version in versions else payload_keys
                         orphan_fields.append(field_name)
                 doomed: list[str] = []
-                manifests = pipe.mget([keys.manifest(v) for v in removed]) if removed else []
+                # Through the client: a cluster pipeline refuses MGET. Manifests never change; WATCH guards the plan.
+                manifests = store.client.mget([keys.manifest(v) for v in removed]) if removed else []
                 for version, raw in zip(removed, manifests, strict=True):
                     doomed += _version_keys(store.client, keys, version, raw)  # a SCAN cannot join a cluster MULTI
+                if doomed:
+                    # Payloads a retained (delta) version still reads stay. A retained manifest that cannot be
+                    # decoded names nothing: its version cannot be read anyway.
+                    retained = [v for v in versions if v in kept]
+                    raws = store.client.mget([keys.manifest(v) for v in retained]) if retained else []
+                    needed = {
+                        k for v, raw in zip(retained, raws, strict=True) if raw for k in _named_keys(keys, v, raw) or []
+                    }
+                    doomed = list(dict.fromkeys(k for k in doomed if k not in needed))
                 for payload_keys in orphans.values():
                     doomed += payload_keys
                 result = PruneResult(

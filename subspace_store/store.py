@@ -5,21 +5,27 @@ version-scoped keys. Publishing writes the payloads first, then, in one WATCH/MU
 transaction, the manifest, the head and (if given) the acknowledgement of the submissions it merges.
 Readers find versions only through the head, the tags and the committed-versions set, all of which
 change in that transaction, so they never see a half-written version.
+
+A delta version (``publish(..., delta=True)``, ``chains.py``) writes its bases, its rotations from the
+parent's bases and only the tasks that are new or changed; old tasks keep the payload of the version
+they were written in and are read through the rotations since. ``compact`` rewrites the head in full.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import torch
 from redis.exceptions import WatchError
 
 from share import Subspace
 
-from . import fetch, retention
+from . import chains, fetch, retention
 from .acks import DEFAULT_GROUP, check_open, queue_acks
 from .codec import (
     MANIFEST_FORMAT,
@@ -32,7 +38,7 @@ from .codec import (
     decode_task,
     encode_subspace,
 )
-from .errors import HeadConflictError, StoreError, TaskNotFoundError, VersionNotFoundError
+from .errors import CorruptPayloadError, HeadConflictError, StoreError, TaskNotFoundError, VersionNotFoundError
 from .keys import Keys, check_namespace, check_version
 from .refs import resolve as _resolve
 from .refs import server_time
@@ -47,6 +53,9 @@ __all__ = [
     "list_namespaces",
 ]
 _UNSET: Any = object()
+log = logging.getLogger(__name__)
+COMPACTION_KEY = "compaction"  # version metadata of a compaction: {"of": version, "longest_chain": n}
+_VERIFY_SAMPLE = 4  # old tasks whose rotated stored coefficients a delta publish compares with the new ones
 _WRITE_CHUNK = 32 << 20  # bytes per pipeline round-trip when writing payloads
 
 
@@ -110,20 +119,70 @@ class SubspaceStore:
             if name not in manifest["tasks"]:
                 held = ", ".join(manifest["tasks"]) or "none"
                 raise TaskNotFoundError(f"version {version} has no task {name!r}; it holds: {held}")
-        modules = list(manifest["modules"])
-        items = [fetch.Item(e["key"], e["sha256"], e["bytes"], decode_basis) for e in manifest["modules"].values()] + [
+        bases, task_entries = self._read(manifest, wanted, verify, with_bases=True)
+        return assemble(manifest, bases, task_entries)
+
+    def _read(
+        self, manifest: dict[str, Any], wanted: list[str], verify: bool, with_bases: bool
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(module -> basis, task -> coefficients in this version's bases) of ``wanted`` tasks of a checked manifest."""
+        version = manifest["version"]
+        modules = list(manifest["modules"]) if with_bases else []
+        chain = manifest["rotations"]
+        origin = {e["parent"]: i for i, e in enumerate(chain)}
+        starts = [
+            origin[manifest["tasks"][t]["written_in"]] for t in wanted if manifest["tasks"][t]["written_in"] != version
+        ]
+        # Rotation payloads the wanted tasks need and this process has not decoded yet: fetched with the rest.
+        rotation_items: dict[str, fetch.Item] = {}
+        known: dict[str, chains.Rotation] = {}
+        for element in chain[min(starts) :] if starts else []:
+            for e in element["rotations"].values():
+                cached = chains.cached_rotation(e["sha256"])
+                if cached is not None:
+                    known[e["sha256"]] = cached
+                elif e["sha256"] not in rotation_items:
+                    to, frm = tuple(e["to"]), tuple(e["from"])
+                    rotation_items[e["sha256"]] = fetch.Item(
+                        e["key"],
+                        e["sha256"],
+                        e["bytes"],
+                        lambda data, to=to, frm=frm: chains.decode_rotation(data, to, frm),
+                    )
+        items = [
+            fetch.Item(
+                manifest["modules"][m]["key"],
+                manifest["modules"][m]["sha256"],
+                manifest["modules"][m]["bytes"],
+                decode_basis,
+            )
+            for m in modules
+        ] + [
             fetch.Item(
                 manifest["tasks"][t]["key"],
                 manifest["tasks"][t]["sha256"],
                 manifest["tasks"][t]["bytes"],
-                lambda data, t=t: decode_task(data, modules, manifest["tasks"][t]),
+                lambda data, t=t: decode_task(data, list(manifest["modules"]), manifest["tasks"][t]),
             )
             for t in wanted
         ]
-        decoded = fetch.fetch_all(self.client, version, items, verify)
+        decoded = fetch.fetch_all(self.client, version, items + list(rotation_items.values()), verify)
         bases = dict(zip(modules, decoded[: len(modules)], strict=True))
-        task_entries = dict(zip(wanted, decoded[len(modules) :], strict=True))
-        return assemble(manifest, bases, task_entries)
+        task_entries = dict(zip(wanted, decoded[len(modules) : len(items)], strict=True))
+        for digest, rotation in zip(rotation_items, decoded[len(items) :], strict=True):
+            known[digest] = rotation
+            if verify:  # only checked bytes are remembered under their checksum
+                chains.remember_rotation(digest, rotation)
+        for t in wanted:
+            entry = manifest["tasks"][t]
+            if entry["written_in"] != version:
+                start = origin[entry["written_in"]]
+                task_entries[t] = _carry(manifest, t, task_entries[t], chain[start:], known, verify)
+        return bases, task_entries
+
+    def chain_lengths(self, ref: str = "head") -> dict[str, int]:
+        """Task -> how many versions' rotations reading it applies (0: written in that version)."""
+        return chain_lengths(self.manifest(ref))
 
     def version_count(self) -> int:
         """How many committed versions the namespace holds (pruned ones not counted)."""
@@ -180,6 +239,9 @@ class SubspaceStore:
         group: str = DEFAULT_GROUP,
         expected_head: str | None = _UNSET,
         reconstruction_error: dict[str, float] | None = None,
+        delta: bool = False,
+        rotations: dict[str, chains.Rotation] | None = None,
+        max_chain: int = chains.DEFAULT_MAX_CHAIN,
     ) -> str:
         """Publish ``subspace`` as a new version and move the head to it; returns its id (``vN``).
 
@@ -189,9 +251,20 @@ class SubspaceStore:
         are acknowledged and recorded as merged in the same transaction. ``metadata`` is free-form
         JSON (e.g. ``{"mlflow_run_id": ...}``). Per-task reconstruction errors default to each
         task's ``metadata["reconstruction_error"]`` (set by ``share.merge``).
+
+        ``delta=True``: ``subspace`` is ``parent`` merged (every old task's coefficients are the parent's
+        rotated into the new bases, its head unchanged). Only the new tasks' payloads, the bases and the
+        rotations (``rotations``: module -> ``(R_A, R_B)`` float64 from ``MergeReport.rotations``; default
+        ``U_new.T @ U_parent``) are written; old tasks point at the payloads they were written in. Checked on
+        a sample of old tasks (rotated stored coefficients within 1e-6 relative, heads equal); where that
+        fails, or the parent has other modules, the version is written in full. A task whose chain would
+        grow past ``max_chain`` is written in full.
         """
         expected = parent if expected_head is _UNSET else expected_head
-        encoded = encode_subspace(subspace, reconstruction_error)
+        if max_chain < 1 or max_chain > chains.MAX_CHAIN:
+            raise StoreError(f"max_chain must be between 1 and {chains.MAX_CHAIN} (got {max_chain})")
+        plan = self._delta_plan(subspace, parent, rotations, max_chain) if delta and parent is not None else {}
+        encoded = encode_subspace(subspace, reconstruction_error, **plan)
         meta = _jsonable(metadata or {}, "metadata")
         _jsonable(subspace.metadata, "subspace.metadata")
         for tname, task in subspace.tasks.items():
@@ -207,6 +280,84 @@ class SubspaceStore:
         except BaseException:
             publication.abort()
             raise
+
+    def _delta_plan(
+        self, subspace: Subspace, parent: str, rotations: dict[str, chains.Rotation] | None, max_chain: int
+    ) -> dict[str, Any]:
+        """``encode_subspace``'s delta arguments (reuse, rotations, chain), or {} to write in full."""
+        before = self.manifest(parent)
+        if list(before["modules"]) != list(subspace.modules):
+            return {}
+        chain = before["rotations"]
+        origin = {e["parent"]: i for i, e in enumerate(chain)}
+        reuse: dict[str, dict[str, Any]] = {}
+        for name, task in subspace.tasks.items():
+            entry = before["tasks"].get(name)
+            if entry is None or entry["head"] != list(task.head):
+                continue
+            if entry["p"] != {m: int(ea.shape[1]) for m, (ea, _) in task.E.items()}:
+                continue
+            length = 0 if entry["written_in"] == parent else len(chain) - origin[entry["written_in"]]
+            if length + 1 <= max_chain:
+                reuse[name] = entry
+        if not reuse:
+            return {}
+        names = list(reuse)
+        step = max(1, len(names) // _VERIFY_SAMPLE)
+        sample = names[::step][:_VERIFY_SAMPLE]
+        old_bases, old = self._read(before, sample, True, with_bases=rotations is None)
+        if rotations is None:
+            rotations = chains.basis_rotations(old_bases, subspace.modules)
+        for m, basis in subspace.modules.items():
+            ra, rb = rotations.get(m, (None, None)) if isinstance(rotations, dict) else (None, None)
+            k_before = before["modules"][m]
+            want = ((basis.k_A, k_before["k_A"]), (basis.k_B, k_before["k_B"]))
+            if ra is None or rb is None or (tuple(ra.shape), tuple(rb.shape)) != want:
+                raise StoreError(
+                    f"rotations for module {m!r} must be (R_A, R_B) of shapes {want} (new k x parent k); "
+                    "pass MergeReport.rotations of the merge that made this subspace"
+                )
+        rotations = {m: (ra.to(torch.float64), rb.to(torch.float64)) for m, (ra, rb) in rotations.items()}
+        for name in sample:
+            carried = chains.rotate(old[name], rotations, {})
+            diff = chains.relative_difference(carried, subspace.tasks[name])
+            heads = subspace.tasks[name].head
+            same_head = all(
+                torch.equal(value, heads[h]) and value.dtype == heads[h].dtype for h, value in old[name].head.items()
+            )
+            if not diff <= chains.DELTA_TOLERANCE or not same_head:
+                log.warning(
+                    "task %r is not %s's coefficients rotated into the new bases (relative difference %.3g%s); "
+                    "publishing in full",
+                    name,
+                    parent,
+                    diff,
+                    "" if same_head else ", head changed",
+                )
+                return {}
+        starts = [origin[e["written_in"]] for e in reuse.values() if e["written_in"] != parent]
+        return {"reuse": reuse, "rotations": rotations, "chain": chain[min(starts) :] if starts else []}
+
+    def compact(self, *, min_chain: int = 1, metadata: dict[str, Any] | None = None) -> str | None:
+        """Rewrite the head in full (every task's coefficients in its own bases, no chains) as a new version.
+
+        Returns the new version, or None when no task of the head has a chain of ``min_chain`` or more.
+        Raises ``HeadConflictError`` if the head moves meanwhile (nothing is visible then). The version's
+        metadata says ``compaction`` (``{"of": head, "longest_chain": n}``).
+        """
+        head = self.head()
+        if head is None:
+            return None
+        manifest = self.manifest(head)
+        longest = max(chain_lengths(manifest).values(), default=0)
+        if longest < max(min_chain, 1):
+            return None
+        subspace = self.get(head)
+        meta = {**(metadata or {}), COMPACTION_KEY: {"of": head, "longest_chain": longest}}
+        errors = {t: e["reconstruction_error"] for t, e in manifest["tasks"].items()}
+        return self.publish(
+            subspace, head, meta, reconstruction_error={t: e for t, e in errors.items() if e is not None}
+        )
 
     # -- tags, pins, retention -----------------------------------------------------------------
     def tag(self, ref: str, name: str) -> str:
@@ -279,6 +430,49 @@ def list_namespaces(client: redis.Redis) -> list[str]:
     return sorted(found)
 
 
+def chain_lengths(manifest: dict[str, Any]) -> dict[str, int]:
+    """Task -> the number of rotations reading it applies, from a (checked) manifest."""
+    chain = manifest["rotations"]
+    origin = {e["parent"]: i for i, e in enumerate(chain)}
+    version = manifest["version"]
+    return {
+        t: 0 if e["written_in"] == version else len(chain) - origin[e["written_in"]]
+        for t, e in manifest["tasks"].items()
+    }
+
+
+def _carry(
+    manifest: dict[str, Any],
+    name: str,
+    task: Any,
+    chain: list[dict[str, Any]],
+    known: dict[str, chains.Rotation],
+    remember: bool,
+) -> Any:
+    """``task`` (decoded from the payload of the version it was written in) in ``manifest``'s bases."""
+    entry = manifest["tasks"][name]
+    product = {}
+    for m in manifest["modules"]:
+        first = chain[0]["rotations"][m]["from"]
+        ea, eb = task.E[m]
+        if (tuple(ea.shape), tuple(eb.shape)) != ((first[0], entry["p"][m]), (first[1], entry["p"][m])):
+            raise CorruptPayloadError(
+                manifest["version"],
+                entry["key"],
+                f"holds module {m!r} coefficients of shapes {tuple(ea.shape)}, {tuple(eb.shape)}; the basis of "
+                f"{entry['written_in']} has k {tuple(first)} (p {entry['p'][m]})",
+            )
+        for element in chain:  # a checksum names content: the same bytes under other declared shapes are refused
+            r = element["rotations"][m]
+            ra, rb = known[r["sha256"]]
+            if (tuple(ra.shape), tuple(rb.shape)) != ((r["to"][0], r["from"][0]), (r["to"][1], r["from"][1])):
+                raise CorruptPayloadError(
+                    manifest["version"], r["key"], "holds rotations of other shapes than recorded"
+                )
+        product[m] = chains.product([e["rotations"][m]["sha256"] for e in chain], known, remember)
+    return chains.rotate(task, product, task.metadata)
+
+
 def _version(raw: bytes, where: str) -> str:
     """A version id read from Redis, checked (it names keys and may reach messages and paths)."""
     return check_version(raw.decode(errors="replace"), where)
@@ -307,15 +501,18 @@ class _Publication:
         self.number = 0
         self.version = ""
         self.payload_keys: list[str] = []
+        self.format_version = MANIFEST_FORMAT_VERSION  # 1: the layout before delta versions (tests of old stores)
 
     def begin(self) -> str:
         """Allocate the version id and register the unfinished publish (for the orphan sweep)."""
         self.number = int(self.client.incr(self.keys.seq))
         self.version = f"v{self.number}"
         v = self.version
-        self.payload_keys = [self.keys.basis(v, m) for m in self.encoded.bases] + [
-            self.keys.task(v, t) for t in self.encoded.tasks
-        ]
+        self.payload_keys = (
+            [self.keys.basis(v, m) for m in self.encoded.bases]
+            + [self.keys.task(v, t) for t in self.encoded.tasks]
+            + [self.keys.rotation(v, m) for m in self.encoded.rotations]
+        )
         record = {"started": server_time(self.client), "keys": self.payload_keys}
         self.client.hset(self.keys.writing, v, json.dumps(record))
         return v
@@ -324,6 +521,7 @@ class _Publication:
         v = self.version
         blobs = [(self.keys.basis(v, m), d) for m, d in self.encoded.bases.items()]
         blobs += [(self.keys.task(v, t), d) for t, d in self.encoded.tasks.items()]
+        blobs += [(self.keys.rotation(v, m), d) for m, d in self.encoded.rotations.items()]
         pipe = self.client.pipeline(transaction=False)
         pending = 0
         for key, data in blobs:
@@ -354,7 +552,15 @@ class _Publication:
                         raise HeadConflictError(keys.namespace, expected, actual, attempted=v)
                     entries = check_open(pipe, keys, group, submission_ids)
                     manifest = build_manifest(
-                        keys, v, subspace, self.encoded, parent, metadata, submission_ids, server_time(pipe)
+                        keys,
+                        v,
+                        subspace,
+                        self.encoded,
+                        parent,
+                        metadata,
+                        submission_ids,
+                        server_time(pipe),
+                        self.format_version,
                     )
                     pipe.multi()
                     pipe.set(keys.manifest(v), json.dumps(manifest))
