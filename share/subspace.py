@@ -132,18 +132,20 @@ class Subspace:
         return total
 
     def validate(self) -> None:
-        """Check internal consistency; raise ShareClError naming the task/module at fault."""
+        """Check internal consistency; raise ShareClError naming the task/module at fault.
+
+        Shapes are checked per module and task; finiteness in one batched pass over every basis and
+        coefficient (``_all_finite``), the culprit searched for only when that pass finds NaN or Inf.
+        """
         for name, basis in self.modules.items():
             for side, U in (("U_A", basis.U_A), ("U_B", basis.U_B)):
                 if U.ndim != 2:
                     raise ShareClError(f"module {name!r}: {side} must be 2-D, got shape {tuple(U.shape)}")
-                if not torch.isfinite(U).all():
-                    raise ShareClError(f"module {name!r}: {side} holds NaN or Inf")
         for tname, t in self.tasks.items():
             check_task_name(tname)
-            missing = set(self.modules) - set(t.E)
-            extra = set(t.E) - set(self.modules)
-            if missing or extra:
+            if t.E.keys() != self.modules.keys():
+                missing = set(self.modules) - set(t.E)
+                extra = set(t.E) - set(self.modules)
                 raise ShareClError(
                     f"task {tname!r}: modules differ from the subspace's "
                     f"(missing {sorted(missing)}, unknown {sorted(extra)})"
@@ -155,6 +157,16 @@ class Subspace:
                         f"task {tname!r}, module {mname!r}: coefficient shapes {tuple(E_A.shape)} and "
                         f"{tuple(E_B.shape)} do not fit k_A={basis.k_A}, k_B={basis.k_B}"
                     )
+        tensors = [U for b in self.modules.values() for U in (b.U_A, b.U_B)]
+        tensors += [E for t in self.tasks.values() for pair in t.E.values() for E in pair]
+        if _all_finite(tensors):
+            return
+        for name, basis in self.modules.items():  # the failure path: name the first culprit
+            for side, U in (("U_A", basis.U_A), ("U_B", basis.U_B)):
+                if not torch.isfinite(U).all():
+                    raise ShareClError(f"module {name!r}: {side} holds NaN or Inf")
+        for tname, t in self.tasks.items():
+            for mname, (E_A, E_B) in t.E.items():
                 if not (torch.isfinite(E_A).all() and torch.isfinite(E_B).all()):
                     raise ShareClError(f"task {tname!r}, module {mname!r}: coefficients hold NaN or Inf")
 
@@ -264,6 +276,17 @@ class Subspace:
         subspace = cls(modules=modules, tasks=task_entries, policy=manifest.policy, metadata=manifest.metadata)
         subspace.validate()
         return subspace
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """True if no tensor holds NaN or Inf; may say False for finite values whose 2-norm overflows.
+
+    One batched norm per device and dtype (``torch.nn.utils.get_total_norm``, a loop in C++)
+    instead of one ``isfinite`` per tensor: NaN and Inf make the total norm NaN or Inf. Callers
+    search for the culprit when this says False. Non-float tensors hold no NaN.
+    """
+    floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
+    return not floats or bool(torch.isfinite(torch.nn.utils.get_total_norm(floats)))
 
 
 # -- reading a folder back ---------------------------------------------------------------------------
