@@ -45,6 +45,8 @@ from subspace_store.tracking import (
     TAG_JOB,
     TAG_KIND,
     TAG_NAMESPACE,
+    TAG_RAY_ADDRESS,
+    TAG_RAY_SUBMISSION,
     TAG_STATUS,
     TAG_TASK_OUTCOME,
     TAG_TASKS,
@@ -131,9 +133,6 @@ def ray_submission_id(job_id: str) -> str:
     return f"sharecl-{job_id}"
 
 
-# Job runs (MLflow): the Ray cluster the driver ran on, and the Jobs API submission it ran in.
-TAG_RAY_ADDRESS = "sharecl.ray_address"
-TAG_RAY_SUBMISSION = "sharecl.ray_submission_id"
 # Set by Ray's job supervisor in a submitted driver's env: its JobConfig, with the metadata
 # (``job_submission_id``) the submission was given.
 _RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -819,8 +818,6 @@ def run_job(
 
 
 __all__ = [
-    "TAG_RAY_ADDRESS",
-    "TAG_RAY_SUBMISSION",
     "JobResult",
     "MergeWaitError",
     "RayConnection",

@@ -65,6 +65,8 @@ TAG_JOBS = "sharecl.jobs"  # merge runs: the jobs whose tasks entered, space-sep
 TAG_JOB_RUNS = "sharecl.job_runs"  # merge runs: those jobs' MLflow runs, same order
 TAG_PARENT_VERSION = "sharecl.parent"  # model versions: the store version it was merged onto, or "none"
 TAG_REGISTRY_ERROR = "sharecl.registry_error"  # merge runs: why the version is not in the model registry
+TAG_RAY_ADDRESS = "sharecl.ray_address"  # job runs: the Ray cluster the driver ran on ("local" for its own)
+TAG_RAY_SUBMISSION = "sharecl.ray_submission_id"  # job runs: the Ray Jobs API submission it ran in
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 # Metrics.

@@ -25,10 +25,10 @@ import yaml
 from test_submit_cli import LOADING_BUILDER, TESTS_DIR, _free_port, _job_file, save_tiny_bert
 
 from jobs.cli import main
-from jobs.runner import TAG_RAY_ADDRESS, TAG_RAY_SUBMISSION, ray_submission_id
+from jobs.runner import ray_submission_id
 from subspace_store import SubspaceStore
 from subspace_store.progress import ProgressBoard, TaskPhase
-from subspace_store.tracking import TAG_JOB, TAG_KIND, RunKind
+from subspace_store.tracking import TAG_JOB, TAG_KIND, TAG_RAY_ADDRESS, TAG_RAY_SUBMISSION, RunKind
 from workers import tracking
 
 pytestmark = pytest.mark.slow

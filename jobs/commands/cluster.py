@@ -396,7 +396,6 @@ def jobs_summary(
 ) -> list[JobRow]:
     """The newest ``last`` jobs of ``experiment`` with their tasks' latest attempts (from MLflow) and, with
     ``progress`` (job id -> its tasks' progress records), where their workers are."""
-    from jobs.runner import TAG_RAY_ADDRESS, TAG_RAY_SUBMISSION
     from subspace_store.tracking import (
         ACCURACY_METRIC,
         TAG_BASE_VERSION,
@@ -405,6 +404,8 @@ def jobs_summary(
         TAG_HEAD,
         TAG_JOB,
         TAG_KIND,
+        TAG_RAY_ADDRESS,
+        TAG_RAY_SUBMISSION,
         TAG_STATUS,
         TAG_TASK,
         TAG_TASK_OUTCOME,
