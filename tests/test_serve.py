@@ -152,8 +152,9 @@ def server(env: SimpleNamespace) -> str:
     from jobs.serving import build_app
     from subspace_store.embedded import free_port
 
-    assert not ray.is_initialized()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -172,7 +173,8 @@ def server(env: SimpleNamespace) -> str:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        ray.shutdown()
+        if owns:
+            ray.shutdown()
 
 
 def post(url: str, body: object) -> tuple[int, dict]:
