@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--replicas", type=int, default=1, metavar="N", help="Serve replicas, one model each (default 1)"
     )
+    serve.add_argument(
+        "--num-cpus", type=int, default=1, metavar="N", help="CPUs per replica, its torch threads (default 1)"
+    )
     serve.add_argument("--num-gpus", type=float, default=0.0, metavar="G", help="GPUs per replica (default 0: the CPU)")
     serve.add_argument(
         "--address",
@@ -75,6 +78,7 @@ def _check(args: argparse.Namespace) -> None:
             ("poll_s", args.poll_s > 0, "> 0"),
             ("max_inputs", args.max_inputs >= 1, ">= 1"),
             ("replicas", args.replicas >= 1, ">= 1"),
+            ("num_cpus", args.num_cpus >= 1, ">= 1"),
             ("num_gpus", args.num_gpus >= 0, ">= 0"),
         )
         if not ok
@@ -136,6 +140,8 @@ def run_serve(args: argparse.Namespace) -> int:
             batch_wait_ms=args.batch_wait_ms,
             max_inputs=args.max_inputs,
             num_replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            threads=args.num_cpus,
             num_gpus=args.num_gpus,
         )
         print(
