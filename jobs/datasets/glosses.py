@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from jobs.datasets.cli import run_builder
 from jobs.datasets.taskset import TaskPaths, write_manifest, write_task
 from jobs.datasets.wordnet import LEXNAMES, PartOfSpeech, Synset, iter_synsets, license_text, locate_wordnet
 from share.errors import ShareClError
@@ -152,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-words", action="store_true", help="gloss only, without the synset's words")
     parser.add_argument("--with-examples", action="store_true", help="keep the gloss's quoted usage examples")
     parser.add_argument("--wordnet-dir", default=None, help="folder with data.noun, data.verb (WordNet 3.0)")
-    args = parser.parse_args(argv)
-    try:
-        tasks = prepare_wordnet_tasks(
+    return run_builder(
+        parser,
+        argv,
+        lambda args: prepare_wordnet_tasks(
             args.out,
             num_tasks=args.num_tasks,
             train_per_task=args.train_per_task,
@@ -163,13 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             with_words=not args.no_words,
             with_examples=args.with_examples,
             wordnet_dir=args.wordnet_dir,
-        )
-    except ShareClError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    for t in tasks:
-        print(f"{t.name}: {', '.join(t.label_names)}  train {t.n_train}  eval {t.n_eval}  -> {t.train.parent}")
-    return 0
+        ),
+    )
 
 
 if __name__ == "__main__":

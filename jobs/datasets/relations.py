@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.datasets.cli import run_builder
 from jobs.datasets.taskset import TaskPaths, write_manifest, write_task
 from jobs.datasets.wordnet import (
     PartOfSpeech,
@@ -476,9 +477,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--eval-per-class", type=int, default=None, help="pairs per class (default: per task)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wordnet-dir", default=None, help="folder with data.noun, data.verb, ... (WordNet 3.0)")
-    args = parser.parse_args(None if argv is None else list(argv))
-    try:
-        tasks = prepare_relation_tasks(
+    return run_builder(
+        parser,
+        argv,
+        lambda args: prepare_relation_tasks(
             args.out,
             tasks=args.tasks,
             num_tasks=args.num_tasks,
@@ -486,13 +488,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             eval_per_class=args.eval_per_class,
             seed=args.seed,
             wordnet_dir=args.wordnet_dir,
-        )
-    except ShareClError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    for t in tasks:
-        print(f"{t.name}: {', '.join(t.label_names)}  train {t.n_train}  eval {t.n_eval}  -> {t.train.parent}")
-    return 0
+        ),
+    )
 
 
 if __name__ == "__main__":
