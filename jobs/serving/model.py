@@ -134,8 +134,10 @@ class ServedModel:
             self._check_fits(subspace)
         except VersionLoadError:
             raise
-        except (ShareClError, OSError, ImportError, RuntimeError) as err:
+        except (ShareClError, OSError) as err:  # their messages say what is wrong
             raise VersionLoadError(str(err)) from err
+        except Exception as err:  # e.g. a builder or a model config that fails otherwise: still not servable
+            raise VersionLoadError(f"{type(err).__name__}: {err}") from err
         previous = self.model.subspace
         try:
             self.model.load_subspace(subspace)
