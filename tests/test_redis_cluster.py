@@ -222,6 +222,37 @@ def test_prune_deletes_payloads_on_other_masters(cluster, client, namespace, mak
     assert list(store.get(v3).tasks) == list(last.tasks)
 
 
+def test_delta_versions_keep_the_payloads_they_read_through_on_other_masters(
+    cluster, client, namespace, make_adapter
+) -> None:
+    """Delta versions name older versions' task payloads and their own rotations; prune keeps those a retained
+    version reads through, on whichever master they lie, and deletes the rest."""
+    store = SubspaceStore(client, namespace)
+    subspace, _ = merge(None, {f"t{s}": make_adapter(s, modules=MODULES) for s in range(3)}, KPolicy(k=8))
+    versions, subs = [store.publish(subspace, None, delta=True)], [subspace]
+    for s in range(3, 6):
+        subspace, report = merge(subspace, {f"t{s}": make_adapter(s, modules=MODULES)}, KPolicy(k=8))
+        versions.append(store.publish(subspace, versions[-1], delta=True, rotations=report.rotations))
+        subs.append(subspace)
+    last = store.manifest(versions[-1])
+    inherited = [
+        e["key"] for e in last["tasks"].values() if not e["key"].startswith(f"sharecl:{namespace}:v:{versions[-1]}:")
+    ]
+    assert inherited and len({owner(cluster, key) for key in inherited}) >= 2  # read through, on several masters
+    assert store.prune(keep=1).removed == versions[:-1]
+    assert client.exists(*inherited) == len(inherited)
+    got = store.get(versions[-1])
+    for name, task in subs[-1].tasks.items():
+        for module, (E_A, E_B) in task.E.items():
+            assert torch.allclose(got.tasks[name].E[module][0], E_A, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(got.tasks[name].E[module][1], E_B, rtol=1e-5, atol=1e-6)
+    left = set().union(*node_keys(cluster, f"sharecl:{namespace}:*").values())
+    assert left == set(inherited) | {k for k in payload_keys(last) if k not in inherited} | {
+        r["key"] for element in last.get("rotations", []) for r in element["rotations"].values()
+    }
+    assert client.hlen(store.keys.writing) == 0
+
+
 def test_prune_that_died_after_its_commit_is_finished_by_the_next(client, namespace, make_adapter) -> None:
     """What prune files before its commit (the payloads outside the namespace's slot, as a record of
     their version started at 0) is swept by the next prune when the first died before deleting them."""
