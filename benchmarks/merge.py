@@ -1,6 +1,8 @@
-"""Merge benchmark: latency and peak memory of merging ONE new adapter into a T-task subspace.
+"""Merge benchmark: latency and peak memory of merging ONE new adapter into a T-task subspace; with
+``--compress``, compressing many adapters at once against the other public implementations.
 
     python -m benchmarks.merge [--quick] [--tasks T ...] [--budget S] [--skip-above S] [--threads N] [--write]
+    python -m benchmarks.merge --compress [--quick] [--repeats N] [--write]
 
 Methods, all on the same synthetic state (random orthonormal bases, random coefficients, one random
 new adapter) and the same new adapter:
@@ -293,6 +295,131 @@ def table(rows: list, skip_above: float) -> str:
     return "\n".join(lines)
 
 
+# -- compress: many adapters at once, side by side with lorashare and vlora-dev ---------------------------
+COMPRESS_HEADING = "## Merge: compressing many adapters at once"
+COMPRESS_CONFIGS = ((384, 50), (384, 200), (4096, 50), (4096, 200))  # (n = d, adapters)
+COMPRESS_RANK = 8
+COMPRESS_K = 32
+COMPRESS_METHODS = ("sharecl", "sharecl-default", "lorashare", "vlora-dev")
+COMPRESS_NOTES = f"""\
+Compressing T random adapters (one {{n}} x {{n}} module, r = {COMPRESS_RANK}, factors N(0, 1/n)) into one shared
+subspace, all methods on the same adapters in the same process, repeats interleaved (method after method) so
+that load on the shared machine hits them alike; the table gives the median. `sharecl`: `share.merge(None,
+adapters, KPolicy(k={COMPRESS_K}))` (what `sharecl compress --k {COMPRESS_K}` runs after reading the files:
+canonical gauge, exact top-k of the stacked factors in float64, every task's coefficients and exact error).
+`sharecl-default`: the same with `sharecl compress`'s default rule (`max_error` 0.05, `k_max` 32).
+`lorashare`: `compute_shared_components` + `compute_adapter_loadings` (num_components={COMPRESS_K}; its
+`compress` minus file reading: float32 covariance n x n and `eigh`). `vlora-dev`:
+`SharedSubspace.from_adapters(num_components={COMPRESS_K})` (float32 SVD of the T x (r n) matrix of flattened
+factors; a different, coarser model: one vector per adapter and side). A method whose package is not
+installed is skipped and named (they are not project dependencies: `pip install --no-deps lorashare
+vlora-dev`). One torch thread."""
+
+
+def compress_adapters(n: int, tasks: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    r = COMPRESS_RANK
+    return [(torch.randn(n, r, generator=g) / n**0.5, torch.randn(r, n, generator=g) / n**0.5) for _ in range(tasks)]
+
+
+def compress_runner(method: str, factors: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A no-argument callable that compresses ``factors`` with ``method``, or None if its package is absent."""
+    if method.startswith("sharecl"):
+        from share import KPolicy, LoraAdapter, merge
+
+        policy = KPolicy(k=COMPRESS_K) if method == "sharecl" else KPolicy(max_error=0.05, k_max=32)
+        adapters = {f"t{i}": LoraAdapter(factors={"m": f}, scaling={"m": 1.0}) for i, f in enumerate(factors)}
+        return lambda: merge(None, adapters, policy)
+    if method == "lorashare":
+        try:
+            from lorashare.compression import (
+                combine_adapter_weights,
+                compute_adapter_loadings,
+                compute_shared_components,
+            )
+        except ImportError:
+            return None
+        weights = {
+            f"t{i}": {"base_model.model.m.lora_A.weight": A, "base_model.model.m.lora_B.weight": B}
+            for i, (B, A) in enumerate(factors)
+        }
+
+        def run_lorashare():
+            components, _, _ = compute_shared_components(
+                combine_adapter_weights(weights), num_components=COMPRESS_K, device="cpu"
+            )
+            return {name: compute_adapter_loadings(components, w) for name, w in weights.items()}
+
+        return run_lorashare
+    try:
+        from vlora import LoRAWeights, SharedSubspace
+    except ImportError:
+        return None
+    loras = [LoRAWeights(layer_names=["m"], lora_a={"m": A}, lora_b={"m": B}, rank=A.shape[0]) for B, A in factors]
+    return lambda: SharedSubspace.from_adapters(loras, num_components=COMPRESS_K)
+
+
+def compress_worker(n: int, tasks: int, repeats: int, threads: int) -> dict:
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    factors = compress_adapters(n, tasks)
+    runners = {method: compress_runner(method, factors) for method in COMPRESS_METHODS}
+    times: dict[str, list[float]] = {method: [] for method, run in runners.items() if run is not None}
+    for method in times:  # warm-up: imports and first-call allocations stay out of the figures
+        runners[method]()
+    for _ in range(repeats):
+        for method in times:
+            start = time.perf_counter()
+            runners[method]()
+            times[method].append(time.perf_counter() - start)
+    return {
+        "seconds": {method: statistics.median(values) for method, values in times.items()},
+        "repeats": repeats,
+        "missing": [method for method, run in runners.items() if run is None],
+    }
+
+
+def run_compress(args: argparse.Namespace) -> str:
+    rows = []
+    for n, tasks in COMPRESS_CONFIGS:
+        if args.quick and n > 384:
+            continue
+        repeats = args.repeats if n <= 384 else max(1, args.repeats // 5)
+        command = [sys.executable, "-m", "benchmarks.merge", "--compress-worker", str(n), str(tasks)]
+        command += ["--repeats", str(repeats), "--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        if done.returncode != 0:
+            raise RuntimeError(f"compress n={n} T={tasks} failed:\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"compress n={n} T={tasks}: {result}", file=sys.stderr)
+        rows.append((n, tasks, result))
+    return compress_table(rows) + "\n\n" + COMPRESS_NOTES.replace("{n}", "n")
+
+
+def compress_table(rows: list) -> str:
+    lines = [
+        "| n = d | adapters | repeats | "
+        + " | ".join(f"{m} (s)" for m in COMPRESS_METHODS)
+        + " | sharecl vs fastest other |",
+        "|---:|---:|---:|" + "---:|" * len(COMPRESS_METHODS) + "---:|",
+    ]
+    missing: set[str] = set()
+    for n, tasks, result in rows:
+        seconds = result["seconds"]
+        missing.update(result["missing"])
+        cells = [f"{seconds[m]:.3f}" if m in seconds else "not installed" for m in COMPRESS_METHODS]
+        others = [seconds[m] for m in ("lorashare", "vlora-dev") if m in seconds]
+        ratio = f"{min(others) / seconds['sharecl']:.2f}x faster" if others else "no other method installed"
+        lines.append(f"| {n} | {tasks} | {result['repeats']} | " + " | ".join(cells) + f" | {ratio} |")
+    if missing:
+        lines.append(f"\nSkipped (package not installed): {', '.join(sorted(missing))}.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 10, 100; 2 LLaMA-7B layers; small budgets")
@@ -310,9 +437,24 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads per run (1: stable timings on a shared machine)"
     )
     parser.add_argument("--write", action="store_true", help="replace the ## Merge section of RESULTS.md")
+    parser.add_argument(
+        "--compress", action="store_true", help="compress many adapters at once: sharecl vs lorashare vs vlora-dev"
+    )
+    parser.add_argument("--repeats", type=int, default=9, help="--compress: repeats per method (a fifth at n=4096)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "T", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--compress-worker", nargs=2, type=int, metavar=("N", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.compress_worker:
+        print(json.dumps(compress_worker(*args.compress_worker, args.repeats, args.threads)))
+        return 0
+    if args.compress:
+        body = run_compress(args)
+        print(body)
+        if args.write:
+            machine = f"{os.cpu_count()} CPUs shared with other users, {args.threads} torch thread(s)"
+            write_section(COMPRESS_HEADING, command_line("merge", argv), body, machine)
+        return 0
     if args.worker:
         args.model, tasks, args.method = args.worker
         args.tasks = int(tasks)

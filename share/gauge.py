@@ -40,3 +40,25 @@ def canonicalize(B: Tensor, A: Tensor, scaling: float = 1.0) -> tuple[Tensor, Te
     signs = torch.sign(B_c[pivot, torch.arange(r)])
     signs[signs == 0] = 1.0
     return B_c * signs, A_c * signs[:, None]
+
+
+def canonicalize_batch(B: Tensor, A: Tensor, scaling: Tensor) -> tuple[Tensor, Tensor]:
+    """``canonicalize`` of ``g`` factor pairs of equal shapes at once: ``B`` is ``g x n x r``, ``A`` is
+    ``g x r x d``, ``scaling`` has ``g`` entries. The same computation, batched (no loop over pairs)."""
+    if B.ndim != 3 or A.ndim != 3 or B.shape[0] != A.shape[0] or B.shape[2] != A.shape[1]:
+        raise ShareClError(
+            f"factor stacks do not chain: B is {tuple(B.shape)}, A is {tuple(A.shape)}; "
+            "expected B (g x n x r) and A (g x r x d)"
+        )
+    g, _, r = B.shape
+    q_b, r_b = torch.linalg.qr(B.detach().to(torch.float64))
+    q_a, r_a = torch.linalg.qr(A.detach().to(torch.float64).transpose(1, 2))
+    core = scaling.to(torch.float64)[:, None, None] * (r_b @ r_a.transpose(1, 2))
+    u, s, vh = torch.linalg.svd(core)
+    root = s.sqrt()[:, None, :]
+    B_c = (q_b @ u) * root
+    A_c = ((q_a @ vh.transpose(1, 2)) * root).transpose(1, 2)
+    pivot = B_c.abs().argmax(dim=1)  # g x r
+    signs = torch.sign(torch.gather(B_c, 1, pivot[:, None, :]))  # g x 1 x r
+    signs[signs == 0] = 1.0
+    return B_c * signs, A_c * signs.transpose(1, 2)

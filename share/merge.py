@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 from .adapter import LoraAdapter
 from .config import KPolicy
 from .errors import ShareClError
-from .gauge import canonicalize
+from .gauge import canonicalize, canonicalize_batch
 from .subspace import ModuleBasis, Subspace, TaskCoefficients, check_task_name
 
 # Residual directions weaker than this (relative to the largest singular value of the new factors)
@@ -43,6 +44,9 @@ _RANK_TOL = 1e-6
 _BOUND_SLACK = 1e-6
 # Elements of the per-task prefix-energy tensor (tasks x k_B x k_A, float64) built at once: 32 MB.
 _PREFIX_CHUNK = 4_000_000
+# A basis built from a Gram-based frame (the fast path) must be orthonormal to this (float64), or the
+# module is merged again on the exact path (a thin SVD of the residual).
+_ORTHONORMAL_TOL = 1e-9
 
 # Metadata keys a merge writes into each task (JSON numbers, or module -> number maps).
 ENTRY_NORM = "entry_norm"  # |dW| over all modules when the task entered
@@ -97,56 +101,146 @@ class _Drift:
     drift: float
 
 
+@dataclass(frozen=True)
+class _DriftArrays:
+    """Every task's ``_Drift`` in one module as arrays, in the order of the merge's task names."""
+
+    entry: Tensor  # float64; NaN: the task enters now
+    prior: Tensor  # float64; the cumulative bound before this merge
+
+    @classmethod
+    def from_dict(cls, names: list[str], drift: dict[str, _Drift]) -> _DriftArrays:
+        states = [drift.get(name, _Drift(None, 0.0)) for name in names]
+        entry = [math.nan if s.entry_norm is None else s.entry_norm for s in states]
+        return cls(
+            torch.tensor(entry, dtype=torch.float64), torch.tensor([s.drift for s in states], dtype=torch.float64)
+        )
+
+
+@dataclass(frozen=True)
+class _GramCache:
+    """``sum_i E_i E_i.T`` per side (float64) of exactly these tasks, kept on a ``ModuleBasis`` by ``merge``."""
+
+    tasks: tuple[str, ...]
+    A: Tensor
+    B: Tensor
+
+
 @dataclass
 class _Side:
-    """One side of one module, before truncation: ``[U Q]``, ``C`` and the eigenpairs of ``C C.T``."""
+    """One side of one module, before truncation: the frame, ``C`` and the eigenpairs of ``C C.T``.
 
-    extended: Tensor  # dim x (k + q)
-    C: Tensor  # (k + q) x sum p, old tasks' columns first
+    Without ``to_basis`` the frame is ``extended`` itself (orthonormal). With it, the frame's directions are
+    ``extended @ to_basis`` (the merge's fast path never forms them; see ``_side_coordinates``).
+    """
+
+    extended: Tensor  # dim x K (or dim x (k + m) with to_basis)
+    C: Tensor  # K x sum p, old tasks' columns first
     eigvals: Tensor  # descending, clamped at 0
-    eigvecs: Tensor  # (k + q) x (k + q), columns in the same order
+    eigvecs: Tensor  # K x K (or fewer columns), columns in the same order
+    to_basis: Tensor | None = None  # (k + m) x K: frame directions as combinations of extended's columns
+    gram: Tensor | None = None  # C C.T (K x K), float64, when the caller has it
+    # The frame comes from a Gram matrix: check the new basis. ``U.T U - I`` of the old basis (stored in
+    # float32, so ~1e-7), which the check discounts: only the new directions' defect counts.
+    old_defect: Tensor | None = None
 
 
 @dataclass
 class _ModuleCut:
     """One module after truncation: its bases, k, kept variance, and every task's coefficients and errors."""
 
+    names: list[str]
     basis: ModuleBasis
     k: tuple[int, int]
     variance: tuple[float, float]
     met: bool  # False: k_max stopped the max_error rule before every task was within its bound
-    W: tuple[Tensor, Tensor]  # (W_A, W_B): (k + q) x k' each, the kept eigenvectors; U' = [U Q] W
-    E: dict[str, tuple[Tensor, Tensor]]  # task -> (E_A, E_B), float32
-    sq_err: dict[str, tuple[float, float]]  # task -> (|dW - dW'|^2, |dW|^2) in this module
+    W: tuple[Tensor, Tensor]  # (W_A, W_B): K x k' each, the kept eigenvectors; U' = frame @ W
+    E_A: list[Tensor]  # per task (names order), float32 k_A' x p
+    E_B: list[Tensor]
+    sq_diff: Tensor  # per task: |dW - dW'|^2 in this module (float64)
+    sq_norm: Tensor  # per task: |dW|^2 in this module before the truncation
+    orthonormal: bool  # False: a Gram-based frame lost orthonormality; redo the module on the exact path
+    gram: tuple[Tensor, Tensor] | None  # W.T (C C.T) W per side: the kept tasks' Gram in the new bases
+
+    @cached_property
+    def E(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return dict(zip(self.names, zip(self.E_A, self.E_B, strict=True), strict=True))
+
+    @cached_property
+    def sq_err(self) -> dict[str, tuple[float, float]]:
+        return dict(zip(self.names, zip(self.sq_diff.tolist(), self.sq_norm.tolist(), strict=True), strict=True))
 
 
 def _truncate_module(
-    names: list[str], widths: list[int], A: _Side, B: _Side, drift: dict[str, _Drift], policy: KPolicy
+    names: list[str],
+    widths: list[int],
+    A: _Side,
+    B: _Side,
+    drift: dict[str, _Drift] | _DriftArrays,
+    policy: KPolicy,
+    totals: Tensor | None = None,
 ) -> _ModuleCut:
     """Choose k per side by ``policy``, rotate the extended bases, and project every task (``names``, whose
-    coordinates are the columns of ``A.C``/``B.C`` in order, ``widths`` each). Used by merge and removal."""
+    coordinates are the columns of ``A.C``/``B.C`` in order, ``widths`` each). Used by merge and removal.
+
+    Work over tasks is batched (one product per side for all tasks of equal width). When nothing is
+    dropped (every direction of both frames kept), every task keeps its update exactly: no error
+    arithmetic is done and every error is 0.
+    """
     groups = _groups_by_width(names, widths, A.C, B.C)
+    arrays = drift if isinstance(drift, _DriftArrays) else _DriftArrays.from_dict(names, drift)
     met = True
     if policy.max_error is not None:
-        k_A, k_B, met = _choose_k_bounded(groups, A, B, drift, policy.max_error, policy.k_max)
+        k_A, k_B, met = _choose_k_bounded(groups, A, B, arrays, policy.max_error, policy.k_max, totals)
     else:
         k_A, k_B = _choose_k(A.eigvals, policy), _choose_k(B.eigvals, policy)
     W_A, W_B = A.eigvecs[:, :k_A], B.eigvecs[:, :k_B]
-    basis = ModuleBasis(U_A=(A.extended @ W_A).to(torch.float32), U_B=(B.extended @ W_B).to(torch.float32))
-    E: dict[str, tuple[Tensor, Tensor]] = {}
-    sq_err: dict[str, tuple[float, float]] = {}
-    for group_names, group_A, group_B in groups:
-        # group_*: g x (k+q) x p, every task's full coordinates in [U Q], before truncation.
+    U_A, U_B = _basis(A, W_A), _basis(B, W_B)
+    orthonormal = _orthonormal(U_A, A, W_A) and _orthonormal(U_B, B, W_B)
+    basis = ModuleBasis(U_A=U_A.to(torch.float32), U_B=U_B.to(torch.float32))
+    # The frame has max(rows of C, eigenvalues) directions (C may hold only the rows the policy can keep).
+    dropped = k_A < max(A.eigvecs.shape[0], A.eigvals.shape[0]) or k_B < max(B.eigvecs.shape[0], B.eigvals.shape[0])
+    count = len(names)
+    sq_diff = torch.zeros(count, dtype=torch.float64)
+    sq_norm = torch.zeros(count, dtype=torch.float64)
+    E_A_list: list[Tensor] = [W_A.new_empty(0)] * count
+    E_B_list: list[Tensor] = [W_B.new_empty(0)] * count
+    for index, _, group_A, group_B in groups:
+        # group_*: g x K x p, every task's full coordinates in the frame, before truncation.
         E_A, E_B = W_A.T @ group_A, W_B.T @ group_B
         # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
-        total = _frobenius_sq_of_product(group_B, group_A)
-        kept = _frobenius_sq_of_product(E_B, E_A)
-        E_A32, E_B32 = E_A.to(torch.float32), E_B.to(torch.float32)
-        for i, name in enumerate(group_names):
-            E[name] = (E_A32[i], E_B32[i])
-            sq_err[name] = (max(float(total[i] - kept[i]), 0.0), max(float(total[i]), 0.0))
+        total = _frobenius_sq_of_product(group_B, group_A) if totals is None else totals[index]
+        sq_norm[index] = total.clamp_min(0.0)
+        if dropped:
+            sq_diff[index] = (total - _frobenius_sq_of_product(E_B, E_A)).clamp_min(0.0)
+        for i, a, b in zip(
+            index.tolist(), E_A.to(torch.float32).unbind(0), E_B.to(torch.float32).unbind(0), strict=True
+        ):
+            E_A_list[i], E_B_list[i] = a, b
+    gram = None
+    if A.gram is not None and B.gram is not None:
+        gram = (W_A.T @ A.gram @ W_A, W_B.T @ B.gram @ W_B)
     variance = (_kept_fraction(A.eigvals, k_A), _kept_fraction(B.eigvals, k_B))
-    return _ModuleCut(basis, (k_A, k_B), variance, met, (W_A, W_B), E, sq_err)
+    return _ModuleCut(
+        names, basis, (k_A, k_B), variance, met, (W_A, W_B), E_A_list, E_B_list, sq_diff, sq_norm, orthonormal, gram
+    )
+
+
+def _basis(side: _Side, W: Tensor) -> Tensor:
+    return side.extended @ (W if side.to_basis is None else side.to_basis @ W)
+
+
+def _orthonormal(U: Tensor, side: _Side, W: Tensor) -> bool:
+    """Whether the new directions of a basis built from a Gram-based frame are orthonormal to working precision.
+
+    ``U = [U_old, Q] W``; the old basis's own defect ``D`` (float32 storage) reaches ``U.T U - I`` as
+    ``W_top.T D W_top`` on every path, so it is subtracted: what remains is the fast frame's.
+    """
+    if side.old_defect is None or U.shape[1] == 0:
+        return True
+    k = side.old_defect.shape[0]
+    defect = U.T @ U - torch.eye(U.shape[1], dtype=U.dtype) - W[:k].T @ side.old_defect @ W[:k]
+    return bool(defect.abs().max() <= _ORTHONORMAL_TOL)
 
 
 def merge(
@@ -172,81 +266,62 @@ def merge(
     new_names = list(adapters)
     old_names = list(subspace.tasks) if subspace is not None else []
     names = old_names + new_names
-    canon = {
-        name: {m: canonicalize(*adapter.factors[m], scaling=adapter.scale(m)) for m in modules}
-        for name, adapter in adapters.items()
-    }
-    before = {name: _module_drift_before(subspace.tasks[name].metadata) for name in old_names}
+    old_entry, old_prior = _old_drift(subspace, old_names, modules)
+    new_entry = torch.full((len(new_names),), math.nan, dtype=torch.float64)
+    new_prior = torch.zeros(len(new_names), dtype=torch.float64)
 
     new_bases: dict[str, ModuleBasis] = {}
-    new_E: dict[str, dict[str, tuple[Tensor, Tensor]]] = {name: {} for name in names}
-    sq_err: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in names}
-    k_out: dict[str, tuple[int, int]] = {}
-    variance: dict[str, tuple[float, float]] = {}
+    cuts: dict[str, _ModuleCut] = {}
     capped: list[str] = []
     rotations: dict[str, tuple[Tensor, Tensor]] = {}
-    for m in modules:
+    for j, m in enumerate(modules):
         old_basis = subspace.modules[m] if subspace is not None else None
-        sides: dict[str, _Side] = {}
-        for side in ("A", "B"):
-            if old_basis is None:
-                dim = adapters[new_names[0]].factors[m][1 if side == "A" else 0].shape[1 if side == "A" else 0]
-                U = torch.zeros(dim, 0, dtype=torch.float64)
-            else:
-                U = (old_basis.U_A if side == "A" else old_basis.U_B).to(torch.float64)
-            old_E = (
-                torch.cat([subspace.tasks[t].E[m][0 if side == "A" else 1] for t in old_names], dim=1)
-                if old_names
-                else U.new_zeros(U.shape[1], 0)
-            ).to(torch.float64)
-            # Canonical B is n x p; canonical A is p x d, so its column space lives in A.T.
-            new_X = torch.cat([canon[t][m][1].T if side == "A" else canon[t][m][0] for t in new_names], dim=1)
-            sides[side] = _side_coordinates(U, old_E, new_X)
-        widths = [subspace.tasks[t].E[m][0].shape[1] for t in old_names] + [canon[t][m][0].shape[1] for t in new_names]
-        drift = {t: before[t].get(m, _Drift(None, 0.0)) for t in old_names}
-        cut = _truncate_module(names, widths, sides["A"], sides["B"], drift, policy)
-        new_bases[m], k_out[m], variance[m] = cut.basis, cut.k, cut.variance
+        X_A, X_B, new_widths = _canonical_columns(adapters, new_names, m)
+        if old_basis is None:
+            U_A = torch.zeros(X_A.shape[0], 0, dtype=torch.float64)
+            U_B = torch.zeros(X_B.shape[0], 0, dtype=torch.float64)
+            old_E_A, old_E_B = U_A.new_zeros(0, 0), U_B.new_zeros(0, 0)
+            gram_A = gram_B = U_A.new_zeros(0, 0)
+            old_widths: list[int] = []
+        else:
+            U_A, U_B = old_basis.U_A.to(torch.float64), old_basis.U_B.to(torch.float64)
+            pairs = [subspace.tasks[t].E[m] for t in old_names]
+            old_E_A = _side_by_side([E_A for E_A, _ in pairs], old_basis.k_A)
+            old_E_B = _side_by_side([E_B for _, E_B in pairs], old_basis.k_B)
+            old_widths = [E_A.shape[1] for E_A, _ in pairs]
+            gram_A, gram_B = _old_gram(old_basis, old_names, old_E_A, old_E_B)
+        widths = old_widths + new_widths
+        drift = _DriftArrays(torch.cat([old_entry[:, j], new_entry]), torch.cat([old_prior[:, j], new_prior]))
+        cut = None
+        for fast in (True, False):  # the exact path only when a Gram-based frame failed its check
+            A = _side_coordinates(U_A, old_E_A, gram_A, X_A, fast, policy)
+            B = _side_coordinates(U_B, old_E_B, gram_B, X_B, fast, policy)
+            totals = _column_energy(names, widths, X_A, X_B) if old_basis is None else None
+            cut = _truncate_module(names, widths, A, B, drift, policy, totals)
+            if cut.orthonormal:
+                break
+        assert cut is not None
+        if cut.gram is not None:
+            cut.basis.gram_cache = _GramCache(tuple(names), *cut.gram)
+        new_bases[m], cuts[m] = cut.basis, cut
         if not cut.met:
             capped.append(m)
         if old_basis is not None:
-            # Old tasks' coordinates in [U Q] are [E_i; 0], so E_i' = W.T [E_i; 0] = W[:k].T E_i.
+            # Old tasks' coordinates in the frame are [E_i; 0], so E_i' = W.T [E_i; 0] = W[:k].T E_i.
             W_A, W_B = cut.W
             rotations[m] = (W_A[: old_basis.k_A].T.contiguous(), W_B[: old_basis.k_B].T.contiguous())
-        for name in names:
-            new_E[name][m], sq_err[name][m] = cut.E[name], cut.sq_err[name]
 
-    tasks: dict[str, TaskCoefficients] = {}
     report = MergeReport(
         new_tasks=new_names,
-        k=k_out,
-        explained_variance=variance,
+        k={m: cut.k for m, cut in cuts.items()},
+        explained_variance={m: cut.variance for m, cut in cuts.items()},
         reconstruction_error={},
         seconds=0.0,
         max_error=policy.max_error,
         capped_modules=capped,
         rotations=rotations,
     )
-    for name in names:
-        source = subspace.tasks[name] if name in old_names else None
-        adapter = adapters.get(name)
-        head = dict(adapter.head) if adapter is not None else dict(source.head)
-        metadata = dict(adapter.metadata) if adapter is not None else dict(source.metadata)
-        diff = sum(e for e, _ in sq_err[name].values())
-        norm = sum(n for _, n in sq_err[name].values())
-        report.reconstruction_error[name] = (diff / norm) ** 0.5 if norm > 0 else 0.0
-        report.module_error[name] = {mod: (e / n) ** 0.5 if n > 0 else 0.0 for mod, (e, n) in sq_err[name].items()}
-        metadata[RECONSTRUCTION_ERROR] = report.reconstruction_error[name]
-        _track_drift(metadata, diff, norm, entering=adapter is not None)
-        previous = before.get(name, {})
-        _track_module_drift(metadata, sq_err[name], previous)
-        report.module_drift[name] = dict(metadata[MODULE_DRIFT])
-        report.error_bound[name] = metadata[ERROR_BOUND]
-        report.energy_kept[name] = metadata[ENERGY_KEPT]
-        report.drift_bound[name] = metadata[DRIFT_BOUND]
-        if policy.max_error is not None and _pushed_over(report.module_drift[name], previous, policy.max_error):
-            report.over_bound[name] = metadata[ERROR_BOUND]
-        tasks[name] = TaskCoefficients(E=new_E[name], head=head, metadata=metadata)
-
+    tasks = _updated_tasks(subspace, adapters, names, modules, cuts, old_entry, old_prior, policy, report)
     merged = Subspace(
         modules=new_bases,
         tasks=tasks,
@@ -255,6 +330,121 @@ def merge(
     )
     report.seconds = time.perf_counter() - start
     return merged, report
+
+
+def _updated_tasks(
+    subspace: Subspace | None,
+    adapters: dict[str, LoraAdapter],
+    names: list[str],
+    modules: list[str],
+    cuts: dict[str, _ModuleCut],
+    old_entry: Tensor,
+    old_prior: Tensor,
+    policy: KPolicy,
+    report: MergeReport,
+) -> dict[str, TaskCoefficients]:
+    """Every task's new coefficients and metadata, and the report's per-task numbers.
+
+    The arithmetic is done on (modules x tasks) arrays at once; what remains per task is building its
+    dictionaries.
+    """
+    count = len(names)
+    sq_diff = torch.stack([cuts[m].sq_diff for m in modules])  # modules x tasks
+    sq_norm = torch.stack([cuts[m].sq_norm for m in modules])
+    entering = torch.full((len(modules), count - old_entry.shape[0]), math.nan, dtype=torch.float64)
+    before = torch.cat([old_entry.T, entering], dim=1)
+    prior = torch.cat([old_prior.T, torch.zeros_like(entering)], dim=1)
+    entry = torch.where(torch.isnan(before), sq_norm.sqrt(), before)
+    safe = torch.where(entry > 0, entry, torch.ones_like(entry))
+    drift = prior + torch.where(entry > 0, sq_diff.sqrt() / safe, torch.zeros_like(entry))
+    module_error = torch.where(sq_norm > 0, (sq_diff / torch.where(sq_norm > 0, sq_norm, 1.0)).sqrt(), 0.0)
+    pushed = torch.zeros(count, dtype=torch.bool)
+    if policy.max_error is not None:
+        pushed = ((drift > policy.max_error) & (drift > prior + _BOUND_SLACK)).any(dim=0)
+    diff_rows, norm_rows = sq_diff.sum(dim=0).tolist(), sq_norm.sum(dim=0).tolist()
+    entry_rows, drift_rows, error_rows = entry.T.tolist(), drift.T.tolist(), module_error.T.tolist()
+    pushed_rows = pushed.tolist()
+    E_A = [cuts[m].E_A for m in modules]
+    E_B = [cuts[m].E_B for m in modules]
+    tasks: dict[str, TaskCoefficients] = {}
+    for i, name in enumerate(names):
+        adapter = adapters.get(name)
+        source = subspace.tasks[name] if adapter is None and subspace is not None else None
+        head = dict(adapter.head) if adapter is not None else dict(source.head)
+        metadata = dict(adapter.metadata) if adapter is not None else dict(source.metadata)
+        diff, norm = diff_rows[i], norm_rows[i]
+        report.reconstruction_error[name] = (diff / norm) ** 0.5 if norm > 0 else 0.0
+        report.module_error[name] = dict(zip(modules, error_rows[i], strict=True))
+        metadata[RECONSTRUCTION_ERROR] = report.reconstruction_error[name]
+        _track_drift(metadata, diff, norm, entering=adapter is not None)
+        metadata[MODULE_ENTRY_NORM] = dict(zip(modules, entry_rows[i], strict=True))
+        metadata[MODULE_DRIFT] = dict(zip(modules, drift_rows[i], strict=True))
+        metadata[ERROR_BOUND] = max(drift_rows[i], default=0.0)
+        report.module_drift[name] = dict(metadata[MODULE_DRIFT])
+        report.error_bound[name] = metadata[ERROR_BOUND]
+        report.energy_kept[name] = metadata[ENERGY_KEPT]
+        report.drift_bound[name] = metadata[DRIFT_BOUND]
+        if pushed_rows[i]:
+            report.over_bound[name] = metadata[ERROR_BOUND]
+        E = {m: (E_A[j][i], E_B[j][i]) for j, m in enumerate(modules)}
+        tasks[name] = TaskCoefficients(E=E, head=head, metadata=metadata)
+    return tasks
+
+
+def _old_drift(subspace: Subspace | None, old_names: list[str], modules: list[str]) -> tuple[Tensor, Tensor]:
+    """Old tasks' per-module entry norms (NaN: tracking starts now) and drifts, as ``tasks x modules`` arrays."""
+    entry_rows, prior_rows = [], []
+    for name in old_names:
+        states = _module_drift_before(subspace.tasks[name].metadata) if subspace is not None else {}
+        entry_rows.append([states[m].entry_norm if m in states else math.nan for m in modules])
+        prior_rows.append([states[m].drift if m in states else 0.0 for m in modules])
+    shape = (len(old_names), len(modules))
+    entry = torch.tensor(entry_rows, dtype=torch.float64).reshape(shape)
+    prior = torch.tensor(prior_rows, dtype=torch.float64).reshape(shape)
+    return entry, prior
+
+
+def _side_by_side(coefficients: list[Tensor], k: int) -> Tensor:
+    """Old tasks' coefficients of one side, ``k x sum p`` in float64 (one stack when widths agree)."""
+    if not coefficients:
+        return torch.zeros(k, 0, dtype=torch.float64)
+    if len({E.shape[1] for E in coefficients}) == 1:
+        stacked = torch.stack(coefficients).to(torch.float64)  # T x k x p
+        return stacked.permute(1, 0, 2).reshape(k, -1)
+    return torch.cat(coefficients, dim=1).to(torch.float64)
+
+
+def _old_gram(basis: ModuleBasis, old_names: list[str], E_A: Tensor, E_B: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_i E_i E_i.T`` per side: the basis's cache when it belongs to exactly these tasks, else computed."""
+    cache = basis.gram_cache
+    if (
+        isinstance(cache, _GramCache)
+        and cache.tasks == tuple(old_names)
+        and tuple(cache.A.shape) == (basis.k_A, basis.k_A)
+        and tuple(cache.B.shape) == (basis.k_B, basis.k_B)
+    ):
+        return cache.A, cache.B
+    return E_A @ E_A.T, E_B @ E_B.T
+
+
+def _canonical_columns(
+    adapters: dict[str, LoraAdapter], names: list[str], module: str
+) -> tuple[Tensor, Tensor, list[int]]:
+    """The new tasks' canonical columns of one module: ``A_c.T`` side by side (``d x m``), ``B_c`` (``n x m``),
+    and each task's width. Adapters of equal rank are canonicalized in one batch."""
+    factors = [adapters[t].factors[module] for t in names]
+    widths = [B.shape[1] for B, _ in factors]
+    if len(set(widths)) == 1:
+        scaling = torch.tensor([adapters[t].scale(module) for t in names], dtype=torch.float64)
+        B_c, A_c = canonicalize_batch(
+            torch.stack([B for B, _ in factors]), torch.stack([A for _, A in factors]), scaling
+        )
+        count, n, r = B_c.shape
+        X_B = B_c.permute(1, 0, 2).reshape(n, count * r)
+        X_A = A_c.permute(2, 0, 1).reshape(A_c.shape[2], count * r)
+        return X_A, X_B, widths
+    pairs = [canonicalize(B, A, scaling=adapters[t].scale(module)) for t, (B, A) in zip(names, factors, strict=True)]
+    return torch.cat([A_c.T for _, A_c in pairs], dim=1), torch.cat([B_c for B_c, _ in pairs], dim=1), widths
 
 
 def _pushed_over(after: dict[str, float], before: dict[str, _Drift], eps: float) -> bool:
@@ -307,26 +497,132 @@ def _track_module_drift(metadata: dict, sq_err: dict[str, tuple[float, float]], 
     metadata[ERROR_BOUND] = max(drifts.values(), default=0.0)
 
 
-def _side_coordinates(U: Tensor, old_E: Tensor, X: Tensor) -> _Side:
-    """One side of one module: ``[U Q]``, the coordinates ``C = [[E, a], [0, R]]`` and their Gram's eigenpairs.
+def _side_coordinates(
+    U: Tensor, old_E: Tensor, old_gram: Tensor, X: Tensor, fast: bool = True, policy: KPolicy | None = None
+) -> _Side:
+    """One side of one module: a frame for ``[U Q]``, the coordinates ``C = [[E, a], [0, R]]`` in it and the
+    eigenpairs of ``C C.T``.
 
-    ``old_E`` holds every old task's coefficients side by side (``k x sum p``), ``X`` the new
-    canonical factors (``dim x sum p_new``). The eigenvectors ``W`` of ``C C.T`` rotate ``[U Q]``
-    into the new basis (``U' = [U Q] W[:, :k']``); new coefficients are ``W[:, :k'].T @ C``.
+    ``old_E`` holds every old task's coefficients side by side (``k x sum p``), ``old_gram`` their Gram
+    ``old_E old_E.T`` (``k x k``, so the cost of ``C C.T`` does not grow with the old tasks), ``X`` the new
+    canonical columns (``dim x m``). The residual ``Z = X - U U.T X`` is decomposed through the smaller of its
+    Gram matrices (``fast``) or a thin SVD (exact fallback): see ``_residual_frame``. The eigenvectors ``W``
+    of ``C C.T`` rotate the frame into the new basis; new coefficients are ``W[:, :k'].T @ C``.
     """
     dim, k = U.shape
     a = U.T @ X
     residual = X - U @ a
     residual = residual - U @ (U.T @ residual)  # second pass: orthogonal to U to working precision
-    Q, R = _orthonormal_part(residual, reference=X, limit=dim - k)
-    q = Q.shape[1]
+    frame = _residual_frame(residual, X, a, k, dim - k, fast, policy if k == 0 else None)
+    R = frame.R
+    q = R.shape[0]
     C_old = torch.cat([old_E, old_E.new_zeros(q, old_E.shape[1])], dim=0)
-    C_new = torch.cat([a, R], dim=0)
-    C = torch.cat([C_old, C_new], dim=1)
-    # Gram of C: its eigenvectors are the left singular vectors of the stacked reconstructions.
-    eigvals, eigvecs = torch.linalg.eigh(C @ C.T)
-    order = torch.argsort(eigvals, descending=True)
-    return _Side(torch.cat([U, Q], dim=1), C, eigvals[order].clamp_min(0.0), eigvecs[:, order])
+    C = torch.cat([C_old, torch.cat([a, R], dim=0)], dim=1)
+    if k == 0:
+        # Initialization: the frame is the residual's own singular frame, so C C.T = diag(s^2) (up to
+        # rounding) and its eigenpairs are the singular values and the identity.
+        # C may hold only the top rows the policy can keep (then every task's energy comes from its columns).
+        gram = torch.diag(frame.eigvals[:q])
+        eigvals, eigvecs = frame.eigvals, torch.eye(q, dtype=torch.float64)
+    else:
+        aR = a @ R.T
+        gram = torch.cat([torch.cat([old_gram + a @ a.T, aR], dim=1), torch.cat([aR.T, R @ R.T], dim=1)], dim=0)
+        # Gram of C: its eigenvectors are the left singular vectors of the stacked reconstructions.
+        eigvals, eigvecs = torch.linalg.eigh(gram)
+        order = torch.argsort(eigvals, descending=True)
+        eigvals, eigvecs = eigvals[order].clamp_min(0.0), eigvecs[:, order]
+    if frame.Q is not None:
+        extended, to_basis = torch.cat([U, frame.Q], dim=1), None
+    else:  # frame directions Z V S^-1, formed only for the kept ones: [U Z] @ blockdiag(I, V S^-1) @ W
+        extended = torch.cat([U, residual], dim=1)
+        to_basis = torch.block_diag(torch.eye(k, dtype=torch.float64), frame.to_Q)
+    defect = U.T @ U - torch.eye(k, dtype=U.dtype) if frame.verify else None
+    return _Side(extended, C, eigvals, eigvecs, to_basis=to_basis, gram=gram, old_defect=defect)
+
+
+@dataclass
+class _ResidualFrame:
+    """An orthonormal frame of the residual's significant directions: ``Q`` itself, or ``Z @ to_Q``."""
+
+    R: Tensor  # q x m: the residual's coordinates in the frame
+    eigvals: Tensor  # q: squared singular values of the residual, descending
+    Q: Tensor | None = None  # dim x q
+    to_Q: Tensor | None = None  # m x q
+    verify: bool = False
+
+
+def _residual_frame(
+    Z: Tensor, X: Tensor, a: Tensor, k: int, limit: int, fast: bool, policy: KPolicy | None = None
+) -> _ResidualFrame:
+    """``Z = Q R`` with ``Q`` orthonormal, keeping the directions whose singular value exceeds ``_RANK_TOL``
+    times the spectral norm of ``X`` (at most ``limit``).
+
+    ``fast``: with ``m`` columns in ``R^dim``, eigendecompose the smaller Gram matrix in float64. Wide
+    (``m > dim``): ``Z Z.T = V S^2 V.T`` and ``Q = V`` (orthonormal by construction). Tall: ``Z.T Z = V S^2 V.T``,
+    ``R = S V.T`` and ``Q = Z V S^-1`` is never formed here: the caller forms only the kept combinations and
+    checks them (``verify``), since that ``Q`` is orthonormal only up to ``eps * s_max^2 / s_i^2``. Squaring
+    loses nothing the cut keeps: the Gram's eigenvalues are accurate to ``~eps * s_max^2``, far below
+    ``(_RANK_TOL * s_max)^2``, and the residual outside the kept span stays below the cut plus that.
+    With ``policy`` (initialization) the wide path computes only the rows of ``R`` the policy can keep
+    (``eigvals`` still lists every direction). Not ``fast``: a thin SVD of ``Z`` (the exact fallback).
+    The norm of ``X`` is ``s_max`` of ``Z`` when
+    ``k = 0`` (``X = Z``), else the largest eigenvalue of its smaller Gram (``X.T X = a.T a + Z.T Z``).
+    """
+    dim, m = Z.shape
+    if m == 0 or limit <= 0:
+        return _ResidualFrame(Z.new_zeros(0, m), Z.new_zeros(0), Q=Z.new_zeros(dim, 0))
+    if not fast:
+        Q, s, Vh = torch.linalg.svd(Z, full_matrices=False)
+        scale_sq = float(s[0]) ** 2 if k == 0 else _spectral_sq(X)
+        q = _significant(s.square(), scale_sq, limit)
+        return _ResidualFrame(s[:q, None] * Vh[:q], s[:q].square(), Q=Q[:, :q])
+    if m > dim:
+        eigvals, V = _eigh_descending(Z @ Z.T)
+        scale_sq = float(eigvals[0]) if k == 0 else _spectral_sq(X)
+        q = _significant(eigvals, scale_sq, limit)
+        eigvals = eigvals[:q].clamp_min(0.0)
+        rows = q if policy is None else min(q, _rows_needed(eigvals, policy))
+        Q = V[:, :rows]
+        return _ResidualFrame(Q.T @ Z, eigvals, Q=Q, verify=k > 0)
+    ZtZ = Z.T @ Z
+    eigvals, V = _eigh_descending(ZtZ)
+    scale_sq = float(eigvals[0]) if k == 0 else float(torch.linalg.eigvalsh(ZtZ + a.T @ a)[-1])
+    q = _significant(eigvals, scale_sq, limit)
+    root = eigvals[:q].sqrt()
+    return _ResidualFrame(root[:, None] * V[:, :q].T, eigvals[:q], to_Q=V[:, :q] / root, verify=True)
+
+
+def _rows_needed(eigvals: Tensor, policy: KPolicy) -> int:
+    """The most directions ``policy`` can keep of a frame with these eigenvalues (all, for ``max_error``
+    without ``k_max``)."""
+    if policy.max_error is not None:
+        return eigvals.shape[0] if policy.k_max is None else policy.k_max
+    return _choose_k(eigvals, policy)
+
+
+def _column_energy(names: list[str], widths: list[int], X_A: Tensor, X_B: Tensor) -> Tensor:
+    """``|X_B,i X_A,i.T|^2`` per task from its own columns (``dim x p`` per side), batched."""
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    for index, _, group_A, group_B in _groups_by_width(names, widths, X_A, X_B):
+        totals[index] = _frobenius_sq_of_product(group_B, group_A)
+    return totals
+
+
+def _eigh_descending(gram: Tensor) -> tuple[Tensor, Tensor]:
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    return eigvals.flip(0), eigvecs.flip(1)
+
+
+def _significant(squares: Tensor, scale_sq: float, limit: int) -> int:
+    """How many of the (descending) squared singular values exceed ``(_RANK_TOL * scale)^2``, at most ``limit``."""
+    q = int((squares > _RANK_TOL**2 * max(scale_sq, 1e-300)).sum())
+    return min(q, limit)
+
+
+def _spectral_sq(X: Tensor) -> float:
+    """``|X|_2^2`` from the smaller Gram matrix of ``X`` (values only)."""
+    gram = X.T @ X if X.shape[1] <= X.shape[0] else X @ X.T
+    return float(torch.linalg.eigvalsh(gram)[-1]) if gram.numel() else 0.0
 
 
 def _kept_fraction(eigvals: Tensor, k: int) -> float:
@@ -335,12 +631,13 @@ def _kept_fraction(eigvals: Tensor, k: int) -> float:
 
 
 def _choose_k_bounded(
-    groups: list[tuple[list[str], Tensor, Tensor]],
+    groups: list[tuple[Tensor, list[str], Tensor, Tensor]],
     A: _Side,
     B: _Side,
-    drift: dict[str, _Drift],
+    drift: _DriftArrays,
     eps: float,
     k_max: int | None,
+    totals: Tensor | None = None,
 ) -> tuple[int, int, bool]:
     """The ``(k_A, k_B)`` with the smallest ``k_A + k_B`` that keeps every task's bound at ``eps``.
 
@@ -361,14 +658,15 @@ def _choose_k_bounded(
         return 1, 1, True
     W_A, W_B = A.eigvecs[:, :cap_A], B.eigvecs[:, :cap_B]
     worst = torch.full((cap_B, cap_A), -math.inf, dtype=torch.float64)
-    for names, group_A, group_B in groups:
+    for index, _, group_A, group_B in groups:
         chunk = max(1, _PREFIX_CHUNK // (cap_A * cap_B))
-        for lo in range(0, len(names), chunk):
+        for lo in range(0, index.shape[0], chunk):
             c_A, c_B = group_A[lo : lo + chunk], group_B[lo : lo + chunk]
-            total = _frobenius_sq_of_product(c_B, c_A)  # |M_i|^2 over every direction
+            # |M_i|^2 over every direction
+            total = _frobenius_sq_of_product(c_B, c_A) if totals is None else totals[index[lo : lo + chunk]]
             M = (W_B.T @ c_B) @ (W_A.T @ c_A).transpose(1, 2)  # g x cap_B x cap_A
             kept = M.square().cumsum(dim=1).cumsum(dim=2)
-            entry, prior, limit = _bound_terms(names[lo : lo + chunk], total, drift, eps)
+            entry, prior, limit = _bound_terms(index[lo : lo + chunk], total, drift, eps)
             lost = (total[:, None, None] - kept).clamp_min(0.0).sqrt()
             excess = prior[:, None, None] + lost / entry[:, None, None] - limit[:, None, None]
             excess[entry == 0] = -math.inf
@@ -385,30 +683,26 @@ def _choose_k_bounded(
     return k_A, k_B, True
 
 
-def _bound_terms(
-    names: list[str], total: Tensor, drift: dict[str, _Drift], eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def _bound_terms(index: Tensor, total: Tensor, drift: _DriftArrays, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per task: entry norm, drift before this merge, and the largest bound allowed after it."""
-    entry, prior, limit = [], [], []
-    for i, name in enumerate(names):
-        state = drift.get(name, _Drift(None, 0.0))
-        entry.append(state.entry_norm if state.entry_norm is not None else float(total[i]) ** 0.5)
-        prior.append(state.drift)
-        limit.append(eps if state.drift <= eps else state.drift + _BOUND_SLACK)
-    return tuple(torch.tensor(values, dtype=torch.float64) for values in (entry, prior, limit))
+    before, prior = drift.entry[index], drift.prior[index]
+    entry = torch.where(torch.isnan(before), total.clamp_min(0.0).sqrt(), before)
+    limit = torch.where(prior <= eps, torch.full_like(prior, eps), prior + _BOUND_SLACK)
+    return entry, prior, limit
 
 
 def _groups_by_width(
     names: list[str], widths: list[int], C_A: Tensor, C_B: Tensor
-) -> list[tuple[list[str], Tensor, Tensor]]:
-    """Split the coordinate matrices per task, stacked as ``g x (k+q) x p`` for tasks of equal ``p``.
+) -> list[tuple[Tensor, list[str], Tensor, Tensor]]:
+    """Split the coordinate matrices per task, stacked as ``g x K x p`` for tasks of equal ``p``, with the
+    tasks' positions in ``names``.
 
     Usually every task has the same ``p`` and this is one reshape, so the work that follows is a
     few batched products instead of a loop over tasks.
     """
     if len(set(widths)) == 1:
         p, T = widths[0], len(names)
-        return [(names, _stack(C_A, T, p), _stack(C_B, T, p))]
+        return [(torch.arange(T), names, _stack(C_A, T, p), _stack(C_B, T, p))]
     offsets = [0]
     for w in widths:
         offsets.append(offsets[-1] + w)
@@ -417,7 +711,12 @@ def _groups_by_width(
         idx = [i for i, w in enumerate(widths) if w == width]
         cols = torch.tensor([c for i in idx for c in range(offsets[i], offsets[i] + width)])
         groups.append(
-            ([names[i] for i in idx], _stack(C_A[:, cols], len(idx), width), _stack(C_B[:, cols], len(idx), width))
+            (
+                torch.tensor(idx),
+                [names[i] for i in idx],
+                _stack(C_A[:, cols], len(idx), width),
+                _stack(C_B[:, cols], len(idx), width),
+            )
         )
     return groups
 
@@ -429,17 +728,6 @@ def _stack(C: Tensor, T: int, p: int) -> Tensor:
 def _frobenius_sq_of_product(B: Tensor, A: Tensor) -> Tensor:
     """``|B_i A_i^T|_F^2`` for each ``i`` of batched ``B`` (``g x m x p``) and ``A`` (``g x n x p``)."""
     return ((B.transpose(1, 2) @ B) * (A.transpose(1, 2) @ A)).sum(dim=(1, 2))
-
-
-def _orthonormal_part(residual: Tensor, reference: Tensor, limit: int) -> tuple[Tensor, Tensor]:
-    """``Q R = residual`` with ``Q`` orthonormal, keeping only numerically significant directions."""
-    if residual.shape[1] == 0 or limit <= 0:
-        return residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1])
-    Q, s, Vh = torch.linalg.svd(residual, full_matrices=False)
-    scale = float(torch.linalg.matrix_norm(reference, ord=2)) if reference.numel() else 0.0
-    q = int((s > _RANK_TOL * max(scale, 1e-300)).sum())
-    q = min(q, limit)
-    return Q[:, :q], s[:q, None] * Vh[:q]
 
 
 def _choose_k(eigvals: Tensor, policy: KPolicy) -> int:

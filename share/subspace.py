@@ -55,6 +55,9 @@ class ModuleBasis:
 
     U_A: Tensor
     U_B: Tensor
+    # share.merge's running Gram of the tasks' coefficients per side (float64, for the next merge); never
+    # saved or compared, and checked against the subspace's tasks before use (recomputed when absent).
+    gram_cache: Any = field(default=None, compare=False, repr=False)
 
     @property
     def in_features(self) -> int:
