@@ -41,7 +41,14 @@ from typing import Any
 
 from benchmarks.continual_config import METHODS, Method, MethodKind, policy_text
 from benchmarks.continual_data import fingerprint, read_manifest, select
-from benchmarks.continual_methods import EXACT, adapter_parameters, fmt_row, merge_summary, subspace_summary
+from benchmarks.continual_methods import (
+    EXACT,
+    adapter_parameters,
+    fmt_row,
+    merge_summary,
+    subspace_summary,
+    task_spec,
+)
 from benchmarks.continual_report import per_task_table, summary_table
 from benchmarks.continual_store import MethodResult, write_json_atomic
 from jobs.schema import AdapterConfig, TrainingConfig
@@ -51,7 +58,7 @@ from share.errors import ShareClError
 from workers.causal_lm import DEFAULT_TARGETS, ModelDtype, build_causal_lm
 from workers.generation import evaluate_generation
 from workers.instruction_data import InstructionSplit, load_instruction_split
-from workers.task import TaskSpec, train_task
+from workers.task import train_task
 
 LLM_METHODS = ("share", "share-variance", "lora-seq", "lora-per-task", "share-full")
 _ADAPTER, _TRAINING = AdapterConfig(), TrainingConfig()
@@ -88,6 +95,11 @@ class LlmBudget:
     @property
     def p(self) -> int:
         return _ADAPTER.p if _ADAPTER.p is not None else self.r
+
+    @property
+    def weight_decay(self) -> float:
+        """The job schema's default, not a setting here (a property: it stays out of ``hyper`` and results' keys)."""
+        return _TRAINING.weight_decay
 
     def hyper(self, method: Method) -> dict[str, Any]:
         settings = {k: v for k, v in asdict(self).items() if k not in ("max_eval",)}
@@ -127,25 +139,8 @@ class LlmRun:
         return ShareModel(base.to(c.device), list(c.targets)), tokenizer
 
     def train(self, model: ShareModel, tok: Any, method: str, index: int, mode: TrainingMode, init=None):
-        b, task = self.budget, self.tasks[index]
-        spec = TaskSpec(
-            name=task.name,
-            mode=mode,
-            steps=b.steps,
-            lr=b.lr_lora if mode is TrainingMode.LORA else b.lr_coefficients,
-            batch_size=b.batch_size,
-            max_length=b.max_length,
-            seed=self.seed * 1000 + index,
-            r=b.r,
-            lora_alpha=b.lora_alpha,
-            p=b.p,
-            phi=b.phi,
-            log_every=max(b.steps // 4, 1),
-            eval_batch_size=b.eval_batch_size,
-            lr_scheduler=b.lr_scheduler,  # type: ignore[arg-type]
-            warmup_ratio=b.warmup_ratio,
-            max_grad_norm=b.max_grad_norm,
-        )
+        task = self.tasks[index]
+        spec = task_spec(self.budget, task.name, mode, self.seed, index)
         where = f"{method} seed {self.seed} task {index + 1}/{len(self.tasks)} {task.name} ({mode.value})"
 
         def progress(step: int, metrics: dict[str, float]) -> None:

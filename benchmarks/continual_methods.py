@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from share.config import TrainingMode
 from workers.models import DEFAULT_BUILDER, HEAD_MODULE, build_share_model
 from workers.task import TaskSpec, evaluate_tasks, train_task
 
+if TYPE_CHECKING:
+    from benchmarks.continual_llm import LlmBudget
+
 # Large enough that a merge keeps every direction: where a method stores adapters exactly.
 EXACT = KPolicy(k=100_000)
 
@@ -34,6 +37,31 @@ def log(message: str) -> None:
 
 def fmt_row(row: list[float]) -> str:
     return "[" + " ".join("  -  " if math.isnan(v) else f"{v:.3f}" for v in row) + "]"
+
+
+def task_spec(budget: Budget | LlmBudget, name: str, mode: TrainingMode, seed: int, index: int) -> TaskSpec:
+    """What ``train_task`` gets for task ``index`` of seed ``seed`` in ``mode``: the budget's settings, the
+    LoRA or the coefficients learning rate, and a seed of its own (``seed * 1000 + index``)."""
+    b = budget
+    return TaskSpec(
+        name=name,
+        mode=mode,
+        steps=b.steps,
+        lr=b.lr_lora if mode is TrainingMode.LORA else b.lr_coefficients,
+        batch_size=b.batch_size,
+        max_length=b.max_length,
+        weight_decay=b.weight_decay,
+        seed=seed * 1000 + index,
+        r=b.r,
+        lora_alpha=b.lora_alpha,
+        p=b.p,
+        phi=b.phi,
+        log_every=max(b.steps // 4, 1),
+        eval_batch_size=b.eval_batch_size,
+        lr_scheduler=b.lr_scheduler,  # type: ignore[arg-type]  # a name; TaskSpec checks it
+        warmup_ratio=b.warmup_ratio,
+        max_grad_norm=b.max_grad_norm,
+    )
 
 
 def resize_head(model: ShareModel, num_labels: int) -> None:
@@ -69,34 +97,12 @@ class SeedRun:
         # The workers' own model builder: the bundled all-MiniLM-L6-v2 with its per-task head, on CPU.
         return build_share_model(DEFAULT_BUILDER, None, TARGETS, self.tasks[0].num_labels, self.seed, "cpu")
 
-    def spec(self, task: TaskData, mode: TrainingMode, index: int) -> TaskSpec:
-        b = self.budget
-        return TaskSpec(
-            name=task.name,
-            mode=mode,
-            steps=b.steps,
-            lr=b.lr_lora if mode is TrainingMode.LORA else b.lr_coefficients,
-            batch_size=b.batch_size,
-            max_length=b.max_length,
-            weight_decay=b.weight_decay,
-            seed=self.seed * 1000 + index,
-            r=b.r,
-            lora_alpha=b.lora_alpha,
-            p=b.p,
-            phi=b.phi,
-            log_every=max(b.steps // 4, 1),
-            eval_batch_size=b.eval_batch_size,
-            lr_scheduler=b.lr_scheduler,
-            warmup_ratio=b.warmup_ratio,
-            max_grad_norm=b.max_grad_norm,
-        )
-
     def train(
         self, model: ShareModel, tok: Any, method: str, index: int, mode: TrainingMode, init: LoraAdapter | None = None
     ):
         task = self.tasks[index]
         resize_head(model, task.num_labels)
-        spec = self.spec(task, mode, index)
+        spec = task_spec(self.budget, task.name, mode, self.seed, index)
         where = f"{method} seed {self.seed} task {index + 1}/{len(self.tasks)} {task.name} ({mode.value})"
 
         def progress(step: int, metrics: dict[str, float]) -> None:
