@@ -17,6 +17,11 @@ without its tasks, bases refitted by ``share.remove_tasks``; ``metadata["removal
 what was read after it is handed back to the next step. Older versions keep the removed tasks until
 retention prunes them.
 
+Merges are published as delta versions (the new tasks, the bases and the merge's rotations; old tasks
+are read through the rotations since, ``subspace_store.chains``). Once the head's longest chain reaches
+``max_chain``, the coordinator compacts it (``SubspaceStore.compact``, a full version whose metadata says
+``compaction``) right after that merge's publish, off the publish itself. Removals are written in full.
+
 Every MLflow merge run this process opens is ended: finished once its version is published,
 FAILED when it is not, and, when a publish ended in an error that leaves its outcome unknown (Redis
 went away), settled at the next step or at ``close``.
@@ -42,6 +47,7 @@ from subspace_store import (
     SubmissionStream,
     SubspaceStore,
 )
+from subspace_store.chains import DEFAULT_MAX_CHAIN, MAX_CHAIN
 from subspace_store.stream import RemovalRequest, StreamItem
 
 from .crash import AFTER_MERGE, AFTER_PUBLISH, AFTER_READ, CrashPoints
@@ -74,6 +80,8 @@ class StepResult:
     head_conflicts: int = 0
     merge_seconds: float = 0.0
     publish_seconds: float = 0.0
+    compacted: str | None = None  # the compaction version published after this step's version, if any
+    compaction_seconds: float = 0.0
     latency_s: dict[str, float] = field(default_factory=dict)  # submission id -> submit-to-published
     accuracy: dict[str, float] = field(default_factory=dict)
 
@@ -84,7 +92,8 @@ class Coordinator:
     ``policy`` chooses ``k`` (None: the head's own policy; ``KPolicy()`` at a cold start).
     ``tracking`` and ``evaluation`` are optional. ``consumer`` must stay the same across restarts:
     it is how a new incarnation finds what the old one held. ``keep_versions`` prunes older versions
-    after each publish (tagged and pinned ones are always kept).
+    after each publish (tagged and pinned ones are always kept). ``max_chain`` bounds how many versions'
+    rotations reading a task of the head applies before the head is compacted.
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class Coordinator:
         keep_versions: int | None = None,
         max_conflicts: int = 16,
         crash: CrashPoints | None = None,
+        max_chain: int = DEFAULT_MAX_CHAIN,
     ) -> None:
         if store.namespace != stream.namespace:
             raise ShareClError(
@@ -109,6 +119,9 @@ class Coordinator:
             )
         if keep_versions is not None and keep_versions < 1:
             raise ShareClError(f"keep_versions must be >= 1 or None (got {keep_versions})")
+        if not 1 <= max_chain <= MAX_CHAIN:
+            raise ShareClError(f"max_chain must be between 1 and {MAX_CHAIN} (got {max_chain})")
+        self.max_chain = max_chain
         self.store = store
         self.stream = stream
         self.policy = policy
@@ -137,6 +150,7 @@ class Coordinator:
             "recovered": 0,
             "head_conflicts": 0,
             "removals": 0,
+            "compactions": 0,
         }
         self.last_version: str | None = None
         self.last_error: str | None = None
@@ -359,7 +373,16 @@ class Coordinator:
             }
             started = time.perf_counter()
             try:
-                version = self.stream.publish_with_ack(self.store, merged, parent, accepted, metadata)
+                version = self.stream.publish_with_ack(
+                    self.store,
+                    merged,
+                    parent,
+                    accepted,
+                    metadata,
+                    delta=True,
+                    rotations=report.rotations or None,  # None: derived from the bases (a cold start has none)
+                    max_chain=self.max_chain,
+                )
             except HeadConflictError as err:
                 # Someone else published first: re-validate against the new head and merge again.
                 log.info("head moved (%s); merging again on the new head", err.actual)
@@ -516,11 +539,33 @@ class Coordinator:
                 extra = {"publish_seconds": result.publish_seconds}
                 if self.tracking.finish(run_id, record, self.matrix, result.accuracy, errors, extra):
                     del self._open_runs[run_id]
+        self._compact(version, merged, result)
         if self.keep_versions is not None:
             try:
                 self.store.prune(self.keep_versions)
             except StoreError as err:
                 log.warning("pruning to %d versions failed (%s)", self.keep_versions, err)
+
+    def _compact(self, version: str, merged: Subspace, result: StepResult) -> None:
+        """After ``version``'s publish: once a task of it reads through ``max_chain`` rotations, publish the head in
+        full (a compaction version). Best effort: a failure is logged, and the next publish tries again."""
+        try:
+            if max(self.store.chain_lengths(version).values(), default=0) < self.max_chain:
+                return
+            started = time.perf_counter()
+            compacted = self.store.compact(min_chain=self.max_chain, metadata={"compacted_by": self.consumer})
+        except (StoreError, ShareClError) as err:
+            log.warning("compacting %s failed (%s); the next publish tries again", version, err)
+            return
+        if compacted is None:
+            return
+        result.compacted, result.compaction_seconds = compacted, time.perf_counter() - started
+        # The same subspace (coefficients equal up to float rounding): validation and the next merge use it.
+        self._head, self._head_version = merged, compacted
+        self.bases.put(compacted, Subspace(modules=merged.modules, policy=merged.policy, metadata=merged.metadata))
+        self.counters["compactions"] += 1
+        self.last_version = compacted
+        log.info("compacted %s into %s in %.2fs", version, compacted, result.compaction_seconds)
 
     def _evaluate(self, subspace: Subspace) -> tuple[dict[str, float], dict[str, str]]:
         assert self.evaluation is not None

@@ -326,3 +326,36 @@ def test_prune_after_a_long_delta_chain_keeps_what_retained_versions_read(redis_
     assert store.client.get(store.keys.task(versions[0], "t0")) is not None
     _assert_same(store.get(versions[-1]), subs[-1], "head after pruning everything else")
     assert _namespace_payload_keys(store) == _named_payload_keys(store)
+
+
+# -- the coordinator -----------------------------------------------------------------------------------
+def test_the_coordinator_publishes_deltas_and_compacts_after_the_publish(redis_client, namespace) -> None:
+    from coordinator import Coordinator
+    from subspace_store import Submission, SubmissionStream
+
+    store, stream = SubspaceStore(redis_client, namespace), SubmissionStream(redis_client, namespace)
+    coordinator = Coordinator(store, stream, KPolicy(k=6), max_chain=3, keep_versions=3)
+    steps = []
+    for i in range(6):
+        stream.submit(Submission(f"t{i}", _adapter(i), store.head()))
+        steps.append(coordinator.step(block_ms=None))
+    # v1 full; v2..v4 deltas; v4 reaches the bound: v5 compacts it; v6, v7 deltas on v5.
+    assert [s.version for s in steps] == ["v1", "v2", "v3", "v4", "v6", "v7"]
+    assert [s.compacted for s in steps] == [None, None, None, "v5", None, None]
+    assert steps[3].compaction_seconds > 0 and coordinator.counters["compactions"] == 1
+    assert store.manifest("v5")["metadata"]["compaction"] == {"of": "v4", "longest_chain": 3}
+    assert store.chain_lengths("v7") == {"t0": 2, "t1": 2, "t2": 2, "t3": 2, "t4": 1, "t5": 0}
+    assert store.manifest("v7")["written_bytes"] < store.manifest("v5")["written_bytes"]
+    held = coordinator._head
+    assert coordinator._head_version == "v7" and held is not None
+    got = store.get()
+    for t, task in held.tasks.items():
+        assert relative_difference(got.tasks[t], task) <= TOL
+    assert [info.version for info in store.list_versions()] == ["v5", "v6", "v7"]  # keep_versions=3
+    assert _namespace_payload_keys(store) == _named_payload_keys(store)
+    # A restarted coordinator reads the head from the store and goes on with deltas.
+    again = Coordinator(store, stream, KPolicy(k=6), max_chain=3)
+    stream.submit(Submission("t6", _adapter(6), "v7"))
+    assert again.step(block_ms=None).version == "v8" and store.manifest("v8")["rotations"]
+    with pytest.raises(Exception, match="max_chain"):
+        Coordinator(store, stream, max_chain=0)
