@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 # The fuzz tests' bounds: 200 examples per test, no deadline, no example database (that would be a write).
 FUZZ = settings(
@@ -16,6 +17,27 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+def json_strategy(words: list[str], max_leaves: int) -> st.SearchStrategy[Any]:
+    """Any JSON value (NaN, infinities and integers past 64 bits included), its strings and keys often from
+    ``words`` (the keys a decoder looks for, so random documents often hit a field that matters)."""
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.floats(allow_nan=True, allow_infinity=True)
+        | st.sampled_from(words)
+        | st.text(max_size=12)
+    )
+    return st.recursive(
+        scalars,
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.sampled_from(words) | st.text(max_size=6), children, max_size=4)
+        ),
+        max_leaves=max_leaves,
+    )
 
 
 def servers_on(folder: Path) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FUZZ
+from helpers import FUZZ, json_strategy
 from hypothesis import event, given
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
@@ -40,22 +40,7 @@ WORDS = [
     "shape", "data_offsets", "__metadata__", "bases.safetensors", "tasks/t0.safetensors", "query", "(", "",
 ]  # fmt: skip
 
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.sampled_from(WORDS)
-    | st.text(max_size=12)
-)
-json_values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.sampled_from(WORDS) | st.text(max_size=6), children, max_size=4)
-    ),
-    max_leaves=10,
-)
+json_values = json_strategy(WORDS, max_leaves=10)
 
 
 def mutate(data: st.DataObject, document: Any) -> Any:

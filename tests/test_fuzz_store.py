@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import torch
-from helpers import FUZZ
+from helpers import FUZZ, json_strategy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -35,22 +35,7 @@ WORDS = [
     "classifier.weight", "U_A", "U_B", "E_A:enc.q", "E_B:enc.q", "head:classifier.weight", "tensors", "",
 ]  # fmt: skip
 
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.sampled_from(WORDS)
-    | st.text(max_size=12)
-)
-json_values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.sampled_from(WORDS) | st.text(max_size=6), children, max_size=4)
-    ),
-    max_leaves=12,
-)
+json_values = json_strategy(WORDS, max_leaves=12)
 
 
 def _subspace():
