@@ -98,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         "--lr-lora", type=float, default=Budget.lr_lora, help="LoRA tasks (every LoRA method, share's task 1)"
     )
     budget.add_argument(
-        "--lr-coefficients", type=float, default=None, help="share's coefficient tasks (default: --lr-lora)"
+        "--lr-coefficients",
+        type=float,
+        default=Budget.lr_coefficients,
+        help="share's coefficient tasks (chosen on the grid 2e-3, 5e-3, 1e-2, 2e-2: RESULTS.md)",
     )
     budget.add_argument(
         "--head-lr-grid", type=float, nargs="+", default=list(Budget.head_lr_grid), help="head-only's lr candidates"
@@ -143,7 +146,7 @@ def _budget(args: argparse.Namespace) -> Budget:
         batch_size=args.batch_size,
         max_length=args.max_length,
         lr_lora=args.lr_lora,
-        lr_coefficients=args.lr_lora if args.lr_coefficients is None else args.lr_coefficients,
+        lr_coefficients=args.lr_coefficients,
         head_lr_grid=tuple(args.head_lr_grid),
     )
 
