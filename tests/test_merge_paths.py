@@ -1,16 +1,25 @@
-"""The merge's fast paths: the rotations it reports for old tasks.
+"""The merge's fast paths, each against the exact computation it replaces.
 
-``MergeReport.rotations[m] = (R_A, R_B)`` must map every old task's coefficients before the merge onto
-the ones the merge returns (the store rebuilds old tasks from them), under every k rule, with and
-without truncation.
+- ``MergeReport.rotations[m] = (R_A, R_B)`` maps every old task's coefficients before the merge onto the
+  ones the merge returns (the store rebuilds old tasks from them), under every k rule.
+- The residual frame from the smaller Gram matrix (wide and tall, at initialization and in later merges)
+  gives the merge the thin-SVD path gives; an ill-conditioned one is caught and redone on that path.
+- The running Gram kept on the bases gives the merge that recomputing it from the tasks gives, and is
+  ignored when it belongs to other tasks.
+- Nothing dropped: old tasks' errors are exactly 0 and their tracked bounds unchanged.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from share import KPolicy, LoraAdapter, ModuleBasis, Subspace, TaskCoefficients, merge
+from share import KPolicy, LoraAdapter, ModuleBasis, Subspace, TaskCoefficients, canonicalize, merge
+from share.gauge import canonicalize_batch
+
+merge_module = importlib.import_module("share.merge")  # the module; ``share.merge`` is the function
 
 SHAPES = {"enc.0.query": (24, 20), "enc.0.value": (20, 24), "enc.1.query": (24, 20)}  # name -> (n, d)
 
@@ -69,3 +78,166 @@ def test_rotations_are_empty_at_initialization_and_orthogonal_without_truncation
         for R in (R_A, R_B):
             # Nothing dropped: the old span is kept whole, so R has orthonormal columns.
             assert torch.allclose(R.T @ R, torch.eye(R.shape[1], dtype=torch.float64), atol=1e-10)
+
+
+# -- the Gram-based residual frame against the exact (SVD) path ------------------------------------------
+def force_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every merge take the thin-SVD path (what the merge falls back to when a fast frame fails its check)."""
+    original = merge_module._residual_frame
+
+    def exact(Z, X, a, k, limit, fast, policy=None):
+        return original(Z, X, a, k, limit, False, policy)
+
+    monkeypatch.setattr(merge_module, "_residual_frame", exact)
+
+
+def assert_same_merge(fast: tuple[Subspace, object], exact: tuple[Subspace, object], tol: float = 1e-6) -> None:
+    (left, left_report), (right, right_report) = fast, exact
+    assert left.k() == right.k()
+    assert left_report.over_bound.keys() == right_report.over_bound.keys()
+    for m in left.modules:
+        for side in ("U_A", "U_B"):
+            U, V = getattr(left.modules[m], side).double(), getattr(right.modules[m], side).double()
+            assert float(torch.linalg.matrix_norm(U @ U.T - V @ V.T, ord=2)) <= tol, (m, side)
+        for name in left.tasks:
+            dW, ref = left.delta_weight(name, m).double(), right.delta_weight(name, m).double()
+            assert float((dW - ref).abs().max()) <= tol * max(1.0, float(ref.abs().max())), (name, m)
+    for name, err in right_report.reconstruction_error.items():
+        assert left_report.reconstruction_error[name] == pytest.approx(err, rel=1e-6, abs=1e-7), name
+        assert left_report.error_bound[name] == pytest.approx(right_report.error_bound[name], rel=1e-6, abs=1e-7)
+
+
+def run_merges(rounds: list[dict[str, LoraAdapter]], policy: KPolicy) -> list[tuple[Subspace, object]]:
+    out, subspace = [], None
+    for batch in rounds:
+        subspace, report = merge(subspace, batch, policy)
+        out.append((subspace, report))
+    return out
+
+
+ROUNDS = {
+    # 7 adapters x r=4: 28 columns > 24 and > 20 (wide: eigenvectors of Z Z.T); then tall merges, then wide again.
+    "wide-init": [{f"a{i}": random_adapter(i) for i in range(7)}, {"b": random_adapter(20)}, {"c": random_adapter(21)}],
+    "tall-init": [{f"a{i}": random_adapter(i) for i in range(3)}, {"b": random_adapter(20), "c": random_adapter(21)}],
+    "wide-merge": [{"a": random_adapter(0)}, {f"b{i}": random_adapter(10 + i) for i in range(7)}],
+}
+
+
+@pytest.mark.parametrize("rounds", list(ROUNDS), ids=list(ROUNDS))
+@pytest.mark.parametrize(
+    "policy", [KPolicy(k=6), KPolicy(variance=0.8), KPolicy(max_error=0.2), KPolicy(max_error=0.1, k_max=9)]
+)
+def test_fast_frames_give_the_exact_paths_merge(rounds: str, policy: KPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = run_merges(ROUNDS[rounds], policy)
+    force_exact(monkeypatch)
+    exact = run_merges(ROUNDS[rounds], policy)
+    for left, right in zip(fast, exact, strict=True):
+        assert_same_merge(left, right)
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30)], ids=["tall", "wide"])
+def test_residual_frame_fast_equals_svd(shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(3)
+    dim, m = shape
+    # Singular values spread over six decades, and two columns repeated (rank below min(dim, m)).
+    Z = torch.randn(dim, m, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -6, m, dtype=torch.float64)
+    )
+    Z[:, -2:] = Z[:, :2]
+    fast = merge_module._residual_frame(Z, Z, Z.new_zeros(0, m), 0, dim, True)
+    exact = merge_module._residual_frame(Z, Z, Z.new_zeros(0, m), 0, dim, False)
+    assert fast.eigvals.shape == exact.eigvals.shape
+    assert torch.allclose(fast.eigvals, exact.eigvals, rtol=1e-8, atol=1e-14 * float(exact.eigvals[0]))
+    Q = fast.Q if fast.Q is not None else Z @ fast.to_Q
+    assert torch.allclose(Q @ fast.R, Z, atol=1e-10)  # the frame holds the whole residual
+    for j in (1, 4, 8):  # the top-j spans agree wherever the spectrum has a gap (logspace: every j)
+        P, P_ref = Q[:, :j] @ Q[:, :j].T, exact.Q[:, :j] @ exact.Q[:, :j].T
+        assert float(torch.linalg.matrix_norm(P - P_ref, ord=2)) <= 1e-8
+
+
+def test_an_ill_conditioned_fast_frame_falls_back_to_the_exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A huge adapter beside tiny ones: Z V S^-1 loses orthonormality in the tiny directions, the check sees it,
+    and the module is merged again on the SVD path, so the result is the exact path's."""
+    huge = random_adapter(1)
+    huge.scaling = {m: 1e9 for m in SHAPES}  # singular values ~3e4 times the tiny ones': S^2 ratio ~1e9
+    batch = {"huge": huge, "tiny0": random_adapter(2), "tiny1": random_adapter(3)}
+    calls: list[bool] = []
+    original = merge_module._truncate_module
+
+    def counting(*args, **kwargs):
+        cut = original(*args, **kwargs)
+        calls.append(cut.orthonormal)
+        return cut
+
+    monkeypatch.setattr(merge_module, "_truncate_module", counting)
+    fast = merge(None, batch, KPolicy(max_error=1e-3))
+    assert False in calls  # at least one module needed the fallback ...
+    assert len(calls) == len(SHAPES) + calls.count(False)  # ... and each such module was redone once
+    force_exact(monkeypatch)
+    exact = merge(None, batch, KPolicy(max_error=1e-3))
+    assert_same_merge(fast, exact, tol=1e-6)
+    for basis in fast[0].modules.values():
+        for U in (basis.U_A.double(), basis.U_B.double()):
+            assert float((U.T @ U - torch.eye(U.shape[1], dtype=torch.float64)).abs().max()) <= 1e-6
+
+
+# -- the running Gram and the per-task arithmetic ---------------------------------------------------------
+def test_the_gram_cache_gives_the_merge_that_recomputing_it_gives() -> None:
+    policy = KPolicy(max_error=0.15)
+    cached, _ = merge(None, {"a": random_adapter(0), "b": random_adapter(1)}, policy)
+    fresh = cached
+    for i in range(2, 8):
+        batch = {f"t{i}": random_adapter(i)}
+        cache = next(iter(cached.modules.values())).gram_cache
+        assert cache is not None and cache.tasks == tuple(cached.tasks)
+        for basis in fresh.modules.values():
+            basis.gram_cache = None  # as after a load: recomputed from the tasks
+        cached_result = merge(cached, batch, policy)
+        fresh_result = merge(fresh, batch, policy)
+        # The cache is the Gram of the coefficients before their float32 storage; recomputed, of the stored
+        # ones: the two merges differ at float32 rounding, no more.
+        assert_same_merge(cached_result, fresh_result, tol=1e-6)
+        cached, fresh = cached_result[0], fresh_result[0]
+    # The cache holds the Gram of the tasks' (float32) coefficients up to their rounding.
+    for m, basis in cached.modules.items():
+        E_A = torch.cat([t.E[m][0] for t in cached.tasks.values()], dim=1).double()
+        gram = E_A @ E_A.T
+        assert float((basis.gram_cache.A - gram).abs().max()) <= 1e-6 * float(gram.abs().max())
+
+
+def test_a_cache_of_other_tasks_is_not_used() -> None:
+    """Bases shared into a subspace with fewer tasks (as the coordinator's bases-only copies are) must not
+    carry the cache of the full task set into a merge."""
+    policy = KPolicy(k=8)
+    full, _ = merge(None, {f"t{i}": random_adapter(i) for i in range(4)}, policy)
+    fewer = Subspace(modules=full.modules, tasks={"t0": full.tasks["t0"]}, policy=policy)
+    copied = Subspace(
+        modules={m: ModuleBasis(U_A=b.U_A, U_B=b.U_B) for m, b in full.modules.items()},
+        tasks={"t0": full.tasks["t0"]},
+        policy=policy,
+    )
+    assert_same_merge(
+        merge(fewer, {"new": random_adapter(9)}, policy), merge(copied, {"new": random_adapter(9)}, policy)
+    )
+
+
+def test_nothing_dropped_leaves_old_tasks_exactly_as_they_were() -> None:
+    policy = KPolicy(max_error=0.05)
+    old, _ = merge(None, {"a": random_adapter(0), "b": random_adapter(1)}, KPolicy(k=40))
+    merged, report = merge(old, {"c": random_adapter(2)}, KPolicy(k=40))
+    assert policy.max_error  # (the fixed k here keeps every direction: 8 + 4 <= 20 per side)
+    for name in ("a", "b"):
+        assert report.reconstruction_error[name] == 0.0
+        assert set(report.module_error[name].values()) == {0.0}
+        assert merged.tasks[name].metadata["module_drift"] == old.tasks[name].metadata["module_drift"]
+        assert merged.tasks[name].metadata["energy_kept"] == old.tasks[name].metadata["energy_kept"]
+
+
+def test_batched_gauge_equals_the_gauge_of_each_pair() -> None:
+    g = torch.Generator().manual_seed(5)
+    B, A = torch.randn(6, 30, 4, generator=g), torch.randn(6, 4, 20, generator=g)
+    scaling = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    B_c, A_c = canonicalize_batch(B, A, scaling)
+    for i in range(6):
+        b, a = canonicalize(B[i], A[i], scaling=float(scaling[i]))
+        assert torch.allclose(B_c[i], b, atol=1e-12) and torch.allclose(A_c[i], a, atol=1e-12)
