@@ -510,9 +510,12 @@ def _side_coordinates(
     of ``C C.T`` rotate the frame into the new basis; new coefficients are ``W[:, :k'].T @ C``.
     """
     dim, k = U.shape
-    a = U.T @ X
-    residual = X - U @ a
-    residual = residual - U @ (U.T @ residual)  # second pass: orthogonal to U to working precision
+    if k == 0:  # initialization: the residual is X itself
+        a, residual = X.new_zeros(0, X.shape[1]), X
+    else:
+        a = U.T @ X
+        residual = X - U @ a
+        residual = residual - U @ (U.T @ residual)  # second pass: orthogonal to U to working precision
     frame = _residual_frame(residual, X, a, k, dim - k, fast, policy if k == 0 else None)
     R = frame.R
     q = R.shape[0]
@@ -577,14 +580,14 @@ def _residual_frame(
         q = _significant(s.square(), scale_sq, limit)
         return _ResidualFrame(s[:q, None] * Vh[:q], s[:q].square(), Q=Q[:, :q])
     if m > dim:
-        eigvals, V = _eigh_descending(Z @ Z.T)
+        eigvals, V = _eigh_descending(_gram(Z.T))
         scale_sq = float(eigvals[0]) if k == 0 else _spectral_sq(X)
         q = _significant(eigvals, scale_sq, limit)
         eigvals = eigvals[:q].clamp_min(0.0)
         rows = q if policy is None else min(q, _rows_needed(eigvals, policy))
         Q = V[:, :rows]
         return _ResidualFrame(Q.T @ Z, eigvals, Q=Q, verify=k > 0)
-    ZtZ = Z.T @ Z
+    ZtZ = _gram(Z)
     eigvals, V = _eigh_descending(ZtZ)
     scale_sq = float(eigvals[0]) if k == 0 else float(torch.linalg.eigvalsh(ZtZ + a.T @ a)[-1])
     q = _significant(eigvals, scale_sq, limit)
@@ -606,6 +609,14 @@ def _column_energy(names: list[str], widths: list[int], X_A: Tensor, X_B: Tensor
     for index, _, group_A, group_B in _groups_by_width(names, widths, X_A, X_B):
         totals[index] = _frobenius_sq_of_product(group_B, group_A)
     return totals
+
+
+def _gram(M: Tensor) -> Tensor:
+    """``M.T @ M`` in float64; through NumPy, whose ``a.T @ a`` is a symmetric rank-k update (half the flops)."""
+    if M.dtype == torch.float64 and M.device.type == "cpu" and not M.requires_grad:
+        array = M.numpy()
+        return torch.from_numpy(array.T @ array)
+    return M.T @ M
 
 
 def _eigh_descending(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -752,6 +763,7 @@ def _choose_k(eigvals: Tensor, policy: KPolicy) -> int:
 
 def _check_inputs(subspace: Subspace | None, adapters: dict[str, LoraAdapter], modules: list[str]) -> None:
     """Validate everything before any computation, so a bad adapter changes nothing."""
+    _validate_adapters(adapters)
     expected = set(modules)
     for name, adapter in adapters.items():
         check_task_name(name)
@@ -760,7 +772,6 @@ def _check_inputs(subspace: Subspace | None, adapters: dict[str, LoraAdapter], m
                 f"task {name!r} is already in the subspace; choose another task name "
                 "(tasks are never overwritten, so old versions stay reproducible)"
             )
-        adapter.validate(name)
         got = set(adapter.factors)
         if got != expected:
             raise ShareClError(
@@ -785,3 +796,22 @@ def _check_inputs(subspace: Subspace | None, adapters: dict[str, LoraAdapter], m
                     f"adapter {name!r}, module {m!r}: rank {B.shape[1]} exceeds the layer's "
                     f"min(out, in) = {min(shape)} for update shape {shape}; retrain with r <= {min(shape)}"
                 )
+
+
+def _validate_adapters(adapters: dict[str, LoraAdapter]) -> None:
+    """``LoraAdapter.validate`` of every adapter, with the NaN/Inf scans batched (one per factor shape
+    instead of two per adapter and module); whatever fails is reported by the adapter's own ``validate``."""
+    stacks: dict[tuple, list[tuple[str, Tensor]]] = {}
+    for name, adapter in adapters.items():
+        chained = all(B.ndim == 2 and A.ndim == 2 and B.shape[1] == A.shape[0] for B, A in adapter.factors.values())
+        scales = all(math.isfinite(adapter.scale(m)) for m in adapter.factors)
+        heads = all(bool(torch.isfinite(value).all()) for value in adapter.head.values())
+        if not (adapter.factors and chained and scales and heads):
+            adapter.validate(name)  # raises, naming the adapter, module and fault
+        for B, A in adapter.factors.values():
+            for factor in (B, A):
+                stacks.setdefault((tuple(factor.shape), factor.dtype), []).append((name, factor))
+    for entries in stacks.values():
+        if not bool(torch.isfinite(torch.stack([factor for _, factor in entries])).all()):
+            for name in dict.fromkeys(name for name, _ in entries):
+                adapters[name].validate(name)

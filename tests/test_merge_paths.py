@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from share import KPolicy, LoraAdapter, ModuleBasis, Subspace, TaskCoefficients, canonicalize, merge
+from share.errors import ShareClError
 from share.gauge import canonicalize_batch
 
 merge_module = importlib.import_module("share.merge")  # the module; ``share.merge`` is the function
@@ -241,3 +242,17 @@ def test_batched_gauge_equals_the_gauge_of_each_pair() -> None:
     for i in range(6):
         b, a = canonicalize(B[i], A[i], scaling=float(scaling[i]))
         assert torch.allclose(B_c[i], b, atol=1e-12) and torch.allclose(A_c[i], a, atol=1e-12)
+
+
+@pytest.mark.parametrize("fault", ["lora_A", "lora_B", "scaling"])
+def test_batched_validation_names_the_adapter_and_module_at_fault(fault: str) -> None:
+    batch = {f"t{i}": random_adapter(i) for i in range(5)}
+    B, A = batch["t3"].factors["enc.0.value"]
+    if fault == "lora_A":
+        A[1, 2] = float("nan")
+    elif fault == "lora_B":
+        B[0, 0] = float("inf")
+    else:
+        batch["t3"].scaling["enc.0.value"] = float("inf")
+    with pytest.raises(ShareClError, match=r"adapter 't3', module 'enc.0.value'"):
+        merge(None, batch, KPolicy(k=4))
