@@ -3,6 +3,7 @@
 
     python -m benchmarks.merge [--quick] [--tasks T ...] [--budget S] [--skip-above S] [--threads N] [--write]
     python -m benchmarks.merge --compress [--quick] [--repeats N] [--write]
+    python -m benchmarks.merge --scaling [--tasks T ...] [--repeats N] [--write]
 
 Methods, all on the same synthetic state (random orthonormal bases, random coefficients, one random
 new adapter) and the same new adapter:
@@ -404,7 +405,7 @@ def compress_table(rows: list) -> str:
     lines = [
         "| n = d | adapters | repeats | "
         + " | ".join(f"{m} (s)" for m in COMPRESS_METHODS)
-        + " | sharecl vs fastest other |",
+        + " | sharecl vs the fastest other |",
         "|---:|---:|---:|" + "---:|" * len(COMPRESS_METHODS) + "---:|",
     ]
     missing: set[str] = set()
@@ -413,11 +414,53 @@ def compress_table(rows: list) -> str:
         missing.update(result["missing"])
         cells = [f"{seconds[m]:.3f}" if m in seconds else "not installed" for m in COMPRESS_METHODS]
         others = [seconds[m] for m in ("lorashare", "vlora-dev") if m in seconds]
-        ratio = f"{min(others) / seconds['sharecl']:.2f}x faster" if others else "no other method installed"
+        ratio = "no other method installed"
+        if others:
+            factor = min(others) / seconds["sharecl"]
+            ratio = f"{factor:.2f}x faster" if factor >= 1 else f"{1 / factor:.2f}x slower"
         lines.append(f"| {n} | {tasks} | {result['repeats']} | " + " | ".join(cells) + f" | {ratio} |")
     if missing:
         lines.append(f"\nSkipped (package not installed): {', '.join(sorted(missing))}.")
     return "\n".join(lines)
+
+
+# -- scaling: one merge into T tasks, share only ------------------------------------------------------------
+SCALING_HEADING = "## Merge: one merge as the number of tasks grows"
+SCALING_NOTES = """\
+`share.merge` of ONE new adapter into a synthetic T-task state (MiniLM shapes: 12 modules 384 x 384, r = p = 8,
+k = 16; the state of the `## Merge` table), under `KPolicy(k=16)` and under the default rule with the job's cap
+(`max_error` 0.05, `k_max` 32). Median of the repeats, each T in its own process, one torch thread."""
+
+
+def scaling_worker(tasks: int, repeats: int, threads: int) -> dict:
+    from share import KPolicy, merge
+
+    torch.set_num_threads(threads)
+    subspace, adapter = share_subspace(SHAPES["MiniLM"], tasks)
+    out = {}
+    for label, policy in (("k=16", None), ("max_error=0.05, k_max=32", KPolicy(max_error=0.05, k_max=32))):
+        merge(subspace, {"new": adapter}, policy)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            merge(subspace, {"new": adapter}, policy)
+            times.append(time.perf_counter() - start)
+        out[label] = statistics.median(times)
+    return out
+
+
+def run_scaling(args: argparse.Namespace) -> str:
+    lines = ["| T | k=16 (s) | max_error=0.05, k_max=32 (s) |", "|---:|---:|---:|"]
+    for tasks in args.tasks:
+        command = [sys.executable, "-m", "benchmarks.merge", "--scaling-worker", str(tasks)]
+        command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        if done.returncode != 0:
+            raise RuntimeError(f"scaling T={tasks} failed:\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"scaling T={tasks}: {result}", file=sys.stderr)
+        lines.append(f"| {tasks} | " + " | ".join(f"{seconds:.3f}" for seconds in result.values()) + " |")
+    return "\n".join(lines) + "\n\n" + SCALING_NOTES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,10 +486,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9, help="--compress: repeats per method (a fifth at n=4096)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "T", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--compress-worker", nargs=2, type=int, metavar=("N", "T"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--scaling", action="store_true", help="share.merge only, MiniLM shapes, for each --tasks T (one merge)"
+    )
+    parser.add_argument("--scaling-worker", type=int, metavar="T", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compress_worker:
         print(json.dumps(compress_worker(*args.compress_worker, args.repeats, args.threads)))
+        return 0
+    if args.scaling_worker:
+        print(json.dumps(scaling_worker(args.scaling_worker, args.repeats, args.threads)))
+        return 0
+    if args.scaling:
+        args.tasks = args.tasks or [10, 100, 1000]
+        body = run_scaling(args)
+        print(body)
+        if args.write:
+            machine = f"{os.cpu_count()} CPUs shared with other users, {args.threads} torch thread(s)"
+            write_section(SCALING_HEADING, command_line("merge", argv), body, machine)
         return 0
     if args.compress:
         body = run_compress(args)
