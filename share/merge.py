@@ -3,9 +3,11 @@
 Per module and side, the subspace spans the columns of ``[U E_1 ... U E_T, X_new]`` (old tasks'
 reconstructions and the new tasks' canonical factors). Its top-k SVD is computed without forming
 that ``n x (T p)`` matrix or any ``n x n`` covariance: project ``a = U.T X``, orthonormalize the
-residual ``Q R = X - U a``, eigendecompose the Gram matrix of the small coordinate matrix
-``C = [[E, a], [0, R]]``, and rotate: ``U' = [U Q] W``, ``E_i' = W.T [E_i; 0]``. Initialization is
-the same merge into an empty subspace.
+residual ``Q R = X - U a`` (through its smaller Gram matrix, checked, with a thin SVD as the exact
+fallback), eigendecompose the Gram matrix of the small coordinate matrix ``C = [[E, a], [0, R]]``,
+whose old block ``E E.T`` is kept from the previous merge (``ModuleBasis.gram_cache``), and rotate:
+``U' = [U Q] W``, ``E_i' = W.T [E_i; 0]`` (one batched product for all old tasks; ``W[:k].T`` is
+reported as ``MergeReport.rotations``). Initialization is the same merge into an empty subspace.
 
 Forgetting. With ``c_i`` a task's coordinates in ``[U Q]`` (per side), its update after the merge is
 the two-sided orthogonal projection ``dW' = P_B dW P_A``, so this merge's error is exact and cheap:
