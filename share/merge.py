@@ -614,10 +614,8 @@ def _column_energy(names: list[str], widths: list[int], X_A: Tensor, X_B: Tensor
 
 
 def _gram(M: Tensor) -> Tensor:
-    """``M.T @ M`` in float64; through NumPy, whose ``a.T @ a`` is a symmetric rank-k update (half the flops)."""
-    if M.dtype == torch.float64 and M.device.type == "cpu" and not M.requires_grad:
-        array = M.numpy()
-        return torch.from_numpy(array.T @ array)
+    """``M.T @ M`` (float64). Through torch, not NumPy's faster ``a.T @ a``: NumPy's BLAS keeps its own thread
+    pool, which ``torch.set_num_threads`` does not limit (and on shared cores that stalls)."""
     return M.T @ M
 
 
