@@ -4,9 +4,10 @@ Large payloads (bases) are read one by one into writable buffers (``rawget``); w
 arrives, worker threads verify the previous ones' sha256 and decode them in place (hashlib and
 ``recv_into`` release the GIL, so on two cores both run at once). Small payloads (task
 coefficients, small bases) are fetched in pipelined batches, a few round-trips in all, into one
-writable buffer per batch (``RawGetter.many``); each is decoded in place as it arrives while worker
-threads hash the ones before it, a few hundred KiB per job. Every check is made before anything is
-returned, in item order: present, its size, its sha256, then its decoding.
+writable buffer per batch (``RawGetter.many``), and each is checked and decoded in place as it
+arrives, on this thread: handing payloads of a few KiB to threads costs more than hashing them (on
+two busy cores, a third more CPU and wall time). Checks come in item order: present, its size, its
+sha256, then its decoding.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from .rawget import RawGetter
 
 _BATCH_BYTES = 2 << 20  # small-payload bytes per pipelined round-trip
 _INLINE_BYTES = 256 << 10  # payloads from this size on take the large-payload path
-_HASH_BYTES = 192 << 10  # small-payload bytes per hashing job
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
@@ -49,7 +49,7 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def _present(version: str, item: Item, data: bytes | memoryview | None) -> bytes | memoryview:
+def check_and_decode(version: str, item: Item, data: bytes | memoryview | None, verify: bool = True) -> Any:
     if data is None:
         raise VersionNotFoundError(
             f"version {version}: payload {item.key!r} is gone (the version was pruned while reading); "
@@ -57,25 +57,12 @@ def _present(version: str, item: Item, data: bytes | memoryview | None) -> bytes
         )
     if len(data) != item.size:
         raise CorruptPayloadError(version, item.key, f"has {len(data)} bytes, the manifest records {item.size}")
-    return data
-
-
-def _decode(version: str, item: Item, data: bytes | memoryview) -> Any:
+    if verify and sha256(data) != item.sha256:
+        raise CorruptPayloadError(version, item.key, "does not match its sha256 checksum")
     try:
         return item.decode(data)
     except (PayloadFormatError, KeyError) as err:
         raise CorruptPayloadError(version, item.key, f"cannot be decoded ({err})") from None
-
-
-def _mismatch(version: str, item: Item) -> CorruptPayloadError:
-    return CorruptPayloadError(version, item.key, "does not match its sha256 checksum")
-
-
-def check_and_decode(version: str, item: Item, data: bytes | memoryview | None, verify: bool = True) -> Any:
-    data = _present(version, item, data)
-    if verify and sha256(data) != item.sha256:
-        raise _mismatch(version, item)
-    return _decode(version, item, data)
 
 
 def _batches(items: list[Item], indices: list[int]) -> list[list[int]]:
@@ -90,47 +77,13 @@ def _batches(items: list[Item], indices: list[int]) -> list[list[int]]:
     return [batch for batch in out if batch]
 
 
-def _digests(values: list[bytes | memoryview]) -> list[str]:
-    return [sha256(value) for value in values]
-
-
 def _small_batch(get: RawGetter, version: str, items: list[Item], batch: list[int], verify: bool) -> list[Any]:
-    """One pipelined batch: values decoded as they arrive, hashed meanwhile in worker threads."""
-    pool = _executor()
-    outcomes: list[Any] = [None] * len(batch)
-    failed: list[Exception | None] = [None] * len(batch)
-    jobs: list[tuple[list[int], Future[list[str]]]] = []
-    waiting: list[int] = []
-    waiting_bytes = 0
-    values: list[bytes | memoryview | None] = [None] * len(batch)
+    """One pipelined round trip; each value checked and decoded in place as it arrives."""
     replies = get.many([items[i].key for i in batch], [items[i].size for i in batch])
     try:
-        for j, value in replies:
-            values[j] = value
-            item = items[batch[j]]
-            try:  # decoded before its checksum is known; the checks are reported in order below
-                outcomes[j] = _decode(version, item, _present(version, item, value))
-            except Exception as err:  # raised below, after the checks that come first
-                failed[j] = err
-            if verify and value is not None and len(value) == item.size:
-                waiting.append(j)
-                waiting_bytes += len(value)
-                if waiting_bytes >= _HASH_BYTES:
-                    jobs.append((waiting, pool.submit(_digests, [values[k] for k in waiting])))
-                    waiting, waiting_bytes = [], 0
+        return [check_and_decode(version, items[batch[j]], value, verify) for j, value in replies]
     finally:
         replies.close()  # before the connection goes back to the pool (it drops the connection if half-read)
-    digests: dict[int, str] = dict(zip(waiting, _digests([values[k] for k in waiting]), strict=True))  # the tail, here
-    for group, job in jobs:
-        digests.update(zip(group, job.result(), strict=True))
-    for j, i in enumerate(batch):
-        data = values[j]
-        _present(version, items[i], data)  # missing or resized: that, before any checksum or decoding error
-        if verify and j in digests and digests[j] != items[i].sha256:
-            raise _mismatch(version, items[i])
-        if failed[j] is not None:
-            raise failed[j]
-    return outcomes
 
 
 def fetch_all(client: redis.Redis, version: str, items: list[Item], verify: bool = True) -> list[Any]:

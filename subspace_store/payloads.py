@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -186,8 +187,18 @@ class _Run:
 
     dtype: str
     start: int  # element offset in the dtype's column
-    shape: tuple[int, ...]
+    stop: int
+    shape: tuple[int, ...]  # of one tensor
+    block: tuple[int, ...]  # the run's reshape: ``shape``, or (count, *shape) for several
+    view: torch.dtype | None  # bfloat16/bool: the dtype the stored bits are viewed as
     slots: tuple[int, ...]  # their positions in the index
+
+
+def _run(dtype: str, start: int, shape: tuple[int, ...], slots: tuple[int, ...]) -> _Run:
+    stop = start + len(slots) * math.prod(shape)
+    block = shape if len(slots) == 1 else (len(slots), *shape)
+    view = _DTYPES[dtype][1] if dtype in ("bfloat16", "bool") else None
+    return _Run(dtype, start, stop, shape, block, view, slots)
 
 
 @dataclass(frozen=True)
@@ -197,7 +208,7 @@ class _Layout:
     names: tuple[str, ...]  # index order
     entries: tuple[tuple[str, str, list[int], int], ...]  # [name, dtype, shape, offset] each
     runs: tuple[_Run, ...]
-    extent: dict[str, int]  # dtype -> how many elements its column must hold
+    extent: tuple[tuple[str, int], ...]  # (dtype, how many elements its column must hold)
     in_order: bool  # the runs' slots, concatenated, are 0, 1, 2, ...
 
 
@@ -217,27 +228,27 @@ def _layout_of(raw: str | None) -> _Layout:
 
 def _layout(raw: str | None) -> _Layout:
     entries = _index(raw)
-    runs: list[_Run] = []
+    groups: list[tuple[str, int, tuple[int, ...], list[int]]] = []  # (dtype, start, shape, slots)
     extent: dict[str, int] = {}
-    end = 0  # where the last run ends in its column
+    end = 0  # where the last group ends in its column
     for i in sorted(range(len(entries)), key=lambda i: (entries[i][1], entries[i][3], i)):
         _, dtype, shape, offset = entries[i]
         numel = math.prod(shape)
         extent[dtype] = max(extent.get(dtype, 0), offset + numel)
-        last = runs[-1] if runs else None
-        joins = last is not None and numel and shape and last.dtype == dtype and last.shape == tuple(shape)
-        if joins and end == offset:
-            runs[-1] = _Run(dtype, last.start, last.shape, (*last.slots, i))
+        last = groups[-1] if groups else None
+        if last and numel and shape and last[0] == dtype and last[2] == tuple(shape) and end == offset:
+            last[3].append(i)
         else:
-            runs.append(_Run(dtype, offset, tuple(shape), (i,)))
+            groups.append((dtype, offset, tuple(shape), [i]))
         end = offset + numel
+    runs = tuple(_run(dtype, start, shape, tuple(slots)) for dtype, start, shape, slots in groups)
     in_order = [slot for run in runs for slot in run.slots] == list(range(len(entries)))
-    return _Layout(tuple(e[0] for e in entries), tuple(entries), tuple(runs), extent, in_order)
+    return _Layout(tuple(e[0] for e in entries), tuple(entries), runs, tuple(extent.items()), in_order)
 
 
 def _cut(layout: _Layout, flats: dict[str, np.ndarray]) -> list[Tensor]:
     """Every tensor of ``layout`` (index order) as its own writable tensor over ``flats``' memory."""
-    for dtype, need in layout.extent.items():
+    for dtype, need in layout.extent:
         if dtype not in flats or need > flats[dtype].size:
             for name, kind, shape, offset in layout.entries:  # the failure path: name the first culprit
                 if kind not in flats:
@@ -246,23 +257,19 @@ def _cut(layout: _Layout, flats: dict[str, np.ndarray]) -> list[Tensor]:
                     raise PayloadFormatError(f"tensor {name!r} lies outside its {kind} column")
     pieces: list[list[Tensor]] = []
     for run in layout.runs:
-        count, numel = len(run.slots), math.prod(run.shape)
-        column, torch_dtype = flats[run.dtype], _DTYPES[run.dtype][1]
         try:
-            if count == 1:  # 0-d tensors too (iterating over a block would give numpy scalars)
-                arrays = [column[run.start : run.start + numel].reshape(run.shape)]
-            else:
-                arrays = column[run.start : run.start + count * numel].reshape(count, *run.shape)
+            block = flats[run.dtype][run.start : run.stop].reshape(run.block)
             # One tensor per array: plain tensors sharing the payload's memory, not views of one another.
-            cut = list(map(torch.from_numpy, arrays))
-            if torch_dtype in (torch.bfloat16, torch.bool):
-                cut = [t.view(torch_dtype) for t in cut]
+            # (A single tensor is reshaped on its own: iterating would turn a 0-d one into a numpy scalar.)
+            cut = [torch.from_numpy(block)] if len(run.slots) == 1 else list(map(torch.from_numpy, block))
+            if run.view is not None:
+                cut = [t.view(run.view) for t in cut]
         except (ValueError, OverflowError, RuntimeError, TypeError) as err:  # numpy's and torch's limits on shapes
             name = layout.names[run.slots[0]]
             raise PayloadFormatError(f"tensor {name!r} cannot take shape {list(run.shape)} ({err})") from None
         pieces.append(cut)
     if layout.in_order:
-        return [t for cut in pieces for t in cut]
+        return pieces[0] if len(pieces) == 1 else [t for cut in pieces for t in cut]
     out: list[Tensor] = [None] * len(layout.names)  # type: ignore[list-item]
     for run, cut in zip(layout.runs, pieces, strict=True):
         for slot, tensor in zip(run.slots, cut, strict=True):
@@ -278,7 +285,7 @@ def _cut(layout: _Layout, flats: dict[str, np.ndarray]) -> list[Tensor]:
 # same structure (nothing in the Arrow checks or the index depends on the values), so it takes the
 # template's checked layout and is cut from its own bytes without Arrow.
 
-_CONTINUATION = b"\xff\xff\xff\xff"
+_FRAME = struct.Struct("<iI")  # an IPC message starts: continuation marker (-1), metadata length
 _TEMPLATE_HEADER_BYTES = 64 << 10
 
 
@@ -298,14 +305,15 @@ _templates_lock = threading.Lock()
 
 def _header_end(data: bytes | bytearray | memoryview) -> int:
     """Where the record batch's body starts (IPC stream framing: schema message, batch message); 0 if not so framed."""
-    pos = 0
-    for _ in range(2):
-        if bytes(data[pos : pos + 4]) != _CONTINUATION:
-            return 0
-        pos += 8 + int.from_bytes(data[pos + 4 : pos + 8], "little")
-        if pos > len(data):
-            return 0
-    return pos
+    if len(data) < 16:
+        return 0
+    marker, length = _FRAME.unpack_from(data, 0)
+    pos = 8 + length
+    if marker != -1 or pos + 8 > len(data):
+        return 0
+    marker, length = _FRAME.unpack_from(data, pos)
+    pos += 8 + length
+    return pos if marker == -1 and pos <= len(data) else 0
 
 
 def _from_template(

