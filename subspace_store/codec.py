@@ -104,7 +104,10 @@ def encode_subspace(
 def _encode_subspace(
     subspace: Subspace, reconstruction_error: dict[str, float] | None, skip: set[str]
 ) -> EncodedSubspace:
-    subspace.validate()
+    # What is written is validated: the bases and the tasks whose payloads this version writes (a delta
+    # version's old tasks keep payloads validated when they were written; their shapes were compared).
+    written = {t: task for t, task in subspace.tasks.items() if t not in skip}
+    Subspace(subspace.modules, written, subspace.policy, subspace.metadata).validate()
     for name in subspace.modules:
         check_module_name(name)
     for tname, task in subspace.tasks.items():
@@ -382,7 +385,8 @@ class _ManifestReader:
                 self._pair(entry, "from", at)
                 if i + 1 < len(chain):
                     following = chain[i + 1]
-                    nxt = following.get("rotations", {}).get(m) if isinstance(following, dict) else None
+                    nxt = following.get("rotations") if isinstance(following, dict) else None
+                    nxt = nxt.get(m) if isinstance(nxt, dict) else None
                     want = nxt.get("from") if isinstance(nxt, dict) else None
                 else:
                     want = [modules[m]["k_A"], modules[m]["k_B"]]

@@ -85,6 +85,7 @@ class SubspaceStore:
         self.client = client
         self.keys = Keys(namespace)
         self.namespace = namespace
+        self._committed: tuple[str, dict[str, Any]] | None = None  # the manifest this object committed last
 
     # -- reading -------------------------------------------------------------------------------
     def head(self) -> str | None:
@@ -285,7 +286,9 @@ class SubspaceStore:
         self, subspace: Subspace, parent: str, rotations: dict[str, chains.Rotation] | None, max_chain: int
     ) -> dict[str, Any]:
         """``encode_subspace``'s delta arguments (reuse, rotations, chain), or {} to write in full."""
-        before = self.manifest(parent)
+        # The parent is usually what this object just published (a coordinator): its manifest as built, unread.
+        last = self._committed
+        before = last[1] if last is not None and last[0] == parent else self.manifest(parent)
         if list(before["modules"]) != list(subspace.modules):
             return {}
         chain = before["rotations"]
@@ -569,6 +572,8 @@ class _Publication:
                     pipe.hdel(keys.writing, v)
                     queue_acks(pipe, keys, group, entries, v)
                     pipe.execute()
+                    if manifest["format_version"] == MANIFEST_FORMAT_VERSION:
+                        self.store._committed = (v, manifest)
                     return v
             except WatchError:
                 # Either the head moved (the loop reports the conflict) or a submission changed

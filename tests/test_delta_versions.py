@@ -359,3 +359,77 @@ def test_the_coordinator_publishes_deltas_and_compacts_after_the_publish(redis_c
     assert again.step(block_ms=None).version == "v8" and store.manifest("v8")["rotations"]
     with pytest.raises(Exception, match="max_chain"):
         Coordinator(store, stream, max_chain=0)
+
+
+# -- fuzzing the chain part of the manifest decoder --------------------------------------------------------
+def _delta_manifest() -> tuple[dict, object]:
+    from subspace_store.codec import build_manifest
+    from subspace_store.keys import Keys
+
+    keys = Keys("fuzz")
+    sub, _ = merge(None, {"t0": _adapter(0)}, KPolicy(k=6))
+    first = build_manifest(keys, "v1", sub, encode_subspace(sub), None, {}, [], 1.0e9)
+    sub, report = merge(sub, {"t1": _adapter(1)}, KPolicy(k=6))
+    second = build_manifest(
+        keys,
+        "v2",
+        sub,
+        encode_subspace(sub, reuse={"t0": first["tasks"]["t0"]}, rotations=report.rotations),
+        "v1",
+        {},
+        [],
+        1.0e9,
+    )
+    assert decode_manifest(json.dumps(second).encode(), keys, "v2") == second
+    return second, keys
+
+
+DELTA_MANIFEST, FUZZ_KEYS = _delta_manifest()
+
+
+def _paths(value, prefix=()):
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            out += _paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            out += _paths(child, (*prefix, i))
+    return out
+
+
+def test_edited_delta_manifests_decode_or_raise_a_project_error() -> None:
+    import copy
+
+    from helpers import FUZZ, json_strategy
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from share.errors import ShareClError
+
+    words = ["rotations", "written_in", "version", "parent", "to", "from", "key", "v1", "v2", "enc.q", "t0", "t1"]
+    values = json_strategy(words, 8)
+    chain_paths = [p for p in _paths(DELTA_MANIFEST)[1:] if p[0] in ("rotations", "tasks")]
+
+    @FUZZ
+    @given(st.data())
+    def run(data: st.DataObject) -> None:
+        manifest = copy.deepcopy(DELTA_MANIFEST)
+        for _ in range(data.draw(st.integers(1, 3))):
+            path = data.draw(st.sampled_from(chain_paths))
+            parent = manifest
+            try:
+                for part in path[:-1]:
+                    parent = parent[part]
+                if data.draw(st.booleans()):
+                    del parent[path[-1]]
+                else:
+                    parent[path[-1]] = data.draw(values)
+            except (KeyError, IndexError, TypeError):
+                continue  # an earlier edit removed or replaced the path
+        try:
+            decode_manifest(json.dumps(manifest).encode(), FUZZ_KEYS, "v2")
+        except ShareClError:
+            pass
+
+    run()
