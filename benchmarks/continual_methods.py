@@ -48,6 +48,7 @@ def task_spec(budget: Budget | LlmBudget, name: str, mode: TrainingMode, seed: i
         mode=mode,
         steps=b.steps,
         lr=b.lr_lora if mode is TrainingMode.LORA else b.lr_coefficients,
+        lora_lr=None,  # ``lr`` above is already the one for this mode
         batch_size=b.batch_size,
         max_length=b.max_length,
         weight_decay=b.weight_decay,

@@ -206,11 +206,13 @@ class TrainingConfig:
     mode: str = "auto"
     steps: int = 200
     batch_size: int = 32
-    # Learning rate of coefficient tasks (and of LoRA tasks when lora_lr is null).
-    lr: float = 1e-3
+    # Learning rate of coefficient tasks (and of LoRA tasks when lora_lr is null). Coefficient tasks
+    # need a larger one than LoRA: on the relation benchmark's grid {2e-3, 5e-3, 1e-2, 2e-2} they learn
+    # best at 1e-2, LoRA at 2e-3 (it diverges at 5e-3); benchmarks/RESULTS.md, "learning-rate grid".
+    lr: float = 1e-2
     # Learning rate of LoRA-mode tasks (the cold start, training.mode=lora); None: training.lr
     # (applied where the mode is resolved: workers.task.TaskSpec.optim).
-    lora_lr: float | None = None
+    lora_lr: float | None = 2e-3
     # After warmup: cosine or linear decay to 0, or a constant lr (Hugging Face Trainer's names;
     # workers.train.OptimConfig implements them).
     lr_scheduler: str = "cosine"

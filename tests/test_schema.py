@@ -115,7 +115,7 @@ def test_defaults(data_tmp: Path) -> None:
     )  # fmt: skip
     assert a.pseudo_rank == 8
     t = job.training
-    assert (t.mode, t.steps, t.batch_size, t.lr, t.lora_lr, t.eval_batch_size) == ("auto", 200, 32, 1e-3, None, 128)
+    assert (t.mode, t.steps, t.batch_size, t.lr, t.lora_lr, t.eval_batch_size) == ("auto", 200, 32, 1e-2, 2e-3, 128)
     assert (t.lr_scheduler, t.warmup_ratio, t.max_grad_norm) == ("cosine", 0.06, 1.0)
     assert job.model.max_length == 128
     assert job.cluster.address is None and job.cluster.num_gpus_per_task == 0 and job.cluster.max_retries == 1

@@ -46,7 +46,7 @@ class TaskSpec:
     lr_scheduler: LrScheduler = LrScheduler.COSINE
     warmup_ratio: float = 0.06
     max_grad_norm: float | None = 1.0
-    lora_lr: float | None = None
+    lora_lr: float | None = 2e-3
 
     def __post_init__(self) -> None:
         try:
