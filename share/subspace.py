@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ class Subspace:
             for side, U in (("U_A", basis.U_A), ("U_B", basis.U_B)):
                 if U.ndim != 2:
                     raise ShareClError(f"module {name!r}: {side} must be 2-D, got shape {tuple(U.shape)}")
+        ks = {name: (basis.k_A, basis.k_B) for name, basis in self.modules.items()}
         for tname, t in self.tasks.items():
             check_task_name(tname)
             if t.E.keys() != self.modules.keys():
@@ -154,11 +156,11 @@ class Subspace:
                     f"(missing {sorted(missing)}, unknown {sorted(extra)})"
                 )
             for mname, (E_A, E_B) in t.E.items():
-                basis = self.modules[mname]
-                if E_A.shape[0] != basis.k_A or E_B.shape[0] != basis.k_B or E_A.shape[1] != E_B.shape[1]:
+                k_A, k_B = ks[mname]
+                if E_A.shape[0] != k_A or E_B.shape[0] != k_B or E_A.shape[1] != E_B.shape[1]:
                     raise ShareClError(
                         f"task {tname!r}, module {mname!r}: coefficient shapes {tuple(E_A.shape)} and "
-                        f"{tuple(E_B.shape)} do not fit k_A={basis.k_A}, k_B={basis.k_B}"
+                        f"{tuple(E_B.shape)} do not fit k_A={k_A}, k_B={k_B}"
                     )
         tensors = [U for b in self.modules.values() for U in (b.U_A, b.U_B)]
         tensors += [E for t in self.tasks.values() for pair in t.E.values() for E in pair]
@@ -281,15 +283,31 @@ class Subspace:
         return subspace
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """True if no tensor holds NaN or Inf; may say False for finite values whose 2-norm overflows.
+_FINITE_CHUNK = 1 << 18  # elements per batch of _all_finite: 1 MiB of float32, copied within the cache
 
-    One batched norm per device and dtype (``torch.nn.utils.get_total_norm``, a loop in C++)
-    instead of one ``isfinite`` per tensor: NaN and Inf make the total norm NaN or Inf. Callers
-    search for the culprit when this says False. Non-float tensors hold no NaN.
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """True if no tensor holds NaN or Inf; may say False for finite values whose sum overflows.
+
+    Tensors of one dtype, device and shape are stacked a cache-sized batch at a time and summed:
+    NaN and Inf make a sum NaN or Inf, and one sum per batch costs far less than one ``isfinite``
+    per tensor. Callers search for the culprit when this says False. Non-float tensors hold no NaN.
     """
-    floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
-    return not floats or bool(torch.isfinite(torch.nn.utils.get_total_norm(floats)))
+    groups: dict[tuple[Any, ...], list[Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point() or t.is_complex():
+            groups.setdefault((t.dtype, t.device, t.shape), []).append(t)
+    with torch.no_grad():
+        for (dtype, device, shape), group in groups.items():
+            wide = dtype in (torch.float32, torch.float64) or group[0].is_complex()  # half types: sum in float32
+            step = min(len(group), max(1, _FINITE_CHUNK // max(1, math.prod(shape))))
+            buffer = torch.empty((step, *shape), dtype=dtype, device=device) if step > 1 else None
+            for i in range(0, len(group), step):
+                chunk = group[i : i + step]
+                batch = chunk[0] if buffer is None else torch.stack(chunk, out=buffer[: len(chunk)])
+                if not torch.isfinite(batch.sum() if wide else batch.sum(dtype=torch.float32)):
+                    return False
+    return True
 
 
 # -- reading a folder back ---------------------------------------------------------------------------

@@ -277,11 +277,13 @@ def test_pull_of_small_payloads_is_exact_and_checks_in_order(redis_client, names
 
 def test_validate_checks_finiteness_in_one_pass_and_names_the_culprit(monkeypatch) -> None:
     sub = _small_subspace(tasks=4)
+    sub.tasks["t0"].E["l0.q"][0].requires_grad_()  # e.g. while training
     calls = []
     isfinite = torch.isfinite
     monkeypatch.setattr(torch, "isfinite", lambda t: (calls.append(t.shape), isfinite(t))[1])
     sub.validate()
-    assert len(calls) == 1  # one check on the batched norm, none per tensor
+    # One check per batch of same-shaped tensors (U_A, U_B, E_A, E_B here), each on a sum, none per tensor.
+    assert len(calls) == 4 and all(shape == () for shape in calls)
 
     sub.tasks["t2"].E["l0.v"][1][3, 1] = float("nan")
     with pytest.raises(ShareClError, match="task 't2', module 'l0.v': coefficients hold NaN or Inf"):
