@@ -49,6 +49,12 @@ _PREFIX_CHUNK = 4_000_000
 # A basis built from a Gram-based frame (the fast path) must be orthonormal to this (float64), or the
 # module is merged again on the exact path (a thin SVD of the residual).
 _ORTHONORMAL_TOL = 1e-9
+# Up to this many new columns per side, the thin SVD of the residual is as cheap as any Gram matrix (and
+# needs no check): the Gram path pays off for batches of many adapters (compress, large merges).
+_SVD_COLUMNS = 64
+# Past this many old columns per side (sum of the old tasks' widths), C C.T is assembled from the running
+# Gram of the old tasks (ModuleBasis.gram_cache) instead of multiplied out.
+_GRAM_FROM_CACHE = 512
 
 # Metadata keys a merge writes into each task (JSON numbers, or module -> number maps).
 ENTRY_NORM = "entry_norm"  # |dW| over all modules when the task entered
@@ -212,12 +218,17 @@ def _truncate_module(
         E_A, E_B = W_A.T @ group_A, W_B.T @ group_B
         # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
         total = _frobenius_sq_of_product(group_B, group_A) if totals is None else totals[index]
+        diff = (total - _frobenius_sq_of_product(E_B, E_A)).clamp_min(0.0) if dropped else None
+        rows_A, rows_B = E_A.to(torch.float32).unbind(0), E_B.to(torch.float32).unbind(0)
+        if len(groups) == 1:  # every task, in order
+            sq_norm = total.clamp_min(0.0)
+            sq_diff = diff if diff is not None else sq_diff
+            E_A_list, E_B_list = list(rows_A), list(rows_B)
+            break
         sq_norm[index] = total.clamp_min(0.0)
-        if dropped:
-            sq_diff[index] = (total - _frobenius_sq_of_product(E_B, E_A)).clamp_min(0.0)
-        for i, a, b in zip(
-            index.tolist(), E_A.to(torch.float32).unbind(0), E_B.to(torch.float32).unbind(0), strict=True
-        ):
+        if diff is not None:
+            sq_diff[index] = diff
+        for i, a, b in zip(index.tolist(), rows_A, rows_B, strict=True):
             E_A_list[i], E_B_list[i] = a, b
     gram = None
     if A.gram is not None and B.gram is not None:
@@ -416,8 +427,13 @@ def _side_by_side(coefficients: list[Tensor], k: int) -> Tensor:
     return torch.cat(coefficients, dim=1).to(torch.float64)
 
 
-def _old_gram(basis: ModuleBasis, old_names: list[str], E_A: Tensor, E_B: Tensor) -> tuple[Tensor, Tensor]:
-    """``sum_i E_i E_i.T`` per side: the basis's cache when it belongs to exactly these tasks, else computed."""
+def _old_gram(
+    basis: ModuleBasis, old_names: list[str], E_A: Tensor, E_B: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """``sum_i E_i E_i.T`` per side: the basis's cache when it belongs to exactly these tasks, else computed;
+    None when there are too few old columns for the merge to use it (``_GRAM_FROM_CACHE``)."""
+    if max(E_A.shape[1], E_B.shape[1]) <= _GRAM_FROM_CACHE:
+        return None, None
     cache = basis.gram_cache
     if (
         isinstance(cache, _GramCache)
@@ -436,7 +452,7 @@ def _canonical_columns(
     and each task's width. Adapters of equal rank are canonicalized in one batch."""
     factors = [adapters[t].factors[module] for t in names]
     widths = [B.shape[1] for B, _ in factors]
-    if len(set(widths)) == 1:
+    if len(set(widths)) == 1 and len(names) > 1:
         scaling = torch.tensor([adapters[t].scale(module) for t in names], dtype=torch.float64)
         B_c, A_c = canonicalize_batch(
             torch.stack([B for B, _ in factors]), torch.stack([A for _, A in factors]), scaling
@@ -500,7 +516,7 @@ def _track_module_drift(metadata: dict, sq_err: dict[str, tuple[float, float]], 
 
 
 def _side_coordinates(
-    U: Tensor, old_E: Tensor, old_gram: Tensor, X: Tensor, fast: bool = True, policy: KPolicy | None = None
+    U: Tensor, old_E: Tensor, old_gram: Tensor | None, X: Tensor, fast: bool = True, policy: KPolicy | None = None
 ) -> _Side:
     """One side of one module: a frame for ``[U Q]``, the coordinates ``C = [[E, a], [0, R]]`` in it and the
     eigenpairs of ``C C.T``.
@@ -530,8 +546,12 @@ def _side_coordinates(
         gram = torch.diag(frame.eigvals[:q])
         eigvals, eigvecs = frame.eigvals, torch.eye(q, dtype=torch.float64)
     else:
-        aR = a @ R.T
-        gram = torch.cat([torch.cat([old_gram + a @ a.T, aR], dim=1), torch.cat([aR.T, R @ R.T], dim=1)], dim=0)
+        if old_gram is not None:  # C C.T from the old tasks' running Gram: no O(T) work
+            aR = a @ R.T
+            top = torch.cat([old_gram + a @ a.T, aR], dim=1)
+            gram = torch.cat([top, torch.cat([aR.T, R @ R.T], dim=1)], dim=0)
+        else:  # few old columns: one product is cheaper than assembling the blocks
+            gram = C @ C.T
         # Gram of C: its eigenvectors are the left singular vectors of the stacked reconstructions.
         eigvals, eigvecs = torch.linalg.eigh(gram)
         order = torch.argsort(eigvals, descending=True)
@@ -569,14 +589,15 @@ def _residual_frame(
     loses nothing the cut keeps: the Gram's eigenvalues are accurate to ``~eps * s_max^2``, far below
     ``(_RANK_TOL * s_max)^2``, and the residual outside the kept span stays below the cut plus that.
     With ``policy`` (initialization) the wide path computes only the rows of ``R`` the policy can keep
-    (``eigvals`` still lists every direction). Not ``fast``: a thin SVD of ``Z`` (the exact fallback).
+    (``eigvals`` still lists every direction). Not ``fast``, or at most ``_SVD_COLUMNS`` columns: a thin
+    SVD of ``Z`` (exact; the fallback).
     The norm of ``X`` is ``s_max`` of ``Z`` when
     ``k = 0`` (``X = Z``), else the largest eigenvalue of its smaller Gram (``X.T X = a.T a + Z.T Z``).
     """
     dim, m = Z.shape
     if m == 0 or limit <= 0:
         return _ResidualFrame(Z.new_zeros(0, m), Z.new_zeros(0), Q=Z.new_zeros(dim, 0))
-    if not fast:
+    if not fast or m <= _SVD_COLUMNS:
         Q, s, Vh = torch.linalg.svd(Z, full_matrices=False)
         scale_sq = float(s[0]) ** 2 if k == 0 else _spectral_sq(X)
         q = _significant(s.square(), scale_sq, limit)

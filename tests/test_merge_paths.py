@@ -82,6 +82,13 @@ def test_rotations_are_empty_at_initialization_and_orthogonal_without_truncation
 
 
 # -- the Gram-based residual frame against the exact (SVD) path ------------------------------------------
+@pytest.fixture
+def gram_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Gram-based frames for every batch (the merge takes them from ``_SVD_COLUMNS`` new columns on;
+    these shapes are small)."""
+    monkeypatch.setattr(merge_module, "_SVD_COLUMNS", 0)
+
+
 def force_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every merge take the thin-SVD path (what the merge falls back to when a fast frame fails its check)."""
     original = merge_module._residual_frame
@@ -128,6 +135,7 @@ ROUNDS = {
 @pytest.mark.parametrize(
     "policy", [KPolicy(k=6), KPolicy(variance=0.8), KPolicy(max_error=0.2), KPolicy(max_error=0.1, k_max=9)]
 )
+@pytest.mark.usefixtures("gram_paths")
 def test_fast_frames_give_the_exact_paths_merge(rounds: str, policy: KPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
     fast = run_merges(ROUNDS[rounds], policy)
     force_exact(monkeypatch)
@@ -137,6 +145,7 @@ def test_fast_frames_give_the_exact_paths_merge(rounds: str, policy: KPolicy, mo
 
 
 @pytest.mark.parametrize("shape", [(30, 12), (12, 30)], ids=["tall", "wide"])
+@pytest.mark.usefixtures("gram_paths")
 def test_residual_frame_fast_equals_svd(shape: tuple[int, int]) -> None:
     g = torch.Generator().manual_seed(3)
     dim, m = shape
@@ -156,6 +165,7 @@ def test_residual_frame_fast_equals_svd(shape: tuple[int, int]) -> None:
         assert float(torch.linalg.matrix_norm(P - P_ref, ord=2)) <= 1e-8
 
 
+@pytest.mark.usefixtures("gram_paths")
 def test_an_ill_conditioned_fast_frame_falls_back_to_the_exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """A huge adapter beside tiny ones: Z V S^-1 loses orthonormality in the tiny directions, the check sees it,
     and the module is merged again on the SVD path, so the result is the exact path's."""
@@ -183,7 +193,8 @@ def test_an_ill_conditioned_fast_frame_falls_back_to_the_exact_path(monkeypatch:
 
 
 # -- the running Gram and the per-task arithmetic ---------------------------------------------------------
-def test_the_gram_cache_gives_the_merge_that_recomputing_it_gives() -> None:
+def test_the_gram_cache_gives_the_merge_that_recomputing_it_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(merge_module, "_GRAM_FROM_CACHE", 0)  # use the running Gram from the first old column
     policy = KPolicy(max_error=0.15)
     cached, _ = merge(None, {"a": random_adapter(0), "b": random_adapter(1)}, policy)
     fresh = cached
@@ -206,7 +217,8 @@ def test_the_gram_cache_gives_the_merge_that_recomputing_it_gives() -> None:
         assert float((basis.gram_cache.A - gram).abs().max()) <= 1e-6 * float(gram.abs().max())
 
 
-def test_a_cache_of_other_tasks_is_not_used() -> None:
+def test_a_cache_of_other_tasks_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(merge_module, "_GRAM_FROM_CACHE", 0)
     """Bases shared into a subspace with fewer tasks (as the coordinator's bases-only copies are) must not
     carry the cache of the full task set into a merge."""
     policy = KPolicy(k=8)
