@@ -28,7 +28,9 @@ import torch
 from benchmarks.results_md import RESULTS, command_line, write_section
 from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
 from subspace_store import SubspaceStore, connect
+from subspace_store.codec import decode_basis, decode_task
 from subspace_store.embedded import start_redis
+from subspace_store.payloads import sha256
 
 HEADING = "## Store"
 
@@ -96,6 +98,12 @@ def bench_pull(store: SubspaceStore, default_client: redis.Redis, version: str, 
             pipe.get(key)
         pipe.execute()
 
+    # The parts of a pull, each alone: the payloads' bytes are in memory here (writable, as a pull reads them).
+    modules = list(manifest["modules"])
+    payloads = [bytearray(client.get(key)) for key in keys]
+    decoders = [decode_basis] * len(modules) + [
+        lambda data, t=t: decode_task(data, modules, manifest["tasks"][t]) for t in manifest["tasks"]
+    ]
     variants = {
         "seq": raw_sequential,
         "pipe": raw_pipeline,
@@ -103,6 +111,9 @@ def bench_pull(store: SubspaceStore, default_client: redis.Redis, version: str, 
         "pull": lambda: store.get(version),
         "pull_noverify": lambda: store.get(version, verify=False),
         "pull1": lambda: store.get(version, tasks=[first_task]),
+        "manifest": lambda: store.manifest(version),
+        "sha256": lambda: [sha256(data) for data in payloads],
+        "decode": lambda: [decode(data) for decode, data in zip(decoders, payloads, strict=True)],
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     store.get(version)  # warm up connections and the decode pool
@@ -152,6 +163,39 @@ def bench_bytes_per_task(store: SubspaceStore, shape: Shape) -> dict[str, float]
     }
 
 
+def _validate_per_tensor(subspace: Subspace) -> None:
+    """What ``Subspace.validate`` checked for finiteness before: one ``isfinite`` per basis and coefficient."""
+    for basis in subspace.modules.values():
+        for U in (basis.U_A, basis.U_B):
+            if not torch.isfinite(U).all():
+                raise ValueError("non-finite basis")
+    for task in subspace.tasks.values():
+        for E_A, E_B in task.E.values():
+            if not (torch.isfinite(E_A).all() and torch.isfinite(E_B).all()):
+                raise ValueError("non-finite coefficients")
+
+
+def bench_validate(shape: Shape, tasks: int, reps: int) -> dict[str, float]:
+    """``Subspace.validate`` (run by every publish) on ``tasks`` tasks of ``shape``, vs the per-tensor check alone.
+
+    The coefficients are views of one random block (separate tensors, as validate sees them either way).
+    """
+    gen = torch.Generator().manual_seed(2)
+    block = torch.randn(tasks, len(shape.modules), 2, shape.k, shape.p, generator=gen)
+    base = random_subspace(shape, 0)
+    task_entries = {
+        f"task{t}": TaskCoefficients(E={m: (block[t, i, 0], block[t, i, 1]) for i, m in enumerate(shape.modules)})
+        for t in range(tasks)
+    }
+    subspace = Subspace(modules=base.modules, tasks=task_entries, policy=base.policy)
+    times: dict[str, list[float]] = {"validate": [], "per_tensor": []}
+    for _ in range(reps):
+        times["validate"].append(_timed(subspace.validate))
+        times["per_tensor"].append(_timed(lambda: _validate_per_tensor(subspace)))
+    tensors = 2 * len(shape.modules) * (tasks + 1)
+    return {"tensors": tensors, **{k: statistics.median(v) for k, v in times.items()}}
+
+
 def _mb(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
@@ -163,13 +207,17 @@ def run(args: argparse.Namespace) -> str:
         try:
             client = connect(server.url, timeout_s=60)  # the store's own client settings
             default_client = redis.Redis.from_url(server.url, socket_timeout=60)  # redis-py defaults
-            rows_pull, rows_pub, rows_bytes = [], [], []
+            rows_pull, rows_parts, rows_pub, rows_bytes = [], [], [], []
             for i, shape in enumerate(shapes(args.minilm_tasks, args.big_tasks)):
                 store = SubspaceStore(client, f"bench{i}")
                 subspace = random_subspace(shape, shape.tasks)
                 version = store.publish(subspace, None)
                 p = bench_pull(store, default_client, version, args.reps)
                 mbps = p["bytes"] / 1e6
+                parts = " | ".join(
+                    f"{p[k] * 1e3:.2f} ms" for k in ("manifest_s", "sha256_s", "decode_s", "raw_s", "pull_s")
+                )
+                rows_parts.append(f"| {shape.name}, T={shape.tasks} | {parts} |")
                 rows_pull.append(
                     f"| {shape.name}, T={shape.tasks} | {_mb(p['bytes'])} | {p['raw_s'] * 1e3:.1f} ms "
                     f"({mbps / p['raw_s']:.0f} MB/s) | {p['pull_s'] * 1e3:.1f} ms ({mbps / p['pull_s']:.0f} MB/s) | "
@@ -191,8 +239,11 @@ def run(args: argparse.Namespace) -> str:
                 print(f"done: {shape.name}", file=sys.stderr, flush=True)
         finally:
             server.stop()
+    big = shapes(args.minilm_tasks, args.big_tasks)[1]
+    v = bench_validate(big, args.validate_tasks, args.validate_reps)
     lines += [
-        "Pull of a whole version (`SubspaceStore.get`: GETs, sha256 of every payload, Arrow decode into torch) vs "
+        "Pull of a whole version (`SubspaceStore.get`: manifest read and checked, payload GETs, sha256 of every "
+        "payload, decode into torch tensors) vs "
         "a raw redis-py GET of the same payload keys with the same client (faster of one-by-one and one "
         "pipeline; no checks, no decode). Median of "
         f"{args.reps} interleaved runs; ratio = raw time / pull time (target >= 0.8x), from the medians and "
@@ -204,6 +255,14 @@ def run(args: argparse.Namespace) -> str:
         "| raw GET, default client | pull one task |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows_pull,
+        "",
+        "Where a pull's time goes (medians of the same interleaved runs, each part alone): reading and checking "
+        "the manifest (`SubspaceStore.manifest`), sha256 of every payload, decoding every payload from bytes "
+        "in memory (`decode_basis`/`decode_task`); against the raw GET and the whole pull.",
+        "",
+        "| shape | manifest | sha256 | decode | raw GET | pull |",
+        "|---|---|---|---|---|---|",
+        *rows_parts,
         "",
         f"Publish throughput (full version each time: payloads + manifest + CAS head; {args.publishes} publishes):",
         "",
@@ -217,6 +276,12 @@ def run(args: argparse.Namespace) -> str:
         "| shape | bases per version | added per task | Redis memory per task | LoRA adapter | LoRA / task |",
         "|---|---|---|---|---|---|",
         *rows_bytes,
+        "",
+        f"`Subspace.validate()` (every publish runs it) on {big.name} with T={args.validate_tasks} tasks "
+        f"({v['tensors']} bases and coefficients; median of {args.validate_reps}): "
+        f"**{v['validate'] * 1e3:.0f} ms**, whole check (shapes, names, finiteness as sums of same-shaped batches); "
+        f"one `isfinite` per tensor, as before, takes {v['per_tensor'] * 1e3:.0f} ms for the finiteness alone "
+        f"({v['per_tensor'] / v['validate']:.1f}x).",
     ]
     return "\n".join(lines)
 
@@ -236,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-tasks", type=int, default=8)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--publishes", type=int, default=5)
+    parser.add_argument("--validate-tasks", type=int, default=1000, help="tasks of the 7B shape for validate()")
+    parser.add_argument("--validate-reps", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="replace the ## Store section of RESULTS.md")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
