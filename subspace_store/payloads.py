@@ -287,6 +287,7 @@ def _cut(layout: _Layout, flats: dict[str, np.ndarray]) -> list[Tensor]:
 
 _FRAME = struct.Struct("<iI")  # an IPC message starts: continuation marker (-1), metadata length
 _TEMPLATE_HEADER_BYTES = 64 << 10
+_TEMPLATE_FIXED_BYTES = 4 << 10  # body bytes outside the values (offsets, padding; ours hold a few dozen)
 
 
 @dataclass(frozen=True)
@@ -352,13 +353,16 @@ def _template(
         for buffer in buffers[:3]:
             if buffer is not None and buffer.size:
                 structure.append((buffer.address - source.address, buffer.address - source.address + buffer.size))
-    fixed, pos = [], body
+    ranges, pos = [], body  # the body outside the values
     for at, end in sorted(spans):
         if at < pos or end > len(data) or any(s < end and at < e for s, e in structure):
             return None
-        fixed.append((pos, at, bytes(data[pos:at])))
+        ranges.append((pos, at))
         pos = end
-    fixed.append((pos, len(data), bytes(data[pos:])))
+    ranges.append((pos, len(data)))
+    if sum(end - start for start, end in ranges) > _TEMPLATE_FIXED_BYTES:  # not one of ours: not worth keeping
+        return None
+    fixed = [(start, end, bytes(data[start:end])) for start, end in ranges]
     kept = tuple((dtype, at, count) for dtype, (at, count) in values.items() if count)
     return _Template(len(data), tuple(fixed), kept, layout, meta)
 
