@@ -4,7 +4,10 @@ A payload is one Arrow IPC stream holding one record batch with one row. Tensors
 are packed end to end into one ``large_list`` column named after the dtype; the schema metadata
 ``tensors`` lists every tensor as ``[name, dtype, shape, offset]`` (offset in elements within its
 dtype's column). Packing matters: a task payload holds two small matrices per module, and decoding
-one column per dtype and slicing views costs far less per tensor than one Arrow column each.
+one column per dtype costs far less per tensor than one Arrow column each. Within a column the
+writer groups tensors of one shape (readers go by the offsets, so any packing reads back), and the
+reader cuts each such run with one reshape. An index is parsed once per process, and a payload laid
+out like one already decoded skips Arrow (see "decoding payloads shaped like one seen before").
 Decoding restores dtype, shape and bits exactly (bfloat16 and bool included).
 """
 
