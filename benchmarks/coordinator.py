@@ -2,6 +2,7 @@
 subspace grows to 1000 tasks, batched merges vs one merge per submission.
 
     python -m benchmarks.coordinator [--tasks 10 100 300 1000] [--burst 16] [--write]
+    python -m benchmarks.coordinator --scaling [...]   # full vs delta versions as T grows (delta_scaling.py)
 
 Runs the merge service itself (``coordinator.Coordinator``, no Ray) against a real redis-server it
 starts in a temporary folder (append-only, fsync every second: the embedded default). Shapes are
@@ -165,6 +166,12 @@ def summary(runs: list[Run]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if "--scaling" in arguments:  # the T-scaling table, full vs delta versions (benchmarks/delta_scaling.py)
+        from benchmarks import delta_scaling
+
+        delta_scaling.main(arguments, command_line("coordinator", argv))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[10, 100, 300, 1000], help="T values")
     parser.add_argument("--burst", type=int, default=16, help="submissions arriving at once per T")

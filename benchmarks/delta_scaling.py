@@ -1,0 +1,247 @@
+"""T-scaling of a version: full format vs delta versions, side by side in one run (issue 14, item 4).
+
+    python -m benchmarks.coordinator --scaling [--tasks 10 100 1000 10000] [--shapes minilm llama7b] [--write]
+
+For each shape and T, a synthetic head of T tasks (random orthonormal bases, random coefficients with
+p=8, a 4x16 head each) is published as v1 in two namespaces of one real redis-server (append-only,
+fsync every second). Then ``--merges`` times: one new random rank-8 LoRA adapter is merged into the head
+(``share.merge``, KPolicy(k=32): k stays 32, so every merge rotates every old task) and the result is
+published in both formats, full (every task's payload written again) and delta (bases, the merge's
+rotations, the new task; ``publish(delta=True, rotations=report.rotations)``). Measured per version:
+merge seconds (the same merge for both), publish seconds, bytes written (payloads + manifest), Redis
+memory the version adds (``used_memory`` after - before, so it includes the manifest), and the
+latency of pulling one old task of the head (``get(head, tasks=[t])``; delta: with a cold and a warm
+rotation cache, the task read through ``--merges`` rotations). Shapes: MiniLM (6 layers x query,value,
+384 x 384) and LLaMA-7B (32 layers x q_proj,v_proj, 4096 x 4096). ``--write`` replaces the
+``## Versions as deltas (T scaling)`` section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.results_md import write_section
+from share import KPolicy, LoraAdapter, ModuleBasis, Subspace, TaskCoefficients, merge
+from subspace_store import SubspaceStore, chains
+from subspace_store.embedded import start_redis
+
+HEADING = "## Versions as deltas (T scaling)"
+K, P = 32, 8
+POLICY = KPolicy(k=K)
+SHAPES = {
+    "minilm": ([f"encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "value")], 384, 384),
+    "llama7b": ([f"model.layers.{i}.self_attn.{p}" for i in range(32) for p in ("q_proj", "v_proj")], 4096, 4096),
+}
+
+
+def synthetic_head(shape: str, tasks: int) -> Subspace:
+    modules, n, d = SHAPES[shape]
+    g = torch.Generator().manual_seed(tasks)
+    bases = {
+        m: ModuleBasis(
+            U_A=torch.linalg.qr(torch.randn(d, K, generator=g))[0],
+            U_B=torch.linalg.qr(torch.randn(n, K, generator=g))[0],
+        )
+        for m in modules
+    }
+    entries = {}
+    for t in range(tasks):
+        E = {m: (torch.randn(K, P, generator=g), torch.randn(K, P, generator=g) * 0.01) for m in modules}
+        entries[f"t{t:05d}"] = TaskCoefficients(E=E, head={"head.weight": torch.randn(4, 16, generator=g)})
+    return Subspace(modules=bases, tasks=entries, policy=POLICY)
+
+
+def adapter(shape: str, seed: int) -> LoraAdapter:
+    modules, n, d = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(n, P, generator=g) * 0.01, torch.randn(P, d, generator=g)) for m in modules}
+    return LoraAdapter(factors, head={"head.weight": torch.randn(4, 16, generator=g)})
+
+
+@dataclass
+class Row:
+    shape: str
+    tasks: int
+    fmt: str
+    merge_s: float
+    publish_s: float
+    written_mb: float
+    redis_mb: float
+    manifest_mb: float
+    pull_ms: float
+    pull_warm_ms: float | None
+
+
+def _used(client) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def _pull_ms(store: SubspaceStore, task: str, reps: int = 3) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        store.get("head", tasks=[task])
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
+
+
+def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
+    head = synthetic_head(shape, tasks)
+    stores = {fmt: SubspaceStore(client, f"scale-{shape}-{tasks}-{fmt}") for fmt in ("full", "delta")}
+    parents = {fmt: store.publish(head, None) for fmt, store in stores.items()}
+    stats: dict[str, dict[str, list[float]]] = {fmt: {} for fmt in stores}
+    merge_s = []
+    for j in range(merges):
+        start = time.perf_counter()
+        head, report = merge(head, {f"new{j:02d}": adapter(shape, 100_000 + j)}, POLICY)
+        merge_s.append(time.perf_counter() - start)
+        for fmt, store in stores.items():
+            before = _used(client)
+            start = time.perf_counter()
+            parents[fmt] = store.publish(
+                head, parents[fmt], delta=fmt == "delta", rotations=report.rotations if fmt == "delta" else None
+            )
+            seconds = time.perf_counter() - start
+            manifest = len(client.get(store.keys.manifest(parents[fmt])))
+            written = store.manifest(parents[fmt]).get("written_bytes", 0) + manifest
+            row = stats[fmt]
+            row.setdefault("publish_s", []).append(seconds)
+            row.setdefault("written", []).append(written)
+            row.setdefault("redis", []).append(_used(client) - before)
+            row.setdefault("manifest", []).append(manifest)
+    out = []
+    old_task = "t00000"
+    for fmt, store in stores.items():
+        chains.clear_caches()
+        cold = _pull_ms(store, old_task, reps=1)
+        warm = _pull_ms(store, old_task) if fmt == "delta" else None
+        row = stats[fmt]
+        out.append(
+            Row(
+                shape,
+                tasks,
+                fmt,
+                statistics.mean(merge_s),
+                statistics.mean(row["publish_s"]),
+                statistics.mean(row["written"]) / 1e6,
+                statistics.mean(row["redis"]) / 1e6,
+                statistics.mean(row["manifest"]) / 1e6,
+                cold,
+                warm,
+            )
+        )
+    client.flushdb()
+    return out
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| shape | T | format | merge s | publish s | merge + publish s | written MB / version | Redis MB / version "
+        "| manifest MB | pull one old task ms (cold) | (warm) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        warm = f"{r.pull_warm_ms:.1f}" if r.pull_warm_ms is not None else "-"
+        lines.append(
+            f"| {r.shape} | {r.tasks} | {r.fmt} | {r.merge_s:.3f} | {r.publish_s:.3f} | {r.merge_s + r.publish_s:.3f} "
+            f"| {r.written_mb:.2f} | {r.redis_mb:.2f} | {r.manifest_mb:.3f} | {r.pull_ms:.1f} | {warm} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> str:
+    """Per shape and format: the largest T's merge + publish and Redis bytes per version over the smallest T's."""
+    parts = []
+    for shape in dict.fromkeys(r.shape for r in rows):
+        for fmt in ("full", "delta"):
+            mine = sorted((r for r in rows if r.shape == shape and r.fmt == fmt), key=lambda r: r.tasks)
+            if len(mine) < 2:
+                continue
+            lo, hi = mine[0], mine[-1]
+            cost = (hi.merge_s + hi.publish_s) / (lo.merge_s + lo.publish_s)
+            publish = hi.publish_s / lo.publish_s
+            memory = hi.redis_mb / lo.redis_mb if lo.redis_mb > 0 else float("nan")
+            parts.append(
+                f"{shape} {fmt}, T={hi.tasks} over T={lo.tasks}: merge + publish {cost:.1f}x (publish alone "
+                f"{publish:.1f}x), Redis bytes per version {memory:.1f}x"
+            )
+    same = {(r.shape, r.tasks): r for r in rows if r.fmt == "full"}
+    for r in rows:
+        if (
+            r.fmt == "delta"
+            and (r.shape, r.tasks) in same
+            and r.tasks == max(x.tasks for x in rows if x.shape == r.shape)
+        ):
+            f = same[(r.shape, r.tasks)]
+            parts.append(
+                f"{r.shape} T={r.tasks}, delta over full: publish {f.publish_s / r.publish_s:.1f}x faster, "
+                f"{f.redis_mb / r.redis_mb:.0f}x less Redis memory per version"
+            )
+    return "\n".join(f"- {p}" for p in parts)
+
+
+def main(argv: list[str], command: str) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scaling", action="store_true", help="(selects this benchmark in benchmarks.coordinator)")
+    parser.add_argument("--tasks", type=int, nargs="+", default=[10, 100, 1000, 10000], help="T values")
+    parser.add_argument("--shapes", nargs="+", default=["minilm", "llama7b"], choices=sorted(SHAPES))
+    parser.add_argument("--max-7b-tasks", type=int, default=1000, help="largest T for llama7b (memory of one box)")
+    parser.add_argument("--merges", type=int, default=3, help="merges (versions) measured per T and format")
+    parser.add_argument("--write", action="store_true", help=f"replace the {HEADING} section of RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as folder:
+        server = start_redis(Path(folder) / "redis")
+        try:
+            client = server.client()
+            for shape in args.shapes:
+                for tasks in args.tasks:
+                    if shape == "llama7b" and tasks > args.max_7b_tasks:
+                        print(f"skipping llama7b T={tasks} (--max-7b-tasks {args.max_7b_tasks})", file=sys.stderr)
+                        continue
+                    got = measure(client, shape, tasks, args.merges)
+                    rows += got
+                    for r in got:
+                        print(
+                            f"{shape:8s} T={tasks:6d} {r.fmt:5s}: merge {r.merge_s:.3f}s publish {r.publish_s:.3f}s "
+                            f"written {r.written_mb:.2f}MB redis {r.redis_mb:.2f}MB pull {r.pull_ms:.1f}ms",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+        finally:
+            server.stop()
+    body = table(rows) + "\n\n" + ratios(rows)
+    print(body)
+    if args.write:
+        machine = f"1 torch thread, Python {platform.python_version()}, {args.merges} merges per T and format"
+        write_section(HEADING, command, body + "\n\n" + NOTES, machine)
+
+
+NOTES = (
+    "Bases, k=32 and p=8 are the same in both formats; only what a version writes differs. The merge is "
+    "``share.merge`` as it is at this commit (the same call for both formats, timed once). Written MB and Redis "
+    "MB include the manifest, which lists every task with its metadata in both formats.\n\n"
+    "The issue's target (at T=10000 a merge + publish at most 2x its T=10 cost, Redis bytes per version "
+    "independent of T) is missed, for two reasons the table shows. (1) The merge itself still grows with T "
+    "(item 1 of the issue, not part of this change). (2) A delta version still has an O(T) manifest: per-task "
+    "metadata (error bounds per module, provenance) changes with every merge and stays in the manifest, about "
+    "2.4 KB per task with MiniLM's 12 modules and 10 KB with LLaMA-7B's 64 (the manifest MB column over T); "
+    "publishing parses the parent's (unless this store object wrote it) and writes a new one, and pulling one "
+    "task parses it, so the delta format's publish seconds, Redis bytes per version and pull latency grow "
+    "with T through the manifest alone. What the delta format removes is every old task's payload: written "
+    "bytes are the bases, the rotations (16 KB per module at k=32) and the new task. For LLaMA-7B shapes the bases "
+    "(67 MB per version, the same in both formats) dominate a version until T is in the thousands. Pull "
+    "latency of one old task (cold: the process has not seen the rotations yet; warm: their product cached) is "
+    "the manifest parse plus the bases; the chain's k x k products are negligible beside it. The machine is "
+    "shared (2 cores, load 7-9 during the run), so seconds vary by tens of percent between runs; bytes do not."
+)
