@@ -12,6 +12,7 @@ from typing import Any
 from share import KPolicy
 from share.errors import ShareClError
 from subspace_store import SubmissionStream, SubspaceStore, connect
+from subspace_store.chains import DEFAULT_MAX_CHAIN, MAX_CHAIN
 from subspace_store.connection import outlast_restarts
 
 from .crash import CrashPoints
@@ -38,6 +39,9 @@ class CoordinatorConfig:
     block_ms: int = 1000
     recover_idle_ms: int = 60_000
     keep_versions: int | None = None
+    # Rotations a read of the head may apply (versions are deltas) before the coordinator compacts the
+    # head into a full version, right after the publish that reached it.
+    max_chain: int = DEFAULT_MAX_CHAIN
     # torch threads in the coordinator's process. Merges are many small matrix products: one thread
     # is fastest, and more oversubscribe the cores that training workers share (measured: a merge
     # took 10 s with 2 threads on a loaded 2-core machine, 0.03 s with 1). None: torch's default.
@@ -66,6 +70,8 @@ class CoordinatorConfig:
             found.append(f"max_batch must be >= 1 (got {self.max_batch})")
         if self.block_ms < 0:
             found.append(f"block_ms must be >= 0 (got {self.block_ms})")
+        if not isinstance(self.max_chain, int) or not 1 <= self.max_chain <= MAX_CHAIN:
+            found.append(f"max_chain must be an integer from 1 to {MAX_CHAIN} (got {self.max_chain!r})")
         if self.torch_threads is not None and self.torch_threads < 1:
             found.append(f"torch_threads must be >= 1 or None (got {self.torch_threads})")
         if not isinstance(self.idle_timeout_s, int | float) or not self.idle_timeout_s >= 0:
@@ -111,5 +117,6 @@ def build(config: CoordinatorConfig) -> Coordinator:
         consumer=config.consumer,
         recover_idle_ms=config.recover_idle_ms,
         keep_versions=config.keep_versions,
+        max_chain=config.max_chain,
         crash=CrashPoints(config.crash_at, config.crash_marker_dir),
     )

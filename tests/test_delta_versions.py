@@ -433,3 +433,13 @@ def test_edited_delta_manifests_decode_or_raise_a_project_error() -> None:
             pass
 
     run()
+
+
+def test_the_coordinator_config_carries_max_chain_to_the_coordinator(redis_server, namespace) -> None:
+    from coordinator.config import CoordinatorConfig, CoordinatorConfigError, build
+
+    with pytest.raises(CoordinatorConfigError, match="max_chain must be an integer from 1 to"):
+        CoordinatorConfig(namespace=namespace, redis_url=redis_server, max_chain=0)
+    config = CoordinatorConfig(namespace=namespace, redis_url=redis_server, max_chain=3)
+    assert CoordinatorConfig.from_dict(config.to_dict()).max_chain == 3
+    assert build(config).max_chain == 3
