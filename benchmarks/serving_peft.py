@@ -50,7 +50,7 @@ class PeftTasks:
     model: nn.Module
     count: int = 0
     official: int = 0  # tasks loaded with PEFT's load_adapter (the first ones)
-    load_seconds: list[float] = field(default_factory=list)  # each load_adapter call, in order
+    load_seconds: list[float] = field(default_factory=list)  # CPU seconds of each load_adapter call, in order
 
     def lora_bytes(self) -> int:
         """Exact resident bytes of every lora_A / lora_B parameter."""
@@ -62,26 +62,31 @@ class PeftTasks:
 
 
 def load_official(
-    adapters: dict[str, LoraAdapter], stop: int, folder: Path, tasks: PeftTasks | None = None
+    adapters: dict[str, LoraAdapter],
+    stop: int,
+    folder: Path,
+    tasks: PeftTasks | None = None,
+    base: nn.Module | None = None,
 ) -> PeftTasks:
     """PEFT's own path up to the ``stop``-th adapter: each saved as a PEFT folder, then
-    ``PeftModel.from_pretrained`` for the first and ``load_adapter`` for each next one (each call timed).
-    ``tasks`` continues a model built so far by this path alone."""
+    ``PeftModel.from_pretrained`` for the first and ``load_adapter`` for each next one (each call's CPU time).
+    ``tasks`` continues a model built so far by this path alone; ``base`` is the model to wrap (default: a
+    fresh all-MiniLM-L6-v2)."""
     from peft import PeftModel
 
     names = list(adapters)
     if tasks is None:
-        start = time.perf_counter()
+        start = time.process_time()
         first = write_peft_folder(adapters[names[0]], folder / names[0])
-        model = PeftModel.from_pretrained(load_model(), str(first), adapter_name=names[0])
-        tasks = PeftTasks(model=model.eval(), count=1, official=1, load_seconds=[time.perf_counter() - start])
+        model = PeftModel.from_pretrained(base or load_model(), str(first), adapter_name=names[0])
+        tasks = PeftTasks(model=model.eval(), count=1, official=1, load_seconds=[time.process_time() - start])
     if tasks.count != tasks.official:
         raise ValueError("load_official continues only a model whose every adapter came in by load_adapter")
     for name in names[tasks.count : stop]:
         path = write_peft_folder(adapters[name], folder / name)
-        start = time.perf_counter()
+        start = time.process_time()
         tasks.model.load_adapter(str(path), adapter_name=name)
-        tasks.load_seconds.append(time.perf_counter() - start)
+        tasks.load_seconds.append(time.process_time() - start)
         tasks.count = tasks.official = tasks.count + 1
     tasks.model.eval()
     return tasks
@@ -158,3 +163,11 @@ def _remove(model: nn.Module, name: str) -> None:
         use_dora = getattr(module, "use_dora", None)
         if isinstance(use_dora, dict) and name in use_dora:
             del use_dora[name]
+
+
+def time_one_more(tasks: PeftTasks, adapter: LoraAdapter, name: str, folder: Path) -> float:
+    """CPU seconds of one more ``load_adapter`` into the model as it is (the adapter stays resident)."""
+    path = write_peft_folder(adapter, folder / name)
+    start = time.process_time()
+    tasks.model.load_adapter(str(path), adapter_name=name)
+    return time.process_time() - start
