@@ -305,7 +305,8 @@ COMPRESS_METHODS = ("sharecl", "sharecl-default", "lorashare", "vlora-dev")
 COMPRESS_NOTES = f"""\
 Compressing T random adapters (one {{n}} x {{n}} module, r = {COMPRESS_RANK}, factors N(0, 1/n)) into one shared
 subspace, all methods on the same adapters in the same process, repeats interleaved (method after method) so
-that load on the shared machine hits them alike; the table gives the median. `sharecl`: `share.merge(None,
+that load on the shared machine hits them alike; the table gives the median (at n = 4096 lorashare, about a
+minute a run, runs once without warm-up). `sharecl`: `share.merge(None,
 adapters, KPolicy(k={COMPRESS_K}))` (what `sharecl compress --k {COMPRESS_K}` runs after reading the files:
 canonical gauge, exact top-k of the stacked factors in float64, every task's coefficients and exact error).
 `sharecl-default`: the same with `sharecl compress`'s default rule (`max_error` 0.05, `k_max` 32).
@@ -360,6 +361,10 @@ def compress_runner(method: str, factors: list[tuple[torch.Tensor, torch.Tensor]
     return lambda: SharedSubspace.from_adapters(loras, num_components=COMPRESS_K)
 
 
+# At n = 4096 lorashare's n x n eigh takes about a minute: it runs once, without a warm-up.
+COMPRESS_ONCE_ABOVE = 1024
+
+
 def compress_worker(n: int, tasks: int, repeats: int, threads: int) -> dict:
     import logging
     import warnings
@@ -370,16 +375,20 @@ def compress_worker(n: int, tasks: int, repeats: int, threads: int) -> dict:
     factors = compress_adapters(n, tasks)
     runners = {method: compress_runner(method, factors) for method in COMPRESS_METHODS}
     times: dict[str, list[float]] = {method: [] for method, run in runners.items() if run is not None}
-    for method in times:  # warm-up: imports and first-call allocations stay out of the figures
+    once = {"lorashare"} if n > COMPRESS_ONCE_ABOVE else set()
+    for method in set(times) - once:  # warm-up: imports and first-call allocations stay out of the figures
         runners[method]()
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for method in times:
+            if method in once and repeat > 0:
+                continue
             start = time.perf_counter()
             runners[method]()
             times[method].append(time.perf_counter() - start)
     return {
         "seconds": {method: statistics.median(values) for method, values in times.items()},
         "repeats": repeats,
+        "once": sorted(once),
         "missing": [method for method, run in runners.items() if run is None],
     }
 
@@ -389,7 +398,7 @@ def run_compress(args: argparse.Namespace) -> str:
     for n, tasks in COMPRESS_CONFIGS:
         if args.quick and n > 384:
             continue
-        repeats = args.repeats if n <= 384 else max(1, args.repeats // 5)
+        repeats = args.repeats if n <= 384 else max(1, args.repeats // 3)
         command = [sys.executable, "-m", "benchmarks.merge", "--compress-worker", str(n), str(tasks)]
         command += ["--repeats", str(repeats), "--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
@@ -418,7 +427,8 @@ def compress_table(rows: list) -> str:
         if others:
             factor = min(others) / seconds["sharecl"]
             ratio = f"{factor:.2f}x faster" if factor >= 1 else f"{1 / factor:.2f}x slower"
-        lines.append(f"| {n} | {tasks} | {result['repeats']} | " + " | ".join(cells) + f" | {ratio} |")
+        repeats = f"{result['repeats']}" + (f" ({', '.join(result['once'])}: 1)" if result.get("once") else "")
+        lines.append(f"| {n} | {tasks} | {repeats} | " + " | ".join(cells) + f" | {ratio} |")
     if missing:
         lines.append(f"\nSkipped (package not installed): {', '.join(sorted(missing))}.")
     return "\n".join(lines)
@@ -483,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compress", action="store_true", help="compress many adapters at once: sharecl vs lorashare vs vlora-dev"
     )
-    parser.add_argument("--repeats", type=int, default=9, help="--compress: repeats per method (a fifth at n=4096)")
+    parser.add_argument(
+        "--repeats", type=int, default=9, help="repeats per method (--compress: a third at n=4096, lorashare once)"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "T", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--compress-worker", nargs=2, type=int, metavar=("N", "T"), help=argparse.SUPPRESS)
     parser.add_argument(
