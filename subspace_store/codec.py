@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ def decode_task(data: bytes, modules: list[str], entry: dict[str, Any]) -> TaskC
         if HEAD + h not in tensors:
             raise PayloadFormatError(f"lacks head tensor {HEAD + h!r}")
         head[h] = tensors[HEAD + h]
-    return TaskCoefficients(E=E, head=head, metadata=dict(entry["metadata"]))
+    return TaskCoefficients(E=E, head=head, metadata=json_copy(entry["metadata"]))
 
 
 def assemble(manifest: dict[str, Any], bases: dict[str, ModuleBasis], tasks: dict[str, TaskCoefficients]) -> Subspace:
@@ -197,9 +198,9 @@ def assemble(manifest: dict[str, Any], bases: dict[str, ModuleBasis], tasks: dic
                 raise StoreError(f"version {version}, task {t!r}, module {m!r}: coefficient shapes do not match")
     return Subspace(
         modules={m: bases[m] for m in manifest["modules"]},
-        tasks={t: tasks[t] for t in manifest["tasks"] if t in tasks},
+        tasks={t: tasks[t] for t in manifest["tasks"] if t in tasks},  # manifest order; names compared, not used
         policy=KPolicy.from_dict(manifest["policy"]),
-        metadata=dict(manifest["subspace_metadata"]),
+        metadata=json_copy(manifest["subspace_metadata"]),
     )
 
 
@@ -266,7 +267,70 @@ def decode_manifest(raw: bytes, keys: Keys, version: str) -> dict[str, Any]:
     this namespace.
     Unknown extra fields are ignored.
     """
+    return read_manifest(raw, keys, version).full()
+
+
+def read_manifest(raw: bytes, keys: Keys, version: str) -> CheckedManifest:
+    """``raw`` parsed, every field but the task entries checked; ``CheckedManifest`` checks those on first use."""
     return _ManifestReader(keys, version).read(raw)
+
+
+class CheckedManifest:
+    """A parsed manifest whose fields are checked, the task entries each when first asked for.
+
+    ``top`` is the manifest: everything but ``top["tasks"]``'s entries is checked on construction; use an
+    entry (or a task name) only after ``task``/``tasks``/``full`` checked it. Checking an entry is what
+    ``decode_manifest`` does to it (the same errors), so a pull of one task of a large version does no
+    per-task work for the others. Thread-safe; shared by every reader of a process (``manifest_cache``),
+    so never modify what it holds.
+    """
+
+    def __init__(self, reader: _ManifestReader, top: dict[str, Any], origins: set[str]) -> None:
+        self.top = top
+        self._reader = reader
+        self._origins = origins
+        self._checked: set[str] = set()
+        self._complete = False
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return self.top["version"]
+
+    def task(self, name: str) -> dict[str, Any]:
+        """The checked entry of task ``name`` (``KeyError`` if the manifest has none)."""
+        self.tasks([name])
+        return self.top["tasks"][name]
+
+    def tasks(self, names: Sequence[str]) -> None:
+        """Check the entries of ``names`` (each one the manifest holds; unknown names are left to the caller)."""
+        entries = self.top["tasks"]
+        with self._lock:
+            for name in names:
+                if name not in self._checked and name in entries:
+                    self._reader.task(self.top, name, entries[name], self._origins)
+                    self._checked.add(name)
+
+    def full(self) -> dict[str, Any]:
+        """The manifest with every task entry checked (what ``decode_manifest`` returns)."""
+        if not self._complete:
+            with self._lock:
+                entries = self.top["tasks"]
+                for name, entry in entries.items():
+                    if name not in self._checked:
+                        self._reader.task(self.top, name, entry, self._origins)
+                        self._checked.add(name)
+                self._complete = True
+        return self.top
+
+
+def json_copy(value: Any) -> Any:
+    """A deep copy of a JSON tree (dicts, lists, scalars): what leaves a shared ``CheckedManifest``."""
+    if type(value) is dict:
+        return {k: json_copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [json_copy(v) for v in value]
+    return value
 
 
 class _ManifestReader:
@@ -274,7 +338,7 @@ class _ManifestReader:
         self.keys = keys
         self.version = version
 
-    def read(self, raw: bytes) -> dict[str, Any]:
+    def read(self, raw: bytes) -> CheckedManifest:
         try:
             top = json.loads(raw)
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -316,42 +380,47 @@ class _ManifestReader:
         origins = self._chain(top, modules, parent) if delta else set()
         if not delta:
             top["rotations"] = []
-        for name, entry in self._object(self._field(top, "tasks"), ("tasks",)).items():
-            where = ("tasks", name)
-            self._check(where, check_task_name, name)
-            written = self.version
-            if delta:
-                written = self._field(self._object(entry, where), "written_in", where)
-                self._check((*where, "written_in"), check_version, written, "written_in")
-                if written != self.version and written not in origins:
-                    self._fail(
-                        (*where, "written_in"),
-                        f"is {written!r}, which is neither this version nor the start of one of its rotation chains",
-                    )
-            self._payload(name, entry, where, self.keys.task_keys(written, name))
-            if not delta:
-                entry["written_in"] = self.version
-            p = self._object(self._field(entry, "p", where), (*where, "p"))
-            if set(p) != set(modules):
-                self._fail((*where, "p"), f"must give p for exactly the modules {sorted(modules)}")
-            for module in p:
-                self._count(p, module, (*where, "p"))
-            head = self._typed(entry, "head", list, where)
-            if len(set(map(str, head))) != len(head):
-                self._fail((*where, "head"), "names a head tensor twice")
-            for hname in head:
-                self._check((*where, "head"), check_module_name, hname, "head tensor")
-            error = self._field(entry, "reconstruction_error", where)
-            if error is not None and (type(error) is bool or not isinstance(error, int | float)):
-                self._fail((*where, "reconstruction_error"), f"must be a number or null, got {str(error)[:40]}")
-            self._typed(entry, "metadata", dict, where)
+        self._object(self._field(top, "tasks"), ("tasks",))
         submissions = self._typed(top, "submissions", list, ())
         if not all(isinstance(sid, str) for sid in submissions):
             self._fail(("submissions",), "must be a list of submission ids (strings)")
         self._count(top, "bytes", ())
         self._typed(top, "subspace_metadata", dict, ())
         self._typed(top, "metadata", dict, ())
-        return top
+        return CheckedManifest(self, top, origins)
+
+    def task(self, top: dict[str, Any], name: str, entry: Any, origins: set[str]) -> None:
+        """Check one task entry of a manifest ``read`` checked (format 1: fills in ``written_in``)."""
+        where = ("tasks", name)
+        self._check(where, check_task_name, name)
+        written = self.version
+        delta = top["format_version"] >= 2
+        if delta:
+            written = self._field(self._object(entry, where), "written_in", where)
+            self._check((*where, "written_in"), check_version, written, "written_in")
+            if written != self.version and written not in origins:
+                self._fail(
+                    (*where, "written_in"),
+                    f"is {written!r}, which is neither this version nor the start of one of its rotation chains",
+                )
+        self._payload(name, entry, where, self.keys.task_keys(written, name))
+        modules = top["modules"]
+        p = self._object(self._field(entry, "p", where), (*where, "p"))
+        if set(p) != set(modules):
+            self._fail((*where, "p"), f"must give p for exactly the modules {sorted(modules)}")
+        for module in p:
+            self._count(p, module, (*where, "p"))
+        head = self._typed(entry, "head", list, where)
+        if len(set(map(str, head))) != len(head):
+            self._fail((*where, "head"), "names a head tensor twice")
+        for hname in head:
+            self._check((*where, "head"), check_module_name, hname, "head tensor")
+        error = self._field(entry, "reconstruction_error", where)
+        if error is not None and (type(error) is bool or not isinstance(error, int | float)):
+            self._fail((*where, "reconstruction_error"), f"must be a number or null, got {str(error)[:40]}")
+        self._typed(entry, "metadata", dict, where)
+        if not delta:  # last: a failed check leaves the entry as stored
+            entry["written_in"] = self.version
 
     def _chain(self, top: dict[str, Any], modules: dict[str, Any], parent: str | None) -> set[str]:
         """Check ``rotations`` (format 2); returns the versions a task payload may be written in besides this one."""

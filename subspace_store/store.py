@@ -25,23 +25,25 @@ from redis.exceptions import WatchError
 
 from share import Subspace
 
-from . import chains, fetch, retention
+from . import chains, fetch, manifest_cache, retention
 from .acks import DEFAULT_GROUP, check_open, queue_acks
 from .codec import (
     MANIFEST_FORMAT,
     MANIFEST_FORMAT_VERSION,
+    CheckedManifest,
     EncodedSubspace,
     assemble,
     build_manifest,
     decode_basis,
-    decode_manifest,
     decode_task,
     encode_subspace,
+    json_copy,
+    read_manifest,
 )
 from .errors import CorruptPayloadError, HeadConflictError, StoreError, TaskNotFoundError, VersionNotFoundError
 from .keys import Keys, check_namespace, check_version
 from .refs import resolve as _resolve
-from .refs import server_time
+from .refs import resolve_and_read, server_time
 from .tags import check_tag_name
 
 __all__ = [
@@ -86,6 +88,7 @@ class SubspaceStore:
         self.keys = Keys(namespace)
         self.namespace = namespace
         self._committed: tuple[str, dict[str, Any]] | None = None  # the manifest this object committed last
+        self._server = manifest_cache.server_identity(client)
 
     # -- reading -------------------------------------------------------------------------------
     def head(self) -> str | None:
@@ -97,14 +100,30 @@ class SubspaceStore:
         return check_version(_resolve(self.client, self.keys, ref), f"{ref!r} names")
 
     def manifest(self, ref: str = "head") -> dict[str, Any]:
-        """The manifest of the version ``ref`` names, every field checked (``decode_manifest``)."""
-        version = self.resolve(ref)
-        raw = self.client.get(self.keys.manifest(version))
+        """The manifest of the version ``ref`` names, every field checked (``decode_manifest``); the caller's copy."""
+        return json_copy(self._checked(ref).full())
+
+    def _checked(self, ref: str) -> CheckedManifest:
+        """The manifest ``ref`` names as this process checked it (``manifest_cache``): the ref and the manifest
+        read in one round trip when the ref names the version it named last, parsed and checked only if its
+        bytes differ from the cached ones. Shared: never modify it."""
+        guess = manifest_cache.REFS.guess((self._server, self.namespace, ref))
+        version, raw = resolve_and_read(self.client, self.keys, ref, guess)
         if raw is None:
             raise VersionNotFoundError(
                 f"version {version} of namespace {self.namespace!r} was pruned; list versions with `sharecl versions`"
             )
-        return decode_manifest(raw, self.keys, version)
+        if version != guess and version != ref:  # a version id names itself: nothing to remember
+            manifest_cache.REFS.remember((self._server, self.namespace, ref), version)
+        return self._decoded(version, raw)
+
+    def _decoded(self, version: str, raw: bytes) -> CheckedManifest:
+        key = (self._server, self.namespace, version)
+        checked = manifest_cache.MANIFESTS.lookup(key, raw)
+        if checked is None:
+            checked = read_manifest(raw, self.keys, version)
+            manifest_cache.MANIFESTS.put(key, raw, checked)
+        return checked
 
     def get(self, ref: str = "head", tasks: Sequence[str] | None = None, *, verify: bool = True) -> Subspace:
         """Read a version (all tasks, or only ``tasks``); verifies every payload's sha256.
@@ -113,13 +132,15 @@ class SubspaceStore:
         sha256 (sizes and Arrow structure are still checked): about a third faster on large versions,
         for callers that trust the network and the server's memory.
         """
-        manifest = self.manifest(ref)
+        checked = self._checked(ref)
+        manifest = checked.full() if tasks is None else checked.top
         version = manifest["version"]
         wanted = list(manifest["tasks"]) if tasks is None else list(tasks)
         for name in wanted:
             if name not in manifest["tasks"]:
-                held = ", ".join(manifest["tasks"]) or "none"
+                held = ", ".join(checked.full()["tasks"]) or "none"  # names checked before they reach a message
                 raise TaskNotFoundError(f"version {version} has no task {name!r}; it holds: {held}")
+        checked.tasks(wanted)  # only the entries used are checked: a one-task pull does no per-task work for the rest
         bases, task_entries = self._read(manifest, wanted, verify, with_bases=True)
         return assemble(manifest, bases, task_entries)
 
@@ -183,7 +204,7 @@ class SubspaceStore:
 
     def chain_lengths(self, ref: str = "head") -> dict[str, int]:
         """Task -> how many versions' rotations reading it applies (0: written in that version)."""
-        return chain_lengths(self.manifest(ref))
+        return chain_lengths(self._checked(ref).full())
 
     def version_count(self) -> int:
         """How many committed versions the namespace holds (pruned ones not counted)."""
@@ -211,7 +232,7 @@ class SubspaceStore:
         for name, raw in zip(names, raws, strict=True):
             if raw is None:  # pruned between the two reads
                 continue
-            m = decode_manifest(raw, self.keys, name)
+            m = self._decoded(name, raw).full()
             out.append(
                 VersionInfo(
                     version=name,
@@ -220,8 +241,8 @@ class SubspaceStore:
                     tasks=list(m["tasks"]),
                     k={mod: (e["k_A"], e["k_B"]) for mod, e in m["modules"].items()},
                     bytes=m["bytes"],
-                    submissions=m["submissions"],
-                    metadata=m["metadata"],
+                    submissions=list(m["submissions"]),
+                    metadata=json_copy(m["metadata"]),
                     tags=by_version.get(name, []),
                     pins=pins.get(name, []),
                     is_head=name == head,
@@ -288,7 +309,7 @@ class SubspaceStore:
         """``encode_subspace``'s delta arguments (reuse, rotations, chain), or {} to write in full."""
         # The parent is usually what this object just published (a coordinator): its manifest as built, unread.
         last = self._committed
-        before = last[1] if last is not None and last[0] == parent else self.manifest(parent)
+        before = last[1] if last is not None and last[0] == parent else self._checked(parent).full()
         if list(before["modules"]) != list(subspace.modules):
             return {}
         chain = before["rotations"]
@@ -351,7 +372,7 @@ class SubspaceStore:
         head = self.head()
         if head is None:
             return None
-        manifest = self.manifest(head)
+        manifest = self._checked(head).full()
         longest = max(chain_lengths(manifest).values(), default=0)
         if longest < max(min_chain, 1):
             return None
