@@ -1,5 +1,8 @@
-"""Merge benchmark: latency and peak memory of merging ONE new adapter into a T-task subspace; with
-``--compress``, compressing many adapters at once against the other public implementations.
+"""Merge benchmark: latency and memory of one merge into T tasks; --compress and --scaling modes.
+
+Default: merging ONE new adapter into a T-task subspace against explicit baselines. ``--compress``:
+compressing many adapters at once against the other public implementations (lorashare, vlora-dev).
+``--scaling``: ``share.merge`` alone as T grows.
 
     python -m benchmarks.merge [--quick] [--tasks T ...] [--budget S] [--skip-above S] [--threads N] [--write]
     python -m benchmarks.merge --compress [--quick] [--repeats N] [--write]
