@@ -236,7 +236,9 @@ def test_errors_fail_the_run_release_the_pin_and_name_the_fix(
         run_task_job(bad)
 
     # Diverging training (absurd lr) is an application error: the run ends FAILED with the reason.
-    diverge = tiny_job(tmp_path, "t3", redis_server, namespace, mlflow_uri, experiment_id, training={"lr": 1e30})
+    diverge = tiny_job(
+        tmp_path, "t3", redis_server, namespace, mlflow_uri, experiment_id, training={"lr": 1e30, "lora_lr": 1e30}
+    )
     with pytest.raises(FloatingPointError):
         run_task_job(diverge)
     runs = tracking.find_runs(mlflow_uri, experiment_id, "tags.`sharecl.task` = 't3'")
