@@ -125,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--label", default=None, help="run name (default: from data, quick/sweep/reversed)")
     run.add_argument("--write", action="store_true", help="replace this run's section of benchmarks/RESULTS.md")
+    run.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report (and --write) the stored results, naming the pairs not finished yet",
+    )
     return p
 
 
@@ -255,7 +260,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     tasks = load_tasks(entries)
     runner = Runner(tasks, budget, store, data_key, args.cache / "embeddings")
     wanted = {m.name for m in methods}
-    for seed in seeds:
+    for seed in [] if args.report_only else seeds:
         for job, produced in _jobs(methods).items():
             runner.run(job, produced, wanted, seed)
 
