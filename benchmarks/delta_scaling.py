@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.results_md import write_section
 from share import KPolicy, LoraAdapter, ModuleBasis, Subspace, TaskCoefficients, merge
-from subspace_store import SubspaceStore, chains
+from subspace_store import SubspaceStore, chains, manifest_cache
 from subspace_store.embedded import start_redis
 
 HEADING = "## Versions as deltas (T scaling)"
@@ -122,6 +122,7 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
     old_task = "t00000"
     for fmt, store in stores.items():
         chains.clear_caches()
+        manifest_cache.clear()  # cold: neither the rotations' product nor the checked manifest is cached
         cold = _pull_ms(store, old_task, reps=1)
         warm = _pull_ms(store, old_task) if fmt == "delta" else None
         row = stats[fmt]
@@ -241,7 +242,8 @@ NOTES = (
     "with T through the manifest alone. What the delta format removes is every old task's payload: written "
     "bytes are the bases, the rotations (16 KB per module at k=32) and the new task. For LLaMA-7B shapes the bases "
     "(67 MB per version, the same in both formats) dominate a version until T is in the thousands. Pull "
-    "latency of one old task (cold: the process has not seen the rotations yet; warm: their product cached) is "
-    "the manifest parse plus the bases; the chain's k x k products are negligible beside it. The machine is "
+    "latency of one old task (cold: the process has seen neither the rotations nor the manifest; warm: the rotations' "
+    "product and the checked manifest cached, its bytes still fetched and compared) is mostly the manifest "
+    "(fetch, and parse when cold) plus the bases; the chain's k x k products are negligible beside it. The machine is "
     "shared (2 cores, load 7-9 during the run), so seconds vary by tens of percent between runs; bytes do not."
 )
