@@ -106,3 +106,15 @@ def write_tiny_job(
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path into a JSON value (keys and list indices), the root's ``()`` first."""
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            out += json_paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            out += json_paths(child, (*prefix, i))
+    return out

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from helpers import json_paths
 
 from share import KPolicy, LoraAdapter, Subspace, merge, remove_tasks
 from subspace_store import CorruptPayloadError, StoreError, SubspaceStore
@@ -387,17 +388,6 @@ def _delta_manifest() -> tuple[dict, object]:
 DELTA_MANIFEST, FUZZ_KEYS = _delta_manifest()
 
 
-def _paths(value, prefix=()):
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, child in value.items():
-            out += _paths(child, (*prefix, key))
-    elif isinstance(value, list):
-        for i, child in enumerate(value):
-            out += _paths(child, (*prefix, i))
-    return out
-
-
 def test_edited_delta_manifests_decode_or_raise_a_project_error() -> None:
     import copy
 
@@ -409,7 +399,7 @@ def test_edited_delta_manifests_decode_or_raise_a_project_error() -> None:
 
     words = ["rotations", "written_in", "version", "parent", "to", "from", "key", "v1", "v2", "enc.q", "t0", "t1"]
     values = json_strategy(words, 8)
-    chain_paths = [p for p in _paths(DELTA_MANIFEST)[1:] if p[0] in ("rotations", "tasks")]
+    chain_paths = [p for p in json_paths(DELTA_MANIFEST)[1:] if p[0] in ("rotations", "tasks")]
 
     @FUZZ
     @given(st.data())

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import torch
-from helpers import FUZZ, json_strategy
+from helpers import FUZZ, json_paths, json_strategy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -151,23 +151,12 @@ def test_arbitrary_bytes_and_json_into_the_manifest_decoder(raw: bytes) -> None:
     _decode_manifest(raw)
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, child in value.items():
-            out += _paths(child, (*prefix, key))
-    elif isinstance(value, list):
-        for i, child in enumerate(value):
-            out += _paths(child, (*prefix, i))
-    return out
-
-
 @FUZZ
 @given(st.data())
 def test_edited_manifests_into_the_manifest_decoder(data: st.DataObject) -> None:
     manifest = copy.deepcopy(MANIFEST)
     for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(_paths(manifest)[1:]))
+        path = data.draw(st.sampled_from(json_paths(manifest)[1:]))
         parent = manifest
         for part in path[:-1]:
             parent = parent[part]
@@ -178,6 +167,6 @@ def test_edited_manifests_into_the_manifest_decoder(data: st.DataObject) -> None
             parent[path[-1]] = data.draw(json_values)
         elif isinstance(parent, dict):
             parent[data.draw(st.sampled_from(WORDS) | st.text(max_size=6))] = data.draw(json_values)
-        if not _paths(manifest)[1:]:
+        if not json_paths(manifest)[1:]:
             break
     _decode_manifest(json.dumps(manifest).encode())
