@@ -263,3 +263,18 @@ def test_show_prints_aligned_fields_and_tables_and_json_for_scripts(cli, redis_c
             "classifier.weight",
         ]
     assert json.loads(cli("show", "prod", "--json")[1]) == manifest
+
+
+def test_an_empty_namespace_is_reported_even_when_another_namespace_head_is_damaged(cli, redis_client) -> None:
+    """A damaged head elsewhere (here: not a version id) is that namespace's problem: listing an empty
+    namespace still answers, naming the healthy namespaces only."""
+    from subspace_store.keys import Keys
+
+    broken = Keys("t-damaged-head").head
+    redis_client.set(broken, b"../etc")
+    try:
+        code, out, err = cli("versions", "--namespace", "elsewhere-ns2")
+        assert code == 0, err
+        assert "namespace 'elsewhere-ns2' holds no version" in out and "t-damaged-head" not in out
+    finally:
+        redis_client.delete(broken)
