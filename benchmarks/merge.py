@@ -513,20 +513,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling_worker:
         print(json.dumps(scaling_worker(args.scaling_worker, args.repeats, args.threads)))
         return 0
-    if args.scaling:
-        args.tasks = args.tasks or [10, 100, 1000]
-        body = run_scaling(args)
+    if args.scaling or args.compress:
+        if args.scaling:
+            args.tasks = args.tasks or [10, 100, 1000]
+        body = run_scaling(args) if args.scaling else run_compress(args)
         print(body)
         if args.write:
             machine = f"{os.cpu_count()} CPUs shared with other users, {args.threads} torch thread(s)"
-            write_section(SCALING_HEADING, command_line("merge", argv), body, machine)
-        return 0
-    if args.compress:
-        body = run_compress(args)
-        print(body)
-        if args.write:
-            machine = f"{os.cpu_count()} CPUs shared with other users, {args.threads} torch thread(s)"
-            write_section(COMPRESS_HEADING, command_line("merge", argv), body, machine)
+            heading = SCALING_HEADING if args.scaling else COMPRESS_HEADING
+            write_section(heading, command_line("merge", argv), body, machine)
         return 0
     if args.worker:
         args.model, tasks, args.method = args.worker
