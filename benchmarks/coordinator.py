@@ -145,11 +145,11 @@ def table(runs: list[Run]) -> str:
 
 
 NOTES = (
-    "Every merge rotates every task's coefficients (``E_i' = W^T [E_i; 0]``), so a version costs O(T): the "
-    "merge (a per-task loop in ``share.merge``) and the publish (every task's payload re-encoded and written) "
-    "both grow with T, and a batch pays that once for all its submissions. Latency runs from XADD to the "
-    "commit of the version holding the submission; in one-merge-per-submission mode the last of a burst waits "
-    "for every merge before it. MLflow adds a run per version (about 0.1-0.4 s each here, sqlite). The "
+    "Every merge rotates every task's coefficients (``E_i' = W^T [E_i; 0]``, one batched product per module), "
+    "and a version's manifest lists every task, so a version still costs O(T) (delta versions write only the "
+    "new tasks' payloads: ``--scaling``); a batch pays that once for all its submissions. Latency runs from "
+    "XADD to the commit of the version holding the submission; in one-merge-per-submission mode the last of a "
+    "burst waits for every merge before it. MLflow adds a run per version (about 0.1-0.4 s each here, sqlite). The "
     "machine is shared (2 cores, load 4-8 during the run): figures varied by up to ~30% between runs."
 )
 
