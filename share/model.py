@@ -76,8 +76,9 @@ class ShareModel(nn.Module):
         self._materialized_task: str | None = None
 
     # -- subspace ------------------------------------------------------------------------------
-    def load_subspace(self, subspace: Subspace) -> None:
-        """Install the subspace's bases, every task's coefficients and every task's head."""
+    def check_subspace(self, subspace: Subspace) -> None:
+        """``ShareClError`` naming what does not fit if ``load_subspace(subspace)`` could not install it
+        (modules, their shapes, head tensors); changes nothing."""
         if set(subspace.modules) != set(self.layers):
             raise ShareClError(
                 "the subspace's modules differ from the attached ones; unknown: "
@@ -85,8 +86,6 @@ class ShareModel(nn.Module):
                 f"not in subspace: {sorted(set(self.layers) - set(subspace.modules))}. "
                 "Attach with the target_modules the subspace was built with"
             )
-        self.restore()
-        self.task_names = list(subspace.tasks)
         for name, layer in self.layers.items():
             basis = subspace.modules[name]
             if (basis.out_features, basis.in_features) != (layer.out_features, layer.in_features):
@@ -94,6 +93,27 @@ class ShareModel(nn.Module):
                     f"module {name!r}: subspace shape {(basis.out_features, basis.in_features)} differs from "
                     f"the model's {(layer.out_features, layer.in_features)}; is this the same base model?"
                 )
+        templates = {h: dict(head.template.named_parameters()) for h, head in self.heads.items()}
+        for tname, task in subspace.tasks.items():
+            for key, value in task.head.items():
+                owner = next((h for h in templates if key.startswith(h + ".")), None)
+                if owner is None:
+                    continue  # a head this model does not attach: not installed (e.g. serving hidden states)
+                own = templates[owner].get(key[len(owner) + 1 :])
+                if own is None or value.ndim != own.ndim or value.shape[1:] != own.shape[1:]:
+                    raise ShareClError(
+                        f"task {tname!r}: head tensor {key!r} of shape {tuple(value.shape)} does not fit head "
+                        f"{owner!r} ({ {k: tuple(v.shape) for k, v in templates[owner].items()} })"
+                    )
+
+    def load_subspace(self, subspace: Subspace) -> None:
+        """Install the subspace's bases, every task's coefficients and every task's head; checked first
+        (``check_subspace``), so a subspace that does not fit leaves the model as it was."""
+        self.check_subspace(subspace)
+        self.restore()
+        self.task_names = list(subspace.tasks)
+        for name, layer in self.layers.items():
+            basis = subspace.modules[name]
             E = [subspace.tasks[t].E[name] for t in self.task_names]
             layer.set_subspace(basis.U_A, basis.U_B, [e[0] for e in E], [e[1] for e in E])
         for hname, head in self.heads.items():

@@ -477,3 +477,28 @@ def test_minilm_mixed_batch_equals_each_row_alone(minilm) -> None:
     assert relative(share_model(**batch)[0], expected_hidden) <= 1e-5
     share_model.set_task(None)
     assert torch.equal(share_model(**batch)[0], base_hidden)
+
+
+# -- a subspace that does not fit is refused before anything changes -------------------------------------
+@pytest.mark.parametrize("damage", ["module shape", "head shape"])
+def test_a_subspace_that_does_not_fit_leaves_the_installed_one_serving(damage: str) -> None:
+    from share import ModuleBasis, TaskCoefficients
+    from share.errors import ShareClError
+
+    model = ShareModel(tiny(), TARGETS, heads=["head"])
+    good = tiny_subspace()
+    model.load_subspace(good)
+    x = inputs()
+    before = model(x, tasks="t1").detach().clone()
+    bad = tiny_subspace(count=3)
+    if damage == "module shape":  # the LAST module: a check inside the install loop would have changed the others
+        last = MODULES[-1]
+        basis = bad.modules[last]
+        bad.modules[last] = ModuleBasis(torch.zeros(D + 1, basis.k_A), basis.U_B)
+    else:
+        task = bad.tasks["t2"]
+        bad.tasks["t2"] = TaskCoefficients(E=task.E, head={**task.head, "head.weight": torch.zeros(LABELS, D + 1)})
+    with pytest.raises(ShareClError, match="differs from the model's|does not fit head"):
+        model.load_subspace(bad)
+    assert model.subspace is good and model.task_names == ["t0", "t1"]
+    assert torch.equal(model(x, tasks="t1"), before)

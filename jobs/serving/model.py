@@ -131,7 +131,10 @@ class ServedModel:
             labels = self._check_tasks(subspace)
             if self.model is None:
                 self._build(spec, subspace)
-            self._check_fits(subspace)
+            self.model.check_subspace(subspace)
+            missing = sorted(set(head_modules(subspace)) - set(self.model.heads))
+            if missing:
+                raise VersionLoadError(f"its tasks have heads {missing} that the served model lacks")
         except VersionLoadError:
             raise
         except (ShareClError, OSError) as err:  # their messages say what is wrong
@@ -173,38 +176,6 @@ class ServedModel:
         if tokenizer is None or not callable(tokenizer):
             raise VersionLoadError(f"builder {spec.builder!r} returned no tokenizer; `sharecl serve` takes text inputs")
         self.model, self.tokenizer, self.spec = model.eval(), tokenizer, spec
-
-    def _check_fits(self, subspace: Subspace) -> None:
-        """Everything ``ShareModel.load_subspace`` needs, checked before it changes anything."""
-        layers = self.model.layers
-        if set(subspace.modules) != set(layers):
-            raise VersionLoadError(
-                f"its modules differ from the served model's: not in the model "
-                f"{sorted(set(subspace.modules) - set(layers))[:4]}, not in the version "
-                f"{sorted(set(layers) - set(subspace.modules))[:4]}; restart `sharecl serve` to serve it"
-            )
-        for name, basis in subspace.modules.items():
-            layer = layers[name]
-            if (basis.out_features, basis.in_features) != (layer.out_features, layer.in_features):
-                raise VersionLoadError(
-                    f"module {name!r} is {basis.out_features}x{basis.in_features} in the version but "
-                    f"{layer.out_features}x{layer.in_features} in the served model: another base model"
-                )
-        missing = sorted(set(head_modules(subspace)) - set(self.model.heads))
-        if missing:
-            raise VersionLoadError(f"its tasks have heads {missing} that the served model lacks")
-        for hname, head in self.model.heads.items():
-            own = dict(head.template.named_parameters())
-            for tname, task in subspace.tasks.items():
-                for key, value in task.head.items():
-                    if not key.startswith(hname + "."):
-                        continue
-                    leaf = key[len(hname) + 1 :]
-                    if leaf not in own or value.ndim != own[leaf].ndim or value.shape[1:] != own[leaf].shape[1:]:
-                        raise VersionLoadError(
-                            f"task {tname!r}: head tensor {key!r} of shape {tuple(value.shape)} does not fit the "
-                            f"served model's head ({ {k: tuple(v.shape) for k, v in own.items()} })"
-                        )
 
     # -- answering -------------------------------------------------------------------------------
     def predict(self, tasks: Sequence[str], texts: Sequence[str]) -> list[int]:
