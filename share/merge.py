@@ -137,6 +137,23 @@ class _GramCache:
     B: Tensor
 
 
+@dataclass(frozen=True)
+class _StackCache:
+    """The coefficients of exactly these tasks stacked per side (float32, ``tasks x k x p``), kept on a
+    ``ModuleBasis`` by ``merge``; the tasks' own tensors are ``views_*`` (views into the stacks)."""
+
+    tasks: tuple[str, ...]
+    views_A: tuple[Tensor, ...]
+    views_B: tuple[Tensor, ...]
+    A: Tensor
+    B: Tensor
+
+
+# Tasks of one width, stacked: (positions in the merge's task order, tasks x rows x p per side). The rows are
+# the leading rows of the frame's coordinates; the rest are zero (an old task's coordinates are [E_i; 0]).
+_Group = tuple[Tensor, Tensor, Tensor]
+
+
 @dataclass
 class _Side:
     """One side of one module, before truncation: the frame, ``C`` and the eigenpairs of ``C C.T``.
@@ -146,7 +163,7 @@ class _Side:
     """
 
     extended: Tensor  # dim x K (or dim x (k + m) with to_basis)
-    C: Tensor  # K x sum p, old tasks' columns first
+    C: Tensor  # K x sum p, old tasks' columns first (merge: only the new tasks' when the old Gram is given)
     eigvals: Tensor  # descending, clamped at 0
     eigvecs: Tensor  # K x K (or fewer columns), columns in the same order
     to_basis: Tensor | None = None  # (k + m) x K: frame directions as combinations of extended's columns
@@ -168,6 +185,7 @@ class _ModuleCut:
     W: tuple[Tensor, Tensor]  # (W_A, W_B): K x k' each, the kept eigenvectors; U' = frame @ W
     E_A: list[Tensor]  # per task (names order), float32 k_A' x p
     E_B: list[Tensor]
+    stacks: tuple[Tensor, Tensor] | None  # every task's E_A, E_B stacked (float32; E_A, E_B are views), one width
     sq_diff: Tensor  # per task: |dW - dW'|^2 in this module (float64)
     sq_norm: Tensor  # per task: |dW|^2 in this module before the truncation
     orthonormal: bool  # False: a Gram-based frame lost orthonormality; redo the module on the exact path
@@ -190,15 +208,18 @@ def _truncate_module(
     drift: dict[str, _Drift] | _DriftArrays,
     policy: KPolicy,
     totals: Tensor | None = None,
+    groups: list[_Group] | None = None,
 ) -> _ModuleCut:
     """Choose k per side by ``policy``, rotate the extended bases, and project every task (``names``, whose
-    coordinates are the columns of ``A.C``/``B.C`` in order, ``widths`` each). Used by merge and removal.
+    coordinates are the columns of ``A.C``/``B.C`` in order, ``widths`` each, unless ``groups`` gives them
+    stacked). Used by merge and removal.
 
     Work over tasks is batched (one product per side for all tasks of equal width). When nothing is
     dropped (every direction of both frames kept), every task keeps its update exactly: no error
     arithmetic is done and every error is 0.
     """
-    groups = _groups_by_width(names, widths, A.C, B.C)
+    if groups is None:
+        groups = _groups_by_width(widths, A.C, B.C)
     arrays = drift if isinstance(drift, _DriftArrays) else _DriftArrays.from_dict(names, drift)
     met = True
     if policy.max_error is not None:
@@ -214,32 +235,53 @@ def _truncate_module(
     count = len(names)
     sq_diff = torch.zeros(count, dtype=torch.float64)
     sq_norm = torch.zeros(count, dtype=torch.float64)
-    E_A_list: list[Tensor] = [W_A.new_empty(0)] * count
-    E_B_list: list[Tensor] = [W_B.new_empty(0)] * count
-    for index, _, group_A, group_B in groups:
-        # group_*: g x K x p, every task's full coordinates in the frame, before truncation.
-        E_A, E_B = W_A.T @ group_A, W_B.T @ group_B
+    outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+    for index, group_A, group_B in groups:
+        # group_*: g x rows x p, every task's coordinates in the frame (rows past these are 0), before truncation.
+        E_A, E_B = W_A[: group_A.shape[1]].T @ group_A, W_B[: group_B.shape[1]].T @ group_B
         # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
         total = _frobenius_sq_of_product(group_B, group_A) if totals is None else totals[index]
-        diff = (total - _frobenius_sq_of_product(E_B, E_A)).clamp_min(0.0) if dropped else None
-        rows_A, rows_B = E_A.to(torch.float32).unbind(0), E_B.to(torch.float32).unbind(0)
-        if len(groups) == 1:  # every task, in order
-            sq_norm = total.clamp_min(0.0)
-            sq_diff = diff if diff is not None else sq_diff
-            E_A_list, E_B_list = list(rows_A), list(rows_B)
-            break
         sq_norm[index] = total.clamp_min(0.0)
-        if diff is not None:
-            sq_diff[index] = diff
-        for i, a, b in zip(index.tolist(), rows_A, rows_B, strict=True):
-            E_A_list[i], E_B_list[i] = a, b
+        if dropped:
+            sq_diff[index] = (total - _frobenius_sq_of_product(E_B, E_A)).clamp_min(0.0)
+        outputs.append((index, E_A.to(torch.float32), E_B.to(torch.float32)))
+    E_A_list, E_B_list, stacks = _per_task(outputs, count)
     gram = None
     if A.gram is not None and B.gram is not None:
         gram = (W_A.T @ A.gram @ W_A, W_B.T @ B.gram @ W_B)
     variance = (_kept_fraction(A.eigvals, k_A), _kept_fraction(B.eigvals, k_B))
     return _ModuleCut(
-        names, basis, (k_A, k_B), variance, met, (W_A, W_B), E_A_list, E_B_list, sq_diff, sq_norm, orthonormal, gram
+        names,
+        basis,
+        (k_A, k_B),
+        variance,
+        met,
+        (W_A, W_B),
+        E_A_list,
+        E_B_list,
+        stacks,
+        sq_diff,
+        sq_norm,
+        orthonormal,
+        gram,
     )
+
+
+def _per_task(outputs: list[tuple[Tensor, Tensor, Tensor]], count: int) -> tuple[list[Tensor], list[Tensor], Any]:
+    """Every task's (E_A, E_B) in order from the groups' stacked results; with one width, views into one stack
+    per side (returned too, for the next merge's ``_StackCache``)."""
+    order = torch.cat([index for index, _, _ in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
+    in_order = bool((order == torch.arange(count)).all()) if order.shape[0] == count else False
+    if in_order and len({(a.shape[1:], b.shape[1:]) for _, a, b in outputs}) == 1:
+        stack_A = outputs[0][1] if len(outputs) == 1 else torch.cat([a for _, a, _ in outputs])
+        stack_B = outputs[0][2] if len(outputs) == 1 else torch.cat([b for _, _, b in outputs])
+        return list(stack_A.unbind(0)), list(stack_B.unbind(0)), (stack_A, stack_B)
+    E_A_list: list[Tensor] = [torch.empty(0)] * count
+    E_B_list: list[Tensor] = [torch.empty(0)] * count
+    for index, stack_A, stack_B in outputs:
+        for i, a, b in zip(index.tolist(), stack_A.unbind(0), stack_B.unbind(0), strict=True):
+            E_A_list[i], E_B_list[i] = a, b
+    return E_A_list, E_B_list, None
 
 
 def _basis(side: _Side, W: Tensor) -> Tensor:
@@ -323,26 +365,34 @@ def _merge_checked(
             old_E_A, old_E_B = U_A.new_zeros(0, 0), U_B.new_zeros(0, 0)
             gram_A = gram_B = U_A.new_zeros(0, 0)
             old_widths: list[int] = []
+            old_groups: list[_Group] = []
         else:
             U_A, U_B = old_basis.U_A.to(torch.float64), old_basis.U_B.to(torch.float64)
-            pairs = [subspace.tasks[t].E[m] for t in old_names]
-            old_E_A = _side_by_side([E_A for E_A, _ in pairs], old_basis.k_A)
-            old_E_B = _side_by_side([E_B for _, E_B in pairs], old_basis.k_B)
-            old_widths = [E_A.shape[1] for E_A, _ in pairs]
-            gram_A, gram_B = _old_gram(old_basis, old_names, old_E_A, old_E_B)
+            old_groups, old_widths = _old_groups(subspace, old_basis, old_names, m)
+            gram_A, gram_B = _old_gram(old_basis, old_names, old_groups, old_widths)
+            if gram_A is None or gram_B is None:  # few old columns: C is formed with them
+                old_E_A, old_E_B = _old_columns(old_groups, old_widths, old_basis.k_A, old_basis.k_B)
+            else:  # the old tasks' columns of C ([E_i; 0]) are never formed: their groups carry them
+                old_E_A = old_E_B = None
         widths = old_widths + new_widths
         drift = _DriftArrays(torch.cat([old_entry[:, j], new_entry]), torch.cat([old_prior[:, j], new_prior]))
         cut = None
+        new_columns = sum(new_widths)
         for fast in (True, False):  # the exact path only when a Gram-based frame failed its check
             A = _side_coordinates(U_A, old_E_A, gram_A, X_A, fast, policy)
             B = _side_coordinates(U_B, old_E_B, gram_B, X_B, fast, policy)
             totals = _column_energy(names, widths, X_A, X_B) if old_basis is None else None
-            cut = _truncate_module(names, widths, A, B, drift, policy, totals)
+            new_groups = _groups_by_width(
+                new_widths, A.C[:, A.C.shape[1] - new_columns :], B.C[:, B.C.shape[1] - new_columns :], len(old_names)
+            )
+            cut = _truncate_module(names, widths, A, B, drift, policy, totals, old_groups + new_groups)
             if cut.orthonormal:
                 break
         assert cut is not None
         if cut.gram is not None:
             cut.basis.gram_cache = _GramCache(tuple(names), *cut.gram)
+        if cut.stacks is not None:
+            cut.basis.stack_cache = _StackCache(tuple(names), tuple(cut.E_A), tuple(cut.E_B), *cut.stacks)
         new_bases[m], cuts[m] = cut.basis, cut
         if not cut.met:
             capped.append(m)
@@ -433,32 +483,79 @@ def _updated_tasks(
 def _old_drift(subspace: Subspace | None, old_names: list[str], modules: list[str]) -> tuple[Tensor, Tensor]:
     """Old tasks' per-module entry norms (NaN: tracking starts now) and drifts, as ``tasks x modules`` arrays."""
     entry_rows, prior_rows = [], []
-    for name in old_names:
-        states = _module_drift_before(subspace.tasks[name].metadata) if subspace is not None else {}
-        entry_rows.append([states[m].entry_norm if m in states else math.nan for m in modules])
-        prior_rows.append([states[m].drift if m in states else 0.0 for m in modules])
+    nan_row, zero_row = [math.nan] * len(modules), [0.0] * len(modules)
+    for name in old_names:  # what _module_drift_before reads, without an object per task and module
+        metadata = subspace.tasks[name].metadata if subspace is not None else {}
+        norms, drifts = metadata.get(MODULE_ENTRY_NORM), metadata.get(MODULE_DRIFT)
+        if not isinstance(norms, dict) or not isinstance(drifts, dict):
+            entry_rows.append(nan_row)
+            prior_rows.append(zero_row)
+            continue
+        entry_rows.append([float(norms[m]) if m in norms else math.nan for m in modules])
+        prior_rows.append([float(drifts.get(m, 0.0)) if m in norms else 0.0 for m in modules])
     shape = (len(old_names), len(modules))
     entry = torch.tensor(entry_rows, dtype=torch.float64).reshape(shape)
     prior = torch.tensor(prior_rows, dtype=torch.float64).reshape(shape)
     return entry, prior
 
 
-def _side_by_side(coefficients: list[Tensor], k: int) -> Tensor:
-    """Old tasks' coefficients of one side, ``k x sum p`` in float64 (one stack when widths agree)."""
-    if not coefficients:
-        return torch.zeros(k, 0, dtype=torch.float64)
-    if len({E.shape[1] for E in coefficients}) == 1:
-        stacked = torch.stack(coefficients).to(torch.float64)  # T x k x p
-        return stacked.permute(1, 0, 2).reshape(k, -1)
-    return torch.cat(coefficients, dim=1).to(torch.float64)
+def _old_groups(
+    subspace: Subspace, basis: ModuleBasis, old_names: list[str], module: str
+) -> tuple[list[_Group], list[int]]:
+    """The old tasks' coefficients in one module stacked per width (float64, ``g x k x p`` per side), and each
+    task's width. The stacks the last merge left (``ModuleBasis.stack_cache``) are used when the tasks' tensors
+    are still exactly their views: then nothing is gathered task by task."""
+    T = len(old_names)
+    cache = basis.stack_cache
+    if (
+        isinstance(cache, _StackCache)
+        and cache.tasks == tuple(old_names)
+        and cache.A.shape[:2] == (T, basis.k_A)
+        and cache.B.shape[:2] == (T, basis.k_B)
+    ):
+        tasks = subspace.tasks
+        pairs = [tasks[t].E.get(module) for t in old_names]
+        if all(
+            pair is not None and pair[0] is a and pair[1] is b
+            for pair, a, b in zip(pairs, cache.views_A, cache.views_B, strict=True)
+        ):
+            width = int(cache.A.shape[2])
+            return [(torch.arange(T), cache.A.to(torch.float64), cache.B.to(torch.float64))], [width] * T
+    pairs = [subspace.tasks[t].E[module] for t in old_names]
+    widths = [E_A.shape[1] for E_A, _ in pairs]
+    groups: list[_Group] = []
+    for width in sorted(set(widths)):
+        idx = [i for i, w in enumerate(widths) if w == width] if len(set(widths)) > 1 else list(range(T))
+        groups.append(
+            (
+                torch.tensor(idx, dtype=torch.long),
+                torch.stack([pairs[i][0] for i in idx]).to(torch.float64),
+                torch.stack([pairs[i][1] for i in idx]).to(torch.float64),
+            )
+        )
+    return groups, widths
+
+
+def _old_columns(groups: list[_Group], widths: list[int], k_A: int, k_B: int) -> tuple[Tensor, Tensor]:
+    """The old tasks' coefficients side by side in task order, ``k x sum p`` per side (float64)."""
+    if len(groups) == 1:
+        _, S_A, S_B = groups[0]
+        return S_A.permute(1, 0, 2).reshape(k_A, -1), S_B.permute(1, 0, 2).reshape(k_B, -1)
+    if not groups:
+        return torch.zeros(k_A, 0, dtype=torch.float64), torch.zeros(k_B, 0, dtype=torch.float64)
+    per_task: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(widths)
+    for index, S_A, S_B in groups:
+        for i, a, b in zip(index.tolist(), S_A.unbind(0), S_B.unbind(0), strict=True):
+            per_task[i] = (a, b)
+    return torch.cat([a for a, _ in per_task], dim=1), torch.cat([b for _, b in per_task], dim=1)
 
 
 def _old_gram(
-    basis: ModuleBasis, old_names: list[str], E_A: Tensor, E_B: Tensor
+    basis: ModuleBasis, old_names: list[str], groups: list[_Group], widths: list[int]
 ) -> tuple[Tensor | None, Tensor | None]:
     """``sum_i E_i E_i.T`` per side: the basis's cache when it belongs to exactly these tasks, else computed;
     None when there are too few old columns for the merge to use it (``_GRAM_FROM_CACHE``)."""
-    if max(E_A.shape[1], E_B.shape[1]) <= _GRAM_FROM_CACHE:
+    if sum(widths) <= _GRAM_FROM_CACHE:
         return None, None
     cache = basis.gram_cache
     if (
@@ -468,7 +565,15 @@ def _old_gram(
         and tuple(cache.B.shape) == (basis.k_B, basis.k_B)
     ):
         return cache.A, cache.B
-    return E_A @ E_A.T, E_B @ E_B.T
+    gram_A = sum((_stacked_gram(S_A) for _, S_A, _ in groups), torch.zeros(basis.k_A, basis.k_A, dtype=torch.float64))
+    gram_B = sum((_stacked_gram(S_B) for _, _, S_B in groups), torch.zeros(basis.k_B, basis.k_B, dtype=torch.float64))
+    return gram_A, gram_B
+
+
+def _stacked_gram(S: Tensor) -> Tensor:
+    """``sum_i S_i S_i.T`` of a ``g x k x p`` stack: ``E E.T`` with ``E`` the stack's columns side by side."""
+    E = S.permute(1, 0, 2).reshape(S.shape[1], -1)
+    return E @ E.T
 
 
 def _canonical_columns(
@@ -542,16 +647,22 @@ def _track_module_drift(metadata: dict, sq_err: dict[str, tuple[float, float]], 
 
 
 def _side_coordinates(
-    U: Tensor, old_E: Tensor, old_gram: Tensor | None, X: Tensor, fast: bool = True, policy: KPolicy | None = None
+    U: Tensor,
+    old_E: Tensor | None,
+    old_gram: Tensor | None,
+    X: Tensor,
+    fast: bool = True,
+    policy: KPolicy | None = None,
 ) -> _Side:
     """One side of one module: a frame for ``[U Q]``, the coordinates ``C = [[E, a], [0, R]]`` in it and the
     eigenpairs of ``C C.T``.
 
     ``old_E`` holds every old task's coefficients side by side (``k x sum p``), ``old_gram`` their Gram
-    ``old_E old_E.T`` (``k x k``, so the cost of ``C C.T`` does not grow with the old tasks), ``X`` the new
-    canonical columns (``dim x m``). The residual ``Z = X - U U.T X`` is decomposed through the smaller of its
-    Gram matrices (``fast``) or a thin SVD (exact fallback): see ``_residual_frame``. The eigenvectors ``W``
-    of ``C C.T`` rotate the frame into the new basis; new coefficients are ``W[:, :k'].T @ C``.
+    ``old_E old_E.T`` (``k x k``, so the cost of ``C C.T`` does not grow with the old tasks; then ``old_E`` may
+    be None and ``C`` holds only the new tasks' columns), ``X`` the new canonical columns (``dim x m``). The
+    residual ``Z = X - U U.T X`` is decomposed through the smaller of its Gram matrices (``fast``) or a thin
+    SVD (exact fallback): see ``_residual_frame``. The eigenvectors ``W`` of ``C C.T`` rotate the frame into
+    the new basis; new coefficients are ``W[:, :k'].T @ C``.
     """
     dim, k = U.shape
     if k == 0:  # initialization: the residual is X itself
@@ -563,8 +674,9 @@ def _side_coordinates(
     frame = _residual_frame(residual, X, a, k, dim - k, fast, policy if k == 0 else None)
     R = frame.R
     q = R.shape[0]
-    C_old = torch.cat([old_E, old_E.new_zeros(q, old_E.shape[1])], dim=0)
-    C = torch.cat([C_old, torch.cat([a, R], dim=0)], dim=1)
+    C = torch.cat([a, R], dim=0)  # the new tasks' columns
+    if old_E is not None and old_E.shape[1]:  # and the old ones', [E_i; 0], first (when the caller formed them)
+        C = torch.cat([torch.cat([old_E, old_E.new_zeros(q, old_E.shape[1])], dim=0), C], dim=1)
     if k == 0:
         # Initialization: the frame is the residual's own singular frame, so C C.T = diag(s^2) (up to
         # rounding) and its eigenpairs are the singular values and the identity.
@@ -655,7 +767,7 @@ def _rows_needed(eigvals: Tensor, policy: KPolicy) -> int:
 def _column_energy(names: list[str], widths: list[int], X_A: Tensor, X_B: Tensor) -> Tensor:
     """``|X_B,i X_A,i.T|^2`` per task from its own columns (``dim x p`` per side), batched."""
     totals = torch.zeros(len(names), dtype=torch.float64)
-    for index, _, group_A, group_B in _groups_by_width(names, widths, X_A, X_B):
+    for index, group_A, group_B in _groups_by_width(widths, X_A, X_B):
         totals[index] = _frobenius_sq_of_product(group_B, group_A)
     return totals
 
@@ -689,7 +801,7 @@ def _kept_fraction(eigvals: Tensor, k: int) -> float:
 
 
 def _choose_k_bounded(
-    groups: list[tuple[Tensor, list[str], Tensor, Tensor]],
+    groups: list[_Group],
     A: _Side,
     B: _Side,
     drift: _DriftArrays,
@@ -716,13 +828,15 @@ def _choose_k_bounded(
         return 1, 1, True
     W_A, W_B = A.eigvecs[:, :cap_A], B.eigvecs[:, :cap_B]
     worst = torch.full((cap_B, cap_A), -math.inf, dtype=torch.float64)
-    for index, _, group_A, group_B in groups:
+    for index, group_A, group_B in groups:
         chunk = max(1, _PREFIX_CHUNK // (cap_A * cap_B))
+        # Rows of the frame past the group's are zero in its coordinates (an old task's [E_i; 0]).
+        V_A, V_B = W_A[: group_A.shape[1]], W_B[: group_B.shape[1]]
         for lo in range(0, index.shape[0], chunk):
             c_A, c_B = group_A[lo : lo + chunk], group_B[lo : lo + chunk]
             # |M_i|^2 over every direction
             total = _frobenius_sq_of_product(c_B, c_A) if totals is None else totals[index[lo : lo + chunk]]
-            M = (W_B.T @ c_B) @ (W_A.T @ c_A).transpose(1, 2)  # g x cap_B x cap_A
+            M = (V_B.T @ c_B) @ (V_A.T @ c_A).transpose(1, 2)  # g x cap_B x cap_A
             kept = M.square().cumsum(dim=1).cumsum(dim=2)
             entry, prior, limit = _bound_terms(index[lo : lo + chunk], total, drift, eps)
             lost = (total[:, None, None] - kept).clamp_min(0.0).sqrt()
@@ -749,18 +863,18 @@ def _bound_terms(index: Tensor, total: Tensor, drift: _DriftArrays, eps: float) 
     return entry, prior, limit
 
 
-def _groups_by_width(
-    names: list[str], widths: list[int], C_A: Tensor, C_B: Tensor
-) -> list[tuple[Tensor, list[str], Tensor, Tensor]]:
-    """Split the coordinate matrices per task, stacked as ``g x K x p`` for tasks of equal ``p``, with the
-    tasks' positions in ``names``.
+def _groups_by_width(widths: list[int], C_A: Tensor, C_B: Tensor, offset: int = 0) -> list[_Group]:
+    """Split the coordinate matrices per task (``widths`` columns each), stacked as ``g x K x p`` for tasks of
+    equal ``p``, with the tasks' positions (``offset`` + their place in ``widths``).
 
     Usually every task has the same ``p`` and this is one reshape, so the work that follows is a
     few batched products instead of a loop over tasks.
     """
+    if not widths:
+        return []
     if len(set(widths)) == 1:
-        p, T = widths[0], len(names)
-        return [(torch.arange(T), names, _stack(C_A, T, p), _stack(C_B, T, p))]
+        p, T = widths[0], len(widths)
+        return [(torch.arange(offset, offset + T), _stack(C_A, T, p), _stack(C_B, T, p))]
     offsets = [0]
     for w in widths:
         offsets.append(offsets[-1] + w)
@@ -770,8 +884,7 @@ def _groups_by_width(
         cols = torch.tensor([c for i in idx for c in range(offsets[i], offsets[i] + width)])
         groups.append(
             (
-                torch.tensor(idx),
-                [names[i] for i in idx],
+                torch.tensor(idx) + offset,
                 _stack(C_A[:, cols], len(idx), width),
                 _stack(C_B[:, cols], len(idx), width),
             )

@@ -59,6 +59,13 @@ class ModuleBasis:
     # share.merge's running Gram of the tasks' coefficients per side (float64, for the next merge); never
     # saved or compared, and checked against the subspace's tasks before use (recomputed when absent).
     gram_cache: Any = field(default=None, compare=False, repr=False)
+    # share.merge's stacked coefficients of the tasks it produced (float32, tasks x k x p per side; the tasks'
+    # tensors are views into them), so the next merge need not stack them again; checked by identity before use.
+    stack_cache: Any = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (Ray) without the merge's caches: they are rebuilt where needed, never shipped."""
+        return {**self.__dict__, "gram_cache": None, "stack_cache": None}
 
     @property
     def in_features(self) -> int:

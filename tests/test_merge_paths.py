@@ -5,13 +5,14 @@
 - The residual frame from the smaller Gram matrix (wide and tall, at initialization and in later merges)
   gives the merge the thin-SVD path gives; an ill-conditioned one is caught and redone on that path.
 - The running Gram kept on the bases gives the merge that recomputing it from the tasks gives, and is
-  ignored when it belongs to other tasks.
+  ignored when it belongs to other tasks; so do the stacked coefficients kept beside it.
 - Nothing dropped: old tasks' errors are exactly 0 and their tracked bounds unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
+import pickle
 
 import pytest
 import torch
@@ -232,6 +233,55 @@ def test_a_cache_of_other_tasks_is_not_used(monkeypatch: pytest.MonkeyPatch) -> 
     assert_same_merge(
         merge(fewer, {"new": random_adapter(9)}, policy), merge(copied, {"new": random_adapter(9)}, policy)
     )
+
+
+def test_the_stacks_a_merge_leaves_give_the_merge_that_stacking_the_tasks_again_gives() -> None:
+    """The next merge reads the old tasks from the stacks the last one left (their tensors are views into
+    them), not task by task: bit for bit the same merge, and a task whose tensors were replaced is seen."""
+    policy = KPolicy(max_error=0.1)
+    cached, _ = merge(None, {f"t{i}": random_adapter(i) for i in range(3)}, policy)
+    for i in range(3, 7):
+        basis = next(iter(cached.modules.values()))
+        assert basis.stack_cache is not None and basis.stack_cache.tasks == tuple(cached.tasks)
+        first = next(iter(cached.tasks.values())).E[next(iter(cached.modules))][0]
+        assert first._base is basis.stack_cache.A  # a view, no copy
+        restacked = Subspace(
+            modules={m: ModuleBasis(U_A=b.U_A, U_B=b.U_B) for m, b in cached.modules.items()},
+            tasks={
+                t: TaskCoefficients(E={m: (a.clone(), b.clone()) for m, (a, b) in c.E.items()}, metadata=c.metadata)
+                for t, c in cached.tasks.items()
+            },
+            policy=policy,
+        )
+        batch = {f"t{i}": random_adapter(i)}
+        left, right = merge(cached, batch, policy), merge(restacked, batch, policy)
+        for m in SHAPES:
+            assert torch.equal(left[0].modules[m].U_A, right[0].modules[m].U_A)
+            for t in left[0].tasks:
+                assert all(
+                    torch.equal(x, y) for x, y in zip(left[0].tasks[t].E[m], right[0].tasks[t].E[m], strict=True)
+                )
+        assert left[1].error_bound == right[1].error_bound
+        cached = left[0]
+    # A task's coefficients replaced in place of the views: the stacks are not used, the new values are.
+    m = next(iter(SHAPES))
+    E_A, E_B = cached.tasks["t0"].E[m]
+    cached.tasks["t0"].E[m] = (E_A * 0.5, E_B)
+    fresh = Subspace(
+        modules={k: ModuleBasis(U_A=b.U_A, U_B=b.U_B) for k, b in cached.modules.items()},
+        tasks=cached.tasks,
+        policy=policy,
+    )
+    left, right = merge(cached, {"z": random_adapter(99)}, policy), merge(fresh, {"z": random_adapter(99)}, policy)
+    assert_same_merge(left, right, tol=1e-6)
+
+
+def test_a_pickled_basis_leaves_the_merge_caches_behind() -> None:
+    merged, _ = merge(None, {"a": random_adapter(0), "b": random_adapter(1)}, KPolicy(k=6))
+    basis = next(iter(merged.modules.values()))
+    assert basis.stack_cache is not None
+    copy = pickle.loads(pickle.dumps(basis))
+    assert copy.stack_cache is None and copy.gram_cache is None and torch.equal(copy.U_A, basis.U_A)
 
 
 def test_nothing_dropped_leaves_old_tasks_exactly_as_they_were() -> None:
