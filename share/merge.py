@@ -228,6 +228,11 @@ def _truncate_module(
         k_A, k_B = _choose_k(A.eigvals, policy), _choose_k(B.eigvals, policy)
     W_A, W_B = A.eigvecs[:, :k_A], B.eigvecs[:, :k_B]
     U_A, U_B = _basis(A, W_A), _basis(B, W_B)
+    # A direction's sign is the solver's choice: fix it (largest-magnitude entry positive), so the subspace
+    # depends only on what was merged, as the canonical gauge does for adapters. W carries the signs into
+    # every task's coefficients and the rotations.
+    signs_A, signs_B = _column_signs(U_A), _column_signs(U_B)
+    W_A, W_B, U_A, U_B = W_A * signs_A, W_B * signs_B, U_A * signs_A, U_B * signs_B
     orthonormal = _orthonormal(U_A, A, W_A) and _orthonormal(U_B, B, W_B)
     basis = ModuleBasis(U_A=U_A.to(torch.float32), U_B=U_B.to(torch.float32))
     # The frame has max(rows of C, eigenvalues) directions (C may hold only the rows the policy can keep).
@@ -282,6 +287,14 @@ def _per_task(outputs: list[tuple[Tensor, Tensor, Tensor]], count: int) -> tuple
         for i, a, b in zip(index.tolist(), stack_A.unbind(0), stack_B.unbind(0), strict=True):
             E_A_list[i], E_B_list[i] = a, b
     return E_A_list, E_B_list, None
+
+
+def _column_signs(U: Tensor) -> Tensor:
+    """Per column, the sign that makes its largest-magnitude entry positive (1 for a zero column)."""
+    if U.shape[1] == 0:
+        return U.new_ones(0)
+    top = U.gather(0, U.abs().argmax(dim=0, keepdim=True)).squeeze(0)
+    return torch.where(top < 0, -torch.ones_like(top), torch.ones_like(top))
 
 
 def _basis(side: _Side, W: Tensor) -> Tensor:

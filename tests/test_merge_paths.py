@@ -143,6 +143,13 @@ def test_fast_frames_give_the_exact_paths_merge(rounds: str, policy: KPolicy, mo
     exact = run_merges(ROUNDS[rounds], policy)
     for left, right in zip(fast, exact, strict=True):
         assert_same_merge(left, right)
+        # Column signs are fixed (largest-magnitude entry positive), so the two paths give the same bases, not
+        # only the same spans, and the same coefficients.
+        for m, basis in left[0].modules.items():
+            for side in ("U_A", "U_B"):
+                U, V = getattr(basis, side), getattr(right[0].modules[m], side)
+                assert bool((U.gather(0, U.abs().argmax(dim=0, keepdim=True)) > 0).all()), (m, side)
+                assert float((U - V).abs().max()) <= 1e-4, (m, side)
 
 
 @pytest.mark.parametrize("shape", [(30, 12), (12, 30)], ids=["tall", "wide"])
