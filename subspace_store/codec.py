@@ -13,6 +13,14 @@ version and parent and, per module, the rotation payload's key, size, sha256 and
 written in ``w`` is read through the elements after the one whose parent is ``w``. Format 1 (every
 task written in its own version, no ``rotations``) is still read; ``decode_manifest`` fills in
 ``written_in`` and an empty ``rotations`` so readers see one layout.
+
+Format 3 (``encode_manifest``) stores a task entry's module-keyed maps as lists in the order of the
+manifest's ``modules``, since module names repeated per task were most of a manifest's bytes: ``p`` is
+one integer when every module has the same p, else a list; a ``metadata`` map whose keys are exactly
+the modules, in their order, with finite numbers as values (``share.merge``'s ``module_entry_norm`` and
+``module_drift``) is stored as the list of its values, and the entry's ``module_values`` names those
+metadata keys. Maps of another shape stay as they are. Reading an entry checks and unpacks it, so
+readers see the layout formats 1 and 2 have (and a one-task pull unpacks one entry).
 """
 
 from __future__ import annotations
@@ -38,8 +46,9 @@ from .keys import Keys, check_module_name, check_version, version_number
 from .payloads import PayloadFormatError, decode_tensors, encode_tensors, sha256
 
 MANIFEST_FORMAT = "share-cl-store-version"
-MANIFEST_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+MANIFEST_FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+MODULE_VALUES = "module_values"  # format 3: the task metadata keys stored as lists in the modules' order
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 E_A, E_B, HEAD = "E_A:", "E_B:", "head:"
@@ -219,6 +228,7 @@ def build_manifest(
     """The manifest of version ``version`` (``now``: the server's clock); ``decode_manifest`` reads it back.
 
     ``format_version=1`` writes the layout before delta versions (only for a full version; tests of old stores).
+    The manifest returned is the layout readers see; ``encode_manifest`` makes the bytes to store.
     """
     modules = {m: {**e, "key": keys.basis(version, m)} for m, e in encoded.modules_manifest.items()}
     tasks = {}
@@ -256,6 +266,33 @@ def build_manifest(
         "metadata": metadata,
         **extra,
     }
+
+
+def encode_manifest(manifest: dict[str, Any]) -> bytes:
+    """The bytes to store of a manifest ``build_manifest`` made (format 3: task entries packed, see above)."""
+    if manifest["format_version"] < 3:
+        return json.dumps(manifest).encode()
+    modules = list(manifest["modules"])
+    tasks = {name: _packed_entry(entry, modules) for name, entry in manifest["tasks"].items()}
+    return json.dumps({**manifest, "tasks": tasks}).encode()
+
+
+def _packed_entry(entry: dict[str, Any], modules: list[str]) -> dict[str, Any]:
+    packed = dict(entry)
+    p = entry["p"]
+    if list(p) == modules and modules:
+        values = list(p.values())
+        packed["p"] = values[0] if len(set(values)) == 1 else values
+    metadata = entry["metadata"]
+    names = [key for key, value in metadata.items() if _per_module_numbers(value, modules)]
+    if names:
+        packed["metadata"] = {key: list(value.values()) if key in names else value for key, value in metadata.items()}
+        packed[MODULE_VALUES] = names
+    return packed
+
+
+def _per_module_numbers(value: Any, modules: list[str]) -> bool:
+    return type(value) is dict and bool(modules) and list(value) == modules and all(map(_real, value.values()))
 
 
 def decode_manifest(raw: bytes, keys: Keys, version: str) -> dict[str, Any]:
@@ -405,11 +442,18 @@ class _ManifestReader:
                 )
         self._payload(name, entry, where, self.keys.task_keys(written, name))
         modules = top["modules"]
-        p = self._object(self._field(entry, "p", where), (*where, "p"))
-        if set(p) != set(modules):
-            self._fail((*where, "p"), f"must give p for exactly the modules {sorted(modules)}")
-        for module in p:
-            self._count(p, module, (*where, "p"))
+        packed = top["format_version"] >= 3
+        p = self._field(entry, "p", where)
+        if not (packed and isinstance(p, int | list)):
+            p = self._object(p, (*where, "p"))
+            if set(p) != set(modules):
+                self._fail((*where, "p"), f"must give p for exactly the modules {sorted(modules)}")
+            for module in p:
+                self._count(p, module, (*where, "p"))
+        elif type(p) is int:
+            self._count(entry, "p", where)
+        else:
+            self._module_list(p, modules, (*where, "p"), "integers >= 0", lambda v: type(v) is int and v >= 0)
         head = self._typed(entry, "head", list, where)
         if len(set(map(str, head))) != len(head):
             self._fail((*where, "head"), "names a head tensor twice")
@@ -418,9 +462,37 @@ class _ManifestReader:
         error = self._field(entry, "reconstruction_error", where)
         if error is not None and (type(error) is bool or not isinstance(error, int | float)):
             self._fail((*where, "reconstruction_error"), f"must be a number or null, got {str(error)[:40]}")
-        self._typed(entry, "metadata", dict, where)
-        if not delta:  # last: a failed check leaves the entry as stored
+        metadata = self._typed(entry, "metadata", dict, where)
+        names = self._module_values(entry, metadata, modules, where) if packed else []
+        # Last: a failed check leaves the entry as stored.
+        if not delta:
             entry["written_in"] = self.version
+        if packed:
+            if not isinstance(p, dict):
+                entry["p"] = dict(zip(modules, p if isinstance(p, list) else [p] * len(modules), strict=True))
+            for key in names:
+                metadata[key] = dict(zip(modules, metadata[key], strict=True))
+            entry.pop(MODULE_VALUES, None)
+
+    def _module_values(
+        self, entry: dict[str, Any], metadata: dict[str, Any], modules: dict[str, Any], where: tuple[str, ...]
+    ) -> list[str]:
+        """Check a format 3 entry's ``module_values`` and the metadata lists it names; returns those names."""
+        names = entry.get(MODULE_VALUES, [])
+        if type(names) is not list or not all(isinstance(key, str) for key in names) or len(set(names)) != len(names):
+            self._fail((*where, MODULE_VALUES), "must be a list of distinct metadata keys")
+        for key in names:
+            at = (*where, "metadata", key)
+            self._module_list(self._field(metadata, key, (*where, "metadata")), modules, at, "finite numbers", _real)
+        return names
+
+    def _module_list(self, values: Any, modules: dict[str, Any], where: tuple[str, ...], kind: str, ok: Any) -> None:
+        """A format 3 per-module list: one value per module of the manifest, each ``ok``."""
+        if type(values) is not list or len(values) != len(modules):
+            self._fail(where, f"must be a list of {len(modules)} values, one per module (got {str(values)[:40]})")
+        for i, value in enumerate(values):
+            if not ok(value):
+                self._fail(where, f"must hold {kind}; value {i} (module {list(modules)[i]!r}) is {str(value)[:40]}")
 
     def _chain(self, top: dict[str, Any], modules: dict[str, Any], parent: str | None) -> set[str]:
         """Check ``rotations`` (format 2); returns the versions a task payload may be written in besides this one."""

@@ -36,6 +36,7 @@ from .codec import (
     build_manifest,
     decode_basis,
     decode_task,
+    encode_manifest,
     encode_subspace,
     json_copy,
     read_manifest,
@@ -587,7 +588,7 @@ class _Publication:
                         self.format_version,
                     )
                     pipe.multi()
-                    pipe.set(keys.manifest(v), json.dumps(manifest))
+                    pipe.set(keys.manifest(v), encode_manifest(manifest))
                     pipe.set(keys.head, v)
                     pipe.zadd(keys.versions, {v: self.number})
                     pipe.hdel(keys.writing, v)

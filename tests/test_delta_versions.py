@@ -141,7 +141,7 @@ def test_a_delta_version_writes_only_its_new_task_and_reads_as_the_subspace(redi
     store = SubspaceStore(redis_client, namespace)
     versions, subs = _delta_chain(store, 6)
     m = store.manifest(versions[-1])
-    assert m["format_version"] == 2
+    assert m["format_version"] == 3
     assert {t: e["written_in"] for t, e in m["tasks"].items()} == {f"t{i}": versions[i] for i in range(6)}
     assert [e["version"] for e in m["rotations"]] == versions[1:]  # the chain t0 needs, oldest first
     assert store.chain_lengths(versions[-1]) == {f"t{i}": 5 - i for i in range(6)}
@@ -209,7 +209,7 @@ def test_a_store_written_in_format_1_stays_readable_and_takes_deltas(redis_clien
     _assert_same(store.get(v2), new, "a delta on a format 1 parent")
     assert store.prune(keep=1).removed == [v1]
     _assert_same(store.get(v2), new, "after pruning the format 1 parent")
-    raw["format_version"] = 3
+    raw["format_version"] = 4
     with pytest.raises(CorruptPayloadError, match="upgrade share-cl"):
         decode_manifest(json.dumps(raw).encode(), store.keys, v1)
 

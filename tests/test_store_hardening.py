@@ -91,7 +91,7 @@ def test_pull_refuses_a_manifest_whose_checksums_were_removed(cli, store, make_a
         (lambda m: m["tasks"]["a"].update(key="sharecl:{other}:v:v1:task:a"), "'key'"),
         (lambda m: m.update(version="v7"), "'version'"),
         (lambda m: m["tasks"]["a"].update(head=["/etc/passwd"]), "invalid head tensor name"),
-        (lambda m: m["tasks"]["a"]["p"].pop("layer.0.value"), "'p'"),
+        (lambda m: m["tasks"]["a"].update(p=[2]), "'p'"),  # format 3: one p per module, or one for all
         (lambda m: m["modules"]["layer.0.query"].update(sha256="0" * 63), "sha256"),
         (lambda m: m.update(tasks=[]), "'tasks'"),
         (lambda m: m.update(parent="../v1"), "'parent'"),
