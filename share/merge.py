@@ -894,7 +894,7 @@ def _groups_by_width(widths: list[int], C_A: Tensor, C_B: Tensor, offset: int = 
     groups = []
     for width in sorted(set(widths)):
         idx = [i for i, w in enumerate(widths) if w == width]
-        cols = torch.tensor([c for i in idx for c in range(offsets[i], offsets[i] + width)])
+        cols = torch.tensor([c for i in idx for c in range(offsets[i], offsets[i] + width)], dtype=torch.long)
         groups.append(
             (
                 torch.tensor(idx) + offset,
@@ -963,6 +963,11 @@ def _check_inputs(subspace: Subspace | None, adapters: dict[str, LoraAdapter], m
                 raise ShareClError(
                     f"adapter {name!r}, module {m!r}: update shape {(B.shape[0], A.shape[1])} does not "
                     f"match {shape} (out x in); was it trained on a different base model?"
+                )
+            if B.shape[1] == 0:
+                raise ShareClError(
+                    f"adapter {name!r}, module {m!r}: rank 0 (its factors hold no update); train it with r >= 1 "
+                    "in every target module"
                 )
             if B.shape[1] > min(shape):
                 raise ShareClError(
