@@ -262,11 +262,12 @@ def test_bad_requests_get_a_4xx_with_the_reason(server) -> None:
     assert post(server, {"task": "mood", "inputs": ["still fine"]})[0] == 200  # bad requests broke nothing
 
 
-def load_while(server: str, stop, expected: dict) -> list[tuple[str, list[str]]]:
-    """Send requests until ``stop`` is set; each answer checked against its version's expected answers."""
+def load_while(server: str, stop, expected: dict, seen_by: list[list[str]]) -> list[tuple[str, list[str]]]:
+    """Send requests until ``stop`` is set; each answer checked against its version's expected answers.
+    Client ``offset`` appends each answer's version to ``seen_by[offset]`` as it comes (the test waits on it)."""
 
     def loop(offset: int) -> list[str]:
-        seen = []
+        seen = seen_by[offset]
         items = queries()
         k = offset
         while not stop.is_set():
@@ -286,13 +287,20 @@ def test_moving_the_tag_switches_versions_with_no_failed_request(env, server) ->
     import threading
 
     stop = threading.Event()
+    seen_by: list[list[str]] = [[] for _ in range(4)]
+
+    def every_client(predicate) -> bool:  # or a client failed: its result() below re-raises why
+        return all(predicate(versions) for versions in seen_by) or any(f.done() for f in futures)
+
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(load_while(server, stop, env.expected), i) for i in range(4)]
-        time.sleep(1.0)
-        env.store.tag("v2", "prod")
-        wait_for(lambda: health(server)["version"] == "v2", what="the server to serve v2")
-        time.sleep(1.0)
-        stop.set()
+        futures = [pool.submit(load_while(server, stop, env.expected, seen_by), i) for i in range(4)]
+        try:  # waited on, not slept: on a loaded machine a client's first answer can take seconds
+            wait_for(lambda: every_client(lambda v: v), timeout_s=120, what="an answer (v1) for every client")
+            env.store.tag("v2", "prod")
+            wait_for(lambda: health(server)["version"] == "v2", what="the server to serve v2")
+            wait_for(lambda: every_client(lambda v: v[-1] == "v2"), timeout_s=120, what="a v2 answer for every client")
+        finally:
+            stop.set()
         seen = [f.result() for f in futures]  # re-raises any failed request
     for versions in seen:
         assert versions and versions[-1] == "v2"
