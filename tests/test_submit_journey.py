@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_submit_cli import LOADING_BUILDER, TESTS_DIR, _free_port, _job_file, save_tiny_bert
+from test_submit_cli import LOADING_BUILDER, TESTS_DIR, _job_file, save_tiny_bert
 
 from jobs.cli import main
 from jobs.runner import ray_submission_id
@@ -52,18 +53,16 @@ def ray_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayHead]:
     """A one-node Ray cluster with its dashboard (the Jobs API), in its own process group, stopped by
     killing that group (never `ray stop`, which would stop every Ray on this machine)."""
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    ports = {
-        name: _free_port()
-        for name in (
-            "port",
-            "dashboard-port",
-            "ray-client-server-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-        )
-    }
+    names = (
+        "port",
+        "dashboard-port",
+        "ray-client-server-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
+    ports = dict(zip(names, _distinct_free_ports(len(names)), strict=True))
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `sharecl` for the entrypoint
     env["PYTHONPATH"] = TESTS_DIR  # the test builders, for the driver and the workers
@@ -101,6 +100,19 @@ def ray_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayHead]:
     finally:
         _stop_group(group)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _distinct_free_ports(n: int) -> list[int]:
+    """``n`` free ports, all different: each socket stays bound until all are picked (one at a time, the OS
+    may hand out a port it just got back, and two Ray services given one port fail to start)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _stop_group(group: int) -> None:
