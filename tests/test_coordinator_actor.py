@@ -20,8 +20,10 @@ SHAPES = {"layer.0.query": (24, 16), "layer.0.value": (24, 16)}
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for the module: starting it costs ~10 s here."""
-    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False)
+    """One local Ray for the module: starting it costs ~10 s here. address="local": a plain ray.init() would join
+    the cluster /tmp/ray/ray_current_cluster names (any `ray start` or ray.cluster_utils.Cluster on this machine,
+    or a stale address a killed run left), and refuse num_cpus or fail to connect."""
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False)
     yield
     ray.shutdown()
 
