@@ -9,7 +9,7 @@ fsync every second). Then ``--merges`` times: one new random rank-8 LoRA adapter
 published in both formats, full (every task's payload written again) and delta (bases, the merge's
 rotations, the new task; ``publish(delta=True, rotations=report.rotations)``). Measured per version:
 merge seconds (the same merge for both), publish seconds, bytes written (payloads + manifest), Redis
-memory the version adds (``used_memory`` after - before, so it includes the manifest), and the
+memory of the keys the version wrote (``MEMORY USAGE`` of its manifest, bases, rotations and new payloads), and the
 latency of pulling one old task of the head (``get(head, tasks=[t])``; delta: with a cold and a warm
 rotation cache, the task read through ``--merges`` rotations). Shapes: MiniLM (6 layers x query,value,
 384 x 384) and LLaMA-7B (32 layers x q_proj,v_proj, 4096 x 4096). ``--write`` replaces the
@@ -81,8 +81,20 @@ class Row:
     pull_warm_ms: float | None
 
 
-def _used(client) -> int:
-    return int(client.info("memory")["used_memory"])
+def _version_bytes(client, store: SubspaceStore, version: str) -> int:
+    """Redis memory of the keys ``version`` wrote (``MEMORY USAGE``, exact per key): its manifest, bases,
+    rotations and the payloads written in it. Not ``used_memory`` before and after: that also moves with
+    client and replication buffers freed meanwhile (it went negative after a 200 MB full version)."""
+    manifest = store.manifest(version)
+    keys = [store.keys.manifest(version)] + [e["key"] for e in manifest["modules"].values()]
+    keys += [e["key"] for e in manifest["tasks"].values() if e["written_in"] == version]
+    for element in manifest.get("rotations", []):
+        if element["version"] == version:
+            keys += [e["key"] for e in element["rotations"].values()]
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.memory_usage(key, samples=0)
+    return sum(int(n or 0) for n in pipe.execute())
 
 
 def _pull_ms(store: SubspaceStore, task: str, reps: int = 3) -> float:
@@ -105,7 +117,6 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
         head, report = merge(head, {f"new{j:02d}": adapter(shape, 100_000 + j)}, POLICY)
         merge_s.append(time.perf_counter() - start)
         for fmt, store in stores.items():
-            before = _used(client)
             start = time.perf_counter()
             parents[fmt] = store.publish(
                 head, parents[fmt], delta=fmt == "delta", rotations=report.rotations if fmt == "delta" else None
@@ -116,7 +127,7 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
             row = stats[fmt]
             row.setdefault("publish_s", []).append(seconds)
             row.setdefault("written", []).append(written)
-            row.setdefault("redis", []).append(_used(client) - before)
+            row.setdefault("redis", []).append(_version_bytes(client, store, parents[fmt]))
             row.setdefault("manifest", []).append(manifest)
     out = []
     old_task = "t00000"
@@ -230,20 +241,24 @@ def main(argv: list[str], command: str) -> None:
 
 NOTES = (
     "Bases, k=32 and p=8 are the same in both formats; only what a version writes differs. The merge is "
-    "``share.merge`` as it is at this commit (the same call for both formats, timed once). Written MB and Redis "
-    "MB include the manifest, which lists every task with its metadata in both formats.\n\n"
+    "``share.merge`` as it is at this commit (the same call for both formats, timed once; the first merge of each "
+    "T stacks the synthetic head's tasks, later ones reuse the stacks the previous merge left). Written MB and "
+    "Redis MB include the manifest (format 3: module-keyed maps stored as lists), which lists every task with its "
+    "metadata in both formats.\n\n"
     "The issue's target (at T=10000 a merge + publish at most 2x its T=10 cost, Redis bytes per version "
-    "independent of T) is missed, for two reasons the table shows. (1) The merge itself still grows with T "
-    "(item 1 of the issue, not part of this change). (2) A delta version still has an O(T) manifest: per-task "
-    "metadata (error bounds per module, provenance) changes with every merge and stays in the manifest, about "
-    "2.4 KB per task with MiniLM's 12 modules and 10 KB with LLaMA-7B's 64 (the manifest MB column over T); "
-    "publishing parses the parent's (unless this store object wrote it) and writes a new one, and pulling one "
-    "task parses it, so the delta format's publish seconds, Redis bytes per version and pull latency grow "
-    "with T through the manifest alone. What the delta format removes is every old task's payload: written "
-    "bytes are the bases, the rotations (16 KB per module at k=32) and the new task. For LLaMA-7B shapes the bases "
-    "(67 MB per version, the same in both formats) dominate a version until T is in the thousands. Pull "
-    "latency of one old task (cold: the process has seen neither the rotations nor the manifest; warm: the rotations' "
-    "product and the checked manifest cached, its bytes still fetched and compared) is mostly the manifest "
-    "(fetch, and parse when cold) plus the bases; the chain's k x k products are negligible beside it. The machine is "
-    "shared (2 cores, load 7-9 during the run), so seconds vary by tens of percent between runs; bytes do not."
+    "independent of T) is missed, for two reasons the table shows. (1) The merge still grows with T: with "
+    "KPolicy(k=32) every merge drops directions, so every old task's error in every module is computed (exact, "
+    "batched float64 arithmetic over its coefficients, which the issue allows when directions drop) and every "
+    "task's coefficients and metadata are rebuilt in memory (a dict per task and module: the Subspace holds "
+    "eager coefficients). (2) A delta version still has an O(T) manifest: per-task metadata (error bounds per "
+    "module, provenance) changes with every merge and stays in the manifest, about 1.0 KB per task with MiniLM's "
+    "12 modules in format 3 (2.4 KB in format 2; the manifest MB column over T); publishing encodes it as JSON "
+    "and pulling one task parses it, so the delta format's publish seconds, Redis bytes per version and cold pull "
+    "latency grow with T through the manifest alone. What the delta format removes is every old task's payload: "
+    "written bytes are the bases, the rotations (16 KB per module at k=32) and the new task. For LLaMA-7B shapes "
+    "the bases (67 MB per version, the same in both formats) dominate a version until T is in the thousands. Pull "
+    "latency of one old task (cold: the process has seen neither the rotations nor the manifest; warm: the "
+    "rotations' product and the checked manifest cached, its bytes still fetched and compared) is mostly the "
+    "manifest (fetch, and parse when cold) plus the bases; the chain's k x k products are negligible beside it. "
+    "The machine is shared (2 cores), so seconds vary by tens of percent between runs; bytes do not."
 )
