@@ -88,7 +88,8 @@ class SubspaceStore:
         self.client = client
         self.keys = Keys(namespace)
         self.namespace = namespace
-        self._committed: tuple[str, dict[str, Any]] | None = None  # the manifest this object committed last
+        # The manifest this object committed last: (version, as built, the bytes written).
+        self._committed: tuple[str, dict[str, Any], bytes] | None = None
         self._server = manifest_cache.server_identity(client)
 
     # -- reading -------------------------------------------------------------------------------
@@ -101,7 +102,16 @@ class SubspaceStore:
         return check_version(_resolve(self.client, self.keys, ref), f"{ref!r} names")
 
     def manifest(self, ref: str = "head") -> dict[str, Any]:
-        """The manifest of the version ``ref`` names, every field checked (``decode_manifest``); the caller's copy."""
+        """The manifest of the version ``ref`` names, every field checked (``decode_manifest``); the caller's copy.
+
+        The version this object published last, asked for by its id (what a coordinator does right after
+        publishing), is answered from the manifest as this object built it when the stored bytes are still
+        exactly the ones it wrote (fetched and compared, not parsed and checked again); anything else is read
+        and checked as always.
+        """
+        committed = self._committed
+        if committed is not None and ref == committed[0] and self.client.get(self.keys.manifest(ref)) == committed[2]:
+            return json_copy(committed[1])
         return json_copy(self._checked(ref).full())
 
     def _checked(self, ref: str) -> CheckedManifest:
@@ -588,14 +598,15 @@ class _Publication:
                         self.format_version,
                     )
                     pipe.multi()
-                    pipe.set(keys.manifest(v), encode_manifest(manifest))
+                    stored = encode_manifest(manifest)
+                    pipe.set(keys.manifest(v), stored)
                     pipe.set(keys.head, v)
                     pipe.zadd(keys.versions, {v: self.number})
                     pipe.hdel(keys.writing, v)
                     queue_acks(pipe, keys, group, entries, v)
                     pipe.execute()
                     if manifest["format_version"] == MANIFEST_FORMAT_VERSION:
-                        self.store._committed = (v, manifest)
+                        self.store._committed = (v, manifest, stored)
                     return v
             except WatchError:
                 # Either the head moved (the loop reports the conflict) or a submission changed

@@ -159,6 +159,35 @@ def test_a_delta_version_writes_only_its_new_task_and_reads_as_the_subspace(redi
     _assert_same(other.get(versions[-1]), subs[-1], "rotations from the bases")
 
 
+def test_the_publisher_answers_its_last_version_as_a_fresh_reader_does(redis_client, namespace, monkeypatch) -> None:
+    """``manifest(v)`` for the version this object just published comes from what it built (no re-read of
+    megabytes): equal to what another store object reads back and checks, and gone when the version is."""
+    store = SubspaceStore(redis_client, namespace)
+    versions, _ = _delta_chain(store, 3)
+    reader = SubspaceStore(redis_client, namespace)
+    read: list[str] = []
+    checked = store._checked
+    monkeypatch.setattr(store, "_checked", lambda ref: read.append(ref) or checked(ref))
+    store.manifest(versions[-1])
+    store.manifest("head")
+    assert read == ["head"]  # the version id from memory; a ref is resolved and read as always
+    for version in (versions[-1], "head"):
+        mine, theirs = store.manifest(version), reader.manifest(version)
+        assert json.dumps(mine, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+    mine = store.manifest(versions[-1])
+    mine["tasks"].clear()  # the caller's copy
+    assert store.manifest(versions[-1])["tasks"]
+    # Bytes rewritten after the commit: read and checked like anyone's (the memory answers only for its bytes).
+    key = store.keys.manifest(versions[-1])
+    changed = json.loads(redis_client.get(key))
+    changed["metadata"] = {"rewritten": 1}
+    redis_client.set(key, json.dumps(changed))
+    assert store.manifest(versions[-1])["metadata"] == {"rewritten": 1}
+    redis_client.delete(key)
+    with pytest.raises(StoreError, match="pruned|no version|not found"):
+        store.manifest(versions[-1])
+
+
 def test_a_task_whose_chain_would_pass_max_chain_is_written_in_full(redis_client, namespace) -> None:
     store = SubspaceStore(redis_client, namespace)
     sub, _ = merge(None, {"t0": _adapter(0)}, KPolicy(k=6))
