@@ -118,3 +118,23 @@ def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]
         for i, child in enumerate(value):
             out += json_paths(child, (*prefix, i))
     return out
+
+
+def edit_randomly(
+    data: st.DataObject, document: Any, paths: list[tuple[Any, ...]], values: st.SearchStrategy[Any]
+) -> Any:
+    """1-3 random edits of ``document`` in place (delete the value at one of ``paths``, or replace it with one of
+    ``values``); a path an earlier edit removed is skipped. Returns ``document``."""
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        parent = document
+        try:
+            for part in path[:-1]:
+                parent = parent[part]
+            if data.draw(st.booleans()):
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = data.draw(values)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed or replaced the path
+    return document

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from helpers import json_paths
+from helpers import edit_randomly, json_paths
 
 from share import KPolicy, LoraAdapter, Subspace, merge, remove_tasks
 from subspace_store import CorruptPayloadError, StoreError, SubspaceStore
@@ -433,19 +433,7 @@ def test_edited_delta_manifests_decode_or_raise_a_project_error() -> None:
     @FUZZ
     @given(st.data())
     def run(data: st.DataObject) -> None:
-        manifest = copy.deepcopy(DELTA_MANIFEST)
-        for _ in range(data.draw(st.integers(1, 3))):
-            path = data.draw(st.sampled_from(chain_paths))
-            parent = manifest
-            try:
-                for part in path[:-1]:
-                    parent = parent[part]
-                if data.draw(st.booleans()):
-                    del parent[path[-1]]
-                else:
-                    parent[path[-1]] = data.draw(values)
-            except (KeyError, IndexError, TypeError):
-                continue  # an earlier edit removed or replaced the path
+        manifest = edit_randomly(data, copy.deepcopy(DELTA_MANIFEST), chain_paths, values)
         try:
             decode_manifest(json.dumps(manifest).encode(), FUZZ_KEYS, "v2")
         except ShareClError:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FUZZ, json_paths, json_strategy
+from helpers import FUZZ, edit_randomly, json_paths, json_strategy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -207,20 +207,8 @@ STORED = json.loads(encode_manifest(_manifest(_subspace())))
 @given(st.data())
 def test_edited_packed_manifests_decode_or_raise_a_project_error(data: st.DataObject) -> None:
     values = json_strategy(["p", "metadata", MODULE_VALUES, MODULE_DRIFT, MODULE_ENTRY_NORM, "enc.q", "t0"], 8)
-    manifest = copy.deepcopy(STORED)
-    paths = [p for p in json_paths(manifest)[1:] if p[0] == "tasks"]
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths))
-        parent = manifest
-        try:
-            for part in path[:-1]:
-                parent = parent[part]
-            if data.draw(st.booleans()):
-                del parent[path[-1]]
-            else:
-                parent[path[-1]] = data.draw(values)
-        except (KeyError, IndexError, TypeError):
-            continue  # an earlier edit removed or replaced the path
+    paths = [p for p in json_paths(STORED)[1:] if p[0] == "tasks"]
+    manifest = edit_randomly(data, copy.deepcopy(STORED), paths, values)
     try:
         decode_manifest(json.dumps(manifest).encode(), KEYS, "v1")
     except ShareClError:
