@@ -369,6 +369,7 @@ def _merge_checked(
     cuts: dict[str, _ModuleCut] = {}
     capped: list[str] = []
     rotations: dict[str, tuple[Tensor, Tensor]] = {}
+    stacks: dict[str, _StackCache] = {}
     for j, m in enumerate(modules):
         old_basis = subspace.modules[m] if subspace is not None else None
         X_A, X_B, new_widths = _canonical_columns(adapters, new_names, m)
@@ -405,7 +406,7 @@ def _merge_checked(
         if cut.gram is not None:
             cut.basis.gram_cache = _GramCache(tuple(names), *cut.gram)
         if cut.stacks is not None:
-            cut.basis.stack_cache = _StackCache(tuple(names), tuple(cut.E_A), tuple(cut.E_B), *cut.stacks)
+            stacks[m] = _StackCache(tuple(names), tuple(cut.E_A), tuple(cut.E_B), *cut.stacks)
         new_bases[m], cuts[m] = cut.basis, cut
         if not cut.met:
             capped.append(m)
@@ -430,6 +431,7 @@ def _merge_checked(
         tasks=tasks,
         policy=policy,
         metadata=dict(subspace.metadata) if subspace is not None else {},
+        stack_cache=stacks,
     )
     return merged, report
 
@@ -516,10 +518,10 @@ def _old_groups(
     subspace: Subspace, basis: ModuleBasis, old_names: list[str], module: str
 ) -> tuple[list[_Group], list[int]]:
     """The old tasks' coefficients in one module stacked per width (float64, ``g x k x p`` per side), and each
-    task's width. The stacks the last merge left (``ModuleBasis.stack_cache``) are used when the tasks' tensors
+    task's width. The stacks the last merge left (``Subspace.stack_cache``) are used when the tasks' tensors
     are still exactly their views: then nothing is gathered task by task."""
     T = len(old_names)
-    cache = basis.stack_cache
+    cache = subspace.stack_cache.get(module) if isinstance(subspace.stack_cache, dict) else None
     if (
         isinstance(cache, _StackCache)
         and cache.tasks == tuple(old_names)

@@ -59,13 +59,10 @@ class ModuleBasis:
     # share.merge's running Gram of the tasks' coefficients per side (float64, for the next merge); never
     # saved or compared, and checked against the subspace's tasks before use (recomputed when absent).
     gram_cache: Any = field(default=None, compare=False, repr=False)
-    # share.merge's stacked coefficients of the tasks it produced (float32, tasks x k x p per side; the tasks'
-    # tensors are views into them), so the next merge need not stack them again; checked by identity before use.
-    stack_cache: Any = field(default=None, compare=False, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (Ray) without the merge's caches: they are rebuilt where needed, never shipped."""
-        return {**self.__dict__, "gram_cache": None, "stack_cache": None}
+        """Pickled (Ray) without the merge's cache: it is rebuilt where needed, never shipped."""
+        return {**self.__dict__, "gram_cache": None}
 
     @property
     def in_features(self) -> int:
@@ -101,6 +98,14 @@ class Subspace:
     tasks: dict[str, TaskCoefficients] = field(default_factory=dict)
     policy: KPolicy = field(default_factory=KPolicy)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # share.merge's stacked coefficients of the tasks it produced, per module (float32, tasks x k x p per side;
+    # the tasks' tensors are views into them), so the next merge need not stack them again. Held by the
+    # subspace, not by its bases (which copies of it without tasks share); checked by identity before use,
+    # never saved, compared or pickled.
+    stack_cache: Any = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "stack_cache": None}
 
     # -- derived views -------------------------------------------------------------------------
     def delta_weight(self, task: str, module: str) -> Tensor:

@@ -248,10 +248,10 @@ def test_the_stacks_a_merge_leaves_give_the_merge_that_stacking_the_tasks_again_
     policy = KPolicy(max_error=0.1)
     cached, _ = merge(None, {f"t{i}": random_adapter(i) for i in range(3)}, policy)
     for i in range(3, 7):
-        basis = next(iter(cached.modules.values()))
-        assert basis.stack_cache is not None and basis.stack_cache.tasks == tuple(cached.tasks)
-        first = next(iter(cached.tasks.values())).E[next(iter(cached.modules))][0]
-        assert first._base is basis.stack_cache.A  # a view, no copy
+        module = next(iter(cached.modules))
+        stacks = cached.stack_cache[module]
+        assert stacks.tasks == tuple(cached.tasks)
+        assert next(iter(cached.tasks.values())).E[module][0]._base is stacks.A  # a view, no copy
         restacked = Subspace(
             modules={m: ModuleBasis(U_A=b.U_A, U_B=b.U_B) for m, b in cached.modules.items()},
             tasks={
@@ -283,12 +283,16 @@ def test_the_stacks_a_merge_leaves_give_the_merge_that_stacking_the_tasks_again_
     assert_same_merge(left, right, tol=1e-6)
 
 
-def test_a_pickled_basis_leaves_the_merge_caches_behind() -> None:
+def test_the_merge_caches_stay_with_their_subspace() -> None:
+    """Pickled (Ray), a subspace and its bases leave the caches behind; a copy without tasks (the coordinator
+    keeps such copies of recent versions) holds the bases, not the stacked coefficients."""
     merged, _ = merge(None, {"a": random_adapter(0), "b": random_adapter(1)}, KPolicy(k=6))
     basis = next(iter(merged.modules.values()))
-    assert basis.stack_cache is not None
-    copy = pickle.loads(pickle.dumps(basis))
-    assert copy.stack_cache is None and copy.gram_cache is None and torch.equal(copy.U_A, basis.U_A)
+    assert merged.stack_cache and basis.gram_cache is not None
+    copy = pickle.loads(pickle.dumps(merged))
+    assert copy.stack_cache is None and next(iter(copy.modules.values())).gram_cache is None
+    assert torch.equal(next(iter(copy.modules.values())).U_A, basis.U_A) and list(copy.tasks) == ["a", "b"]
+    assert Subspace(modules=merged.modules, policy=merged.policy).stack_cache is None
 
 
 def test_nothing_dropped_leaves_old_tasks_exactly_as_they_were() -> None:
