@@ -221,6 +221,10 @@ def _truncate_module(
     if groups is None:
         groups = _groups_by_width(widths, A.C, B.C)
     arrays = drift if isinstance(drift, _DriftArrays) else _DriftArrays.from_dict(names, drift)
+    if totals is None:  # every task's |M|^2 over all directions, once for the choice of k and the errors
+        totals = torch.zeros(len(names), dtype=torch.float64)
+        for index, group_A, group_B in groups:
+            totals[index] = _frobenius_sq_of_product(group_B, group_A)
     met = True
     if policy.max_error is not None:
         k_A, k_B, met = _choose_k_bounded(groups, A, B, arrays, policy.max_error, policy.k_max, totals)
@@ -245,7 +249,7 @@ def _truncate_module(
         # group_*: g x rows x p, every task's coordinates in the frame (rows past these are 0), before truncation.
         E_A, E_B = W_A[: group_A.shape[1]].T @ group_A, W_B[: group_B.shape[1]].T @ group_B
         # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
-        total = _frobenius_sq_of_product(group_B, group_A) if totals is None else totals[index]
+        total = totals[index]
         sq_norm[index] = total.clamp_min(0.0)
         if dropped:
             sq_diff[index] = (total - _frobenius_sq_of_product(E_B, E_A)).clamp_min(0.0)
@@ -852,10 +856,12 @@ def _choose_k_bounded(
             # |M_i|^2 over every direction
             total = _frobenius_sq_of_product(c_B, c_A) if totals is None else totals[index[lo : lo + chunk]]
             M = (V_B.T @ c_B) @ (V_A.T @ c_A).transpose(1, 2)  # g x cap_B x cap_A
-            kept = M.square().cumsum(dim=1).cumsum(dim=2)
             entry, prior, limit = _bound_terms(index[lo : lo + chunk], total, drift, eps)
-            lost = (total[:, None, None] - kept).clamp_min(0.0).sqrt()
-            excess = prior[:, None, None] + lost / entry[:, None, None] - limit[:, None, None]
+            # In place on M (tens of MB per chunk, no temporaries): kept = 2-D prefix sums of M^2, then
+            # excess = prior + sqrt(max(total - kept, 0)) / entry - limit, the same arithmetic as written out.
+            excess = M.square_().cumsum_(dim=1).cumsum_(dim=2).neg_().add_(total[:, None, None])
+            excess.clamp_min_(0.0).sqrt_().div_(entry[:, None, None]).add_(prior[:, None, None])
+            excess.sub_(limit[:, None, None])
             excess[entry == 0] = -math.inf
             worst = torch.maximum(worst, excess.amax(dim=0))
     feasible = worst <= 0
