@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results_md import command_line, write_section
+from benchmarks.results_md import command_line, markdown_table, write_section
 from coordinator import Coordinator, MergeTracker, StepResult
 from share import KPolicy, LoraAdapter, Subspace, TaskUpdate, merge
 from subspace_store import Submission, SubmissionStream, SubspaceStore
@@ -130,18 +130,18 @@ def measure(
 
 
 def table(runs: list[Run]) -> str:
-    lines = [
-        "| T (tasks in head) | mode | merges | merged / s | latency mean (s) | latency max (s) | merge s / version "
-        "| publish s / version |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for run in runs:
-        lines.append(
-            f"| {run.tasks} | {run.mode} | {run.merges} | {run.per_second:.2f} | "
-            f"{statistics.mean(run.latencies):.2f} | {max(run.latencies):.2f} | "
-            f"{statistics.mean(run.merge_s):.3f} | {statistics.mean(run.publish_s):.3f} |"
-        )
-    return "\n".join(lines)
+    columns = [("T (tasks in head)", "r"), ("mode", "l"), ("merges", "r"), ("merged / s", "r")]
+    columns += [("latency mean (s)", "r"), ("latency max (s)", "r"), ("merge s / version", "r")]
+    columns += [("publish s / version", "r")]
+    return markdown_table(
+        columns,
+        (
+            [run.tasks, run.mode, run.merges, f"{run.per_second:.2f}", f"{statistics.mean(run.latencies):.2f}"]
+            + [f"{max(run.latencies):.2f}", f"{statistics.mean(run.merge_s):.3f}"]
+            + [f"{statistics.mean(run.publish_s):.3f}"]
+            for run in runs
+        ),
+    )
 
 
 NOTES = (

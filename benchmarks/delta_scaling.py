@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results_md import write_section
+from benchmarks.results_md import markdown_table, write_section
 from share import KPolicy, LoraAdapter, ModuleBasis, Subspace, TaskCoefficients, merge
 from subspace_store import SubspaceStore, chains, manifest_cache
 from subspace_store.embedded import start_redis
@@ -156,18 +156,18 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = [
-        "| shape | T | format | merge s | publish s | merge + publish s | written MB / version | Redis MB / version "
-        "| manifest MB | pull one old task ms (cold) | (warm) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        warm = f"{r.pull_warm_ms:.1f}" if r.pull_warm_ms is not None else "-"
-        lines.append(
-            f"| {r.shape} | {r.tasks} | {r.fmt} | {r.merge_s:.3f} | {r.publish_s:.3f} | {r.merge_s + r.publish_s:.3f} "
-            f"| {r.written_mb:.2f} | {r.redis_mb:.2f} | {r.manifest_mb:.3f} | {r.pull_ms:.1f} | {warm} |"
-        )
-    return "\n".join(lines)
+    columns = [("shape", "l"), ("T", "r"), ("format", "l"), ("merge s", "r"), ("publish s", "r")]
+    columns += [("merge + publish s", "r"), ("written MB / version", "r"), ("Redis MB / version", "r")]
+    columns += [("manifest MB", "r"), ("pull one old task ms (cold)", "r"), ("(warm)", "r")]
+    return markdown_table(
+        columns,
+        (
+            [r.shape, r.tasks, r.fmt, f"{r.merge_s:.3f}", f"{r.publish_s:.3f}", f"{r.merge_s + r.publish_s:.3f}"]
+            + [f"{r.written_mb:.2f}", f"{r.redis_mb:.2f}", f"{r.manifest_mb:.3f}", f"{r.pull_ms:.1f}"]
+            + [f"{r.pull_warm_ms:.1f}" if r.pull_warm_ms is not None else "-"]
+            for r in rows
+        ),
+    )
 
 
 def ratios(rows: list[Row]) -> str:

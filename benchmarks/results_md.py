@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -30,3 +31,11 @@ def write_section(heading: str, command: str, body: str, machine: str = "") -> N
     """Replace ``heading``'s section with ``body`` under a line naming the command and the machine."""
     where = ", ".join(part for part in (platform.machine(), machine) if part)
     replace_section(heading, f"{heading}\n\nCommand: `{command}` ({where}).\n\n{body}\n")
+
+
+def markdown_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table: ``columns`` are (title, ``"l"`` or ``"r"`` alignment), ``rows`` the formatted cells."""
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |"]
+    lines.append("|" + "".join("---:|" if align == "r" else "---|" for _, align in columns))
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

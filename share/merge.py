@@ -139,8 +139,8 @@ class _GramCache:
 
 @dataclass(frozen=True)
 class _StackCache:
-    """The coefficients of exactly these tasks stacked per side (float32, ``tasks x k x p``), kept on a
-    ``ModuleBasis`` by ``merge``; the tasks' own tensors are ``views_*`` (views into the stacks)."""
+    """The coefficients of exactly these tasks in one module stacked per side (float32, ``tasks x k x p``), kept
+    on the merged ``Subspace`` (``stack_cache``); the tasks' own tensors are ``views_*`` (views into the stacks)."""
 
     tasks: tuple[str, ...]
     views_A: tuple[Tensor, ...]
@@ -222,9 +222,7 @@ def _truncate_module(
         groups = _groups_by_width(widths, A.C, B.C)
     arrays = drift if isinstance(drift, _DriftArrays) else _DriftArrays.from_dict(names, drift)
     if totals is None:  # every task's |M|^2 over all directions, once for the choice of k and the errors
-        totals = torch.zeros(len(names), dtype=torch.float64)
-        for index, group_A, group_B in groups:
-            totals[index] = _frobenius_sq_of_product(group_B, group_A)
+        totals = _energies(groups, len(names))
     met = True
     if policy.max_error is not None:
         k_A, k_B, met = _choose_k_bounded(groups, A, B, arrays, policy.max_error, policy.k_max, totals)
@@ -399,7 +397,8 @@ def _merge_checked(
         for fast in (True, False):  # the exact path only when a Gram-based frame failed its check
             A = _side_coordinates(U_A, old_E_A, gram_A, X_A, fast, policy)
             B = _side_coordinates(U_B, old_E_B, gram_B, X_B, fast, policy)
-            totals = _column_energy(names, widths, X_A, X_B) if old_basis is None else None
+            # At initialization C may hold only the rows the policy can keep: energies from the tasks' own columns.
+            totals = _energies(_groups_by_width(widths, X_A, X_B), len(names)) if old_basis is None else None
             new_groups = _groups_by_width(
                 new_widths, A.C[:, A.C.shape[1] - new_columns :], B.C[:, B.C.shape[1] - new_columns :], len(old_names)
             )
@@ -544,7 +543,7 @@ def _old_groups(
     widths = [E_A.shape[1] for E_A, _ in pairs]
     groups: list[_Group] = []
     for width in sorted(set(widths)):
-        idx = [i for i, w in enumerate(widths) if w == width] if len(set(widths)) > 1 else list(range(T))
+        idx = [i for i, w in enumerate(widths) if w == width]
         groups.append(
             (
                 torch.tensor(idx, dtype=torch.long),
@@ -783,10 +782,10 @@ def _rows_needed(eigvals: Tensor, policy: KPolicy) -> int:
     return _choose_k(eigvals, policy)
 
 
-def _column_energy(names: list[str], widths: list[int], X_A: Tensor, X_B: Tensor) -> Tensor:
-    """``|X_B,i X_A,i.T|^2`` per task from its own columns (``dim x p`` per side), batched."""
-    totals = torch.zeros(len(names), dtype=torch.float64)
-    for index, group_A, group_B in _groups_by_width(widths, X_A, X_B):
+def _energies(groups: list[_Group], count: int) -> Tensor:
+    """``|c_B,i c_A,i.T|^2`` of each of ``count`` tasks from its stacked coordinates, batched per group."""
+    totals = torch.zeros(count, dtype=torch.float64)
+    for index, group_A, group_B in groups:
         totals[index] = _frobenius_sq_of_product(group_B, group_A)
     return totals
 
@@ -826,16 +825,16 @@ def _choose_k_bounded(
     drift: _DriftArrays,
     eps: float,
     k_max: int | None,
-    totals: Tensor | None = None,
+    totals: Tensor,
 ) -> tuple[int, int, bool]:
     """The ``(k_A, k_B)`` with the smallest ``k_A + k_B`` that keeps every task's bound at ``eps``.
 
     Task ``i``'s bound after keeping the first ``b`` directions of ``B`` and ``a`` of ``A`` is
     ``drift_i + sqrt(|M_i|^2 - sum_{r<b, s<a} M_i[r, s]^2) / entry_i`` with
-    ``M_i = W_B.T c_B c_A.T W_A`` (every direction): one 2-D cumulative sum of ``M_i^2`` gives it for
-    all prefixes at once. It falls as either ``k`` grows, so in each row ``b`` the feasible ``a``
-    form a suffix and the frontier is one count per row. A task already over ``eps`` may lose
-    nothing more. Returns ``(k_A, k_B, met)``; when no pair within ``k_max``
+    ``M_i = W_B.T c_B c_A.T W_A`` (every direction; ``totals[i] = |M_i|^2``): one 2-D cumulative sum of
+    ``M_i^2`` gives it for all prefixes at once (``_worst_excess``). It falls as either ``k`` grows, so in
+    each row ``b`` the feasible ``a`` form a suffix and the frontier is one count per row. A task already
+    over ``eps`` may lose nothing more. Returns ``(k_A, k_B, met)``; when no pair within ``k_max``
     holds the bound, the largest allowed pair, which minimizes every task's error, and ``met=False``.
     """
     # Every direction is a candidate, not only those of positive eigenvalue: next to a huge adapter,
@@ -845,25 +844,7 @@ def _choose_k_bounded(
     cap_B = B.eigvecs.shape[1] if k_max is None else min(B.eigvecs.shape[1], k_max)
     if cap_A == 0 or cap_B == 0:  # nothing spans anything: every update is zero
         return 1, 1, True
-    W_A, W_B = A.eigvecs[:, :cap_A], B.eigvecs[:, :cap_B]
-    worst = torch.full((cap_B, cap_A), -math.inf, dtype=torch.float64)
-    for index, group_A, group_B in groups:
-        chunk = max(1, _PREFIX_CHUNK // (cap_A * cap_B))
-        # Rows of the frame past the group's are zero in its coordinates (an old task's [E_i; 0]).
-        V_A, V_B = W_A[: group_A.shape[1]], W_B[: group_B.shape[1]]
-        for lo in range(0, index.shape[0], chunk):
-            c_A, c_B = group_A[lo : lo + chunk], group_B[lo : lo + chunk]
-            # |M_i|^2 over every direction
-            total = _frobenius_sq_of_product(c_B, c_A) if totals is None else totals[index[lo : lo + chunk]]
-            M = (V_B.T @ c_B) @ (V_A.T @ c_A).transpose(1, 2)  # g x cap_B x cap_A
-            entry, prior, limit = _bound_terms(index[lo : lo + chunk], total, drift, eps)
-            # In place on M (tens of MB per chunk, no temporaries): kept = 2-D prefix sums of M^2, then
-            # excess = prior + sqrt(max(total - kept, 0)) / entry - limit, the same arithmetic as written out.
-            excess = M.square_().cumsum_(dim=1).cumsum_(dim=2).neg_().add_(total[:, None, None])
-            excess.clamp_min_(0.0).sqrt_().div_(entry[:, None, None]).add_(prior[:, None, None])
-            excess.sub_(limit[:, None, None])
-            excess[entry == 0] = -math.inf
-            worst = torch.maximum(worst, excess.amax(dim=0))
+    worst = _worst_excess(groups, A.eigvecs[:, :cap_A], B.eigvecs[:, :cap_B], drift, eps, totals)
     feasible = worst <= 0
     # Row b (k_B = b + 1): the smallest feasible k_A is one more than the count of infeasible entries.
     k_A_min = (~feasible).sum(dim=1) + 1
@@ -874,6 +855,32 @@ def _choose_k_bounded(
     candidates = [(int(k_A_min[b]), int(b) + 1) for b in rows]
     k_A, k_B = min(candidates, key=lambda ab: (ab[0] + ab[1], ab[0] * d + ab[1] * n, ab[1]))
     return k_A, k_B, True
+
+
+def _worst_excess(
+    groups: list[_Group], W_A: Tensor, W_B: Tensor, drift: _DriftArrays, eps: float, totals: Tensor
+) -> Tensor:
+    """Over every task, the largest ``bound after the merge - allowed bound`` for each pair of prefixes
+    (``cap_B x cap_A``: keeping ``b + 1`` directions of ``W_B`` and ``a + 1`` of ``W_A``); tasks whose entry norm
+    is 0 count as ``-inf``. Chunks of about 32 MB, each worked on in place (no temporaries)."""
+    cap_A, cap_B = W_A.shape[1], W_B.shape[1]
+    worst = torch.full((cap_B, cap_A), -math.inf, dtype=torch.float64)
+    chunk = max(1, _PREFIX_CHUNK // (cap_A * cap_B))
+    for index, group_A, group_B in groups:
+        # Rows of the frame past the group's are zero in its coordinates (an old task's [E_i; 0]).
+        V_A, V_B = W_A[: group_A.shape[1]], W_B[: group_B.shape[1]]
+        for lo in range(0, index.shape[0], chunk):
+            at = index[lo : lo + chunk]
+            c_A, c_B, total = group_A[lo : lo + chunk], group_B[lo : lo + chunk], totals[at]
+            M = (V_B.T @ c_B) @ (V_A.T @ c_A).transpose(1, 2)  # g x cap_B x cap_A
+            entry, prior, limit = _bound_terms(at, total, drift, eps)
+            # kept = 2-D prefix sums of M^2; excess = prior + sqrt(max(total - kept, 0)) / entry - limit.
+            excess = M.square_().cumsum_(dim=1).cumsum_(dim=2).neg_().add_(total[:, None, None])
+            excess.clamp_min_(0.0).sqrt_().div_(entry[:, None, None]).add_(prior[:, None, None])
+            excess.sub_(limit[:, None, None])
+            excess[entry == 0] = -math.inf
+            worst = torch.maximum(worst, excess.amax(dim=0))
+    return worst
 
 
 def _bound_terms(index: Tensor, total: Tensor, drift: _DriftArrays, eps: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -88,8 +88,6 @@ class SubspaceStore:
         self.client = client
         self.keys = Keys(namespace)
         self.namespace = namespace
-        # The manifest this object committed last: (version, as built, the bytes written).
-        self._committed: tuple[str, dict[str, Any], bytes] | None = None
         self._server = manifest_cache.server_identity(client)
 
     # -- reading -------------------------------------------------------------------------------
@@ -102,16 +100,7 @@ class SubspaceStore:
         return check_version(_resolve(self.client, self.keys, ref), f"{ref!r} names")
 
     def manifest(self, ref: str = "head") -> dict[str, Any]:
-        """The manifest of the version ``ref`` names, every field checked (``decode_manifest``); the caller's copy.
-
-        The version this object published last, asked for by its id (what a coordinator does right after
-        publishing), is answered from the manifest as this object built it when the stored bytes are still
-        exactly the ones it wrote (fetched and compared, not parsed and checked again); anything else is read
-        and checked as always.
-        """
-        committed = self._committed
-        if committed is not None and ref == committed[0] and self.client.get(self.keys.manifest(ref)) == committed[2]:
-            return json_copy(committed[1])
+        """The manifest of the version ``ref`` names, every field checked (``decode_manifest``); the caller's copy."""
         return json_copy(self._checked(ref).full())
 
     def _checked(self, ref: str) -> CheckedManifest:
@@ -318,9 +307,8 @@ class SubspaceStore:
         self, subspace: Subspace, parent: str, rotations: dict[str, chains.Rotation] | None, max_chain: int
     ) -> dict[str, Any]:
         """``encode_subspace``'s delta arguments (reuse, rotations, chain), or {} to write in full."""
-        # The parent is usually what this object just published (a coordinator): its manifest as built, unread.
-        last = self._committed
-        before = last[1] if last is not None and last[0] == parent else self._checked(parent).full()
+        # The parent is usually what this process just published (a coordinator): cached as built (commit).
+        before = self._checked(parent).full()
         if list(before["modules"]) != list(subspace.modules):
             return {}
         chain = before["rotations"]
@@ -606,7 +594,10 @@ class _Publication:
                     queue_acks(pipe, keys, group, entries, v)
                     pipe.execute()
                     if manifest["format_version"] == MANIFEST_FORMAT_VERSION:
-                        self.store._committed = (v, manifest, stored)
+                        # Readers in this process (the coordinator's record of the merge, the next delta's
+                        # plan) find it as built while the stored bytes are these: nothing parsed back.
+                        key = (self.store._server, self.store.namespace, v)
+                        manifest_cache.MANIFESTS.put(key, stored, CheckedManifest.written(manifest, keys, v))
                     return v
             except WatchError:
                 # Either the head moved (the loop reports the conflict) or a submission changed

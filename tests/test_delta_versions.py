@@ -14,7 +14,7 @@ import torch
 from helpers import edit_randomly, json_paths
 
 from share import KPolicy, LoraAdapter, Subspace, merge, remove_tasks
-from subspace_store import CorruptPayloadError, StoreError, SubspaceStore
+from subspace_store import CorruptPayloadError, StoreError, SubspaceStore, manifest_cache
 from subspace_store.chains import MAX_CHAIN, relative_difference
 from subspace_store.codec import decode_manifest, encode_subspace
 from subspace_store.store import COMPACTION_KEY, _Publication
@@ -159,25 +159,24 @@ def test_a_delta_version_writes_only_its_new_task_and_reads_as_the_subspace(redi
     _assert_same(other.get(versions[-1]), subs[-1], "rotations from the bases")
 
 
-def test_the_publisher_answers_its_last_version_as_a_fresh_reader_does(redis_client, namespace, monkeypatch) -> None:
-    """``manifest(v)`` for the version this object just published comes from what it built (no re-read of
-    megabytes): equal to what another store object reads back and checks, and gone when the version is."""
+def test_a_published_version_is_read_in_its_process_as_built_and_equal_to_its_stored_bytes(
+    redis_client, namespace
+) -> None:
+    """The commit leaves the manifest it built in the process's manifest cache under the bytes it wrote, so the
+    coordinator's read right after a publish (and the next delta's plan) parses nothing back: what it gets is
+    what checking the stored bytes gives, and bytes rewritten or deleted later are read and checked as always."""
     store = SubspaceStore(redis_client, namespace)
     versions, _ = _delta_chain(store, 3)
-    reader = SubspaceStore(redis_client, namespace)
-    read: list[str] = []
-    checked = store._checked
-    monkeypatch.setattr(store, "_checked", lambda ref: read.append(ref) or checked(ref))
-    store.manifest(versions[-1])
-    store.manifest("head")
-    assert read == ["head"]  # the version id from memory; a ref is resolved and read as always
-    for version in (versions[-1], "head"):
-        mine, theirs = store.manifest(version), reader.manifest(version)
-        assert json.dumps(mine, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+    misses = manifest_cache.MANIFESTS.misses
+    for ref in (versions[-1], "head", versions[-2]):
+        mine = store.manifest(ref)
+        version = mine["version"]
+        fresh = decode_manifest(redis_client.get(store.keys.manifest(version)), store.keys, version)
+        assert json.dumps(mine, sort_keys=True) == json.dumps(fresh, sort_keys=True)
+    assert manifest_cache.MANIFESTS.misses == misses  # every version this object wrote: nothing parsed back
     mine = store.manifest(versions[-1])
     mine["tasks"].clear()  # the caller's copy
     assert store.manifest(versions[-1])["tasks"]
-    # Bytes rewritten after the commit: read and checked like anyone's (the memory answers only for its bytes).
     key = store.keys.manifest(versions[-1])
     changed = json.loads(redis_client.get(key))
     changed["metadata"] = {"rewritten": 1}

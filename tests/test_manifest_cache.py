@@ -66,6 +66,7 @@ def test_a_second_read_reuses_the_checked_manifest_in_one_round_trip(redis_clien
     sub, v1 = _publish(store, make_adapter, ["a", "b"])
     store.tag(v1, "prod")
     cache = manifest_cache.MANIFESTS
+    cache.clear()  # as a process that did not publish v1 (the publisher's own commit leaves it cached)
     first = cache.misses
     for ref in ("head", "prod", v1):
         store._checked(ref)  # first: the guess for this ref is learned (head/tag: one more GET)
