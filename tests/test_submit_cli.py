@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from jobs.cli import main
 from jobs.runner import HEARTBEAT_S, MergeWaitError, RunningJob, TaskOutcome, TaskState, new_job_id
 from jobs.schema import load_job
 from subspace_store import Submission, SubmissionStream, SubspaceStore
+from subspace_store.embedded import free_port
 from subspace_store.progress import ProgressBoard, TaskPhase
 from subspace_store.tracking import TAG_FAILED, TAG_JOB, TAG_KIND, TAG_NAMESPACE, TAG_STATUS, TAG_TASKS, RunKind
 from workers import tracking
@@ -60,12 +60,6 @@ def save_tiny_bert(folder: Path) -> Path:
     )
     BertModel(config).save_pretrained(folder)
     return folder
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _job_file(folder: Path, redis_url: str, namespace: str, mlflow_uri: str) -> Path:
@@ -190,7 +184,7 @@ def test_a_head_on_this_machine_gets_its_cluster_dir_checked_before_it_is_contac
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = _job_file(tmp_path, "redis://localhost:1/0", "ns", f"sqlite:///{tmp_path / 'm.db'}")
-    nobody = f"http://127.0.0.1:{_free_port()}"  # no Jobs API there: contacting it would fail otherwise
+    nobody = f"http://127.0.0.1:{free_port()}"  # no Jobs API there: contacting it would fail otherwise
     absent = tmp_path / "absent"
     assert main(["submit", str(job), "--address", nobody, "--cluster-dir", str(absent)]) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -261,7 +255,7 @@ def test_submit_lists_every_bad_task_file_before_launching_anything(
     assert not (tmp_path / "never").exists()  # MLflow was never opened
 
     # The same through the Ray Jobs API to a head on this machine: checked under --cluster-dir, not submitted.
-    nobody = f"http://127.0.0.1:{_free_port()}"
+    nobody = f"http://127.0.0.1:{free_port()}"
     assert problems(["submit", str(path), "--address", nobody, "--cluster-dir", str(tmp_path)], capsys) == found
 
 

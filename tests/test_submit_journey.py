@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from test_submit_cli import LOADING_BUILDER, TESTS_DIR, _job_file, save_tiny_ber
 from jobs.cli import main
 from jobs.runner import ray_submission_id
 from subspace_store import SubspaceStore
+from subspace_store.embedded import free_ports
 from subspace_store.progress import ProgressBoard, TaskPhase
 from subspace_store.tracking import TAG_JOB, TAG_KIND, TAG_RAY_ADDRESS, TAG_RAY_SUBMISSION, RunKind
 from workers import tracking
@@ -62,7 +62,7 @@ def ray_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayHead]:
         "runtime-env-agent-port",
         "metrics-export-port",
     )
-    ports = dict(zip(names, _distinct_free_ports(len(names)), strict=True))
+    ports = dict(zip(names, free_ports(len(names)), strict=True))  # distinct: two services on one port fail
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `sharecl` for the entrypoint
     env["PYTHONPATH"] = TESTS_DIR  # the test builders, for the driver and the workers
@@ -100,19 +100,6 @@ def ray_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayHead]:
     finally:
         _stop_group(group)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _distinct_free_ports(n: int) -> list[int]:
-    """``n`` free ports, all different: each socket stays bound until all are picked (one at a time, the OS
-    may hand out a port it just got back, and two Ray services given one port fail to start)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _stop_group(group: int) -> None:
