@@ -24,7 +24,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -37,7 +37,7 @@ from .adapter import LoraAdapter
 from .config import KPolicy
 from .errors import ShareClError
 from .gauge import canonicalize, canonicalize_batch
-from .subspace import ModuleBasis, Subspace, TaskCoefficients, check_task_name
+from .subspace import ModuleBasis, StackedCoefficients, Subspace, TaskCoefficients, check_task_name
 
 # Residual directions weaker than this (relative to the largest singular value of the new factors)
 # carry no information and would only add numerically arbitrary basis vectors. The stored state is
@@ -137,18 +137,6 @@ class _GramCache:
     B: Tensor
 
 
-@dataclass(frozen=True)
-class _StackCache:
-    """The coefficients of exactly these tasks in one module stacked per side (float32, ``tasks x k x p``), kept
-    on the merged ``Subspace`` (``stack_cache``); the tasks' own tensors are ``views_*`` (views into the stacks)."""
-
-    tasks: tuple[str, ...]
-    views_A: tuple[Tensor, ...]
-    views_B: tuple[Tensor, ...]
-    A: Tensor
-    B: Tensor
-
-
 # Tasks of one width, stacked: (positions in the merge's task order, tasks x rows x p per side). The rows are
 # the leading rows of the frame's coordinates; the rest are zero (an old task's coordinates are [E_i; 0]).
 _Group = tuple[Tensor, Tensor, Tensor]
@@ -183,9 +171,10 @@ class _ModuleCut:
     variance: tuple[float, float]
     met: bool  # False: k_max stopped the max_error rule before every task was within its bound
     W: tuple[Tensor, Tensor]  # (W_A, W_B): K x k' each, the kept eigenvectors; U' = frame @ W
-    E_A: list[Tensor]  # per task (names order), float32 k_A' x p
-    E_B: list[Tensor]
-    stacks: tuple[Tensor, Tensor] | None  # every task's E_A, E_B stacked (float32; E_A, E_B are views), one width
+    # Every task's (E_A, E_B), float32: stacked in names order (tasks x k' x p per side) when all have one
+    # width, else one pair per task in names order.
+    stacks: tuple[Tensor, Tensor] | None
+    pairs: list[tuple[Tensor, Tensor]] | None
     sq_diff: Tensor  # per task: |dW - dW'|^2 in this module (float64)
     sq_norm: Tensor  # per task: |dW|^2 in this module before the truncation
     orthonormal: bool  # False: a Gram-based frame lost orthonormality; redo the module on the exact path
@@ -193,7 +182,10 @@ class _ModuleCut:
 
     @cached_property
     def E(self) -> dict[str, tuple[Tensor, Tensor]]:
-        return dict(zip(self.names, zip(self.E_A, self.E_B, strict=True), strict=True))
+        if self.stacks is not None:
+            return dict(zip(self.names, zip(*(S.unbind(0) for S in self.stacks), strict=True), strict=True))
+        assert self.pairs is not None
+        return dict(zip(self.names, self.pairs, strict=True))
 
     @cached_property
     def sq_err(self) -> dict[str, tuple[float, float]]:
@@ -252,7 +244,7 @@ def _truncate_module(
         if dropped:
             sq_diff[index] = (total - _frobenius_sq_of_product(E_B, E_A)).clamp_min(0.0)
         outputs.append((index, E_A.to(torch.float32), E_B.to(torch.float32)))
-    E_A_list, E_B_list, stacks = _per_task(outputs, count)
+    stacks, pairs = _per_task(outputs, count)
     gram = None
     if A.gram is not None and B.gram is not None:
         gram = (W_A.T @ A.gram @ W_A, W_B.T @ B.gram @ W_B)
@@ -264,9 +256,8 @@ def _truncate_module(
         variance,
         met,
         (W_A, W_B),
-        E_A_list,
-        E_B_list,
         stacks,
+        pairs,
         sq_diff,
         sq_norm,
         orthonormal,
@@ -274,21 +265,22 @@ def _truncate_module(
     )
 
 
-def _per_task(outputs: list[tuple[Tensor, Tensor, Tensor]], count: int) -> tuple[list[Tensor], list[Tensor], Any]:
-    """Every task's (E_A, E_B) in order from the groups' stacked results; with one width, views into one stack
-    per side (returned too, for the next merge's ``_StackCache``)."""
+def _per_task(
+    outputs: list[tuple[Tensor, Tensor, Tensor]], count: int
+) -> tuple[tuple[Tensor, Tensor] | None, list[tuple[Tensor, Tensor]] | None]:
+    """Every task's (E_A, E_B) in order from the groups' stacked results: one stack per side when the tasks
+    have one width (nothing made per task), else a pair per task."""
     order = torch.cat([index for index, _, _ in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
     in_order = bool((order == torch.arange(count)).all()) if order.shape[0] == count else False
     if in_order and len({(a.shape[1:], b.shape[1:]) for _, a, b in outputs}) == 1:
         stack_A = outputs[0][1] if len(outputs) == 1 else torch.cat([a for _, a, _ in outputs])
         stack_B = outputs[0][2] if len(outputs) == 1 else torch.cat([b for _, _, b in outputs])
-        return list(stack_A.unbind(0)), list(stack_B.unbind(0)), (stack_A, stack_B)
-    E_A_list: list[Tensor] = [torch.empty(0)] * count
-    E_B_list: list[Tensor] = [torch.empty(0)] * count
+        return (stack_A, stack_B), None
+    pairs: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * count
     for index, stack_A, stack_B in outputs:
         for i, a, b in zip(index.tolist(), stack_A.unbind(0), stack_B.unbind(0), strict=True):
-            E_A_list[i], E_B_list[i] = a, b
-    return E_A_list, E_B_list, None
+            pairs[i] = (a, b)
+    return None, pairs
 
 
 def _column_signs(U: Tensor) -> Tensor:
@@ -371,7 +363,7 @@ def _merge_checked(
     cuts: dict[str, _ModuleCut] = {}
     capped: list[str] = []
     rotations: dict[str, tuple[Tensor, Tensor]] = {}
-    stacks: dict[str, _StackCache] = {}
+    shared = _shared_stacks(subspace, old_names)
     for j, m in enumerate(modules):
         old_basis = subspace.modules[m] if subspace is not None else None
         X_A, X_B, new_widths = _canonical_columns(adapters, new_names, m)
@@ -384,7 +376,7 @@ def _merge_checked(
             old_groups: list[_Group] = []
         else:
             U_A, U_B = old_basis.U_A.to(torch.float64), old_basis.U_B.to(torch.float64)
-            old_groups, old_widths = _old_groups(subspace, old_basis, old_names, m)
+            old_groups, old_widths = _old_groups(subspace, old_basis, old_names, m, shared)
             gram_A, gram_B = _old_gram(old_basis, old_names, old_groups, old_widths)
             if gram_A is None or gram_B is None:  # few old columns: C is formed with them
                 old_E_A, old_E_B = _old_columns(old_groups, old_widths, old_basis.k_A, old_basis.k_B)
@@ -408,8 +400,6 @@ def _merge_checked(
         assert cut is not None
         if cut.gram is not None:
             cut.basis.gram_cache = _GramCache(tuple(names), *cut.gram)
-        if cut.stacks is not None:
-            stacks[m] = _StackCache(tuple(names), tuple(cut.E_A), tuple(cut.E_B), *cut.stacks)
         new_bases[m], cuts[m] = cut.basis, cut
         if not cut.met:
             capped.append(m)
@@ -434,7 +424,6 @@ def _merge_checked(
         tasks=tasks,
         policy=policy,
         metadata=dict(subspace.metadata) if subspace is not None else {},
-        stack_cache=stacks,
     )
     return merged, report
 
@@ -471,8 +460,10 @@ def _updated_tasks(
     diff_rows, norm_rows = sq_diff.sum(dim=0).tolist(), sq_norm.sum(dim=0).tolist()
     entry_rows, drift_rows, error_rows = entry.T.tolist(), drift.T.tolist(), module_error.T.tolist()
     pushed_rows = pushed.tolist()
-    E_A = [cuts[m].E_A for m in modules]
-    E_B = [cuts[m].E_B for m in modules]
+    stacks = {m: cuts[m].stacks for m in modules}
+    # One width everywhere: every task's coefficients are a row of the merge's stacks (nothing made per module).
+    shared = {m: pair for m, pair in stacks.items() if pair is not None} if all(stacks.values()) else None
+    E_rows = None if shared is not None else [cuts[m].E for m in modules]
     tasks: dict[str, TaskCoefficients] = {}
     for i, name in enumerate(names):
         adapter = adapters.get(name)
@@ -493,7 +484,11 @@ def _updated_tasks(
         report.drift_bound[name] = metadata[DRIFT_BOUND]
         if pushed_rows[i]:
             report.over_bound[name] = metadata[ERROR_BOUND]
-        E = {m: (E_A[j][i], E_B[j][i]) for j, m in enumerate(modules)}
+        if shared is not None:
+            E: MutableMapping[str, tuple[Tensor, Tensor]] = StackedCoefficients(shared, i)
+        else:
+            assert E_rows is not None
+            E = {m: E_rows[j][name] for j, m in enumerate(modules)}
         tasks[name] = TaskCoefficients(E=E, head=head, metadata=metadata)
     return tasks
 
@@ -517,28 +512,38 @@ def _old_drift(subspace: Subspace | None, old_names: list[str], modules: list[st
     return entry, prior
 
 
+def _shared_stacks(subspace: Subspace | None, old_names: list[str]) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """The stacks the last merge left, when every old task is still its row ``i`` of them (``i``: its position)."""
+    if subspace is None or not old_names:
+        return None
+    tasks = subspace.tasks
+    first = tasks[old_names[0]].E
+    stacks = first.stacks if isinstance(first, StackedCoefficients) else None
+    if stacks is None:
+        return None
+    for i, name in enumerate(old_names):
+        E = tasks[name].E
+        if not isinstance(E, StackedCoefficients) or E.stacks is not stacks or E.row != i:
+            return None
+    if any(S_A.shape[0] != len(old_names) or S_B.shape[0] != len(old_names) for S_A, S_B in stacks.values()):
+        return None
+    return stacks
+
+
 def _old_groups(
-    subspace: Subspace, basis: ModuleBasis, old_names: list[str], module: str
+    subspace: Subspace,
+    basis: ModuleBasis,
+    old_names: list[str],
+    module: str,
+    shared: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[list[_Group], list[int]]:
     """The old tasks' coefficients in one module stacked per width (float64, ``g x k x p`` per side), and each
-    task's width. The stacks the last merge left (``Subspace.stack_cache``) are used when the tasks' tensors
-    are still exactly their views: then nothing is gathered task by task."""
+    task's width. ``shared``: the stacks every old task is a row of (``_shared_stacks``), used whole."""
     T = len(old_names)
-    cache = subspace.stack_cache.get(module) if isinstance(subspace.stack_cache, dict) else None
-    if (
-        isinstance(cache, _StackCache)
-        and cache.tasks == tuple(old_names)
-        and cache.A.shape[:2] == (T, basis.k_A)
-        and cache.B.shape[:2] == (T, basis.k_B)
-    ):
-        tasks = subspace.tasks
-        pairs = [tasks[t].E.get(module) for t in old_names]
-        if all(
-            pair is not None and pair[0] is a and pair[1] is b
-            for pair, a, b in zip(pairs, cache.views_A, cache.views_B, strict=True)
-        ):
-            width = int(cache.A.shape[2])
-            return [(torch.arange(T), cache.A.to(torch.float64), cache.B.to(torch.float64))], [width] * T
+    if shared is not None and module in shared:
+        S_A, S_B = shared[module]
+        if S_A.shape[:2] == (T, basis.k_A) and S_B.shape[:2] == (T, basis.k_B) and S_A.shape[2] == S_B.shape[2]:
+            return [(torch.arange(T), S_A.to(torch.float64), S_B.to(torch.float64))], [int(S_A.shape[2])] * T
     pairs = [subspace.tasks[t].E[module] for t in old_names]
     widths = [E_A.shape[1] for E_A, _ in pairs]
     groups: list[_Group] = []

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -81,13 +82,80 @@ class ModuleBasis:
         return self.U_B.shape[1]
 
 
+class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
+    """One task's coefficients as row ``row`` of per-module stacks shared by many tasks (what ``merge`` gives).
+
+    ``stacks`` maps each module to ``(S_A, S_B)``, ``tasks x k x p`` each; ``self[m]`` is
+    ``(S_A[row], S_B[row])`` (views: no copy, made when asked for). A merge of thousands of tasks builds one
+    of these per task instead of two tensors per task and module, and the next merge reads the stacks
+    whole (``share.merge``). Setting or deleting a module makes this an ordinary mapping of its own (the
+    stacks are let go), so a task's coefficients are never tied to the stacks after an edit.
+    """
+
+    __slots__ = ("_own", "row", "stacks")
+
+    def __init__(self, stacks: dict[str, tuple[Tensor, Tensor]], row: int) -> None:
+        self.stacks: dict[str, tuple[Tensor, Tensor]] | None = stacks
+        self.row = row
+        self._own: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    def __getitem__(self, module: str) -> tuple[Tensor, Tensor]:
+        if self.stacks is None:
+            assert self._own is not None
+            return self._own[module]
+        S_A, S_B = self.stacks[module]
+        return S_A[self.row], S_B[self.row]
+
+    def __setitem__(self, module: str, pair: tuple[Tensor, Tensor]) -> None:
+        self._detach()[module] = pair
+
+    def __delitem__(self, module: str) -> None:
+        del self._detach()[module]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stacks if self.stacks is not None else self._own or {})
+
+    def __len__(self) -> int:
+        return len(self.stacks if self.stacks is not None else self._own or {})
+
+    def widths(self) -> dict[str, int]:
+        """Module -> ``p``, without making the views."""
+        if self.stacks is None:
+            return {m: int(E_A.shape[1]) for m, (E_A, _) in (self._own or {}).items()}
+        return {m: int(S_A.shape[2]) for m, (S_A, _) in self.stacks.items()}
+
+    def _detach(self) -> dict[str, tuple[Tensor, Tensor]]:
+        if self.stacks is not None:
+            self._own = {m: (S_A[self.row], S_B[self.row]) for m, (S_A, S_B) in self.stacks.items()}
+            self.stacks = None
+        assert self._own is not None
+        return self._own
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"stacks": self.stacks, "row": self.row, "_own": self._own}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return f"StackedCoefficients(modules={list(self)}, row={self.row})"
+
+
 @dataclass
 class TaskCoefficients:
     """One task: coefficient pair per module, its head tensors, and JSON-able metadata."""
 
-    E: dict[str, tuple[Tensor, Tensor]]  # module -> (E_A: k_A x p, E_B: k_B x p)
+    # module -> (E_A: k_A x p, E_B: k_B x p): a dict, or a StackedCoefficients row of stacks a merge left
+    E: MutableMapping[str, tuple[Tensor, Tensor]]
     head: dict[str, Tensor] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def widths(self) -> dict[str, int]:
+        """Module -> ``p`` (the columns of its ``E_A`` and ``E_B``)."""
+        if isinstance(self.E, StackedCoefficients):
+            return self.E.widths()
+        return {m: int(E_A.shape[1]) for m, (E_A, _) in self.E.items()}
 
 
 @dataclass
@@ -98,14 +166,6 @@ class Subspace:
     tasks: dict[str, TaskCoefficients] = field(default_factory=dict)
     policy: KPolicy = field(default_factory=KPolicy)
     metadata: dict[str, Any] = field(default_factory=dict)
-    # share.merge's stacked coefficients of the tasks it produced, per module (float32, tasks x k x p per side;
-    # the tasks' tensors are views into them), so the next merge need not stack them again. Held by the
-    # subspace, not by its bases (which copies of it without tasks share); checked by identity before use,
-    # never saved, compared or pickled.
-    stack_cache: Any = field(default=None, compare=False, repr=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "stack_cache": None}
 
     # -- derived views -------------------------------------------------------------------------
     def delta_weight(self, task: str, module: str) -> Tensor:

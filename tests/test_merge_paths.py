@@ -17,7 +17,16 @@ import pickle
 import pytest
 import torch
 
-from share import KPolicy, LoraAdapter, ModuleBasis, Subspace, TaskCoefficients, canonicalize, merge
+from share import (
+    KPolicy,
+    LoraAdapter,
+    ModuleBasis,
+    StackedCoefficients,
+    Subspace,
+    TaskCoefficients,
+    canonicalize,
+    merge,
+)
 from share.errors import ShareClError
 from share.gauge import canonicalize_batch
 
@@ -249,9 +258,11 @@ def test_the_stacks_a_merge_leaves_give_the_merge_that_stacking_the_tasks_again_
     cached, _ = merge(None, {f"t{i}": random_adapter(i) for i in range(3)}, policy)
     for i in range(3, 7):
         module = next(iter(cached.modules))
-        stacks = cached.stack_cache[module]
-        assert stacks.tasks == tuple(cached.tasks)
-        assert next(iter(cached.tasks.values())).E[module][0]._base is stacks.A  # a view, no copy
+        rows = [task.E for task in cached.tasks.values()]
+        assert all(isinstance(E, StackedCoefficients) and E.stacks is rows[0].stacks for E in rows)
+        assert [E.row for E in rows] == list(range(len(rows)))
+        S_A = rows[0].stacks[module][0]
+        assert S_A.shape[0] == len(rows) and rows[1][module][0]._base is S_A  # a view, no copy
         restacked = Subspace(
             modules={m: ModuleBasis(U_A=b.U_A, U_B=b.U_B) for m, b in cached.modules.items()},
             tasks={
@@ -274,6 +285,9 @@ def test_the_stacks_a_merge_leaves_give_the_merge_that_stacking_the_tasks_again_
     m = next(iter(SHAPES))
     E_A, E_B = cached.tasks["t0"].E[m]
     cached.tasks["t0"].E[m] = (E_A * 0.5, E_B)
+    assert cached.tasks["t0"].E.stacks is None and torch.equal(cached.tasks["t0"].E[m][0], E_A * 0.5)
+    t1 = cached.tasks["t1"].E
+    assert t1.stacks is not None and torch.equal(t1[m][0], t1.stacks[m][0][1])  # the others still read their rows
     fresh = Subspace(
         modules={k: ModuleBasis(U_A=b.U_A, U_B=b.U_B) for k, b in cached.modules.items()},
         tasks=cached.tasks,
@@ -284,15 +298,20 @@ def test_the_stacks_a_merge_leaves_give_the_merge_that_stacking_the_tasks_again_
 
 
 def test_the_merge_caches_stay_with_their_subspace() -> None:
-    """Pickled (Ray), a subspace and its bases leave the caches behind; a copy without tasks (the coordinator
-    keeps such copies of recent versions) holds the bases, not the stacked coefficients."""
+    """Pickled (Ray), the bases leave the Gram cache behind, and the tasks' shared stacks travel once (still
+    shared on the other side, so the next merge there reads them whole); a task-less copy holds no coefficients."""
     merged, _ = merge(None, {"a": random_adapter(0), "b": random_adapter(1)}, KPolicy(k=6))
     basis = next(iter(merged.modules.values()))
-    assert merged.stack_cache and basis.gram_cache is not None
+    assert basis.gram_cache is not None
     copy = pickle.loads(pickle.dumps(merged))
-    assert copy.stack_cache is None and next(iter(copy.modules.values())).gram_cache is None
+    assert next(iter(copy.modules.values())).gram_cache is None
     assert torch.equal(next(iter(copy.modules.values())).U_A, basis.U_A) and list(copy.tasks) == ["a", "b"]
-    assert Subspace(modules=merged.modules, policy=merged.policy).stack_cache is None
+    a, b = copy.tasks["a"].E, copy.tasks["b"].E
+    assert isinstance(a, StackedCoefficients) and a.stacks is b.stacks and (a.row, b.row) == (0, 1)
+    for m in merged.modules:
+        for x, y in zip(a[m] + b[m], merged.tasks["a"].E[m] + merged.tasks["b"].E[m], strict=True):
+            assert torch.equal(x, y)
+    assert merge_module._shared_stacks(copy, ["a", "b"]) is a.stacks
 
 
 def _reference_worst(groups, W_A, W_B, drift, eps, totals) -> torch.Tensor:
