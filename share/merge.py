@@ -504,6 +504,10 @@ def _old_drift(subspace: Subspace | None, old_names: list[str], modules: list[st
             entry_rows.append(nan_row)
             prior_rows.append(zero_row)
             continue
+        if list(norms) == modules == list(drifts):  # what a merge writes: every module, in order
+            entry_rows.append(list(norms.values()))
+            prior_rows.append(list(drifts.values()))
+            continue
         entry_rows.append([float(norms[m]) if m in norms else math.nan for m in modules])
         prior_rows.append([float(drifts.get(m, 0.0)) if m in norms else 0.0 for m in modules])
     shape = (len(old_names), len(modules))
