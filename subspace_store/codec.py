@@ -51,6 +51,8 @@ READABLE_FORMAT_VERSIONS = (1, 2, 3)
 MODULE_VALUES = "module_values"  # format 3: the task metadata keys stored as lists in the modules' order
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+_FLOAT = frozenset({float})
+_CONTAINERS = frozenset({dict, list})
 E_A, E_B, HEAD = "E_A:", "E_B:", "head:"
 
 
@@ -83,17 +85,19 @@ def encode_subspace(
     reuse: dict[str, dict[str, Any]] | None = None,
     rotations: dict[str, Rotation] | None = None,
     chain: list[dict[str, Any]] | None = None,
+    p: dict[str, dict[str, int]] | None = None,
 ) -> EncodedSubspace:
     """Validate and serialize; raises ValueError (naming the task/module) before anything is written.
 
     A delta version: ``reuse`` maps old tasks to their (checked) manifest entries in the parent, whose
     payloads it keeps (``key``, ``bytes``, ``sha256``, ``written_in``); ``rotations`` are the parent-to-this
     basis rotations per module; ``chain`` the parent's rotation elements those entries still need.
+    ``p``: tasks' ``TaskCoefficients.widths()`` the caller already has (the delta plan's), used as they are.
     """
     reuse = reuse or {}
     if reuse and rotations is None:
         raise StoreError("a delta version needs the rotations from its parent's bases (module -> (R_A, R_B))")
-    encoded = _encode_subspace(subspace, reconstruction_error, set(reuse))
+    encoded = _encode_subspace(subspace, reconstruction_error, set(reuse), p or {})
     for tname, old in reuse.items():
         entry = encoded.tasks_manifest[tname]
         entry.update({k: old[k] for k in ("bytes", "sha256", "key", "written_in")})
@@ -112,7 +116,10 @@ def encode_subspace(
 
 
 def _encode_subspace(
-    subspace: Subspace, reconstruction_error: dict[str, float] | None, skip: set[str]
+    subspace: Subspace,
+    reconstruction_error: dict[str, float] | None,
+    skip: set[str],
+    known_p: dict[str, dict[str, int]],
 ) -> EncodedSubspace:
     # What is written is validated: the bases and the tasks whose payloads this version writes (a delta
     # version's old tasks keep payloads validated when they were written; their shapes were compared).
@@ -141,8 +148,9 @@ def _encode_subspace(
     tasks, tasks_manifest = {}, {}
     for tname, task in subspace.tasks.items():
         error = errors.get(tname, task.metadata.get("reconstruction_error"))
+        p = known_p.get(tname)
         tasks_manifest[tname] = {
-            "p": {m: int(ea.shape[1]) for m, (ea, _) in task.E.items()},
+            "p": task.widths() if p is None else p,
             "head": list(task.head),
             "reconstruction_error": float(error) if error is not None else None,
             "metadata": task.metadata,
@@ -280,19 +288,33 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
 def _packed_entry(entry: dict[str, Any], modules: list[str]) -> dict[str, Any]:
     packed = dict(entry)
     p = entry["p"]
-    if list(p) == modules and modules:
+    if modules and list(p) == modules:
         values = list(p.values())
         packed["p"] = values[0] if len(set(values)) == 1 else values
     metadata = entry["metadata"]
-    names = [key for key, value in metadata.items() if _per_module_numbers(value, modules)]
+    count = len(modules)
+    names = [
+        key
+        for key, value in metadata.items()
+        if type(value) is dict and len(value) == count and _per_module_numbers(value, modules)
+    ]
     if names:
-        packed["metadata"] = {key: list(value.values()) if key in names else value for key, value in metadata.items()}
+        packed["metadata"] = values_of = dict(metadata)
+        for key in names:
+            values_of[key] = list(metadata[key].values())
         packed[MODULE_VALUES] = names
     return packed
 
 
 def _per_module_numbers(value: Any, modules: list[str]) -> bool:
-    return type(value) is dict and bool(modules) and list(value) == modules and all(map(_real, value.values()))
+    return type(value) is dict and bool(modules) and list(value) == modules and _all_real(value.values())
+
+
+def _all_real(values: Any) -> bool:
+    """``all(map(_real, values))``; values that are all floats (``share.merge``'s) are checked without a call each."""
+    if set(map(type, values)) <= _FLOAT:
+        return all(map(math.isfinite, values))
+    return all(map(_real, values))
 
 
 def decode_manifest(raw: bytes, keys: Keys, version: str) -> dict[str, Any]:
@@ -333,8 +355,14 @@ class CheckedManifest:
     @classmethod
     def written(cls, manifest: dict[str, Any], keys: Keys, version: str) -> CheckedManifest:
         """What checking the stored bytes of ``manifest`` (``build_manifest``'s, current format) gives, for the
-        process that built and wrote it: a copy, every entry counted as checked, nothing parsed back."""
-        checked = cls(_ManifestReader(keys, version), json_copy(manifest), set())
+        process that built and wrote it: every entry counted as checked, nothing parsed back.
+
+        ``manifest`` is handed over: a task entry's ``p`` and ``head`` (made by ``encode_subspace`` for this
+        manifest, used by nothing else) are kept as they are; everything else is copied, the task metadata (the
+        caller's ``TaskCoefficients.metadata``) included."""
+        tasks = {name: {**entry, "metadata": json_copy(entry["metadata"])} for name, entry in manifest["tasks"].items()}
+        top = {key: tasks if key == "tasks" else json_copy(value) for key, value in manifest.items()}
+        checked = cls(_ManifestReader(keys, version), top, set())
         checked._checked = set(checked.top["tasks"])
         checked._complete = True
         return checked
@@ -373,9 +401,9 @@ class CheckedManifest:
 def json_copy(value: Any) -> Any:
     """A deep copy of a JSON tree (dicts, lists, scalars): what leaves a shared ``CheckedManifest``."""
     if type(value) is dict:
-        return {k: json_copy(v) for k, v in value.items()}
+        return {k: json_copy(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
     if type(value) is list:
-        return [json_copy(v) for v in value]
+        return [json_copy(v) if type(v) in _CONTAINERS else v for v in value]
     return value
 
 

@@ -290,7 +290,8 @@ class SubspaceStore:
         meta = _jsonable(metadata or {}, "metadata")
         _jsonable(subspace.metadata, "subspace.metadata")
         for tname, task in subspace.tasks.items():
-            _jsonable(task.metadata, f"task {tname!r} metadata")
+            if not _plain_json(task.metadata):
+                _jsonable(task.metadata, f"task {tname!r} metadata")
         actual = self.head()
         if actual != expected:  # fail before writing megabytes; the commit checks again
             raise HeadConflictError(self.namespace, expected, actual)
@@ -306,7 +307,7 @@ class SubspaceStore:
     def _delta_plan(
         self, subspace: Subspace, parent: str, rotations: dict[str, chains.Rotation] | None, max_chain: int
     ) -> dict[str, Any]:
-        """``encode_subspace``'s delta arguments (reuse, rotations, chain), or {} to write in full."""
+        """``encode_subspace``'s delta arguments (reuse, rotations, chain, p), or {} to write in full."""
         # The parent is usually what this process just published (a coordinator): cached as built (commit).
         before = self._checked(parent).full()
         if list(before["modules"]) != list(subspace.modules):
@@ -314,11 +315,13 @@ class SubspaceStore:
         chain = before["rotations"]
         origin = {e["parent"]: i for i, e in enumerate(chain)}
         reuse: dict[str, dict[str, Any]] = {}
+        known_p: dict[str, dict[str, int]] = {}  # computed once per publish: encode_subspace takes them
         for name, task in subspace.tasks.items():
             entry = before["tasks"].get(name)
             if entry is None or entry["head"] != list(task.head):
                 continue
-            if entry["p"] != {m: int(ea.shape[1]) for m, (ea, _) in task.E.items()}:
+            p = known_p[name] = task.widths()
+            if entry["p"] != p:
                 continue
             length = 0 if entry["written_in"] == parent else len(chain) - origin[entry["written_in"]]
             if length + 1 <= max_chain:
@@ -359,7 +362,7 @@ class SubspaceStore:
                 )
                 return {}
         starts = [origin[e["written_in"]] for e in reuse.values() if e["written_in"] != parent]
-        return {"reuse": reuse, "rotations": rotations, "chain": chain[min(starts) :] if starts else []}
+        return {"reuse": reuse, "rotations": rotations, "chain": chain[min(starts) :] if starts else [], "p": known_p}
 
     def compact(self, *, min_chain: int = 1, metadata: dict[str, Any] | None = None) -> str | None:
         """Rewrite the head in full (every task's coefficients in its own bases, no chains) as a new version.
@@ -499,6 +502,42 @@ def _carry(
 def _version(raw: bytes, where: str) -> str:
     """A version id read from Redis, checked (it names keys and may reach messages and paths)."""
     return check_version(raw.decode(errors="replace"), where)
+
+
+_JSON_LEAVES = frozenset({str, float, bool, type(None)})
+_JSON_KEYS = frozenset({str})
+_JSON_INT = 1 << 63  # ints below this in magnitude: json.dumps writes them (a huge one hits Python's digit limit)
+
+
+def _plain_json(value: Any) -> bool:
+    """True only where ``json.dumps(value)`` surely succeeds, checked without writing it: a dict with str keys
+    whose values are str, float, bool, None, small ints, or lists or str-keyed dicts of those (what
+    ``share.merge`` puts in task metadata). False says nothing: ``_jsonable`` then decides."""
+    if type(value) is not dict or not set(map(type, value)) <= _JSON_KEYS:
+        return False
+    if set(map(type, value.values())) <= _JSON_LEAVES:
+        return True
+    for item in value.values():
+        kind = type(item)
+        if kind is dict:
+            if not (set(map(type, item)) <= _JSON_KEYS and _json_leaves(item.values())):
+                return False
+        elif kind is list:
+            if not _json_leaves(item):
+                return False
+        elif kind is int:
+            if not -_JSON_INT < item < _JSON_INT:
+                return False
+        elif kind not in _JSON_LEAVES:
+            return False
+    return True
+
+
+def _json_leaves(values: Any) -> bool:
+    kinds = set(map(type, values))
+    if kinds <= _JSON_LEAVES:
+        return True
+    return kinds <= _JSON_LEAVES | {int} and all(-_JSON_INT < v < _JSON_INT for v in values if type(v) is int)
 
 
 def _jsonable(value: Any, what: str) -> Any:
