@@ -37,7 +37,7 @@ from .adapter import LoraAdapter
 from .config import KPolicy
 from .errors import ShareClError
 from .gauge import canonicalize, canonicalize_batch
-from .subspace import ModuleBasis, StackedCoefficients, Subspace, TaskCoefficients, check_task_name
+from .subspace import ModuleBasis, StackedCoefficients, Subspace, TaskCoefficients, TaskStacks, check_task_name
 
 # Residual directions weaker than this (relative to the largest singular value of the new factors)
 # carry no information and would only add numerically arbitrary basis vectors. The stored state is
@@ -462,7 +462,7 @@ def _updated_tasks(
     pushed_rows = pushed.tolist()
     stacks = {m: cuts[m].stacks for m in modules}
     # One width everywhere: every task's coefficients are a row of the merge's stacks (nothing made per module).
-    shared = {m: pair for m, pair in stacks.items() if pair is not None} if all(stacks.values()) else None
+    shared = TaskStacks({m: pair for m, pair in stacks.items() if pair is not None}) if all(stacks.values()) else None
     E_rows = None if shared is not None else [cuts[m].E for m in modules]
     tasks: dict[str, TaskCoefficients] = {}
     for i, name in enumerate(names):

@@ -8,12 +8,13 @@ update needs no ``lora_alpha``. A task may also carry its own head (e.g. a class
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterator, MutableMapping
+from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -82,14 +83,47 @@ class ModuleBasis:
         return self.U_B.shape[1]
 
 
+class TaskStacks(dict[str, tuple[Tensor, Tensor]]):
+    """Per module ``(S_A, S_B)``, ``tasks x k x p`` each: the coefficients of many tasks, one row each.
+
+    ``views(module)`` makes every row's views of a module at once (one ``unbind`` per side, far cheaper than a
+    view per row and access) when first asked, and keeps them; they are not pickled.
+    """
+
+    def views(self, module: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        cache: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = self.__dict__.setdefault("_views", {})
+        got = cache.get(module)
+        if got is None:
+            S_A, S_B = self[module]
+            enabled = gc.isenabled()
+            gc.disable()  # thousands of new tensors, no cycles: the cyclic collector would only scan the heap
+            try:
+                got = cache[module] = (S_A.unbind(0), S_B.unbind(0))
+            finally:
+                if enabled:
+                    gc.enable()
+        return got
+
+    def all_views(self) -> dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
+        """Module -> every row's views per side (``views`` of each module), in module order."""
+        done = self.__dict__.get("_all")
+        if done is None:
+            done = self.__dict__["_all"] = {m: self.views(m) for m in self}
+        return done
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+
 class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
     """One task's coefficients as row ``row`` of per-module stacks shared by many tasks (what ``merge`` gives).
 
-    ``stacks`` maps each module to ``(S_A, S_B)``, ``tasks x k x p`` each; ``self[m]`` is
-    ``(S_A[row], S_B[row])`` (views: no copy, made when asked for). A merge of thousands of tasks builds one
-    of these per task instead of two tensors per task and module, and the next merge reads the stacks
-    whole (``share.merge``). Setting or deleting a module makes this an ordinary mapping of its own (the
-    stacks are let go), so a task's coefficients are never tied to the stacks after an edit.
+    ``stacks`` maps each module to ``(S_A, S_B)``, ``tasks x k x p`` each (a ``TaskStacks``, which makes the
+    views of all rows at once, or any such dict); ``self[m]`` is ``(S_A[row], S_B[row])`` (views: no copy). A
+    merge of thousands of tasks builds one of these per task instead of two tensors per task and module, and
+    the next merge reads the stacks whole (``share.merge``). Setting or deleting a module makes this an
+    ordinary mapping of its own (the stacks are let go), so a task's coefficients are never tied to the stacks
+    after an edit.
     """
 
     __slots__ = ("_own", "row", "stacks")
@@ -103,8 +137,28 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
         if self.stacks is None:
             assert self._own is not None
             return self._own[module]
-        S_A, S_B = self.stacks[module]
+        stacks = self.stacks
+        if isinstance(stacks, TaskStacks):
+            A, B = stacks.views(module)
+            return A[self.row], B[self.row]
+        S_A, S_B = stacks[module]
         return S_A[self.row], S_B[self.row]
+
+    def items(self) -> ItemsView[str, tuple[Tensor, Tensor]]:  # type: ignore[override]
+        return self._pairs().items()
+
+    def values(self) -> ValuesView[tuple[Tensor, Tensor]]:  # type: ignore[override]
+        return self._pairs().values()
+
+    def _pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Every module's pair at once (what ``items`` and ``values`` iterate; one lookup per module)."""
+        stacks, row = self.stacks, self.row
+        if stacks is None:
+            assert self._own is not None
+            return self._own
+        if isinstance(stacks, TaskStacks):
+            return {m: (A[row], B[row]) for m, (A, B) in stacks.all_views().items()}
+        return {m: (S_A[row], S_B[row]) for m, (S_A, S_B) in stacks.items()}
 
     def __setitem__(self, module: str, pair: tuple[Tensor, Tensor]) -> None:
         self._detach()[module] = pair
@@ -126,7 +180,7 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
 
     def _detach(self) -> dict[str, tuple[Tensor, Tensor]]:
         if self.stacks is not None:
-            self._own = {m: (S_A[self.row], S_B[self.row]) for m, (S_A, S_B) in self.stacks.items()}
+            self._own = dict(self._pairs())
             self.stacks = None
         assert self._own is not None
         return self._own
