@@ -97,6 +97,19 @@ def _version_bytes(client, store: SubspaceStore, version: str) -> int:
     return sum(int(n or 0) for n in pipe.execute())
 
 
+def _quiet(client, timeout_s: float = 300.0) -> None:
+    """Wait until Redis runs no background rewrite or save. Appending a full version of hundreds of MB makes it
+    rewrite its append-only file in a forked child; while that runs, this process's page faults (a merge at
+    T=10000 allocates hundreds of MB) cost several times as much, and the merge's seconds would measure that."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = client.info("persistence")
+        if not info.get("aof_rewrite_in_progress") and not info.get("rdb_bgsave_in_progress"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"Redis still rewriting its files after {timeout_s:.0f} s")
+
+
 def _pull_ms(store: SubspaceStore, task: str, reps: int = 3) -> float:
     best = float("inf")
     for _ in range(reps):
@@ -115,10 +128,12 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
     stats: dict[str, dict[str, list[float]]] = {fmt: {} for fmt in stores}
     merge_s = []
     for j in range(merges):
+        _quiet(client)
         start = time.perf_counter()
         head, report = merge(head, {f"new{j:02d}": adapter(shape, 100_000 + j)}, POLICY)
         merge_s.append(time.perf_counter() - start)
         for fmt, store in stores.items():
+            _quiet(client)
             start = time.perf_counter()
             parents[fmt] = store.publish(
                 head, parents[fmt], delta=fmt == "delta", rotations=report.rotations if fmt == "delta" else None
@@ -245,7 +260,9 @@ NOTES = (
     "Bases, k=32 and p=8 are the same in both formats; only what a version writes differs. The merge is "
     "``share.merge`` as it is at this commit (the same call for both formats, timed once; an untimed merge into "
     "the synthetic head comes first, so every timed merge reads the stacks the previous merge left, as in a "
-    "running coordinator). Written MB and "
+    "running coordinator). Each merge and publish starts when Redis runs no background rewrite of its "
+    "append-only file (which the full format's hundreds of MB trigger, and which slows this process's page faults "
+    "several times over). Written MB and "
     "Redis MB include the manifest (format 3: module-keyed maps stored as lists), which lists every task with its "
     "metadata in both formats.\n\n"
     "The issue's target (at T=10000 a merge + publish at most 2x its T=10 cost, Redis bytes per version "
