@@ -21,11 +21,9 @@ keeps, per module, the fewest directions (``k_A + k_B``) that hold every task's 
 
 from __future__ import annotations
 
-import gc
 import math
 import time
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -33,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import cyclic_gc
 from .adapter import LoraAdapter
 from .config import KPolicy
 from .errors import ShareClError
@@ -327,24 +326,10 @@ def merge(
         policy = subspace.policy if subspace is not None else KPolicy()
     modules = list(subspace.modules) if subspace is not None else list(next(iter(adapters.values())).factors)
     _check_inputs(subspace, adapters, modules)
-    with _cyclic_gc_paused():
+    with cyclic_gc.paused():
         merged, report = _merge_checked(subspace, adapters, policy, modules)
     report.seconds = time.perf_counter() - start
     return merged, report
-
-
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """A merge creates a few small objects per task and module (coefficient views, tuples, dicts) and no
-    reference cycles; with thousands of tasks, CPython's cyclic collector would otherwise run many times
-    over every live tensor (a third of the merge at T = 1000). Reference counting still frees everything."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _merge_checked(

@@ -8,7 +8,6 @@ update needs no ``lora_alpha``. A task may also carry its own head (e.g. a class
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import cyclic_gc
 from .config import KPolicy
 from .errors import ShareClError
 from .folders import MalformedFileError, MissingFileError, describe, read_json, recover_folder, write_folder
@@ -95,13 +95,8 @@ class TaskStacks(dict[str, tuple[Tensor, Tensor]]):
         got = cache.get(module)
         if got is None:
             S_A, S_B = self[module]
-            enabled = gc.isenabled()
-            gc.disable()  # thousands of new tensors, no cycles: the cyclic collector would only scan the heap
-            try:
+            with cyclic_gc.paused():  # thousands of new tensors, no cycles
                 got = cache[module] = (S_A.unbind(0), S_B.unbind(0))
-            finally:
-                if enabled:
-                    gc.enable()
         return got
 
     def all_views(self) -> dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
