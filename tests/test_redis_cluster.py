@@ -332,6 +332,38 @@ def test_cli_versions_on_a_cluster_url(cluster, client, namespace, make_adapter)
     assert "HEAD, prod" in row and " 2 " in row  # two tasks
 
 
+def test_store_status_reports_every_master_and_says_which_one_is_down(
+    cluster, client, namespace, make_adapter, capsys
+) -> None:
+    from jobs.cli import main
+
+    publish_tasks(SubspaceStore(client, namespace), make_adapter, range(2))
+
+    def reported() -> tuple[int, str, dict[int, str]]:
+        code = main(["store", "status", "--redis-url", cluster.url])
+        out = capsys.readouterr().out
+        rows = {int(line.split(":")[1]): line for line in out.splitlines() if line.startswith("  127.0.0.1:")}
+        return code, out, rows
+
+    code, out, rows = reported()
+    assert code == 0 and f"{len(cluster.servers)} master(s)" in out.splitlines()[0]
+    assert sorted(rows) == sorted(server.port for server in cluster.servers)
+    for server in cluster.servers:  # each master's own key count, not one node's
+        own = server.client()
+        try:
+            assert f"keys {own.dbsize()}," in rows[server.port]
+        finally:
+            own.close()
+    down = cluster.servers[-1]  # not the node the URL names
+    down.stop()
+    try:
+        code, out, rows = reported()
+        assert code == 1 and "not answering" in rows[down.port] and "1 master(s) not answering" in out
+        assert all("append-only persistence" in line for port, line in rows.items() if port != down.port)
+    finally:
+        cluster.restart(len(cluster.servers) - 1)
+
+
 def test_cluster_and_plain_urls_are_not_mixed_up(cluster, redis_server) -> None:
     port = cluster.servers[0].port
     with pytest.raises(StoreConnectionError, match=rf"node of a Redis Cluster.*redis\+cluster://127.0.0.1:{port}"):

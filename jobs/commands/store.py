@@ -281,11 +281,43 @@ def run_store(args: argparse.Namespace) -> int:
             return 1
         client = server.client()
         where = f"{redact(server.url)} (embedded, pid {server.pid}, data in {folder})"
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return _cluster_status(client, where)
     info = client.info()
     print(f"Redis {info.get('redis_version')} at {where}")
     print(f"  memory used: {info.get('used_memory_human')}, keys: {client.dbsize()}")
     print(f"  append-only persistence: {'on' if info.get('aof_enabled') else 'off'}")
     return 0
+
+
+def _cluster_status(client: Any, where: str) -> int:
+    """A line per master (a namespace's payloads lie on all of them); 1 if one does not answer."""
+    import redis
+
+    masters = sorted(client.get_primaries(), key=lambda node: (node.host, node.port))
+    lines, total, down = [], 0, 0
+    for node in masters:
+        try:
+            info = client.info(target_nodes=node)
+            keys = int(client.dbsize(target_nodes=node))
+        except (redis.RedisError, OSError) as err:
+            down += 1
+            lines.append(f"  {node.host}:{node.port}: not answering ({type(err).__name__}: {err})")
+            continue
+        total += keys
+        lines.append(
+            f"  {node.host}:{node.port}: Redis {info.get('redis_version')}, memory used "
+            f"{info.get('used_memory_human')}, keys {keys}, append-only persistence "
+            f"{'on' if info.get('aof_enabled') else 'off'}"
+        )
+    answered = f"{total} keys on the {len(masters) - down} answering" if down else f"{total} keys in all"
+    print(f"Redis Cluster at {where}: {len(masters)} master(s), {answered}")
+    print("\n".join(lines))
+    if down:
+        print(f"{down} master(s) not answering: their slots' keys cannot be read or written until they are back")
+    return 1 if down else 0
 
 
 # -- namespaces -------------------------------------------------------------------------------
