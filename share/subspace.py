@@ -86,25 +86,51 @@ class ModuleBasis:
 class TaskStacks(dict[str, tuple[Tensor, Tensor]]):
     """Per module ``(S_A, S_B)``, ``tasks x k x p`` each: the coefficients of many tasks, one row each.
 
-    ``views(module)`` makes every row's views of a module at once (one ``unbind`` per side, far cheaper than a
-    view per row and access) when first asked, and keeps them; they are not pickled.
+    Rows are read by indexing until about a quarter of the tasks' worth of rows has been read; from then on
+    every row's views are made at once (one ``unbind`` per module and side, the cyclic collector paused) and
+    kept, so a pass over every task costs far less than a view per row and read, and a few reads cost
+    nothing extra. The views are not pickled.
     """
 
-    def views(self, module: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        cache: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = self.__dict__.setdefault("_views", {})
-        got = cache.get(module)
-        if got is None:
-            S_A, S_B = self[module]
-            with cyclic_gc.paused():  # thousands of new tensors, no cycles
-                got = cache[module] = (S_A.unbind(0), S_B.unbind(0))
-        return got
+    def pair(self, module: str, row: int) -> tuple[Tensor, Tensor]:
+        """Row ``row`` of ``module``'s stacks: ``(E_A, E_B)``, views."""
+        views = self._views_if_many_read()
+        if views is not None:
+            A, B = views[module]
+            return A[row], B[row]
+        S_A, S_B = self[module]
+        return S_A[row], S_B[row]
 
-    def all_views(self) -> dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
-        """Module -> every row's views per side (``views`` of each module), in module order."""
-        done = self.__dict__.get("_all")
-        if done is None:
-            done = self.__dict__["_all"] = {m: self.views(m) for m in self}
-        return done
+    def pairs(self, row: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Row ``row`` of every module's stacks, in module order."""
+        views = self._views_if_many_read()
+        if views is not None:
+            return {m: (A[row], B[row]) for m, (A, B) in views.items()}
+        return {m: (S_A[row], S_B[row]) for m, (S_A, S_B) in self.items()}
+
+    def widths(self) -> dict[str, int]:
+        """Module -> ``p`` (every row's), worked out once."""
+        widths = self.__dict__.get("_widths")
+        if widths is None:
+            widths = self.__dict__["_widths"] = {m: int(S_A.shape[2]) for m, (S_A, _) in self.items()}
+        return dict(widths)
+
+    def views(self) -> dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
+        """Module -> every row's views per side, made now if they were not yet."""
+        views = self.__dict__.get("_row_views")
+        if views is None:
+            with cyclic_gc.paused():  # thousands of new tensors, no cycles
+                views = {m: (S_A.unbind(0), S_B.unbind(0)) for m, (S_A, S_B) in self.items()}
+            self.__dict__["_row_views"] = views
+        return views
+
+    def _views_if_many_read(self) -> dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] | None:
+        state = self.__dict__
+        if "_row_views" in state:
+            return state["_row_views"]
+        reads = state["_reads"] = state.get("_reads", 0) + 1
+        first = next(iter(self.values()), None)
+        return self.views() if first is not None and 4 * reads > first[0].shape[0] else None
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
@@ -114,11 +140,11 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
     """One task's coefficients as row ``row`` of per-module stacks shared by many tasks (what ``merge`` gives).
 
     ``stacks`` maps each module to ``(S_A, S_B)``, ``tasks x k x p`` each (a ``TaskStacks``, which makes the
-    views of all rows at once, or any such dict); ``self[m]`` is ``(S_A[row], S_B[row])`` (views: no copy). A
-    merge of thousands of tasks builds one of these per task instead of two tensors per task and module, and
-    the next merge reads the stacks whole (``share.merge``). Setting or deleting a module makes this an
-    ordinary mapping of its own (the stacks are let go), so a task's coefficients are never tied to the stacks
-    after an edit.
+    views of all rows at once when many are read, or any such dict); ``self[m]`` is ``(S_A[row], S_B[row])``
+    (views: no copy). A merge of thousands of tasks builds one of these per task instead of two tensors per
+    task and module, and the next merge reads the stacks whole (``share.merge``). Setting or deleting a module
+    makes this an ordinary mapping of its own (the stacks are let go), so a task's coefficients are never tied
+    to the stacks after an edit.
     """
 
     __slots__ = ("_own", "row", "stacks")
@@ -134,8 +160,7 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
             return self._own[module]
         stacks = self.stacks
         if isinstance(stacks, TaskStacks):
-            A, B = stacks.views(module)
-            return A[self.row], B[self.row]
+            return stacks.pair(module, self.row)
         S_A, S_B = stacks[module]
         return S_A[self.row], S_B[self.row]
 
@@ -152,7 +177,7 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
             assert self._own is not None
             return self._own
         if isinstance(stacks, TaskStacks):
-            return {m: (A[row], B[row]) for m, (A, B) in stacks.all_views().items()}
+            return stacks.pairs(row)
         return {m: (S_A[row], S_B[row]) for m, (S_A, S_B) in stacks.items()}
 
     def __setitem__(self, module: str, pair: tuple[Tensor, Tensor]) -> None:
@@ -171,6 +196,8 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
         """Module -> ``p``, without making the views."""
         if self.stacks is None:
             return {m: int(E_A.shape[1]) for m, (E_A, _) in (self._own or {}).items()}
+        if isinstance(self.stacks, TaskStacks):
+            return self.stacks.widths()
         return {m: int(S_A.shape[2]) for m, (S_A, _) in self.stacks.items()}
 
     def _detach(self) -> dict[str, tuple[Tensor, Tensor]]:
