@@ -23,7 +23,7 @@ import redis
 import torch
 from redis.exceptions import WatchError
 
-from share import Subspace
+from share import Subspace, cyclic_gc
 
 from . import chains, fetch, manifest_cache, retention
 from .acks import DEFAULT_GROUP, check_open, queue_acks
@@ -285,6 +285,33 @@ class SubspaceStore:
         expected = parent if expected_head is _UNSET else expected_head
         if max_chain < 1 or max_chain > chains.MAX_CHAIN:
             raise StoreError(f"max_chain must be between 1 and {chains.MAX_CHAIN} (got {max_chain})")
+        with cyclic_gc.paused():  # a manifest entry (a few dicts) per task, no cycles
+            return self._publish(
+                subspace,
+                parent,
+                metadata,
+                submission_ids,
+                group,
+                expected,
+                reconstruction_error,
+                delta,
+                rotations,
+                max_chain,
+            )
+
+    def _publish(
+        self,
+        subspace: Subspace,
+        parent: str | None,
+        metadata: dict[str, Any] | None,
+        submission_ids: Sequence[str],
+        group: str,
+        expected: str | None,
+        reconstruction_error: dict[str, float] | None,
+        delta: bool,
+        rotations: dict[str, chains.Rotation] | None,
+        max_chain: int,
+    ) -> str:
         plan = self._delta_plan(subspace, parent, rotations, max_chain) if delta and parent is not None else {}
         encoded = encode_subspace(subspace, reconstruction_error, **plan)
         meta = _jsonable(metadata or {}, "metadata")
