@@ -150,8 +150,6 @@ class MergeTracker:
         from mlflow.entities import Param, RunTag
 
         step = version_number(record.version) or 0
-        metrics = {**record.metrics(), **extra_metrics, **{ACCURACY_METRIC + t: a for t, a in accuracy.items()}}
-        self._log_metrics(run_id, metrics, step)
         params = [
             Param("version", record.version),
             Param("parent", str(record.parent)),
@@ -172,9 +170,15 @@ class MergeTracker:
                 matrix.write_heatmap(folder / MATRIX_PNG, title=f"{self.namespace}: accuracy after each merge")
             version_folder = folder / VERSION_ARTIFACTS
             version_folder.mkdir()
-            (version_folder / MANIFEST_JSON).write_text(json.dumps(record.manifest, indent=1, sort_keys=True))
+            # Not indented: json's C encoder only writes compact JSON (indenting is pure Python, slow at many tasks);
+            # MLflow's artifact viewer lays JSON out itself.
+            (version_folder / MANIFEST_JSON).write_text(json.dumps(record.manifest, sort_keys=True))
             (version_folder / POINTER_JSON).write_text(json.dumps(self._pointer(run_id, record), indent=1))
             retry(lambda: self.client.log_artifacts(run_id, str(folder)), "log_artifacts")
+        # Metrics after what reads the run back (the params check, the artifact store's lookup): a read of a run
+        # loads every metric it holds, and a merge run holds three per task.
+        metrics = {**record.metrics(), **extra_metrics, **{ACCURACY_METRIC + t: a for t, a in accuracy.items()}}
+        self._log_metrics(run_id, metrics, step)
         self._log_job_curves(record, accuracy, step)
         self._register(run_id, record)
         retry(lambda: self.client.set_tag(run_id, TAG_STATUS, "published"), "set_tag")
