@@ -26,7 +26,6 @@ import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -104,27 +103,11 @@ class MergeReport:
 
 
 @dataclass(frozen=True)
-class _Drift:
-    """One task's cumulative bound in one module before this merge."""
-
-    entry_norm: float | None  # None: the task enters now (its current norm is its entry norm)
-    drift: float
-
-
-@dataclass(frozen=True)
 class _DriftArrays:
-    """Every task's ``_Drift`` in one module as arrays, in the order of the merge's task names."""
+    """Every task's cumulative bound in one module before this merge, as arrays in the merge's task order."""
 
     entry: Tensor  # float64; NaN: the task enters now
     prior: Tensor  # float64; the cumulative bound before this merge
-
-    @classmethod
-    def from_dict(cls, names: list[str], drift: dict[str, _Drift]) -> _DriftArrays:
-        states = [drift.get(name, _Drift(None, 0.0)) for name in names]
-        entry = [math.nan if s.entry_norm is None else s.entry_norm for s in states]
-        return cls(
-            torch.tensor(entry, dtype=torch.float64), torch.tensor([s.drift for s in states], dtype=torch.float64)
-        )
 
 
 @dataclass(frozen=True)
@@ -186,17 +169,13 @@ class _ModuleCut:
         assert self.pairs is not None
         return dict(zip(self.names, self.pairs, strict=True))
 
-    @cached_property
-    def sq_err(self) -> dict[str, tuple[float, float]]:
-        return dict(zip(self.names, zip(self.sq_diff.tolist(), self.sq_norm.tolist(), strict=True), strict=True))
-
 
 def _truncate_module(
     names: list[str],
     widths: list[int],
     A: _Side,
     B: _Side,
-    drift: dict[str, _Drift] | _DriftArrays,
+    drift: _DriftArrays,
     policy: KPolicy,
     totals: Tensor | None = None,
     groups: list[_Group] | None = None,
@@ -211,12 +190,11 @@ def _truncate_module(
     """
     if groups is None:
         groups = _groups_by_width(widths, A.C, B.C)
-    arrays = drift if isinstance(drift, _DriftArrays) else _DriftArrays.from_dict(names, drift)
     if totals is None:  # every task's |M|^2 over all directions, once for the choice of k and the errors
         totals = _energies(groups, len(names))
     met = True
     if policy.max_error is not None:
-        k_A, k_B, met = _choose_k_bounded(groups, A, B, arrays, policy.max_error, policy.k_max, totals)
+        k_A, k_B, met = _choose_k_bounded(groups, A, B, drift, policy.max_error, policy.k_max, totals)
     else:
         k_A, k_B = _choose_k(A.eigvals, policy), _choose_k(B.eigvals, policy)
     W_A, W_B = A.eigvecs[:, :k_A], B.eigvecs[:, :k_B]
@@ -233,7 +211,7 @@ def _truncate_module(
     count = len(names)
     sq_diff = torch.zeros(count, dtype=torch.float64)
     sq_norm = torch.zeros(count, dtype=torch.float64)
-    outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+    outputs: list[_Group] = []
     for index, group_A, group_B in groups:
         # group_*: g x rows x p, every task's coordinates in the frame (rows past these are 0), before truncation.
         E_A, E_B = W_A[: group_A.shape[1]].T @ group_A, W_B[: group_B.shape[1]].T @ group_B
@@ -265,7 +243,7 @@ def _truncate_module(
 
 
 def _per_task(
-    outputs: list[tuple[Tensor, Tensor, Tensor]], count: int
+    outputs: list[_Group], count: int
 ) -> tuple[tuple[Tensor, Tensor] | None, list[tuple[Tensor, Tensor]] | None]:
     """Every task's (E_A, E_B) in order from the groups' stacked results: one stack per side when the tasks
     have one width (nothing made per task), else a pair per task."""
@@ -275,11 +253,16 @@ def _per_task(
         stack_A = outputs[0][1] if len(outputs) == 1 else torch.cat([a for _, a, _ in outputs])
         stack_B = outputs[0][2] if len(outputs) == 1 else torch.cat([b for _, _, b in outputs])
         return (stack_A, stack_B), None
+    return None, _pairs_in_order(outputs, count)
+
+
+def _pairs_in_order(groups: list[_Group], count: int) -> list[tuple[Tensor, Tensor]]:
+    """Each of ``count`` tasks' ``(E_A, E_B)`` from stacked groups, in task order (views into the stacks)."""
     pairs: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * count
-    for index, stack_A, stack_B in outputs:
+    for index, stack_A, stack_B in groups:
         for i, a, b in zip(index.tolist(), stack_A.unbind(0), stack_B.unbind(0), strict=True):
             pairs[i] = (a, b)
-    return None, pairs
+    return pairs
 
 
 def _column_signs(U: Tensor) -> Tensor:
@@ -445,9 +428,9 @@ def _updated_tasks(
     diff_rows, norm_rows = sq_diff.sum(dim=0).tolist(), sq_norm.sum(dim=0).tolist()
     entry_rows, drift_rows, error_rows = entry.T.tolist(), drift.T.tolist(), module_error.T.tolist()
     pushed_rows = pushed.tolist()
-    stacks = {m: cuts[m].stacks for m in modules}
     # One width everywhere: every task's coefficients are a row of the merge's stacks (nothing made per module).
-    shared = TaskStacks({m: pair for m, pair in stacks.items() if pair is not None}) if all(stacks.values()) else None
+    stacked = TaskStacks({m: cuts[m].stacks for m in modules if cuts[m].stacks is not None})
+    shared = stacked if len(stacked) == len(modules) else None
     E_rows = None if shared is not None else [cuts[m].E for m in modules]
     tasks: dict[str, TaskCoefficients] = {}
     for i, name in enumerate(names):
@@ -479,10 +462,13 @@ def _updated_tasks(
 
 
 def _old_drift(subspace: Subspace | None, old_names: list[str], modules: list[str]) -> tuple[Tensor, Tensor]:
-    """Old tasks' per-module entry norms (NaN: tracking starts now) and drifts, as ``tasks x modules`` arrays."""
+    """Committed tasks' per-module entry norms and drifts as the last merge wrote them (``module_entry_norm``,
+    ``module_drift``), as ``tasks x modules`` arrays. A module a task has no entry norm for (tasks committed
+    before per-module tracking existed have none) reads NaN and drift 0: its tracking starts now, with its
+    current update as the entry (its whole-task ``drift_bound`` still carries the past)."""
     entry_rows, prior_rows = [], []
     nan_row, zero_row = [math.nan] * len(modules), [0.0] * len(modules)
-    for name in old_names:  # what _module_drift_before reads, without an object per task and module
+    for name in old_names:
         metadata = subspace.tasks[name].metadata if subspace is not None else {}
         norms, drifts = metadata.get(MODULE_ENTRY_NORM), metadata.get(MODULE_DRIFT)
         if not isinstance(norms, dict) or not isinstance(drifts, dict):
@@ -535,17 +521,11 @@ def _old_groups(
             return [(torch.arange(T), S_A.to(torch.float64), S_B.to(torch.float64))], [int(S_A.shape[2])] * T
     pairs = [subspace.tasks[t].E[module] for t in old_names]
     widths = [E_A.shape[1] for E_A, _ in pairs]
-    groups: list[_Group] = []
-    for width in sorted(set(widths)):
-        idx = [i for i, w in enumerate(widths) if w == width]
-        groups.append(
-            (
-                torch.tensor(idx, dtype=torch.long),
-                torch.stack([pairs[i][0] for i in idx]).to(torch.float64),
-                torch.stack([pairs[i][1] for i in idx]).to(torch.float64),
-            )
-        )
-    return groups, widths
+    if not pairs:
+        return [], widths
+    E_A = torch.cat([E_A for E_A, _ in pairs], dim=1).to(torch.float64)
+    E_B = torch.cat([E_B for _, E_B in pairs], dim=1).to(torch.float64)
+    return _groups_by_width(widths, E_A, E_B), widths
 
 
 def _old_columns(groups: list[_Group], widths: list[int], k_A: int, k_B: int) -> tuple[Tensor, Tensor]:
@@ -555,10 +535,7 @@ def _old_columns(groups: list[_Group], widths: list[int], k_A: int, k_B: int) ->
         return S_A.permute(1, 0, 2).reshape(k_A, -1), S_B.permute(1, 0, 2).reshape(k_B, -1)
     if not groups:
         return torch.zeros(k_A, 0, dtype=torch.float64), torch.zeros(k_B, 0, dtype=torch.float64)
-    per_task: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(widths)
-    for index, S_A, S_B in groups:
-        for i, a, b in zip(index.tolist(), S_A.unbind(0), S_B.unbind(0), strict=True):
-            per_task[i] = (a, b)
+    per_task = _pairs_in_order(groups, len(widths))
     return torch.cat([a for a, _ in per_task], dim=1), torch.cat([b for _, b in per_task], dim=1)
 
 
@@ -608,25 +585,6 @@ def _canonical_columns(
     return torch.cat([A_c.T for _, A_c in pairs], dim=1), torch.cat([B_c for B_c, _ in pairs], dim=1), widths
 
 
-def _pushed_over(after: dict[str, float], before: dict[str, _Drift], eps: float) -> bool:
-    """Whether this merge left some module of the task over ``eps`` with error it added there."""
-    return any(
-        drift > eps and drift > (before[m].drift if m in before else 0.0) + _BOUND_SLACK for m, drift in after.items()
-    )
-
-
-def _module_drift_before(metadata: dict[str, Any]) -> dict[str, _Drift]:
-    """A committed task's per-module entry norms and drifts, as the last merge wrote them.
-
-    Tasks committed before per-module tracking existed have none: their tracking starts now, with
-    their current update as the entry (their whole-task ``drift_bound`` still carries the past).
-    """
-    norms, drifts = metadata.get(MODULE_ENTRY_NORM), metadata.get(MODULE_DRIFT)
-    if not isinstance(norms, dict) or not isinstance(drifts, dict):
-        return {}
-    return {m: _Drift(float(norms[m]), float(drifts.get(m, 0.0))) for m in norms}
-
-
 def _track_drift(metadata: dict, sq_diff: float, sq_norm: float, entering: bool) -> None:
     """Cumulative forgetting since the task entered, over all modules, without its original factors.
 
@@ -642,20 +600,6 @@ def _track_drift(metadata: dict, sq_diff: float, sq_norm: float, entering: bool)
     if entry > 0:
         metadata[ENERGY_KEPT] = metadata.get(ENERGY_KEPT, 1.0) - sq_diff / entry**2
         metadata[DRIFT_BOUND] = metadata.get(DRIFT_BOUND, 0.0) + sq_diff**0.5 / entry
-
-
-def _track_module_drift(metadata: dict, sq_err: dict[str, tuple[float, float]], before: dict[str, _Drift]) -> None:
-    """The per-module version of ``drift_bound``, and its worst module (``error_bound``)."""
-    norms: dict[str, float] = {}
-    drifts: dict[str, float] = {}
-    for m, (sq_diff, sq_norm) in sq_err.items():
-        state = before.get(m, _Drift(None, 0.0))
-        entry = state.entry_norm if state.entry_norm is not None else sq_norm**0.5
-        norms[m] = entry
-        drifts[m] = state.drift + (sq_diff**0.5 / entry if entry > 0 else 0.0)
-    metadata[MODULE_ENTRY_NORM] = norms
-    metadata[MODULE_DRIFT] = drifts
-    metadata[ERROR_BOUND] = max(drifts.values(), default=0.0)
 
 
 def _side_coordinates(

@@ -22,21 +22,15 @@ from .config import KPolicy
 from .errors import ShareClError
 from .merge import (
     _RANK_TOL,
-    DRIFT_BOUND,
-    ENERGY_KEPT,
-    ERROR_BOUND,
-    MODULE_DRIFT,
-    RECONSTRUCTION_ERROR,
     MergeReport,
-    _Drift,
-    _module_drift_before,
-    _pushed_over,
+    _DriftArrays,
+    _ModuleCut,
+    _old_drift,
     _Side,
-    _track_drift,
-    _track_module_drift,
     _truncate_module,
+    _updated_tasks,
 )
-from .subspace import ModuleBasis, Subspace, TaskCoefficients, UnknownTaskError, check_task_name
+from .subspace import Subspace, UnknownTaskError, check_task_name
 
 # Metadata key of the returned subspace: which tasks were removed from it, oldest removal first.
 REMOVED_TASKS = "removed_tasks"
@@ -69,55 +63,30 @@ def remove_tasks(
     if policy is None:
         policy = subspace.policy
     names = [t for t in subspace.tasks if t not in removed]
-    before = {name: _module_drift_before(subspace.tasks[name].metadata) for name in names}
+    modules = list(subspace.modules)
+    entry, prior = _old_drift(subspace, names, modules)
 
-    new_bases: dict[str, ModuleBasis] = {}
-    new_E: dict[str, dict[str, tuple[Tensor, Tensor]]] = {name: {} for name in names}
-    sq_err: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in names}
-    k_out: dict[str, tuple[int, int]] = {}
-    variance: dict[str, tuple[float, float]] = {}
-    capped: list[str] = []
-    for m, basis in subspace.modules.items():
+    cuts: dict[str, _ModuleCut] = {}
+    for j, (m, basis) in enumerate(subspace.modules.items()):
         widths = [subspace.tasks[t].E[m][0].shape[1] for t in names]
         A = _refit_side(basis.U_A, [subspace.tasks[t].E[m][0] for t in names], widths)
         B = _refit_side(basis.U_B, [subspace.tasks[t].E[m][1] for t in names], widths)
-        drift = {t: before[t].get(m, _Drift(None, 0.0)) for t in names}
-        cut = _truncate_module(names, widths, A, B, drift, policy)
-        new_bases[m], k_out[m], variance[m] = cut.basis, cut.k, cut.variance
-        if not cut.met:
-            capped.append(m)
-        for name in names:
-            new_E[name][m], sq_err[name][m] = cut.E[name], cut.sq_err[name]
+        cuts[m] = _truncate_module(names, widths, A, B, _DriftArrays(entry[:, j], prior[:, j]), policy)
 
     report = RemoveReport(
         new_tasks=[],
-        k=k_out,
-        explained_variance=variance,
+        k={m: cut.k for m, cut in cuts.items()},
+        explained_variance={m: cut.variance for m, cut in cuts.items()},
         reconstruction_error={},
         seconds=0.0,
         max_error=policy.max_error,
-        capped_modules=capped,
+        capped_modules=[m for m, cut in cuts.items() if not cut.met],
         removed_tasks=removed,
         k_before=subspace.k(),
     )
-    kept_tasks: dict[str, TaskCoefficients] = {}
-    for name in names:
-        source = subspace.tasks[name]
-        metadata = dict(source.metadata)
-        diff = sum(e for e, _ in sq_err[name].values())
-        norm = sum(n for _, n in sq_err[name].values())
-        report.reconstruction_error[name] = (diff / norm) ** 0.5 if norm > 0 else 0.0
-        report.module_error[name] = {mod: (e / n) ** 0.5 if n > 0 else 0.0 for mod, (e, n) in sq_err[name].items()}
-        metadata[RECONSTRUCTION_ERROR] = report.reconstruction_error[name]
-        _track_drift(metadata, diff, norm, entering=False)
-        _track_module_drift(metadata, sq_err[name], before[name])
-        report.module_drift[name] = dict(metadata[MODULE_DRIFT])
-        report.error_bound[name] = metadata[ERROR_BOUND]
-        report.energy_kept[name] = metadata[ENERGY_KEPT]
-        report.drift_bound[name] = metadata[DRIFT_BOUND]
-        if policy.max_error is not None and _pushed_over(report.module_drift[name], before[name], policy.max_error):
-            report.over_bound[name] = metadata[ERROR_BOUND]
-        kept_tasks[name] = TaskCoefficients(E=new_E[name], head=dict(source.head), metadata=metadata)
+    # Every remaining task's coefficients, errors and bounds, as a merge with no new task updates them.
+    kept_tasks = _updated_tasks(subspace, {}, names, modules, cuts, entry, prior, policy, report)
+    new_bases = {m: cut.basis for m, cut in cuts.items()}
 
     metadata = dict(subspace.metadata)
     previous = metadata.get(REMOVED_TASKS)
