@@ -487,7 +487,7 @@ def _old_drift(subspace: Subspace | None, old_names: list[str], modules: list[st
     return entry, prior
 
 
-def _shared_stacks(subspace: Subspace | None, old_names: list[str]) -> dict[str, tuple[Tensor, Tensor]] | None:
+def _shared_stacks(subspace: Subspace | None, old_names: list[str]) -> TaskStacks | None:
     """The stacks the last merge left, when every old task is still its row ``i`` of them (``i``: its position)."""
     if subspace is None or not old_names:
         return None
@@ -510,7 +510,7 @@ def _old_groups(
     basis: ModuleBasis,
     old_names: list[str],
     module: str,
-    shared: dict[str, tuple[Tensor, Tensor]] | None = None,
+    shared: TaskStacks | None = None,
 ) -> tuple[list[_Group], list[int]]:
     """The old tasks' coefficients in one module stacked per width (float64, ``g x k x p`` per side), and each
     task's width. ``shared``: the stacks every old task is a row of (``_shared_stacks``), used whole."""

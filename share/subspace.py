@@ -139,8 +139,7 @@ class TaskStacks(dict[str, tuple[Tensor, Tensor]]):
 class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
     """One task's coefficients as row ``row`` of per-module stacks shared by many tasks (what ``merge`` gives).
 
-    ``stacks`` maps each module to ``(S_A, S_B)``, ``tasks x k x p`` each (a ``TaskStacks``, which makes the
-    views of all rows at once when many are read, or any such dict); ``self[m]`` is ``(S_A[row], S_B[row])``
+    ``stacks`` maps each module to ``(S_A, S_B)``, ``tasks x k x p`` each; ``self[m]`` is ``(S_A[row], S_B[row])``
     (views: no copy). A merge of thousands of tasks builds one of these per task instead of two tensors per
     task and module, and the next merge reads the stacks whole (``share.merge``). Setting or deleting a module
     makes this an ordinary mapping of its own (the stacks are let go), so a task's coefficients are never tied
@@ -149,8 +148,8 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
 
     __slots__ = ("_own", "row", "stacks")
 
-    def __init__(self, stacks: dict[str, tuple[Tensor, Tensor]], row: int) -> None:
-        self.stacks: dict[str, tuple[Tensor, Tensor]] | None = stacks
+    def __init__(self, stacks: TaskStacks, row: int) -> None:
+        self.stacks: TaskStacks | None = stacks
         self.row = row
         self._own: dict[str, tuple[Tensor, Tensor]] | None = None
 
@@ -158,11 +157,7 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
         if self.stacks is None:
             assert self._own is not None
             return self._own[module]
-        stacks = self.stacks
-        if isinstance(stacks, TaskStacks):
-            return stacks.pair(module, self.row)
-        S_A, S_B = stacks[module]
-        return S_A[self.row], S_B[self.row]
+        return self.stacks.pair(module, self.row)
 
     def items(self) -> ItemsView[str, tuple[Tensor, Tensor]]:  # type: ignore[override]
         return self._pairs().items()
@@ -172,13 +167,10 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
 
     def _pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Every module's pair at once (what ``items`` and ``values`` iterate; one lookup per module)."""
-        stacks, row = self.stacks, self.row
-        if stacks is None:
+        if self.stacks is None:
             assert self._own is not None
             return self._own
-        if isinstance(stacks, TaskStacks):
-            return stacks.pairs(row)
-        return {m: (S_A[row], S_B[row]) for m, (S_A, S_B) in stacks.items()}
+        return self.stacks.pairs(self.row)
 
     def __setitem__(self, module: str, pair: tuple[Tensor, Tensor]) -> None:
         self._detach()[module] = pair
@@ -196,9 +188,7 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
         """Module -> ``p``, without making the views."""
         if self.stacks is None:
             return {m: int(E_A.shape[1]) for m, (E_A, _) in (self._own or {}).items()}
-        if isinstance(self.stacks, TaskStacks):
-            return self.stacks.widths()
-        return {m: int(S_A.shape[2]) for m, (S_A, _) in self.stacks.items()}
+        return self.stacks.widths()
 
     def _detach(self) -> dict[str, tuple[Tensor, Tensor]]:
         if self.stacks is not None:

@@ -32,8 +32,6 @@ def test_a_row_reads_its_own_slices_as_views_and_every_way_of_reading_agrees() -
     assert [pair[0].shape for pair in row.values()] == [(6, 3), (6, 2)]
     assert TaskCoefficients(E=row).widths() == {"q": 3, "v": 2}
     assert "_row_views" not in shared.__dict__  # a few reads index the stacks; no view of every row is made
-    plain = StackedCoefficients(dict(shared), 1)  # any dict of stacks works too
-    assert torch.equal(plain["v"][1], shared["v"][1][1]) and plain.widths() == {"q": 3, "v": 2}
 
 
 def test_a_pass_over_every_row_makes_all_views_once_and_reads_them_from_then_on() -> None:
