@@ -85,19 +85,17 @@ def encode_subspace(
     reuse: dict[str, dict[str, Any]] | None = None,
     rotations: dict[str, Rotation] | None = None,
     chain: list[dict[str, Any]] | None = None,
-    p: dict[str, dict[str, int]] | None = None,
 ) -> EncodedSubspace:
     """Validate and serialize; raises ValueError (naming the task/module) before anything is written.
 
     A delta version: ``reuse`` maps old tasks to their (checked) manifest entries in the parent, whose
     payloads it keeps (``key``, ``bytes``, ``sha256``, ``written_in``); ``rotations`` are the parent-to-this
     basis rotations per module; ``chain`` the parent's rotation elements those entries still need.
-    ``p``: tasks' ``TaskCoefficients.widths()`` the caller already has (the delta plan's), used as they are.
     """
     reuse = reuse or {}
     if reuse and rotations is None:
         raise StoreError("a delta version needs the rotations from its parent's bases (module -> (R_A, R_B))")
-    encoded = _encode_subspace(subspace, reconstruction_error, set(reuse), p or {})
+    encoded = _encode_subspace(subspace, reconstruction_error, set(reuse))
     for tname, old in reuse.items():
         entry = encoded.tasks_manifest[tname]
         entry.update({k: old[k] for k in ("bytes", "sha256", "key", "written_in")})
@@ -116,10 +114,7 @@ def encode_subspace(
 
 
 def _encode_subspace(
-    subspace: Subspace,
-    reconstruction_error: dict[str, float] | None,
-    skip: set[str],
-    known_p: dict[str, dict[str, int]],
+    subspace: Subspace, reconstruction_error: dict[str, float] | None, skip: set[str]
 ) -> EncodedSubspace:
     # What is written is validated: the bases and the tasks whose payloads this version writes (a delta
     # version's old tasks keep payloads validated when they were written; their shapes were compared).
@@ -148,9 +143,8 @@ def _encode_subspace(
     tasks, tasks_manifest = {}, {}
     for tname, task in subspace.tasks.items():
         error = errors.get(tname, task.metadata.get("reconstruction_error"))
-        p = known_p.get(tname)
         tasks_manifest[tname] = {
-            "p": task.widths() if p is None else p,
+            "p": task.widths(),
             "head": list(task.head),
             "reconstruction_error": float(error) if error is not None else None,
             "metadata": task.metadata,
@@ -292,12 +286,7 @@ def _packed_entry(entry: dict[str, Any], modules: list[str]) -> dict[str, Any]:
         values = list(p.values())
         packed["p"] = values[0] if len(set(values)) == 1 else values
     metadata = entry["metadata"]
-    count = len(modules)
-    names = [
-        key
-        for key, value in metadata.items()
-        if type(value) is dict and len(value) == count and _per_module_numbers(value, modules)
-    ]
+    names = [key for key, value in metadata.items() if _per_module_numbers(value, modules)]
     if names:
         packed["metadata"] = values_of = dict(metadata)
         for key in names:
@@ -307,7 +296,10 @@ def _packed_entry(entry: dict[str, Any], modules: list[str]) -> dict[str, Any]:
 
 
 def _per_module_numbers(value: Any, modules: list[str]) -> bool:
-    return type(value) is dict and bool(modules) and list(value) == modules and _all_real(value.values())
+    # Cheapest checks first: most metadata values are not module maps.
+    return (
+        type(value) is dict and len(value) == len(modules) > 0 and list(value) == modules and _all_real(value.values())
+    )
 
 
 def _all_real(values: Any) -> bool:

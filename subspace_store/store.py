@@ -334,7 +334,7 @@ class SubspaceStore:
     def _delta_plan(
         self, subspace: Subspace, parent: str, rotations: dict[str, chains.Rotation] | None, max_chain: int
     ) -> dict[str, Any]:
-        """``encode_subspace``'s delta arguments (reuse, rotations, chain, p), or {} to write in full."""
+        """``encode_subspace``'s delta arguments (reuse, rotations, chain), or {} to write in full."""
         # The parent is usually what this process just published (a coordinator): cached as built (commit).
         before = self._checked(parent).full()
         if list(before["modules"]) != list(subspace.modules):
@@ -342,13 +342,11 @@ class SubspaceStore:
         chain = before["rotations"]
         origin = {e["parent"]: i for i, e in enumerate(chain)}
         reuse: dict[str, dict[str, Any]] = {}
-        known_p: dict[str, dict[str, int]] = {}  # computed once per publish: encode_subspace takes them
         for name, task in subspace.tasks.items():
             entry = before["tasks"].get(name)
             if entry is None or entry["head"] != list(task.head):
                 continue
-            p = known_p[name] = task.widths()
-            if entry["p"] != p:
+            if entry["p"] != task.widths():
                 continue
             length = 0 if entry["written_in"] == parent else len(chain) - origin[entry["written_in"]]
             if length + 1 <= max_chain:
@@ -389,7 +387,7 @@ class SubspaceStore:
                 )
                 return {}
         starts = [origin[e["written_in"]] for e in reuse.values() if e["written_in"] != parent]
-        return {"reuse": reuse, "rotations": rotations, "chain": chain[min(starts) :] if starts else [], "p": known_p}
+        return {"reuse": reuse, "rotations": rotations, "chain": chain[min(starts) :] if starts else []}
 
     def compact(self, *, min_chain: int = 1, metadata: dict[str, Any] | None = None) -> str | None:
         """Rewrite the head in full (every task's coefficients in its own bases, no chains) as a new version.
