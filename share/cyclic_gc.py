@@ -9,11 +9,11 @@ from contextlib import contextmanager
 
 @contextmanager
 def paused() -> Iterator[None]:
-    """Run the body with the cyclic collector off (and back on after, if it was on).
+    """Run the body (a ``with`` block, or a function it decorates) with the cyclic collector off.
 
     A merge or publish of thousands of tasks makes a few small objects per task and module (tensor views,
     tuples, dicts) and no cycles; the collector would run many times over every live object meanwhile. Reference
-    counting still frees everything; nested uses are fine.
+    counting still frees everything; nested uses are fine, and the collector is back on after if it was on.
     """
     enabled = gc.isenabled()
     gc.disable()

@@ -107,18 +107,22 @@ class SubspaceStore:
         """The manifest ``ref`` names as this process checked it (``manifest_cache``): the ref and the manifest
         read in one round trip when the ref names the version it named last, parsed and checked only if its
         bytes differ from the cached ones. Shared: never modify it."""
-        guess = manifest_cache.REFS.guess((self._server, self.namespace, ref))
+        guess = manifest_cache.REFS.guess(self._cache_key(ref))
         version, raw = resolve_and_read(self.client, self.keys, ref, guess)
         if raw is None:
             raise VersionNotFoundError(
                 f"version {version} of namespace {self.namespace!r} was pruned; list versions with `sharecl versions`"
             )
         if version != guess and version != ref:  # a version id names itself: nothing to remember
-            manifest_cache.REFS.remember((self._server, self.namespace, ref), version)
+            manifest_cache.REFS.remember(self._cache_key(ref), version)
         return self._decoded(version, raw)
 
+    def _cache_key(self, name: str) -> tuple[Any, ...]:
+        """What names a ref or version of this namespace on this server in ``manifest_cache``."""
+        return (self._server, self.namespace, name)
+
     def _decoded(self, version: str, raw: bytes) -> CheckedManifest:
-        key = (self._server, self.namespace, version)
+        key = self._cache_key(version)
         checked = manifest_cache.MANIFESTS.lookup(key, raw)
         if checked is None:
             checked = read_manifest(raw, self.keys, version)
@@ -251,6 +255,7 @@ class SubspaceStore:
         return out
 
     # -- publishing ----------------------------------------------------------------------------
+    @cyclic_gc.paused()  # a manifest entry (a few dicts) per task, no cycles
     def publish(
         self,
         subspace: Subspace,
@@ -285,33 +290,6 @@ class SubspaceStore:
         expected = parent if expected_head is _UNSET else expected_head
         if max_chain < 1 or max_chain > chains.MAX_CHAIN:
             raise StoreError(f"max_chain must be between 1 and {chains.MAX_CHAIN} (got {max_chain})")
-        with cyclic_gc.paused():  # a manifest entry (a few dicts) per task, no cycles
-            return self._publish(
-                subspace,
-                parent,
-                metadata,
-                submission_ids,
-                group,
-                expected,
-                reconstruction_error,
-                delta,
-                rotations,
-                max_chain,
-            )
-
-    def _publish(
-        self,
-        subspace: Subspace,
-        parent: str | None,
-        metadata: dict[str, Any] | None,
-        submission_ids: Sequence[str],
-        group: str,
-        expected: str | None,
-        reconstruction_error: dict[str, float] | None,
-        delta: bool,
-        rotations: dict[str, chains.Rotation] | None,
-        max_chain: int,
-    ) -> str:
         plan = self._delta_plan(subspace, parent, rotations, max_chain) if delta and parent is not None else {}
         encoded = encode_subspace(subspace, reconstruction_error, **plan)
         meta = _jsonable(metadata or {}, "metadata")
@@ -660,8 +638,8 @@ class _Publication:
                     if manifest["format_version"] == MANIFEST_FORMAT_VERSION:
                         # Readers in this process (the coordinator's record of the merge, the next delta's
                         # plan) find it as built while the stored bytes are these: nothing parsed back.
-                        key = (self.store._server, self.store.namespace, v)
-                        manifest_cache.MANIFESTS.put(key, stored, CheckedManifest.written(manifest, keys, v))
+                        written = CheckedManifest.written(manifest, keys, v)
+                        manifest_cache.MANIFESTS.put(self.store._cache_key(v), stored, written)
                     return v
             except WatchError:
                 # Either the head moved (the loop reports the conflict) or a submission changed
