@@ -5,7 +5,7 @@
 - The residual frame from the smaller Gram matrix (wide and tall, at initialization and in later merges)
   gives the merge the thin-SVD path gives; an ill-conditioned one is caught and redone on that path.
 - The running Gram kept on the bases gives the merge that recomputing it from the tasks gives, and is
-  ignored when it belongs to other tasks; so do the stacked coefficients kept beside it.
+  ignored when it belongs to other tasks; so do the stacks a merge leaves its tasks as rows of.
 - Nothing dropped: old tasks' errors are exactly 0 and their tracked bounds unchanged.
 """
 
@@ -252,8 +252,8 @@ def test_a_cache_of_other_tasks_is_not_used(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_the_stacks_a_merge_leaves_give_the_merge_that_stacking_the_tasks_again_gives() -> None:
-    """The next merge reads the old tasks from the stacks the last one left (their tensors are views into
-    them), not task by task: bit for bit the same merge, and a task whose tensors were replaced is seen."""
+    """The next merge reads the old tasks from the stacks the last one left (every task is a row of them), not
+    task by task: bit for bit the same merge, and a task whose coefficients were replaced is seen."""
     policy = KPolicy(max_error=0.1)
     cached, _ = merge(None, {f"t{i}": random_adapter(i) for i in range(3)}, policy)
     for i in range(3, 7):
