@@ -21,6 +21,11 @@ the modules, in their order, with finite numbers as values (``share.merge``'s ``
 ``module_drift``) is stored as the list of its values, and the entry's ``module_values`` names those
 metadata keys. Maps of another shape stay as they are. Reading an entry checks and unpacks it, so
 readers see the layout formats 1 and 2 have (and a one-task pull unpacks one entry).
+
+Format 4 (``shared_entries``) writes each task's entry once, in an entries payload of the version that
+wrote its payload, and per version only the numbers a merge changes (packed float64); the manifest maps
+task names to entries payloads. ``read_manifest`` checks the manifest; the store fetches the payloads it
+``needs`` and ``CheckedManifest.resolve`` assembles every entry back into its format-3 form.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
 from share.errors import ShareClError
 from share.subspace import check_task_name
 
+from . import shared_entries
 from .chains import MAX_CHAIN, Rotation, encode_rotation
 from .errors import CorruptPayloadError, StoreError
 from .keys import Keys, check_module_name, check_version, version_number
@@ -47,7 +53,7 @@ from .payloads import PayloadFormatError, decode_tensors, encode_tensors, sha256
 
 MANIFEST_FORMAT = "share-cl-store-version"
 MANIFEST_FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+READABLE_FORMAT_VERSIONS = (1, 2, 3, shared_entries.SHARED_FORMAT_VERSION)
 MODULE_VALUES = "module_values"  # format 3: the task metadata keys stored as lists in the modules' order
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -67,6 +73,11 @@ class EncodedSubspace:
     rotations: dict[str, bytes] = field(default_factory=dict)  # module -> payload (a delta version)
     rotations_manifest: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> bytes, sha256, to, from
     chain: list[dict[str, Any]] = field(default_factory=list)  # the parent's rotation elements still needed
+    # Format 4 (``share_entries``): the entries payload of the tasks this version writes (None: it writes none),
+    # the numbers payload (None: the version is written in format 3), and the parent's entries payloads kept.
+    entries: bytes | None = None
+    numbers: bytes | None = None
+    inherited: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def written_bytes(self) -> int:
@@ -75,7 +86,27 @@ class EncodedSubspace:
             sum(map(len, self.bases.values()))
             + sum(map(len, self.tasks.values()))
             + sum(map(len, self.rotations.values()))
+            + len(self.entries or b"")
+            + len(self.numbers or b"")
         )
+
+    def share_entries(self, inherited: list[dict[str, Any]]) -> bool:
+        """Make this a format-4 version: an entries payload for the tasks it writes, a numbers payload for every
+        task; ``inherited`` are the parent's entries elements (format 4) of the versions its reused tasks were
+        written in. False (nothing changed) when a task's numbers cannot be packed (``shared_entries``)."""
+        modules = list(self.modules_manifest)
+        numbers = shared_entries.number_rows(self.tasks_manifest, modules)
+        if numbers is None:
+            return False
+        own = {
+            t: shared_entries.static_entry(_packed_entry(e, modules))
+            for t, e in self.tasks_manifest.items()
+            if "written_in" not in e
+        }
+        self.numbers = numbers
+        self.entries = shared_entries.encode_entries(own) if own else None
+        self.inherited = [dict(e) for e in inherited]
+        return True
 
 
 def encode_subspace(
@@ -251,6 +282,26 @@ def build_manifest(
         extra = {"rotations": chain, "written_bytes": encoded.written_bytes}
     elif chain:
         raise StoreError("format 1 cannot hold a delta version: publish it full")
+    if encoded.numbers is not None and format_version == MANIFEST_FORMAT_VERSION:
+        format_version = shared_entries.SHARED_FORMAT_VERSION
+        elements = [dict(e) for e in encoded.inherited]
+        if encoded.entries is not None:
+            elements.append(
+                {
+                    "version": version,
+                    "key": keys.entries(version),
+                    "bytes": len(encoded.entries),
+                    "sha256": sha256(encoded.entries),
+                }
+            )
+        numbers = {
+            "key": keys.numbers(version),
+            "bytes": len(encoded.numbers),
+            "sha256": sha256(encoded.numbers),
+            "fields": list(shared_entries.FIELDS),
+        }
+        extra |= {"entries": elements, "numbers": numbers}
+        total += sum(e["bytes"] for e in elements) + numbers["bytes"]
     return {
         "format": MANIFEST_FORMAT,
         "format_version": format_version,
@@ -271,9 +322,14 @@ def build_manifest(
 
 
 def encode_manifest(manifest: dict[str, Any]) -> bytes:
-    """The bytes to store of a manifest ``build_manifest`` made (format 3: task entries packed, see above)."""
+    """The bytes to store of a manifest ``build_manifest`` made (format 3: task entries packed, see above;
+    format 4: each task the index of its entries payload)."""
     if manifest["format_version"] < 3:
         return json.dumps(manifest).encode()
+    if manifest["format_version"] == shared_entries.SHARED_FORMAT_VERSION:
+        where = {e["version"]: i for i, e in enumerate(manifest["entries"])}
+        tasks = {name: where[entry["written_in"]] for name, entry in manifest["tasks"].items()}
+        return json.dumps({**manifest, "tasks": tasks}).encode()
     modules = list(manifest["modules"])
     tasks = {name: _packed_entry(entry, modules) for name, entry in manifest["tasks"].items()}
     return json.dumps({**manifest, "tasks": tasks}).encode()
@@ -336,13 +392,17 @@ class CheckedManifest:
     so never modify what it holds.
     """
 
-    def __init__(self, reader: _ManifestReader, top: dict[str, Any], origins: set[str]) -> None:
+    def __init__(
+        self, reader: _ManifestReader, top: dict[str, Any], origins: set[str], index: dict[str, int] | None = None
+    ) -> None:
         self.top = top
         self._reader = reader
         self._origins = origins
         self._checked: set[str] = set()
         self._complete = False
         self._lock = threading.Lock()
+        self._index = index  # format 4: task -> the position of its entries payload in top["entries"]
+        self._resolved = index is None
 
     @classmethod
     def written(cls, manifest: dict[str, Any], keys: Keys, version: str) -> CheckedManifest:
@@ -363,6 +423,46 @@ class CheckedManifest:
     def version(self) -> str:
         return self.top["version"]
 
+    @property
+    def needs(self) -> list[tuple[str, str, int]]:
+        """Format 4 until ``resolve``: (key, sha256, size) of each entries payload, then of the numbers payload."""
+        if self._resolved:
+            return []
+        top = self.top
+        numbers = top["numbers"]
+        return [(e["key"], e["sha256"], e["bytes"]) for e in top["entries"]] + [
+            (numbers["key"], numbers["sha256"], numbers["bytes"])
+        ]
+
+    def resolve(self, payloads: Sequence[bytes | memoryview]) -> None:
+        """Assemble a format-4 manifest's task entries from the payloads ``needs`` named, in that order (their
+        sizes and sha256 checked by the caller). ``CorruptPayloadError`` naming the payload if one is malformed."""
+        with self._lock:
+            if not self._resolved:
+                assert self._index is not None
+                self.top["tasks"] = self._reader.assemble(self.top, self._index, payloads)
+                self._resolved = True
+
+    def payload_keys(self) -> list[str]:
+        """Every payload key the version reads (bases, rotations, task payloads; format 4: its entries and numbers
+        payloads), without fetching anything."""
+        top = self.top
+        out = [e["key"] for e in top["modules"].values()]
+        out += [r["key"] for element in top["rotations"] for r in element["rotations"].values()]
+        if "numbers" in top and top["format_version"] == shared_entries.SHARED_FORMAT_VERSION:
+            out += [e["key"] for e in top["entries"]] + [top["numbers"]["key"]]
+        if self._index is None:
+            return out + [e["key"] for e in self.full()["tasks"].values()]
+        elements = top["entries"]
+        return out + [self._reader.keys.task(elements[i]["version"], name) for name, i in self._index.items()]
+
+    def _require_entries(self) -> None:
+        if not self._resolved:
+            raise StoreError(
+                f"version {self.version}: a format-4 manifest keeps its task entries in payloads; read it through "
+                "SubspaceStore (which fetches them), not decode_manifest"
+            )
+
     def task(self, name: str) -> dict[str, Any]:
         """The checked entry of task ``name`` (``KeyError`` if the manifest has none)."""
         self.tasks([name])
@@ -370,6 +470,7 @@ class CheckedManifest:
 
     def tasks(self, names: Sequence[str]) -> None:
         """Check the entries of ``names`` (each one the manifest holds; unknown names are left to the caller)."""
+        self._require_entries()
         entries = self.top["tasks"]
         with self._lock:
             for name in names:
@@ -379,6 +480,7 @@ class CheckedManifest:
 
     def full(self) -> dict[str, Any]:
         """The manifest with every task entry checked (what ``decode_manifest`` returns)."""
+        self._require_entries()
         if not self._complete:
             with self._lock:
                 entries = self.top["tasks"]
@@ -446,14 +548,85 @@ class _ManifestReader:
         origins = self._chain(top, modules, parent) if delta else set()
         if not delta:
             top["rotations"] = []
-        self._object(self._field(top, "tasks"), ("tasks",))
+        index = None
+        if top["format_version"] >= shared_entries.SHARED_FORMAT_VERSION:
+            index = self._shared(top, modules, origins)
+        else:
+            self._object(self._field(top, "tasks"), ("tasks",))
         submissions = self._typed(top, "submissions", list, ())
         if not all(isinstance(sid, str) for sid in submissions):
             self._fail(("submissions",), "must be a list of submission ids (strings)")
         self._count(top, "bytes", ())
         self._typed(top, "subspace_metadata", dict, ())
         self._typed(top, "metadata", dict, ())
-        return CheckedManifest(self, top, origins)
+        return CheckedManifest(self, top, origins, index)
+
+    def _shared(self, top: dict[str, Any], modules: dict[str, Any], origins: set[str]) -> dict[str, int]:
+        """Check a format-4 manifest's ``entries``, ``numbers`` and task map; returns task -> entries position."""
+        elements = self._typed(top, "entries", list, ())
+        seen: set[str] = set()
+        for i, element in enumerate(elements):
+            where = ("entries", str(i))
+            element = self._object(element, where)
+            written = self._field(element, "version", where)
+            self._check((*where, "version"), check_version, written, "an entries payload's version")
+            if written != self.version and written not in origins:
+                self._fail(
+                    (*where, "version"),
+                    f"is {written!r}, which is neither this version nor the start of one of its rotation chains",
+                )
+            if written in seen:
+                self._fail((*where, "version"), f"names {written} a second time")
+            seen.add(written)
+            self._payload(f"entries of {written}", element, where, (self.keys.entries(written),))
+        numbers = self._object(self._field(top, "numbers"), ("numbers",))
+        self._payload("numbers", numbers, ("numbers",), (self.keys.numbers(self.version),))
+        if self._field(numbers, "fields", ("numbers",)) != shared_entries.FIELDS:
+            self._fail(("numbers", "fields"), f"must be {shared_entries.FIELDS}")
+        tasks = self._object(self._field(top, "tasks"), ("tasks",))
+        for name, position in tasks.items():
+            self._check(("tasks", name), check_task_name, name)
+            if type(position) is not int or not 0 <= position < len(elements):
+                self._fail(("tasks", name), f"must be the position of one of the {len(elements)} entries payloads")
+        want = len(tasks) * shared_entries.columns(len(modules)) * 8
+        if numbers["bytes"] != want:
+            self._fail(
+                ("numbers", "bytes"),
+                f"is {numbers['bytes']}, but {len(tasks)} tasks of {shared_entries.columns(len(modules))} numbers "
+                f"take {want}",
+            )
+        return dict(tasks)
+
+    def assemble(
+        self, top: dict[str, Any], index: dict[str, int], payloads: Sequence[bytes | memoryview]
+    ) -> dict[str, Any]:
+        """A format-4 manifest's task entries in their format-3 (packed, unchecked) form from its payloads."""
+        elements = top["entries"]
+        if len(payloads) != len(elements) + 1:
+            raise StoreError(f"resolve needs {len(elements) + 1} payloads, got {len(payloads)}")
+        blocks = []
+        for element, data in zip(elements, payloads, strict=False):
+            try:
+                blocks.append(shared_entries.decode_entries(data))
+            except PayloadFormatError as err:
+                raise CorruptPayloadError(self.version, element["key"], f"cannot be decoded ({err})") from None
+        modules = list(top["modules"])
+        try:
+            rows = shared_entries.decode_numbers(payloads[-1], len(index), len(modules))
+        except PayloadFormatError as err:
+            raise CorruptPayloadError(self.version, top["numbers"]["key"], f"cannot be decoded ({err})") from None
+        tasks = {}
+        for (name, position), row in zip(index.items(), rows, strict=True):
+            element = elements[position]
+            written = element["version"]
+            static = blocks[position].get(name)
+            if static is None:
+                raise CorruptPayloadError(self.version, element["key"], f"has no entry for task {name!r}")
+            try:
+                tasks[name] = shared_entries.join(static, written, self.keys.task(written, name), row, modules)
+            except ValueError as err:
+                raise CorruptPayloadError(self.version, element["key"], f"task {name!r}: its entry {err}") from None
+        return tasks
 
     def task(self, top: dict[str, Any], name: str, entry: Any, origins: set[str]) -> None:
         """Check one task entry of a manifest ``read`` checked (format 1: fills in ``written_in``)."""

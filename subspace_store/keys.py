@@ -5,7 +5,7 @@ Two kinds of keys:
 - Commit keys (head, versions, tags, pins, writing, the submission stream and its payloads, merged,
   rejected, attempts, manifests, progress) carry the hash tag ``{namespace}``: on a Redis Cluster
   they all live in one slot, so WATCH/MULTI/EXEC and the submit script over them stay valid.
-- Version payload keys (bases, task payloads, rotations) carry no hash tag
+- Version payload keys (bases, task payloads, rotations, task entries and numbers) carry no hash tag
   (``sharecl:<namespace>:v:<version>:...``): a cluster spreads them over its masters by the whole
   key. They are written before the commit that makes them visible and never change, so no
   transaction needs them. Stores written before this layout keep their payloads at
@@ -98,6 +98,14 @@ class Keys:
 
     def rotation(self, version: str, module: str) -> str:
         return f"{self.payload_prefix(version)}rotation:{module}"
+
+    def entries(self, version: str) -> str:
+        """Format 4: the entries (JSON) of the tasks whose payloads ``version`` wrote, without per-version numbers."""
+        return f"{self.payload_prefix(version)}entries"
+
+    def numbers(self, version: str) -> str:
+        """Format 4: every task's per-version numbers in ``version`` (float64 rows, ``codec.NUMBER_FIELDS``)."""
+        return f"{self.payload_prefix(version)}numbers"
 
     def basis_keys(self, version: str, module: str) -> tuple[str, str]:
         """Where ``version`` may keep ``module``'s basis: (current form, legacy form)."""

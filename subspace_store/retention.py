@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import WatchError
 
-from .codec import decode_manifest
+from .codec import read_manifest
 from .errors import CorruptPayloadError, StoreError
 from .keys import Keys, check_version, version_number
 from .refs import resolve, server_time
@@ -98,18 +98,16 @@ _named: dict[tuple[str, str, bytes], list[str]] = {}  # (namespace, version, man
 
 
 def _named_keys(keys: Keys, version: str, raw: bytes) -> list[str] | None:
-    """The payload keys a manifest names (bases, tasks, rotations), or None if it is damaged; cached per
-    manifest content (they are immutable, and a coordinator prunes after every publish)."""
+    """The payload keys a manifest names (bases, tasks, rotations; format 4: entries and numbers), or None if it is
+    damaged; cached per manifest content (they are immutable, and a coordinator prunes after every publish)."""
     cache_key = (keys.namespace, version, hashlib.blake2b(raw, digest_size=16).digest())
     hit = _named.get(cache_key)
     if hit is not None:
         return hit
     try:
-        m = decode_manifest(raw, keys, version)
+        out = read_manifest(raw, keys, version).payload_keys()
     except CorruptPayloadError:
         return None
-    out = [e["key"] for e in m["modules"].values()] + [e["key"] for e in m["tasks"].values()]
-    out += [r["key"] for element in m["rotations"] for r in element["rotations"].values()]
     if len(_named) >= 1024:
         _named.clear()
     _named[cache_key] = out

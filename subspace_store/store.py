@@ -25,7 +25,7 @@ from redis.exceptions import WatchError
 
 from share import Subspace, cyclic_gc
 
-from . import chains, fetch, manifest_cache, retention
+from . import chains, fetch, manifest_cache, retention, shared_entries
 from .acks import DEFAULT_GROUP, check_open, queue_acks
 from .codec import (
     MANIFEST_FORMAT,
@@ -80,11 +80,23 @@ class VersionInfo:
 
 
 class SubspaceStore:
-    """Versions of one namespace in one Redis. ``client`` must return bytes (no ``decode_responses``)."""
+    """Versions of one namespace in one Redis. ``client`` must return bytes (no ``decode_responses``).
 
-    def __init__(self, client: redis.Redis, namespace: str = "default") -> None:
+    ``shared_entries_from``: a version written in full with this many tasks or more uses manifest format 4 (each
+    task's entry written once; ``shared_entries``), and so do the delta versions that follow it."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "default",
+        *,
+        shared_entries_from: int = shared_entries.SHARED_ENTRIES_FROM,
+    ) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise StoreError("the Redis client decodes responses; create it without decode_responses=True")
+        if type(shared_entries_from) is not int or shared_entries_from < 1:
+            raise StoreError(f"shared_entries_from must be an integer >= 1 (got {shared_entries_from!r})")
+        self.shared_entries_from = shared_entries_from
         self.client = client
         self.keys = Keys(namespace)
         self.namespace = namespace
@@ -126,6 +138,9 @@ class SubspaceStore:
         checked = manifest_cache.MANIFESTS.lookup(key, raw)
         if checked is None:
             checked = read_manifest(raw, self.keys, version)
+            if needs := checked.needs:  # format 4: the task entries are in payloads
+                items = [fetch.Item(k, digest, size, bytes) for k, digest, size in needs]
+                checked.resolve(fetch.fetch_all(self.client, version, items))
             manifest_cache.MANIFESTS.put(key, raw, checked)
         return checked
 
@@ -286,12 +301,22 @@ class SubspaceStore:
         a sample of old tasks (rotated stored coefficients within 1e-6 relative, heads equal); where that
         fails, or the parent has other modules, the version is written in full. A task whose chain would
         grow past ``max_chain`` is written in full.
+
+        Manifest format 4 (``shared_entries``): a version written in full with the store's ``shared_entries_from``
+        tasks or more, and a delta version of a format-4 parent, store each task's entry once (with the version that
+        writes its payload) and per version only the numbers a merge changes; else format 3 (every entry in the
+        manifest).
         """
         expected = parent if expected_head is _UNSET else expected_head
         if max_chain < 1 or max_chain > chains.MAX_CHAIN:
             raise StoreError(f"max_chain must be between 1 and {chains.MAX_CHAIN} (got {max_chain})")
         plan = self._delta_plan(subspace, parent, rotations, max_chain) if delta and parent is not None else {}
+        inherited = plan.pop("inherited", None)
         encoded = encode_subspace(subspace, reconstruction_error, **plan)
+        if inherited is not None:
+            encoded.share_entries(inherited)
+        elif not plan and len(subspace.tasks) >= self.shared_entries_from:
+            encoded.share_entries([])
         meta = _jsonable(metadata or {}, "metadata")
         _jsonable(subspace.metadata, "subspace.metadata")
         for tname, task in subspace.tasks.items():
@@ -317,6 +342,7 @@ class SubspaceStore:
         before = self._checked(parent).full()
         if list(before["modules"]) != list(subspace.modules):
             return {}
+        shared = before["format_version"] == shared_entries.SHARED_FORMAT_VERSION
         chain = before["rotations"]
         origin = {e["parent"]: i for i, e in enumerate(chain)}
         reuse: dict[str, dict[str, Any]] = {}
@@ -326,6 +352,8 @@ class SubspaceStore:
                 continue
             if entry["p"] != task.widths():
                 continue
+            if shared and not shared_entries.same_static(task.metadata, entry["metadata"]):
+                continue  # its entry is kept once, in the version that wrote it: write both again
             length = 0 if entry["written_in"] == parent else len(chain) - origin[entry["written_in"]]
             if length + 1 <= max_chain:
                 reuse[name] = entry
@@ -365,7 +393,11 @@ class SubspaceStore:
                 )
                 return {}
         starts = [origin[e["written_in"]] for e in reuse.values() if e["written_in"] != parent]
-        return {"reuse": reuse, "rotations": rotations, "chain": chain[min(starts) :] if starts else []}
+        plan = {"reuse": reuse, "rotations": rotations, "chain": chain[min(starts) :] if starts else []}
+        if shared:  # the parent's entries payloads of the versions the reused tasks were written in
+            needed = {e["written_in"] for e in reuse.values()}
+            plan["inherited"] = [e for e in before["entries"] if e["version"] in needed]
+        return plan
 
     def compact(self, *, min_chain: int = 1, metadata: dict[str, Any] | None = None) -> str | None:
         """Rewrite the head in full (every task's coefficients in its own bases, no chains) as a new version.
@@ -573,23 +605,27 @@ class _Publication:
         self.number = int(self.client.incr(self.keys.seq))
         self.version = f"v{self.number}"
         v = self.version
-        self.payload_keys = (
-            [self.keys.basis(v, m) for m in self.encoded.bases]
-            + [self.keys.task(v, t) for t in self.encoded.tasks]
-            + [self.keys.rotation(v, m) for m in self.encoded.rotations]
-        )
+        self.payload_keys = [key for key, _ in self._blobs()]
         record = {"started": server_time(self.client), "keys": self.payload_keys}
         self.client.hset(self.keys.writing, v, json.dumps(record))
         return v
 
+    def _blobs(self) -> list[tuple[str, bytes]]:
+        """(key, bytes) of every payload this publish writes."""
+        v, encoded = self.version, self.encoded
+        blobs = [(self.keys.basis(v, m), d) for m, d in encoded.bases.items()]
+        blobs += [(self.keys.task(v, t), d) for t, d in encoded.tasks.items()]
+        blobs += [(self.keys.rotation(v, m), d) for m, d in encoded.rotations.items()]
+        if encoded.entries is not None:
+            blobs.append((self.keys.entries(v), encoded.entries))
+        if encoded.numbers is not None:
+            blobs.append((self.keys.numbers(v), encoded.numbers))
+        return blobs
+
     def write_payloads(self) -> None:
-        v = self.version
-        blobs = [(self.keys.basis(v, m), d) for m, d in self.encoded.bases.items()]
-        blobs += [(self.keys.task(v, t), d) for t, d in self.encoded.tasks.items()]
-        blobs += [(self.keys.rotation(v, m), d) for m, d in self.encoded.rotations.items()]
         pipe = self.client.pipeline(transaction=False)
         pending = 0
-        for key, data in blobs:
+        for key, data in self._blobs():
             pipe.set(key, data)
             pending += len(data)
             if pending >= _WRITE_CHUNK:
@@ -635,7 +671,7 @@ class _Publication:
                     pipe.hdel(keys.writing, v)
                     queue_acks(pipe, keys, group, entries, v)
                     pipe.execute()
-                    if manifest["format_version"] == MANIFEST_FORMAT_VERSION:
+                    if manifest["format_version"] in (MANIFEST_FORMAT_VERSION, shared_entries.SHARED_FORMAT_VERSION):
                         # Readers in this process (the coordinator's record of the merge, the next delta's
                         # plan) find it as built while the stored bytes are these: nothing parsed back.
                         written = CheckedManifest.written(manifest, keys, v)

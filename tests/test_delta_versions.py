@@ -71,19 +71,22 @@ def _named_payload_keys(store: SubspaceStore) -> set[str]:
         m = store.manifest(info.version)
         out |= {e["key"] for e in m["modules"].values()} | {e["key"] for e in m["tasks"].values()}
         out |= {r["key"] for element in m["rotations"] for r in element["rotations"].values()}
+        if "numbers" in m:  # format 4: the entries payloads it reads and its numbers
+            out |= {e["key"] for e in m["entries"]} | {m["numbers"]["key"]}
     return out
 
 
 # -- the equivalence test of the issue ----------------------------------------------------------------
 @pytest.mark.slow
-def test_delta_and_full_formats_agree_over_200_random_merges(redis_client, namespace) -> None:
+@pytest.mark.parametrize("manifests", ["format3", "format4"])
+def test_delta_and_full_formats_agree_over_200_random_merges(redis_client, namespace, manifests) -> None:
     """200 random merges (1-2 adapters of rank 1-3, sometimes a removal; at most ~40 tasks) published in both
     formats: every version of the delta store reads back as the full store's within 1e-6 relative; compaction
     when a chain reaches its bound; retention with tags and pins on the way; every retained version still reads
-    back."""
+    back. ``format4``: the delta store writes task entries once (manifest format 4) from its first version on."""
     rng = random.Random(14)
     full = SubspaceStore(redis_client, namespace + "-full")
-    delta = SubspaceStore(redis_client, namespace)
+    delta = SubspaceStore(redis_client, namespace, shared_entries_from=1 if manifests == "format4" else 10**9)
     policy = KPolicy(k=8)
     sub, _ = merge(None, {"t0": _adapter(0)}, policy)
     vf, vd = full.publish(sub, None), delta.publish(sub, None, delta=True)
@@ -106,6 +109,7 @@ def test_delta_and_full_formats_agree_over_200_random_merges(redis_client, names
             vd = delta.publish(sub, vd, delta=True, rotations=rotations, max_chain=16)
             deltas += bool(delta.manifest(vd)["rotations"])
         published[vd] = sub
+        assert delta.manifest(vd)["format_version"] == (4 if manifests == "format4" else 3)
         got, want = delta.get(vd), full.get(vf)
         _assert_same(want, sub, f"full format at {vf}")  # the full format is the in-memory subspace
         _assert_same(got, want, f"step {step}: {vd} against {vf}")
@@ -237,7 +241,7 @@ def test_a_store_written_in_format_1_stays_readable_and_takes_deltas(redis_clien
     _assert_same(store.get(v2), new, "a delta on a format 1 parent")
     assert store.prune(keep=1).removed == [v1]
     _assert_same(store.get(v2), new, "after pruning the format 1 parent")
-    raw["format_version"] = 4
+    raw["format_version"] = 5
     with pytest.raises(CorruptPayloadError, match="upgrade share-cl"):
         decode_manifest(json.dumps(raw).encode(), store.keys, v1)
 

@@ -1,0 +1,171 @@
+"""Manifest format 4: task entries written once, the numbers a merge changes packed per version.
+
+In formats 1-3 every version's manifest holds every task's whole entry (payload key, sha256, ``p``,
+head names, metadata), so a version costs O(T) JSON even when it writes one task's payload. Most of an
+entry never changes after the task's payload is written; what every merge changes is a few numbers
+(``share.merge``'s reconstruction error, energy kept, drift bounds). Format 4 keeps them apart:
+
+- **Entries payload** of version ``w`` (``Keys.entries(w)``): JSON ``{"format": ENTRIES_FORMAT, "tasks":
+  {name: entry}}`` for the tasks whose payloads ``w`` wrote. An entry is the format-3 entry without
+  ``key`` and ``written_in`` (the layout gives them: ``Keys.task(w, name)``, ``w``) and without the numbers
+  below. Immutable like every payload; later versions name it (key, size, sha256) instead of copying it.
+- **Numbers payload** of version ``v`` (``Keys.numbers(v)``): float64, little-endian, one row per task in
+  the manifest's task order; columns ``NUMBER_FIELDS`` (the entry's ``reconstruction_error``, then the
+  metadata's) and then ``module_drift`` once per module, in the manifest's module order. NaN means the
+  field is absent (a stored value is always finite).
+- **Manifest** ``tasks``: name -> index into ``entries``, the list of entries payloads its tasks come
+  from (one per version that wrote one of its tasks' payloads: at most the rotation chain's length plus
+  one), and ``numbers``: that payload with ``fields`` naming its columns.
+
+A version is written in format 4 when every task's numbers are finite floats or absent (what ``share.merge``
+writes), and either it is written in full with at least ``SHARED_ENTRIES_FROM`` tasks or its parent is
+format 4 (its tasks' entries payloads exist). Readers assemble each entry back into its format-3 form, so
+every check of formats 1-3 applies to it unchanged. Pure functions: no Redis here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from array import array
+from collections.abc import Mapping
+from typing import Any
+
+from share.merge import DRIFT_BOUND, ENERGY_KEPT, ERROR_BOUND, MODULE_DRIFT, RECONSTRUCTION_ERROR
+
+from .payloads import PayloadFormatError
+
+SHARED_FORMAT_VERSION = 4
+ENTRIES_FORMAT = "share-cl-task-entries"
+SHARED_ENTRIES_FROM = 256  # a full version with this many tasks or more is written in format 4
+ENTRY_ERROR = "entry." + RECONSTRUCTION_ERROR  # the entry's own reconstruction_error (not its metadata's)
+_SCALARS = (RECONSTRUCTION_ERROR, ENERGY_KEPT, DRIFT_BOUND, ERROR_BOUND)
+NUMBER_FIELDS = (ENTRY_ERROR, *_SCALARS)
+FIELDS = [*NUMBER_FIELDS, MODULE_DRIFT]  # as a manifest's ``numbers`` names its columns
+DYNAMIC_METADATA = frozenset({*_SCALARS, MODULE_DRIFT})
+_NOT_STATIC = frozenset({"key", "written_in", "reconstruction_error"})
+_FLOAT = frozenset({float})
+
+
+def columns(modules: int) -> int:
+    return len(NUMBER_FIELDS) + modules
+
+
+def number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> bytes | None:
+    """The numbers payload of readers'-layout entries (module maps as dicts), in their order; None when some
+    task's numbers are not finite floats or absent (such a version is written in format 3)."""
+    out = array("d")
+    nan = math.nan
+    missing = [nan] * len(modules)
+    for entry in entries.values():
+        metadata = entry["metadata"]
+        scalars = [entry["reconstruction_error"], *map(metadata.get, _SCALARS)]
+        drift = metadata.get(MODULE_DRIFT)
+        if drift is not None:
+            if not (modules and type(drift) is dict and len(drift) == len(modules) and list(drift) == modules):
+                return None
+            values = list(drift.values())
+            if not (set(map(type, values)) <= _FLOAT and all(map(math.isfinite, values))):
+                return None
+        elif MODULE_DRIFT in metadata:
+            return None
+        else:
+            values = missing
+        if not (set(map(type, scalars)) <= _FLOAT and all(map(math.isfinite, scalars))):
+            for i, value in enumerate(scalars):
+                if value is None and (i == 0 or _SCALARS[i - 1] not in metadata):
+                    scalars[i] = nan
+                elif type(value) is not float or not math.isfinite(value):
+                    return None
+        out.extend(scalars)
+        out.extend(values)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+def decode_numbers(data: bytes | memoryview, rows: int, modules: int) -> list[list[float]]:
+    """A numbers payload as rows; ``PayloadFormatError`` if it does not hold ``rows`` rows of finite-or-NaN floats."""
+    width = columns(modules)
+    if len(data) != rows * width * 8:
+        raise PayloadFormatError(f"holds {len(data)} bytes, not {rows} rows of {width} float64")
+    values = array("d")
+    values.frombytes(bytes(data))
+    if sys.byteorder != "little":
+        values.byteswap()
+    if any(math.isinf(v) for v in values):
+        raise PayloadFormatError("holds an infinite number")
+    return [values[i * width : (i + 1) * width].tolist() for i in range(rows)]
+
+
+def static_entry(packed: dict[str, Any]) -> dict[str, Any]:
+    """A packed (format-3) entry less what the layout gives and the numbers: what an entries payload holds."""
+    out = {k: v for k, v in packed.items() if k not in _NOT_STATIC}
+    metadata = packed["metadata"]
+    if DYNAMIC_METADATA.intersection(metadata):
+        out["metadata"] = {k: v for k, v in metadata.items() if k not in DYNAMIC_METADATA}
+    names = packed.get("module_values")
+    if names is not None:
+        kept = [name for name in names if name != MODULE_DRIFT]
+        if kept:
+            out["module_values"] = kept
+        else:
+            del out["module_values"]
+    return out
+
+
+def encode_entries(entries: Mapping[str, dict[str, Any]]) -> bytes:
+    """An entries payload of ``static_entry`` dicts."""
+    return json.dumps({"format": ENTRIES_FORMAT, "tasks": entries}).encode()
+
+
+def decode_entries(data: bytes | memoryview) -> dict[str, Any]:
+    """An entries payload's task -> entry map; ``PayloadFormatError`` if it is not one."""
+    try:
+        top = json.loads(bytes(data))
+    except (ValueError, RecursionError) as err:
+        raise PayloadFormatError(f"is not valid JSON ({' '.join(str(err).split())[:120]})") from None
+    if type(top) is not dict or top.get("format") != ENTRIES_FORMAT or type(top.get("tasks")) is not dict:
+        raise PayloadFormatError(f"is not a {ENTRIES_FORMAT!r} object with a 'tasks' object")
+    return top["tasks"]
+
+
+def join(static: Any, written_in: str, key: str, row: list[float], modules: list[str]) -> dict[str, Any]:
+    """The format-3 (packed) entry of a task from its entries payload's ``static`` entry and its numbers ``row``.
+
+    Raises ``ValueError`` (the caller names the payload) for what only this format can get wrong: an entry that
+    is not an object or that holds a number the numbers payload owns, or a module_drift row partly absent.
+    """
+    if type(static) is not dict or type(static.get("metadata")) is not dict:
+        raise ValueError("is not an object with a 'metadata' object")
+    metadata = static["metadata"]
+    if _NOT_STATIC.intersection(static) or DYNAMIC_METADATA.intersection(metadata):
+        raise ValueError("holds a field that the layout or the numbers payload gives")
+    entry = dict(static)
+    entry["key"] = key
+    entry["written_in"] = written_in
+    error = row[0]
+    entry["reconstruction_error"] = None if math.isnan(error) else error
+    metadata = dict(metadata)
+    for name, value in zip(_SCALARS, row[1 : len(NUMBER_FIELDS)], strict=True):
+        if not math.isnan(value):
+            metadata[name] = value
+    drift = row[len(NUMBER_FIELDS) :]
+    absent = [math.isnan(v) for v in drift]
+    if modules and not any(absent):
+        metadata[MODULE_DRIFT] = drift
+        names = static.get("module_values", [])
+        entry["module_values"] = [*names, MODULE_DRIFT] if type(names) is list else names
+    elif any(absent) and not all(absent):
+        raise ValueError("has module_drift for some modules only")
+    entry["metadata"] = metadata
+    return entry
+
+
+def same_static(metadata: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
+    """Whether two tasks' metadata agree outside the numbers a merge changes (a task whose other metadata
+    changed cannot keep its entries payload: its payload and entry are written again)."""
+    if metadata.keys() - DYNAMIC_METADATA != stored.keys() - DYNAMIC_METADATA:
+        return False
+    return all(value == stored[key] for key, value in metadata.items() if key not in DYNAMIC_METADATA)
