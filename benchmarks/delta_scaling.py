@@ -32,6 +32,7 @@ import torch
 from benchmarks.results_md import markdown_table, write_section
 from share import KPolicy, LoraAdapter, ModuleBasis, Subspace, TaskCoefficients, merge
 from subspace_store import SubspaceStore, chains, manifest_cache
+from subspace_store.codec import read_manifest
 from subspace_store.embedded import start_redis
 
 HEADING = "## Versions as deltas (T scaling)"
@@ -83,14 +84,12 @@ class Row:
 
 def _version_bytes(client, store: SubspaceStore, version: str) -> int:
     """Redis memory of the keys ``version`` wrote (``MEMORY USAGE``, exact per key): its manifest, bases,
-    rotations and the payloads written in it. Not ``used_memory`` before and after: that also moves with
-    client and replication buffers freed meanwhile (it went negative after a 200 MB full version)."""
-    manifest = store.manifest(version)
-    keys = [store.keys.manifest(version)] + [e["key"] for e in manifest["modules"].values()]
-    keys += [e["key"] for e in manifest["tasks"].values() if e["written_in"] == version]
-    for element in manifest.get("rotations", []):
-        if element["version"] == version:
-            keys += [e["key"] for e in element["rotations"].values()]
+    rotations, the task payloads written in it and (format 4) its entries and numbers payloads. Not ``used_memory``
+    before and after: that also moves with client and replication buffers freed meanwhile (it went negative after a
+    200 MB full version)."""
+    raw = client.get(store.keys.manifest(version))
+    named = read_manifest(raw, store.keys, version).payload_keys()  # format 4: its entries and numbers too
+    keys = [store.keys.manifest(version)] + [k for k in named if store.keys.owned_by(version, k)]
     pipe = client.pipeline(transaction=False)
     for key in keys:
         pipe.memory_usage(key, samples=0)

@@ -1,0 +1,219 @@
+"""Manifest format 4 (issue 14, "Redis bytes per version"): each task's entry is written once, in an entries
+payload of the version that wrote its payload; each version writes only its new tasks' entries and one float64
+row of numbers per task (what a merge changes). Readers see exactly what format 3 gives; a delta's manifest and
+what it writes stay small as tasks accumulate; retention keeps the entries payloads retained versions read and
+no more; a tampered manifest, entries payload or numbers payload is refused naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from share import KPolicy, LoraAdapter, Subspace, TaskCoefficients, merge
+from subspace_store import CorruptPayloadError, StoreError, SubspaceStore, manifest_cache
+from subspace_store.chains import relative_difference
+from subspace_store.payloads import sha256
+from subspace_store.shared_entries import FIELDS, decode_entries
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MODULES = ("enc.q", "enc.v")
+POLICY = KPolicy(k=6)
+
+
+def _adapter(seed: int) -> LoraAdapter:
+    gen = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(20, 2, generator=gen), torch.randn(2, 12, generator=gen)) for m in MODULES}
+    return LoraAdapter(factors=factors, head={"cls.weight": torch.randn(3, 12, generator=gen)}, metadata={"seed": seed})
+
+
+def _chain(store: SubspaceStore, tasks: int, merges: int, **publish) -> tuple[list[str], list[Subspace]]:
+    """``tasks`` tasks published in full, then ``merges`` one-task delta versions."""
+    sub, _ = merge(None, {f"t{i}": _adapter(i) for i in range(tasks)}, POLICY)
+    versions, subs = [store.publish(sub, None)], [sub]
+    for j in range(merges):
+        sub, report = merge(sub, {f"n{j}": _adapter(1000 + j)}, POLICY)
+        versions.append(store.publish(sub, versions[-1], delta=True, rotations=report.rotations, **publish))
+        subs.append(sub)
+    return versions, subs
+
+
+def _same(got: Subspace, want: Subspace) -> None:
+    assert list(got.tasks) == list(want.tasks)
+    for t, task in want.tasks.items():
+        assert relative_difference(got.tasks[t], task) <= 1e-6, t
+        assert got.tasks[t].metadata == task.metadata, t
+        assert all(torch.equal(got.tasks[t].head[h], v) for h, v in task.head.items()), t
+
+
+def _raw(store: SubspaceStore, version: str) -> dict:
+    return json.loads(store.client.get(store.keys.manifest(version)))
+
+
+def test_format_4_reads_back_exactly_what_format_3_gives(redis_client, namespace) -> None:
+    shared = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    inline = SubspaceStore(redis_client, namespace + "-3")
+    versions, subs = _chain(shared, 4, 5, max_chain=3)  # t0..t3 pass max_chain: rewritten (new entries too)
+    v3, _ = _chain(inline, 4, 5, max_chain=3)
+    manifest_cache.clear()  # read back from the stored bytes, not as built
+    for version, old, sub in zip(versions, v3, subs, strict=True):
+        got, want = shared.manifest(version), inline.manifest(old)
+        assert got["format_version"] == 4 and want["format_version"] == 3
+        assert _raw(shared, version)["tasks"] == {
+            t: got["entries"].index(next(e for e in got["entries"] if e["version"] == got["tasks"][t]["written_in"]))
+            for t in got["tasks"]
+        }
+        for t, entry in want["tasks"].items():  # the same entries, keys aside (other namespace, other versions)
+            mine = got["tasks"][t]
+            assert {k: v for k, v in mine.items() if k not in ("key", "written_in")} == {
+                k: v for k, v in entry.items() if k not in ("key", "written_in")
+            }, (version, t)
+            assert mine["key"] == shared.keys.task(mine["written_in"], t)
+        _same(shared.get(version), sub)
+        _same(shared.get(version, tasks=["t0"]), Subspace(sub.modules, {"t0": sub.tasks["t0"]}))
+    assert shared.chain_lengths(versions[-1]) == inline.chain_lengths(v3[-1])
+
+
+def test_a_delta_manifest_and_what_it_writes_stay_small_as_tasks_accumulate(redis_client, namespace) -> None:
+    """Format 3 writes every task's entry into every version's manifest (about 0.5 KB each here); format 4 writes
+    a task name and an index per task in the manifest and one row of numbers per task, plus the new task's entry."""
+    sizes = {}
+    for tasks in (8, 88):
+        store = SubspaceStore(redis_client, f"{namespace}-{tasks}", shared_entries_from=1)
+        versions, _ = _chain(store, tasks, 2)
+        inline = SubspaceStore(redis_client, f"{namespace}-{tasks}-3")
+        v3, _ = _chain(inline, tasks, 2)
+        head = store.manifest(versions[-1])
+        assert head["entries"][-1]["version"] == versions[-1]  # its own entries payload: the new task only
+        assert list(decode_entries(redis_client.get(store.keys.entries(versions[-1])))) == ["n1"]
+        assert head["numbers"]["bytes"] == (tasks + 2) * (len(FIELDS) - 1 + len(MODULES)) * 8
+        sizes[tasks] = (len(redis_client.get(store.keys.manifest(versions[-1]))), head["written_bytes"])
+        sizes[(tasks, 3)] = len(redis_client.get(inline.keys.manifest(v3[-1])))
+    per_task_manifest = (sizes[88][0] - sizes[8][0]) / 80
+    per_task_written = (sizes[88][1] - sizes[8][1]) / 80
+    per_task_format3 = (sizes[(88, 3)] - sizes[(8, 3)]) / 80
+    # Written per task: its row of numbers (the new task's entry varies by a few bytes with its numbers' digits).
+    assert per_task_manifest <= 16 and abs(per_task_written - (len(FIELDS) - 1 + len(MODULES)) * 8) < 1
+    assert per_task_format3 > 20 * per_task_manifest
+
+
+def test_a_task_whose_other_metadata_changed_is_written_again(redis_client, namespace) -> None:
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    versions, subs = _chain(store, 3, 1)
+    sub, report = merge(subs[-1], {"n9": _adapter(9)}, POLICY)
+    t1 = sub.tasks["t1"]
+    sub.tasks["t1"] = TaskCoefficients(dict(t1.E), dict(t1.head), {**t1.metadata, "owner": "someone else"})
+    version = store.publish(sub, versions[-1], delta=True, rotations=report.rotations)
+    manifest_cache.clear()
+    m = store.manifest(version)
+    assert m["format_version"] == 4 and m["rotations"]
+    assert m["tasks"]["t1"]["written_in"] == version and m["tasks"]["t0"]["written_in"] == versions[0]
+    assert sorted(decode_entries(redis_client.get(store.keys.entries(version)))) == ["n9", "t1"]
+    _same(store.get(version), sub)
+
+
+def test_numbers_that_cannot_be_packed_keep_the_version_in_format_3(redis_client, namespace) -> None:
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    sub, _ = merge(None, {"t0": _adapter(0), "t1": _adapter(1)}, POLICY)
+    odd = sub.tasks["t1"]
+    sub.tasks["t1"] = TaskCoefficients(dict(odd.E), dict(odd.head), {**odd.metadata, "energy_kept": 1})  # an int
+    version = store.publish(sub, None)
+    assert store.manifest(version)["format_version"] == 3
+    _same(store.get(version), sub)
+    assert type(store.get(version).tasks["t1"].metadata["energy_kept"]) is int
+    with pytest.raises(StoreError, match="shared_entries_from"):
+        SubspaceStore(redis_client, namespace, shared_entries_from=0)
+
+
+def test_retention_keeps_the_entries_payloads_retained_versions_read_and_no_more(redis_client, namespace) -> None:
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    versions, subs = _chain(store, 3, 4)
+    store.prune(keep=1)
+    manifest_cache.clear()
+    _same(store.get(versions[-1]), subs[-1])  # t0..t2 read through the entries payload of the pruned v1
+    assert redis_client.exists(store.keys.entries(versions[0]))
+    assert not redis_client.exists(store.keys.numbers(versions[0]))  # a pruned version's own numbers go
+    compacted = store.compact()
+    assert compacted is not None and store.manifest(compacted)["format_version"] == 4
+    store.prune(keep=1)
+    assert not redis_client.exists(store.keys.entries(versions[0]))  # nothing reads it any more
+    left = {k.decode() for k in redis_client.scan_iter(match=f"sharecl:{namespace}:v:*", count=1000)}
+    assert left == set(store._checked(compacted).payload_keys())
+    _same(store.get(compacted), subs[-1])
+
+
+def _set_payload(store: SubspaceStore, version: str, field: str, data: bytes, key: str) -> None:
+    """Replace a payload and record its new size and checksum in the manifest (a consistent forgery)."""
+    store.client.set(key, data)
+    raw = _raw(store, version)
+    element = raw["numbers"] if field == "numbers" else next(e for e in raw["entries"] if e["key"] == key)
+    element["bytes"], element["sha256"] = len(data), sha256(data)
+    store.client.set(store.keys.manifest(version), json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("entries-checksum", "does not match its sha256"),
+        ("entries-not-json", "cannot be decoded"),
+        ("entries-lack-task", "has no entry for task 't1'"),
+        ("entries-hold-numbers", "holds a field that the layout or the numbers payload gives"),
+        ("numbers-short", "'bytes'.* tasks of"),
+        ("numbers-infinite", "infinite"),
+        ("numbers-partial-drift", "module_drift for some modules only"),
+        ("task-position", "must be the position of one of the"),
+        ("entries-version", "neither this version nor the start of one of its rotation chains"),
+        ("entries-key", "keeps 'entries of"),
+        ("fields", "'fields'.* must be"),
+    ],
+)
+def test_tampered_format_4_versions_are_refused_naming_the_fault(redis_client, namespace, case, match) -> None:
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    versions, subs = _chain(store, 3, 2)
+    head, first = versions[-1], versions[0]
+    entries_key, numbers_key = store.keys.entries(first), store.keys.numbers(head)
+    numbers = redis_client.get(numbers_key)
+    width = len(FIELDS) - 1 + len(MODULES)
+    if case == "entries-checksum":
+        redis_client.set(entries_key, redis_client.get(entries_key).replace(b'"p"', b'"q"', 1))
+    elif case == "entries-not-json":
+        _set_payload(store, head, "entries", b"{not json", entries_key)
+    elif case in ("entries-lack-task", "entries-hold-numbers"):
+        block = json.loads(redis_client.get(entries_key))
+        if case == "entries-lack-task":
+            del block["tasks"]["t1"]
+        else:
+            block["tasks"]["t1"]["metadata"]["drift_bound"] = 0.0
+        _set_payload(store, head, "entries", json.dumps(block).encode(), entries_key)
+    elif case == "numbers-short":
+        _set_payload(store, head, "numbers", numbers[:-8], numbers_key)
+    elif case in ("numbers-infinite", "numbers-partial-drift"):
+        row, column = 1, (2 if case == "numbers-infinite" else width - 1)
+        value = float("inf") if case == "numbers-infinite" else float("nan")
+        at = (row * width + column) * 8
+        _set_payload(store, head, "numbers", numbers[:at] + struct.pack("<d", value) + numbers[at + 8 :], numbers_key)
+    else:
+        raw = _raw(store, head)
+        if case == "task-position":
+            raw["tasks"]["t1"] = len(raw["entries"])
+        elif case == "entries-version":
+            raw["entries"][0]["version"] = "v999"
+        elif case == "entries-key":
+            raw["entries"][0]["key"] = store.keys.task(first, "t0")
+        else:
+            raw["numbers"]["fields"] = list(reversed(FIELDS))
+        redis_client.set(store.keys.manifest(head), json.dumps(raw))
+    manifest_cache.clear()
+    with pytest.raises(CorruptPayloadError, match=match):
+        store.get(head)
+    if case.startswith("entries-") and case not in ("entries-version", "entries-key"):
+        # The entries payload of v1 is every version's source of t0..t2: each refuses it, naming it.
+        for version in versions[:-1]:
+            with pytest.raises(CorruptPayloadError, match=entries_key):
+                store.get(version)
+    else:
+        _same(store.get(versions[1]), subs[1])  # the other versions read as before
