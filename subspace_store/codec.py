@@ -403,6 +403,7 @@ class CheckedManifest:
         self._lock = threading.Lock()
         self._index = index  # format 4: task -> the position of its entries payload in top["entries"]
         self._resolved = index is None
+        self._sources: _Sources | None = None  # format 4, resolved: what each task's entry is joined from
 
     @classmethod
     def written(cls, manifest: dict[str, Any], keys: Keys, version: str) -> CheckedManifest:
@@ -440,7 +441,8 @@ class CheckedManifest:
         with self._lock:
             if not self._resolved:
                 assert self._index is not None
-                self.top["tasks"] = self._reader.assemble(self.top, self._index, payloads)
+                self._sources = self._reader.sources(self.top, self._index, payloads)
+                self.top["tasks"] = dict.fromkeys(self._index)  # each entry joined when first checked
                 self._resolved = True
 
     def payload_keys(self) -> list[str]:
@@ -475,21 +477,25 @@ class CheckedManifest:
         with self._lock:
             for name in names:
                 if name not in self._checked and name in entries:
-                    self._reader.task(self.top, name, entries[name], self._origins)
-                    self._checked.add(name)
+                    self._check_task(name)
 
     def full(self) -> dict[str, Any]:
         """The manifest with every task entry checked (what ``decode_manifest`` returns)."""
         self._require_entries()
         if not self._complete:
             with self._lock:
-                entries = self.top["tasks"]
-                for name, entry in entries.items():
+                for name in self.top["tasks"]:
                     if name not in self._checked:
-                        self._reader.task(self.top, name, entry, self._origins)
-                        self._checked.add(name)
+                        self._check_task(name)
                 self._complete = True
         return self.top
+
+    def _check_task(self, name: str) -> None:
+        """Check one entry (format 4: joined from its sources first); the caller holds the lock."""
+        if self._sources is not None:
+            self.top["tasks"][name] = self._sources.entry(name)
+        self._reader.task(self.top, name, self.top["tasks"][name], self._origins)
+        self._checked.add(name)
 
 
 def json_copy(value: Any) -> Any:
@@ -597,10 +603,8 @@ class _ManifestReader:
             )
         return dict(tasks)
 
-    def assemble(
-        self, top: dict[str, Any], index: dict[str, int], payloads: Sequence[bytes | memoryview]
-    ) -> dict[str, Any]:
-        """A format-4 manifest's task entries in their format-3 (packed, unchecked) form from its payloads."""
+    def sources(self, top: dict[str, Any], index: dict[str, int], payloads: Sequence[bytes | memoryview]) -> _Sources:
+        """A format-4 manifest's entries and numbers payloads, decoded; each entry is joined when first used."""
         elements = top["entries"]
         if len(payloads) != len(elements) + 1:
             raise StoreError(f"resolve needs {len(elements) + 1} payloads, got {len(payloads)}")
@@ -612,21 +616,10 @@ class _ManifestReader:
                 raise CorruptPayloadError(self.version, element["key"], f"cannot be decoded ({err})") from None
         modules = list(top["modules"])
         try:
-            rows = shared_entries.decode_numbers(payloads[-1], len(index), len(modules))
+            numbers = shared_entries.decode_numbers(payloads[-1], len(index), len(modules))
         except PayloadFormatError as err:
             raise CorruptPayloadError(self.version, top["numbers"]["key"], f"cannot be decoded ({err})") from None
-        tasks = {}
-        for (name, position), row in zip(index.items(), rows, strict=True):
-            element = elements[position]
-            written = element["version"]
-            static = blocks[position].get(name)
-            if static is None:
-                raise CorruptPayloadError(self.version, element["key"], f"has no entry for task {name!r}")
-            try:
-                tasks[name] = shared_entries.join(static, written, self.keys.task(written, name), row, modules)
-            except ValueError as err:
-                raise CorruptPayloadError(self.version, element["key"], f"task {name!r}: its entry {err}") from None
-        return tasks
+        return _Sources(self, elements, index, blocks, numbers, modules)
 
     def task(self, top: dict[str, Any], name: str, entry: Any, origins: set[str]) -> None:
         """Check one task entry of a manifest ``read`` checked (format 1: fills in ``written_in``)."""
@@ -796,3 +789,39 @@ class _ManifestReader:
 
 def _real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Sources:
+    """A resolved format-4 manifest's decoded entries payloads and numbers: joins a task's format-3 entry."""
+
+    def __init__(
+        self,
+        reader: _ManifestReader,
+        elements: list[dict[str, Any]],
+        index: dict[str, int],
+        blocks: list[dict[str, Any]],
+        numbers: Any,
+        modules: list[str],
+    ) -> None:
+        self.reader = reader
+        self.elements = elements
+        self.index = index
+        self.rows = {name: i for i, name in enumerate(index)}
+        self.blocks = blocks
+        self.numbers = numbers
+        self.modules = modules
+        self.width = shared_entries.columns(len(modules))
+
+    def entry(self, name: str) -> dict[str, Any]:
+        position, row = self.index[name], self.rows[name]
+        element = self.elements[position]
+        written = element["version"]
+        static = self.blocks[position].get(name)
+        version = self.reader.version
+        if static is None:
+            raise CorruptPayloadError(version, element["key"], f"has no entry for task {name!r}")
+        values = self.numbers[row * self.width : (row + 1) * self.width].tolist()
+        try:
+            return shared_entries.join(static, written, self.reader.keys.task(written, name), values, self.modules)
+        except ValueError as err:
+            raise CorruptPayloadError(version, element["key"], f"task {name!r}: its entry {err}") from None

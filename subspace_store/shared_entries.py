@@ -85,8 +85,9 @@ def number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> by
     return out.tobytes()
 
 
-def decode_numbers(data: bytes | memoryview, rows: int, modules: int) -> list[list[float]]:
-    """A numbers payload as rows; ``PayloadFormatError`` if it does not hold ``rows`` rows of finite-or-NaN floats."""
+def decode_numbers(data: bytes | memoryview, rows: int, modules: int) -> array:
+    """A numbers payload as one flat array of ``rows`` rows; ``PayloadFormatError`` if it does not hold that many
+    rows of finite-or-NaN floats."""
     width = columns(modules)
     if len(data) != rows * width * 8:
         raise PayloadFormatError(f"holds {len(data)} bytes, not {rows} rows of {width} float64")
@@ -96,7 +97,7 @@ def decode_numbers(data: bytes | memoryview, rows: int, modules: int) -> list[li
         values.byteswap()
     if any(math.isinf(v) for v in values):
         raise PayloadFormatError("holds an infinite number")
-    return [values[i * width : (i + 1) * width].tolist() for i in range(rows)]
+    return values
 
 
 def static_entry(packed: dict[str, Any]) -> dict[str, Any]:
