@@ -78,6 +78,8 @@ class EncodedSubspace:
     entries: bytes | None = None
     numbers: bytes | None = None
     inherited: list[dict[str, Any]] = field(default_factory=list)
+    # Format 4: task -> its checked entry in the parent (a reused task whose metadata agrees outside the numbers).
+    parents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def written_bytes(self) -> int:
@@ -90,10 +92,11 @@ class EncodedSubspace:
             + len(self.numbers or b"")
         )
 
-    def share_entries(self, inherited: list[dict[str, Any]]) -> bool:
+    def share_entries(self, inherited: list[dict[str, Any]], parents: dict[str, dict[str, Any]] | None = None) -> bool:
         """Make this a format-4 version: an entries payload for the tasks it writes, a numbers payload for every
         task; ``inherited`` are the parent's entries elements (format 4) of the versions its reused tasks were
-        written in. False (nothing changed) when a task's numbers cannot be packed (``shared_entries``)."""
+        written in, ``parents`` those tasks' checked entries in the parent. False (nothing changed) when a task's
+        numbers cannot be packed (``shared_entries``)."""
         modules = list(self.modules_manifest)
         numbers = shared_entries.number_rows(self.tasks_manifest, modules)
         if numbers is None:
@@ -106,6 +109,7 @@ class EncodedSubspace:
         self.numbers = numbers
         self.entries = shared_entries.encode_entries(own) if own else None
         self.inherited = [dict(e) for e in inherited]
+        self.parents = dict(parents or {})
         return True
 
 
@@ -406,14 +410,28 @@ class CheckedManifest:
         self._sources: _Sources | None = None  # format 4, resolved: what each task's entry is joined from
 
     @classmethod
-    def written(cls, manifest: dict[str, Any], keys: Keys, version: str) -> CheckedManifest:
+    def written(
+        cls,
+        manifest: dict[str, Any],
+        keys: Keys,
+        version: str,
+        parents: dict[str, dict[str, Any]] | None = None,
+    ) -> CheckedManifest:
         """What checking the stored bytes of ``manifest`` (``build_manifest``'s, current format) gives, for the
         process that built and wrote it: every entry counted as checked, nothing parsed back.
 
         ``manifest`` is handed over: a task entry's ``p`` and ``head`` (made by ``encode_subspace`` for this
         manifest, used by nothing else) are kept as they are; everything else is copied, the task metadata (the
-        caller's ``TaskCoefficients.metadata``) included."""
-        tasks = {name: {**entry, "metadata": json_copy(entry["metadata"])} for name, entry in manifest["tasks"].items()}
+        caller's ``TaskCoefficients.metadata``) included. ``parents`` (format 4, ``EncodedSubspace.parents``):
+        tasks whose entry is their checked entry in the parent (shared, never modified) but for the numbers,
+        which are copied from ``manifest``."""
+        parents = parents or {}
+        tasks = {
+            name: shared_entries.renumbered(parents[name], entry)
+            if name in parents
+            else {**entry, "metadata": json_copy(entry["metadata"])}
+            for name, entry in manifest["tasks"].items()
+        }
         top = {key: tasks if key == "tasks" else json_copy(value) for key, value in manifest.items()}
         checked = cls(_ManifestReader(keys, version), top, set())
         checked._checked = set(checked.top["tasks"])

@@ -170,3 +170,16 @@ def same_static(metadata: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
     if metadata.keys() - DYNAMIC_METADATA != stored.keys() - DYNAMIC_METADATA:
         return False
     return all(value == stored[key] for key, value in metadata.items() if key not in DYNAMIC_METADATA)
+
+
+def renumbered(stored: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A checked readers'-layout entry ``stored`` (shared, not modified) with the numbers of ``entry`` (a built
+    entry whose metadata agrees with it outside them; ``number_rows`` accepted them: floats, module_drift a map)."""
+    metadata = entry["metadata"]
+    out = {k: v for k, v in stored["metadata"].items() if k not in DYNAMIC_METADATA}
+    for key in _SCALARS:
+        if key in metadata:
+            out[key] = metadata[key]
+    if MODULE_DRIFT in metadata:
+        out[MODULE_DRIFT] = dict(metadata[MODULE_DRIFT])
+    return {**stored, "reconstruction_error": entry["reconstruction_error"], "metadata": out}

@@ -314,13 +314,15 @@ class SubspaceStore:
         inherited = plan.pop("inherited", None)
         encoded = encode_subspace(subspace, reconstruction_error, **plan)
         if inherited is not None:
-            encoded.share_entries(inherited)
+            encoded.share_entries(inherited, plan["reuse"])
         elif not plan and len(subspace.tasks) >= self.shared_entries_from:
             encoded.share_entries([])
         meta = _jsonable(metadata or {}, "metadata")
         _jsonable(subspace.metadata, "subspace.metadata")
         for tname, task in subspace.tasks.items():
-            if not _plain_json(task.metadata):
+            # A format-4 task kept from the parent: its other metadata equals what was stored (JSON), its numbers
+            # are finite floats (``number_rows``); nothing of it is written as JSON here.
+            if tname not in encoded.parents and not _plain_json(task.metadata):
                 _jsonable(task.metadata, f"task {tname!r} metadata")
         actual = self.head()
         if actual != expected:  # fail before writing megabytes; the commit checks again
@@ -674,7 +676,7 @@ class _Publication:
                     if manifest["format_version"] in (MANIFEST_FORMAT_VERSION, shared_entries.SHARED_FORMAT_VERSION):
                         # Readers in this process (the coordinator's record of the merge, the next delta's
                         # plan) find it as built while the stored bytes are these: nothing parsed back.
-                        written = CheckedManifest.written(manifest, keys, v)
+                        written = CheckedManifest.written(manifest, keys, v, self.encoded.parents)
                         manifest_cache.MANIFESTS.put(self.store._cache_key(v), stored, written)
                     return v
             except WatchError:
