@@ -222,12 +222,14 @@ def test_prune_deletes_payloads_on_other_masters(cluster, client, namespace, mak
     assert list(store.get(v3).tasks) == list(last.tasks)
 
 
+@pytest.mark.parametrize("shared_entries_from", [256, 1], ids=["format3", "format4"])
 def test_delta_versions_keep_the_payloads_they_read_through_on_other_masters(
-    cluster, client, namespace, make_adapter
+    cluster, client, namespace, make_adapter, shared_entries_from
 ) -> None:
-    """Delta versions name older versions' task payloads and their own rotations; prune keeps those a retained
-    version reads through, on whichever master they lie, and deletes the rest."""
-    store = SubspaceStore(client, namespace)
+    """Delta versions name older versions' task payloads and their own rotations (format 4: entries payloads and
+    numbers too); prune keeps those a retained version reads through, on whichever master they lie, and deletes
+    the rest."""
+    store = SubspaceStore(client, namespace, shared_entries_from=shared_entries_from)
     subspace, _ = merge(None, {f"t{s}": make_adapter(s, modules=MODULES) for s in range(3)}, KPolicy(k=8))
     versions, subs = [store.publish(subspace, None, delta=True)], [subspace]
     for s in range(3, 6):
@@ -249,7 +251,8 @@ def test_delta_versions_keep_the_payloads_they_read_through_on_other_masters(
     left = set().union(*node_keys(cluster, f"sharecl:{namespace}:*").values())
     assert left == set(inherited) | {k for k in payload_keys(last) if k not in inherited} | {
         r["key"] for element in last.get("rotations", []) for r in element["rotations"].values()
-    }
+    } | {e["key"] for e in last.get("entries", [])} | ({last["numbers"]["key"]} if "numbers" in last else set())
+    assert last["format_version"] == (4 if shared_entries_from == 1 else 3)
     assert client.hlen(store.keys.writing) == 0
 
 
