@@ -21,7 +21,9 @@ keeps, per module, the fewest directions (``k_A + k_B``) that hold every task's 
 
 from __future__ import annotations
 
+import array
 import math
+import operator
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -53,6 +55,9 @@ _ORTHONORMAL_TOL = 1e-9
 # Up to this many new columns per side, the thin SVD of the residual is as cheap as any Gram matrix (and
 # needs no check): the Gram path pays off for batches of many adapters (compress, large merges).
 _SVD_COLUMNS = 64
+# Elements (float64) of one side's rotated coordinates worked on at once in ``_truncate_module`` (1 MB): small enough
+# to stay in cache between the product, the energies and the float32 copy.
+_ROTATE_CHUNK = 1 << 17
 # Past this many old columns per side (sum of the old tasks' widths), C C.T is assembled from the running
 # Gram of the old tasks (ModuleBasis.gram_cache) instead of multiplied out.
 _GRAM_FROM_CACHE = 512
@@ -121,6 +126,7 @@ class _GramCache:
 
 # Tasks of one width, stacked: (positions in the merge's task order, tasks x rows x p per side). The rows are
 # the leading rows of the frame's coordinates; the rest are zero (an old task's coordinates are [E_i; 0]).
+# Float64, or float32 where they are the stored stacks (``_old_groups``): what reads them converts what it reads.
 _Group = tuple[Tensor, Tensor, Tensor]
 
 
@@ -184,16 +190,26 @@ def _truncate_module(
     coordinates are the columns of ``A.C``/``B.C`` in order, ``widths`` each, unless ``groups`` gives them
     stacked). Used by merge and removal.
 
-    Work over tasks is batched (one product per side for all tasks of equal width). When nothing is
-    dropped (every direction of both frames kept), every task keeps its update exactly: no error
-    arithmetic is done and every error is 0.
+    Work over tasks is batched (one product per side for a chunk of tasks of equal width, small enough to stay
+    in cache). When nothing is dropped (every direction of both frames kept), every task keeps its update
+    exactly: its error is 0.
+
+    Errors: with ``totals`` (every task's ``|M|^2``, given at initialization, where ``C`` may hold only some
+    rows) or for the ``max_error`` rule (which needs them to choose k), ``|P M P - M|^2 = |M|^2 - |P M P|^2``.
+    Otherwise, when the eigenvectors span the whole frame (``V`` square and orthogonal: a merge, or a removal
+    whose frame is all kept directions), from each task's kept and dropped coordinates ``W.T c`` and
+    ``V_drop.T c`` (``_split_energies``): no cancellation, and no second pass over the old coordinates.
     """
     if groups is None:
         groups = _groups_by_width(widths, A.C, B.C)
-    if totals is None:  # every task's |M|^2 over all directions, once for the choice of k and the errors
+    split = totals is None and policy.max_error is None and _square(A.eigvecs) and _square(B.eigvecs)
+    if totals is None and not split:  # every task's |M|^2 over all directions, for the choice of k and the errors
+        # The coordinates are read more than once on this path: stored float32 stacks are converted once.
+        groups = [(index, group_A.double(), group_B.double()) for index, group_A, group_B in groups]
         totals = _energies(groups, len(names))
     met = True
     if policy.max_error is not None:
+        assert totals is not None
         k_A, k_B, met = _choose_k_bounded(groups, A, B, drift, policy.max_error, policy.k_max, totals)
     else:
         k_A, k_B = _choose_k(A.eigvals, policy), _choose_k(B.eigvals, policy)
@@ -208,20 +224,39 @@ def _truncate_module(
     basis = ModuleBasis(U_A=U_A.to(torch.float32), U_B=U_B.to(torch.float32))
     # The frame has max(rows of C, eigenvalues) directions (C may hold only the rows the policy can keep).
     dropped = k_A < max(A.eigvecs.shape[0], A.eigvals.shape[0]) or k_B < max(B.eigvecs.shape[0], B.eigvals.shape[0])
+    # With the split errors, one product per side gives every task's kept and dropped coordinates at once.
+    V_A = torch.cat([W_A, A.eigvecs[:, k_A:]], dim=1) if split and dropped else W_A
+    V_B = torch.cat([W_B, B.eigvecs[:, k_B:]], dim=1) if split and dropped else W_B
     count = len(names)
     sq_diff = torch.zeros(count, dtype=torch.float64)
     sq_norm = torch.zeros(count, dtype=torch.float64)
+    # One width, groups in task order (the usual case): every task's E is a row of one fresh stack per side.
+    stacks = _empty_stacks(groups, count, k_A, k_B)
     outputs: list[_Group] = []
     for index, group_A, group_B in groups:
-        # group_*: g x rows x p, every task's coordinates in the frame (rows past these are 0), before truncation.
-        E_A, E_B = W_A[: group_A.shape[1]].T @ group_A, W_B[: group_B.shape[1]].T @ group_B
-        # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
-        total = totals[index]
-        sq_norm[index] = total.clamp_min(0.0)
-        if dropped:
-            sq_diff[index] = (total - _frobenius_sq_of_product(E_B, E_A)).clamp_min(0.0)
-        outputs.append((index, E_A.to(torch.float32), E_B.to(torch.float32)))
-    stacks, pairs = _per_task(outputs, count)
+        # group_*: g x rows x p, every task's coordinates in the frame (rows past these are 0), before truncation
+        # (float32 when they are the stored stacks). Worked on in chunks, one side at a time.
+        chunk = max(1, _ROTATE_CHUNK // (max(V_A.shape[1], V_B.shape[1], 1) * group_A.shape[2]))
+        for lo in range(0, index.shape[0], chunk):
+            at = index[lo : lo + chunk]
+            rows = _rows(at) if stacks is not None else None
+            out_A, out_B = (None, None) if rows is None else (stacks[0][rows], stacks[1][rows])
+            E_A, G_A = _project(V_A, k_A, group_A[lo : lo + chunk], out_A, grams=split or dropped)
+            E_B, G_B = _project(V_B, k_B, group_B[lo : lo + chunk], out_B, grams=split or dropped)
+            if split:
+                assert G_A is not None and G_B is not None
+                sq_norm[at], sq_diff[at] = _split_energies(G_A, G_B)
+            else:
+                # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
+                assert totals is not None
+                total = totals[at]
+                sq_norm[at] = total.clamp_min(0.0)
+                if dropped:
+                    assert G_A is not None and G_B is not None
+                    sq_diff[at] = (total - _inner(G_B[0], G_A[0])).clamp_min(0.0)
+            if rows is None:
+                outputs.append((at, E_A, E_B))
+    pairs = None if stacks is not None else _pairs_in_order(outputs, count)
     gram = None
     if A.gram is not None and B.gram is not None:
         gram = (W_A.T @ A.gram @ W_A, W_B.T @ B.gram @ W_B)
@@ -242,18 +277,59 @@ def _truncate_module(
     )
 
 
-def _per_task(
-    outputs: list[_Group], count: int
-) -> tuple[tuple[Tensor, Tensor] | None, list[tuple[Tensor, Tensor]] | None]:
-    """Every task's (E_A, E_B) in order from the groups' stacked results: one stack per side when the tasks
-    have one width (nothing made per task), else a pair per task."""
-    order = torch.cat([index for index, _, _ in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
-    in_order = bool((order == torch.arange(count)).all()) if order.shape[0] == count else False
-    if in_order and len({(a.shape[1:], b.shape[1:]) for _, a, b in outputs}) == 1:
-        stack_A = outputs[0][1] if len(outputs) == 1 else torch.cat([a for _, a, _ in outputs])
-        stack_B = outputs[0][2] if len(outputs) == 1 else torch.cat([b for _, _, b in outputs])
-        return (stack_A, stack_B), None
-    return None, _pairs_in_order(outputs, count)
+def _square(V: Tensor) -> bool:
+    return V.shape[0] == V.shape[1]
+
+
+def _project(
+    V: Tensor, k: int, group: Tensor, out: Tensor | None, grams: bool
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """One side of a chunk of tasks: ``P = V[:rows].T c`` for each task's coordinates ``c`` (``group``,
+    ``g x rows x p``, float32 or float64), its first ``k`` rows (the kept coordinates ``E``) written as float32
+    into ``out`` (or a fresh tensor when None), and with ``grams`` the Gram matrices ``E.T E`` and ``D.T D`` of
+    the kept and the dropped coordinates (``D``: the rows of ``P`` past ``k``; none when ``V`` has ``k`` columns)."""
+    P = V[: group.shape[1]].T @ group.to(torch.float64)
+    E, D = P[:, :k], P[:, k:]
+    E32 = E.to(torch.float32) if out is None else out.copy_(E)
+    return E32, ((E.mT @ E, D.mT @ D) if grams else None)
+
+
+def _split_energies(G_A: tuple[Tensor, Tensor], G_B: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per task, ``|M|^2`` and ``|M - P M P|^2`` from the Gram matrices of its kept (``E = W.T c``) and dropped
+    (``D = V_drop.T c``) coordinates per side (``G_side = (E.T E, D.T D)``), ``V = [W V_drop]`` orthogonal: with
+    ``<.,.>`` the Frobenius product, ``|M|^2 = <G_EB + G_DB, G_EA + G_DA>`` and the error is every term but
+    ``<G_EB, G_EA>``. Each term is non-negative (``<x.T x, y.T y> = |y x.T|^2``), so the error loses nothing to
+    cancellation."""
+    (G_EA, G_DA), (G_EB, G_DB) = G_A, G_B
+    kept = _inner(G_EB, G_EA)
+    lost = (_inner(G_EB, G_DA) + _inner(G_DB, G_EA + G_DA)).clamp_min(0.0)
+    return (kept + lost).clamp_min(0.0), lost
+
+
+def _inner(G: Tensor, H: Tensor) -> Tensor:
+    """``<G_i, H_i>`` (Frobenius) for each ``i`` of two ``g x p x p`` stacks."""
+    return (G * H).sum(dim=(1, 2))
+
+
+def _empty_stacks(groups: list[_Group], count: int, k_A: int, k_B: int) -> tuple[Tensor, Tensor] | None:
+    """Fresh float32 ``count x k x p`` stacks per side when every group has one width ``p`` and the groups hold
+    the tasks in order (each a run of consecutive positions, runs in order); else None (one pair per task)."""
+    if not groups or len({(a.shape[2], b.shape[2]) for _, a, b in groups}) != 1:
+        return None
+    start = 0
+    for index, _, _ in groups:
+        if not torch.equal(index, torch.arange(start, start + index.shape[0])):
+            return None
+        start += index.shape[0]
+    if start != count:
+        return None
+    p = groups[0][1].shape[2]
+    return torch.empty(count, k_A, p), torch.empty(count, k_B, p)
+
+
+def _rows(index: Tensor) -> slice:
+    """The slice of consecutive positions ``index`` holds (``_empty_stacks`` checked it)."""
+    return slice(int(index[0]), int(index[0]) + index.shape[0]) if index.shape[0] else slice(0, 0)
 
 
 def _pairs_in_order(groups: list[_Group], count: int) -> list[tuple[Tensor, Tensor]]:
@@ -432,26 +508,26 @@ def _updated_tasks(
     stacked = TaskStacks({m: cuts[m].stacks for m in modules if cuts[m].stacks is not None})
     shared = stacked if len(stacked) == len(modules) else None
     E_rows = None if shared is not None else [cuts[m].E for m in modules]
+    old_tasks = subspace.tasks if subspace is not None else {}
     tasks: dict[str, TaskCoefficients] = {}
-    for i, name in enumerate(names):
+    rows = zip(names, diff_rows, norm_rows, entry_rows, drift_rows, error_rows, pushed_rows, strict=True)
+    for i, (name, diff, norm, entry_row, drift_row, error_row, pushed_i) in enumerate(rows):
         adapter = adapters.get(name)
-        source = subspace.tasks[name] if adapter is None and subspace is not None else None
-        head = dict(adapter.head) if adapter is not None else dict(source.head)
-        metadata = dict(adapter.metadata) if adapter is not None else dict(source.metadata)
-        diff, norm = diff_rows[i], norm_rows[i]
-        report.reconstruction_error[name] = (diff / norm) ** 0.5 if norm > 0 else 0.0
-        report.module_error[name] = dict(zip(modules, error_rows[i], strict=True))
-        metadata[RECONSTRUCTION_ERROR] = report.reconstruction_error[name]
+        source = adapter if adapter is not None else old_tasks[name]
+        head, metadata = dict(source.head), dict(source.metadata)
+        error = (diff / norm) ** 0.5 if norm > 0 else 0.0
+        report.reconstruction_error[name] = metadata[RECONSTRUCTION_ERROR] = error
+        report.module_error[name] = dict(zip(modules, error_row, strict=True))
         _track_drift(metadata, diff, norm, entering=adapter is not None)
-        metadata[MODULE_ENTRY_NORM] = dict(zip(modules, entry_rows[i], strict=True))
-        metadata[MODULE_DRIFT] = dict(zip(modules, drift_rows[i], strict=True))
-        metadata[ERROR_BOUND] = max(drift_rows[i], default=0.0)
-        report.module_drift[name] = dict(metadata[MODULE_DRIFT])
-        report.error_bound[name] = metadata[ERROR_BOUND]
+        metadata[MODULE_ENTRY_NORM] = dict(zip(modules, entry_row, strict=True))
+        module_drift = metadata[MODULE_DRIFT] = dict(zip(modules, drift_row, strict=True))
+        bound = metadata[ERROR_BOUND] = max(drift_row, default=0.0)
+        report.module_drift[name] = module_drift.copy()
+        report.error_bound[name] = bound
         report.energy_kept[name] = metadata[ENERGY_KEPT]
         report.drift_bound[name] = metadata[DRIFT_BOUND]
-        if pushed_rows[i]:
-            report.over_bound[name] = metadata[ERROR_BOUND]
+        if pushed_i:
+            report.over_bound[name] = bound
         if shared is not None:
             E: MutableMapping[str, tuple[Tensor, Tensor]] = StackedCoefficients(shared, i)
         else:
@@ -466,25 +542,30 @@ def _old_drift(subspace: Subspace | None, old_names: list[str], modules: list[st
     ``module_drift``), as ``tasks x modules`` arrays. A module a task has no entry norm for (tasks committed
     before per-module tracking existed have none) reads NaN and drift 0: its tracking starts now, with its
     current update as the entry (its whole-task ``drift_bound`` still carries the past)."""
-    entry_rows, prior_rows = [], []
-    nan_row, zero_row = [math.nan] * len(modules), [0.0] * len(modules)
+    # Filled row by row (flat float64 buffers: several times faster than torch.tensor of nested lists).
+    entry, prior = array.array("d"), array.array("d")
+    nan_row, zero_row = (math.nan,) * len(modules), (0.0,) * len(modules)
+    # What a merge writes: every module (one lookup per task for all of them).
+    in_order = operator.itemgetter(*modules) if len(modules) > 1 else lambda values: tuple(values[m] for m in modules)
+    tasks = subspace.tasks if subspace is not None else {}
     for name in old_names:
-        metadata = subspace.tasks[name].metadata if subspace is not None else {}
+        metadata = tasks[name].metadata
         norms, drifts = metadata.get(MODULE_ENTRY_NORM), metadata.get(MODULE_DRIFT)
         if not isinstance(norms, dict) or not isinstance(drifts, dict):
-            entry_rows.append(nan_row)
-            prior_rows.append(zero_row)
-            continue
-        if list(norms) == modules == list(drifts):  # what a merge writes: every module, in order
-            entry_rows.append(list(norms.values()))
-            prior_rows.append(list(drifts.values()))
-            continue
-        entry_rows.append([float(norms[m]) if m in norms else math.nan for m in modules])
-        prior_rows.append([float(drifts.get(m, 0.0)) if m in norms else 0.0 for m in modules])
+            entry_row, prior_row = nan_row, zero_row
+        else:
+            try:
+                entry_row, prior_row = in_order(norms), in_order(drifts)
+            except KeyError:  # some modules untracked
+                entry_row = tuple(float(norms[m]) if m in norms else math.nan for m in modules)
+                prior_row = tuple(float(drifts.get(m, 0.0)) if m in norms else 0.0 for m in modules)
+        entry.extend(entry_row)
+        prior.extend(prior_row)
     shape = (len(old_names), len(modules))
-    entry = torch.tensor(entry_rows, dtype=torch.float64).reshape(shape)
-    prior = torch.tensor(prior_rows, dtype=torch.float64).reshape(shape)
-    return entry, prior
+    if not entry:
+        return torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    entry_tensor = torch.frombuffer(entry, dtype=torch.float64).reshape(shape)
+    return entry_tensor, torch.frombuffer(prior, dtype=torch.float64).reshape(shape)
 
 
 def _shared_stacks(subspace: Subspace | None, old_names: list[str]) -> TaskStacks | None:
@@ -512,13 +593,14 @@ def _old_groups(
     module: str,
     shared: TaskStacks | None = None,
 ) -> tuple[list[_Group], list[int]]:
-    """The old tasks' coefficients in one module stacked per width (float64, ``g x k x p`` per side), and each
-    task's width. ``shared``: the stacks every old task is a row of (``_shared_stacks``), used whole."""
+    """The old tasks' coefficients in one module stacked per width (``g x k x p`` per side), and each task's
+    width. ``shared``: the stacks every old task is a row of (``_shared_stacks``), used whole as they are stored
+    (float32: whatever reads them converts what it reads); else float64."""
     T = len(old_names)
     if shared is not None and module in shared:
         S_A, S_B = shared[module]
         if S_A.shape[:2] == (T, basis.k_A) and S_B.shape[:2] == (T, basis.k_B) and S_A.shape[2] == S_B.shape[2]:
-            return [(torch.arange(T), S_A.to(torch.float64), S_B.to(torch.float64))], [int(S_A.shape[2])] * T
+            return [(torch.arange(T), S_A, S_B)], [int(S_A.shape[2])] * T
     pairs = [subspace.tasks[t].E[module] for t in old_names]
     widths = [E_A.shape[1] for E_A, _ in pairs]
     if not pairs:
@@ -532,11 +614,15 @@ def _old_columns(groups: list[_Group], widths: list[int], k_A: int, k_B: int) ->
     """The old tasks' coefficients side by side in task order, ``k x sum p`` per side (float64)."""
     if len(groups) == 1:
         _, S_A, S_B = groups[0]
-        return S_A.permute(1, 0, 2).reshape(k_A, -1), S_B.permute(1, 0, 2).reshape(k_B, -1)
+        return (
+            S_A.permute(1, 0, 2).reshape(k_A, -1).to(torch.float64),
+            S_B.permute(1, 0, 2).reshape(k_B, -1).to(torch.float64),
+        )
     if not groups:
         return torch.zeros(k_A, 0, dtype=torch.float64), torch.zeros(k_B, 0, dtype=torch.float64)
     per_task = _pairs_in_order(groups, len(widths))
-    return torch.cat([a for a, _ in per_task], dim=1), torch.cat([b for _, b in per_task], dim=1)
+    E_A, E_B = torch.cat([a for a, _ in per_task], dim=1), torch.cat([b for _, b in per_task], dim=1)
+    return E_A.to(torch.float64), E_B.to(torch.float64)
 
 
 def _old_gram(
@@ -561,7 +647,7 @@ def _old_gram(
 
 def _stacked_gram(S: Tensor) -> Tensor:
     """``sum_i S_i S_i.T`` of a ``g x k x p`` stack: ``E E.T`` with ``E`` the stack's columns side by side."""
-    E = S.permute(1, 0, 2).reshape(S.shape[1], -1)
+    E = S.permute(1, 0, 2).reshape(S.shape[1], -1).to(torch.float64)
     return E @ E.T
 
 
@@ -864,7 +950,7 @@ def _stack(C: Tensor, T: int, p: int) -> Tensor:
 
 def _frobenius_sq_of_product(B: Tensor, A: Tensor) -> Tensor:
     """``|B_i A_i^T|_F^2`` for each ``i`` of batched ``B`` (``g x m x p``) and ``A`` (``g x n x p``)."""
-    return ((B.transpose(1, 2) @ B) * (A.transpose(1, 2) @ A)).sum(dim=(1, 2))
+    return _inner(B.mT @ B, A.mT @ A)
 
 
 def _choose_k(eigvals: Tensor, policy: KPolicy) -> int:

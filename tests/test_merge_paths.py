@@ -297,6 +297,41 @@ def test_the_stacks_a_merge_leaves_give_the_merge_that_stacking_the_tasks_again_
     assert_same_merge(left, right, tol=1e-6)
 
 
+def test_chunked_energies_and_coefficients_are_the_written_out_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every task is projected in chunks (several per group, the last one short), old tasks straight from the
+    stored float32 stacks: its coefficients are ``W.T c`` of its whole group, its energy ``|M|^2`` and its error
+    ``|M|^2 - |W_B.T M W_A|^2`` with ``M = c_B c_A.T`` written out in float64 (the merge gets the error from the
+    dropped directions' coordinates instead, without the subtraction), with one width and with two."""
+    original, seen = merge_module._truncate_module, []
+
+    def checked(names, widths, A, B, drift, policy, totals=None, groups=None):
+        cut = original(names, widths, A, B, drift, policy, totals, groups)
+        W_A, W_B = cut.W
+        for index, group_A, group_B in groups:
+            c_A, c_B = group_A.double(), group_B.double()
+            E_A, E_B = W_A[: c_A.shape[1]].T @ c_A, W_B[: c_B.shape[1]].T @ c_B
+            total = (c_B @ c_A.transpose(1, 2)).square().sum(dim=(1, 2))
+            kept = (E_B @ E_A.transpose(1, 2)).square().sum(dim=(1, 2))
+            assert torch.allclose(cut.sq_norm[index], total, rtol=1e-12, atol=0.0)
+            assert torch.allclose(cut.sq_diff[index], total - kept, rtol=0.0, atol=1e-12 * float(total.max()))
+            for i, a, b in zip(index.tolist(), E_A, E_B, strict=True):
+                got_A, got_B = cut.E[names[i]]
+                assert torch.allclose(got_A, a.float(), rtol=1e-6, atol=1e-7) and got_A.dtype == torch.float32
+                assert torch.allclose(got_B, b.float(), rtol=1e-6, atol=1e-7)
+        seen.append((cut.stacks is not None, float(cut.sq_diff.max()), groups[0][1].dtype))
+        return cut
+
+    policy = KPolicy(k=5)
+    subspace, _ = merge(None, {f"t{i}": random_adapter(i) for i in range(7)}, policy)
+    monkeypatch.setattr(merge_module, "_truncate_module", checked)
+    monkeypatch.setattr(merge_module, "_ROTATE_CHUNK", 100)  # 2 or 3 tasks a chunk: K x p is 36 or more
+    subspace, _ = merge(subspace, {"one": random_adapter(10)}, policy)  # one width: every task a row of the stacks
+    merge(subspace, {"two": random_adapter(11, r=2)}, policy)  # two widths: a pair per task
+    assert [stacked for stacked, _, _ in seen] == [True] * len(SHAPES) + [False] * len(SHAPES)
+    assert all(dtype == torch.float32 for _, _, dtype in seen)  # old tasks read from the stored stacks
+    assert all(worst > 1e-3 for _, worst, _ in seen)  # directions are dropped: the errors are not vacuous
+
+
 def test_the_merge_caches_stay_with_their_subspace() -> None:
     """Pickled (Ray), the bases leave the Gram cache behind, and the tasks' shared stacks travel once (still
     shared on the other side, so the next merge there reads them whole); a task-less copy holds no coefficients."""
