@@ -34,7 +34,7 @@ class ManifestCache(Generic[V]):
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[Any, ...], tuple[bytes, V]] = OrderedDict()
+        self._items: OrderedDict[tuple[Any, ...], tuple[bytes, V, int]] = OrderedDict()  # raw, value, cost
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -53,15 +53,16 @@ class ManifestCache(Generic[V]):
             self.misses += 1
             return None
 
-    def put(self, key: tuple[Any, ...], raw: bytes, value: V) -> None:
-        """Remember ``value`` (made from ``raw``); one larger than the whole budget is not kept."""
-        cost = len(raw) * MEMORY_PER_BYTE
+    def put(self, key: tuple[Any, ...], raw: bytes, value: V, size: int | None = None) -> None:
+        """Remember ``value`` (made from ``raw``); one larger than the whole budget is not kept. ``size``: the JSON
+        bytes ``value`` holds when that is not ``raw`` (a format-4 manifest also holds what its payloads give)."""
+        cost = (len(raw) if size is None else size) * MEMORY_PER_BYTE
         with self._lock:
             if key in self._items:
                 self._drop(key)
             if cost > self.max_bytes or self.max_entries < 1:
                 return
-            self._items[key] = (bytes(raw), value)
+            self._items[key] = (bytes(raw), value, cost)
             self._bytes += cost
             while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
                 self._drop(next(iter(self._items)))
@@ -81,12 +82,12 @@ class ManifestCache(Generic[V]):
 
     @property
     def bytes(self) -> int:
-        """Estimated memory held (``MEMORY_PER_BYTE`` per byte of raw manifest)."""
+        """Estimated memory held (``MEMORY_PER_BYTE`` per byte of manifest JSON held)."""
         return self._bytes
 
     def _drop(self, key: tuple[Any, ...]) -> None:
-        raw, _ = self._items.pop(key)
-        self._bytes -= len(raw) * MEMORY_PER_BYTE
+        _, _, cost = self._items.pop(key)
+        self._bytes -= cost
 
 
 class RefMemory:

@@ -52,6 +52,12 @@ def columns(modules: int) -> int:
     return len(NUMBER_FIELDS) + modules
 
 
+def held_bytes(manifest: int, entries: int, numbers: int) -> int:
+    """About how many bytes of JSON a read format-4 manifest holds as Python objects (``manifest_cache``'s unit):
+    its own bytes, its entries payloads, and each task's joined entry (a row of numbers is about an eighth of it)."""
+    return manifest + entries + 8 * numbers
+
+
 def number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> bytes | None:
     """The numbers payload of readers'-layout entries (module maps as dicts), in their order; None when some
     task's numbers are not finite floats or absent (such a version is written in format 3)."""

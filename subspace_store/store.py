@@ -138,10 +138,12 @@ class SubspaceStore:
         checked = manifest_cache.MANIFESTS.lookup(key, raw)
         if checked is None:
             checked = read_manifest(raw, self.keys, version)
+            size = None
             if needs := checked.needs:  # format 4: the task entries are in payloads
                 items = [fetch.Item(k, digest, size, bytes) for k, digest, size in needs]
                 checked.resolve(fetch.fetch_all(self.client, version, items))
-            manifest_cache.MANIFESTS.put(key, raw, checked)
+                size = shared_entries.held_bytes(len(raw), sum(n for *_, n in needs[:-1]), needs[-1][2])
+            manifest_cache.MANIFESTS.put(key, raw, checked, size)
         return checked
 
     def get(self, ref: str = "head", tasks: Sequence[str] | None = None, *, verify: bool = True) -> Subspace:
@@ -677,7 +679,9 @@ class _Publication:
                         # Readers in this process (the coordinator's record of the merge, the next delta's
                         # plan) find it as built while the stored bytes are these: nothing parsed back.
                         written = CheckedManifest.written(manifest, keys, v, self.encoded.parents)
-                        manifest_cache.MANIFESTS.put(self.store._cache_key(v), stored, written)
+                        numbers = len(self.encoded.numbers or b"")
+                        size = shared_entries.held_bytes(len(stored), 0, numbers) if numbers else None
+                        manifest_cache.MANIFESTS.put(self.store._cache_key(v), stored, written, size)
                     return v
             except WatchError:
                 # Either the head moved (the loop reports the conflict) or a submission changed

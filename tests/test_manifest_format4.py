@@ -78,6 +78,12 @@ def test_format_4_reads_back_exactly_what_format_3_gives(redis_client, namespace
         _same(shared.get(version), sub)
         _same(shared.get(version, tasks=["t0"]), Subspace(sub.modules, {"t0": sub.tasks["t0"]}))
     assert shared.chain_lengths(versions[-1]) == inline.chain_lengths(v3[-1])
+    # The process's manifest cache counts what a format-4 manifest holds, not only its few bytes.
+    manifest_cache.clear()
+    head = shared.manifest(versions[-1])
+    raw = redis_client.get(shared.keys.manifest(versions[-1]))
+    held = len(raw) + sum(e["bytes"] for e in head["entries"]) + 8 * head["numbers"]["bytes"]
+    assert manifest_cache.MANIFESTS.bytes == held * manifest_cache.MEMORY_PER_BYTE
 
 
 def test_a_delta_manifest_and_what_it_writes_stay_small_as_tasks_accumulate(redis_client, namespace) -> None:
