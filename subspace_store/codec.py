@@ -73,12 +73,13 @@ class EncodedSubspace:
     rotations: dict[str, bytes] = field(default_factory=dict)  # module -> payload (a delta version)
     rotations_manifest: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> bytes, sha256, to, from
     chain: list[dict[str, Any]] = field(default_factory=list)  # the parent's rotation elements still needed
-    # Format 4 (``share_entries``): the entries payload of the tasks this version writes (None: it writes none),
-    # the numbers payload (None: the version is written in format 3), and the parent's entries payloads kept.
-    entries: bytes | None = None
+    # Format 4 (``share_entries``): the entries payload parts of the tasks this version writes, the numbers payload
+    # (None: the version is written in format 3), the parent's entries elements kept, each task's position in the
+    # manifest's entries list, and the reused tasks' checked entries in the parent.
+    entries: list[bytes] = field(default_factory=list)
     numbers: bytes | None = None
     inherited: list[dict[str, Any]] = field(default_factory=list)
-    # Format 4: task -> its checked entry in the parent (a reused task whose metadata agrees outside the numbers).
+    positions: dict[str, int] = field(default_factory=dict)
     parents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -88,15 +89,14 @@ class EncodedSubspace:
             sum(map(len, self.bases.values()))
             + sum(map(len, self.tasks.values()))
             + sum(map(len, self.rotations.values()))
-            + len(self.entries or b"")
+            + sum(map(len, self.entries))
             + len(self.numbers or b"")
         )
 
-    def share_entries(self, inherited: list[dict[str, Any]], parents: dict[str, dict[str, Any]] | None = None) -> bool:
-        """Make this a format-4 version: an entries payload for the tasks it writes, a numbers payload for every
-        task; ``inherited`` are the parent's entries elements (format 4) of the versions its reused tasks were
-        written in, ``parents`` those tasks' checked entries in the parent. False (nothing changed) when a task's
-        numbers cannot be packed (``shared_entries``)."""
+    def share_entries(self, parent: shared_entries.Inherited | None = None) -> bool:
+        """Make this a format-4 version: entries payload parts for the tasks it writes, a numbers payload for every
+        task; ``parent`` (a delta of a format-4 parent) says where its reused tasks' entries are. False (nothing
+        changed) when a task's numbers cannot be packed (``shared_entries``)."""
         modules = list(self.modules_manifest)
         numbers = shared_entries.number_rows(self.tasks_manifest, modules)
         if numbers is None:
@@ -106,10 +106,16 @@ class EncodedSubspace:
             for t, e in self.tasks_manifest.items()
             if "written_in" not in e
         }
+        kept = [t for t, e in self.tasks_manifest.items() if "written_in" in e]
+        parent = parent or shared_entries.Inherited([], {}, {})
+        used = sorted({parent.positions[t] for t in kept})
+        renumber = {old: new for new, old in enumerate(used)}
         self.numbers = numbers
-        self.entries = shared_entries.encode_entries(own) if own else None
-        self.inherited = [dict(e) for e in inherited]
-        self.parents = dict(parents or {})
+        self.entries = shared_entries.encode_parts(own)
+        self.inherited = [dict(parent.elements[old]) for old in used]
+        self.positions = {t: renumber[parent.positions[t]] for t in kept}
+        self.positions |= {t: len(used) + i // shared_entries.ENTRIES_PART for i, t in enumerate(own)}
+        self.parents = {t: parent.entries[t] for t in kept}
         return True
 
 
@@ -288,16 +294,10 @@ def build_manifest(
         raise StoreError("format 1 cannot hold a delta version: publish it full")
     if encoded.numbers is not None and format_version == MANIFEST_FORMAT_VERSION:
         format_version = shared_entries.SHARED_FORMAT_VERSION
-        elements = [dict(e) for e in encoded.inherited]
-        if encoded.entries is not None:
-            elements.append(
-                {
-                    "version": version,
-                    "key": keys.entries(version),
-                    "bytes": len(encoded.entries),
-                    "sha256": sha256(encoded.entries),
-                }
-            )
+        elements = [dict(e) for e in encoded.inherited] + [
+            {"version": version, "part": i, "key": keys.entries(version, i), "bytes": len(data), "sha256": sha256(data)}
+            for i, data in enumerate(encoded.entries)
+        ]
         numbers = {
             "key": keys.numbers(version),
             "bytes": len(encoded.numbers),
@@ -325,15 +325,15 @@ def build_manifest(
     }
 
 
-def encode_manifest(manifest: dict[str, Any]) -> bytes:
+def encode_manifest(manifest: dict[str, Any], positions: dict[str, int] | None = None) -> bytes:
     """The bytes to store of a manifest ``build_manifest`` made (format 3: task entries packed, see above;
-    format 4: each task the index of its entries payload)."""
+    format 4: each task the position of its entries payload, ``EncodedSubspace.positions``)."""
     if manifest["format_version"] < 3:
         return json.dumps(manifest).encode()
     if manifest["format_version"] == shared_entries.SHARED_FORMAT_VERSION:
-        where = {e["version"]: i for i, e in enumerate(manifest["entries"])}
-        tasks = {name: where[entry["written_in"]] for name, entry in manifest["tasks"].items()}
-        return json.dumps({**manifest, "tasks": tasks}).encode()
+        if positions is None or positions.keys() != manifest["tasks"].keys():
+            raise StoreError("a format-4 manifest needs every task's entries position (EncodedSubspace.positions)")
+        return json.dumps({**manifest, "tasks": {name: positions[name] for name in manifest["tasks"]}}).encode()
     modules = list(manifest["modules"])
     tasks = {name: _packed_entry(entry, modules) for name, entry in manifest["tasks"].items()}
     return json.dumps({**manifest, "tasks": tasks}).encode()
@@ -406,8 +406,8 @@ class CheckedManifest:
         self._complete = False
         self._lock = threading.Lock()
         self._index = index  # format 4: task -> the position of its entries payload in top["entries"]
-        self._resolved = index is None
-        self._sources: _Sources | None = None  # format 4, resolved: what each task's entry is joined from
+        # Format 4 read from bytes (``_ManifestReader.read``): the entries parts and numbers fetched so far.
+        self._sources: _Sources | None = None
 
     @classmethod
     def written(
@@ -416,6 +416,7 @@ class CheckedManifest:
         keys: Keys,
         version: str,
         parents: dict[str, dict[str, Any]] | None = None,
+        positions: dict[str, int] | None = None,
     ) -> CheckedManifest:
         """What checking the stored bytes of ``manifest`` (``build_manifest``'s, current format) gives, for the
         process that built and wrote it: every entry counted as checked, nothing parsed back.
@@ -424,7 +425,7 @@ class CheckedManifest:
         manifest, used by nothing else) are kept as they are; everything else is copied, the task metadata (the
         caller's ``TaskCoefficients.metadata``) included. ``parents`` (format 4, ``EncodedSubspace.parents``):
         tasks whose entry is their checked entry in the parent (shared, never modified) but for the numbers,
-        which are copied from ``manifest``."""
+        which are copied from ``manifest``; ``positions`` (format 4): each task's entries position."""
         parents = parents or {}
         tasks = {
             name: shared_entries.renumbered(parents[name], entry)
@@ -433,7 +434,7 @@ class CheckedManifest:
             for name, entry in manifest["tasks"].items()
         }
         top = {key: tasks if key == "tasks" else json_copy(value) for key, value in manifest.items()}
-        checked = cls(_ManifestReader(keys, version), top, set())
+        checked = cls(_ManifestReader(keys, version), top, set(), positions)
         checked._checked = set(checked.top["tasks"])
         checked._complete = True
         return checked
@@ -443,25 +444,22 @@ class CheckedManifest:
         return self.top["version"]
 
     @property
-    def needs(self) -> list[tuple[str, str, int]]:
-        """Format 4 until ``resolve``: (key, sha256, size) of each entries payload, then of the numbers payload."""
-        if self._resolved:
-            return []
-        top = self.top
-        numbers = top["numbers"]
-        return [(e["key"], e["sha256"], e["bytes"]) for e in top["entries"]] + [
-            (numbers["key"], numbers["sha256"], numbers["bytes"])
-        ]
+    def positions(self) -> dict[str, int] | None:
+        """Format 4: task -> the position of its entries payload in ``top["entries"]``; else None."""
+        return self._index
 
-    def resolve(self, payloads: Sequence[bytes | memoryview]) -> None:
-        """Assemble a format-4 manifest's task entries from the payloads ``needs`` named, in that order (their
-        sizes and sha256 checked by the caller). ``CorruptPayloadError`` naming the payload if one is malformed."""
+    def needs(self, names: Sequence[str] | None = None) -> list[tuple[str, str, int]]:
+        """Format 4 read from bytes: (key, sha256, size) of the payloads the entries of ``names`` (None: every task)
+        are joined from and that ``provide`` has not had yet; else nothing."""
         with self._lock:
-            if not self._resolved:
-                assert self._index is not None
-                self._sources = self._reader.sources(self.top, self._index, payloads)
-                self.top["tasks"] = dict.fromkeys(self._index)  # each entry joined when first checked
-                self._resolved = True
+            return [] if self._sources is None else self._sources.needs(names)
+
+    def provide(self, payloads: dict[str, bytes | memoryview]) -> None:
+        """Payloads ``needs`` named (key -> bytes, size and sha256 checked by the caller), decoded for the entries
+        joined from them. ``CorruptPayloadError`` naming the payload if one is malformed."""
+        with self._lock:
+            if self._sources is not None:
+                self._sources.provide(payloads)
 
     def payload_keys(self) -> list[str]:
         """Every payload key the version reads (bases, rotations, task payloads; format 4: its entries and numbers
@@ -469,15 +467,16 @@ class CheckedManifest:
         top = self.top
         out = [e["key"] for e in top["modules"].values()]
         out += [r["key"] for element in top["rotations"] for r in element["rotations"].values()]
-        if "numbers" in top and top["format_version"] == shared_entries.SHARED_FORMAT_VERSION:
-            out += [e["key"] for e in top["entries"]] + [top["numbers"]["key"]]
         if self._index is None:
             return out + [e["key"] for e in self.full()["tasks"].values()]
         elements = top["entries"]
+        out += [e["key"] for e in elements] + [top["numbers"]["key"]]
+        for name in self._index:  # a name becomes a key here: checked first (``read`` left it to the entry's check)
+            self._reader._check(("tasks", name), check_task_name, name)
         return out + [self._reader.keys.task(elements[i]["version"], name) for name, i in self._index.items()]
 
-    def _require_entries(self) -> None:
-        if not self._resolved:
+    def _require_entries(self, names: Sequence[str] | None = None) -> None:
+        if self.needs(names):
             raise StoreError(
                 f"version {self.version}: a format-4 manifest keeps its task entries in payloads; read it through "
                 "SubspaceStore (which fetches them), not decode_manifest"
@@ -490,8 +489,8 @@ class CheckedManifest:
 
     def tasks(self, names: Sequence[str]) -> None:
         """Check the entries of ``names`` (each one the manifest holds; unknown names are left to the caller)."""
-        self._require_entries()
         entries = self.top["tasks"]
+        self._require_entries([name for name in names if name in entries])
         with self._lock:
             for name in names:
                 if name not in self._checked and name in entries:
@@ -583,12 +582,16 @@ class _ManifestReader:
         self._count(top, "bytes", ())
         self._typed(top, "subspace_metadata", dict, ())
         self._typed(top, "metadata", dict, ())
-        return CheckedManifest(self, top, origins, index)
+        checked = CheckedManifest(self, top, origins, index)
+        if index is not None:
+            checked._sources = _Sources(self, top, index)
+            top["tasks"] = dict.fromkeys(index)  # the names; each entry joined from its payloads when first checked
+        return checked
 
     def _shared(self, top: dict[str, Any], modules: dict[str, Any], origins: set[str]) -> dict[str, int]:
         """Check a format-4 manifest's ``entries``, ``numbers`` and task map; returns task -> entries position."""
         elements = self._typed(top, "entries", list, ())
-        seen: set[str] = set()
+        seen: set[tuple[str, int]] = set()
         for i, element in enumerate(elements):
             where = ("entries", str(i))
             element = self._object(element, where)
@@ -599,17 +602,17 @@ class _ManifestReader:
                     (*where, "version"),
                     f"is {written!r}, which is neither this version nor the start of one of its rotation chains",
                 )
-            if written in seen:
-                self._fail((*where, "version"), f"names {written} a second time")
-            seen.add(written)
-            self._payload(f"entries of {written}", element, where, (self.keys.entries(written),))
+            part = self._count(element, "part", where)
+            if (written, part) in seen:
+                self._fail(where, f"names part {part} of {written} a second time")
+            seen.add((written, part))
+            self._payload(f"entries {part} of {written}", element, where, (self.keys.entries(written, part),))
         numbers = self._object(self._field(top, "numbers"), ("numbers",))
         self._payload("numbers", numbers, ("numbers",), (self.keys.numbers(self.version),))
         if self._field(numbers, "fields", ("numbers",)) != shared_entries.FIELDS:
             self._fail(("numbers", "fields"), f"must be {shared_entries.FIELDS}")
         tasks = self._object(self._field(top, "tasks"), ("tasks",))
-        for name, position in tasks.items():
-            self._check(("tasks", name), check_task_name, name)
+        for name, position in tasks.items():  # names are checked with their entries (or before they make a key)
             if type(position) is not int or not 0 <= position < len(elements):
                 self._fail(("tasks", name), f"must be the position of one of the {len(elements)} entries payloads")
         want = len(tasks) * shared_entries.columns(len(modules)) * 8
@@ -620,24 +623,6 @@ class _ManifestReader:
                 f"take {want}",
             )
         return dict(tasks)
-
-    def sources(self, top: dict[str, Any], index: dict[str, int], payloads: Sequence[bytes | memoryview]) -> _Sources:
-        """A format-4 manifest's entries and numbers payloads, decoded; each entry is joined when first used."""
-        elements = top["entries"]
-        if len(payloads) != len(elements) + 1:
-            raise StoreError(f"resolve needs {len(elements) + 1} payloads, got {len(payloads)}")
-        blocks = []
-        for element, data in zip(elements, payloads, strict=False):
-            try:
-                blocks.append(shared_entries.decode_entries(data))
-            except PayloadFormatError as err:
-                raise CorruptPayloadError(self.version, element["key"], f"cannot be decoded ({err})") from None
-        modules = list(top["modules"])
-        try:
-            numbers = shared_entries.decode_numbers(payloads[-1], len(index), len(modules))
-        except PayloadFormatError as err:
-            raise CorruptPayloadError(self.version, top["numbers"]["key"], f"cannot be decoded ({err})") from None
-        return _Sources(self, elements, index, blocks, numbers, modules)
 
     def task(self, top: dict[str, Any], name: str, entry: Any, origins: set[str]) -> None:
         """Check one task entry of a manifest ``read`` checked (format 1: fills in ``written_in``)."""
@@ -810,35 +795,58 @@ def _real(value: Any) -> bool:
 
 
 class _Sources:
-    """A resolved format-4 manifest's decoded entries payloads and numbers: joins a task's format-3 entry."""
+    """A format-4 manifest read from bytes: its entries payload parts and numbers as fetched so far (``needs``,
+    ``provide``), and each task's format-3 entry joined from them (``entry``)."""
 
-    def __init__(
-        self,
-        reader: _ManifestReader,
-        elements: list[dict[str, Any]],
-        index: dict[str, int],
-        blocks: list[dict[str, Any]],
-        numbers: Any,
-        modules: list[str],
-    ) -> None:
+    def __init__(self, reader: _ManifestReader, top: dict[str, Any], index: dict[str, int]) -> None:
         self.reader = reader
-        self.elements = elements
+        self.elements: list[dict[str, Any]] = top["entries"]
+        self.numbers_item: dict[str, Any] = top["numbers"]
         self.index = index
-        self.rows = {name: i for i, name in enumerate(index)}
-        self.blocks = blocks
-        self.numbers = numbers
-        self.modules = modules
-        self.width = shared_entries.columns(len(modules))
+        self.modules = list(top["modules"])
+        self.width = shared_entries.columns(len(self.modules))
+        self.blocks: list[dict[str, Any] | None] = [None] * len(self.elements)
+        self.numbers: Any = None
+        self.rows: dict[str, int] | None = None
+
+    def needs(self, names: Sequence[str] | None) -> list[tuple[str, str, int]]:
+        wanted = set(self.index.values()) if names is None else {self.index[n] for n in names if n in self.index}
+        out = [self.elements[i] for i in sorted(wanted) if self.blocks[i] is None]
+        if self.numbers is None and wanted:
+            out.append(self.numbers_item)
+        return [(e["key"], e["sha256"], e["bytes"]) for e in out]
+
+    def provide(self, payloads: dict[str, bytes | memoryview]) -> None:
+        version = self.reader.version
+        for i, element in enumerate(self.elements):
+            if self.blocks[i] is None and element["key"] in payloads:
+                try:
+                    self.blocks[i] = shared_entries.decode_entries(payloads[element["key"]])
+                except PayloadFormatError as err:
+                    raise CorruptPayloadError(version, element["key"], f"cannot be decoded ({err})") from None
+        key = self.numbers_item["key"]
+        if self.numbers is None and key in payloads:
+            try:
+                self.numbers = shared_entries.decode_numbers(payloads[key], len(self.index), len(self.modules))
+            except PayloadFormatError as err:
+                raise CorruptPayloadError(version, key, f"cannot be decoded ({err})") from None
 
     def entry(self, name: str) -> dict[str, Any]:
-        position, row = self.index[name], self.rows[name]
+        position = self.index[name]
+        if self.rows is None:
+            self.rows = {task: i for i, task in enumerate(self.index)}
+        row = self.rows[name]
         element = self.elements[position]
         written = element["version"]
-        static = self.blocks[position].get(name)
+        block = self.blocks[position]
+        assert block is not None and self.numbers is not None  # needs() -> provide() came first
+        static = block.get(name)
         version = self.reader.version
         if static is None:
             raise CorruptPayloadError(version, element["key"], f"has no entry for task {name!r}")
         values = self.numbers[row * self.width : (row + 1) * self.width].tolist()
+        if any(map(math.isinf, values)):
+            raise CorruptPayloadError(version, self.numbers_item["key"], f"holds an infinite number for task {name!r}")
         try:
             return shared_entries.join(static, written, self.reader.keys.task(written, name), values, self.modules)
         except ValueError as err:

@@ -99,9 +99,9 @@ class Keys:
     def rotation(self, version: str, module: str) -> str:
         return f"{self.payload_prefix(version)}rotation:{module}"
 
-    def entries(self, version: str) -> str:
-        """Format 4: the entries (JSON) of the tasks whose payloads ``version`` wrote, without per-version numbers."""
-        return f"{self.payload_prefix(version)}entries"
+    def entries(self, version: str, part: int) -> str:
+        """Format 4: part ``part`` of the entries (JSON) of the tasks whose payloads ``version`` wrote."""
+        return f"{self.payload_prefix(version)}entries:{part}"
 
     def numbers(self, version: str) -> str:
         """Format 4: every task's per-version numbers in ``version`` (float64 rows, ``codec.NUMBER_FIELDS``)."""

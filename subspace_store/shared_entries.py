@@ -30,6 +30,7 @@ import math
 import sys
 from array import array
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from share.merge import DRIFT_BOUND, ENERGY_KEPT, ERROR_BOUND, MODULE_DRIFT, RECONSTRUCTION_ERROR
@@ -39,6 +40,7 @@ from .payloads import PayloadFormatError
 SHARED_FORMAT_VERSION = 4
 ENTRIES_FORMAT = "share-cl-task-entries"
 SHARED_ENTRIES_FROM = 256  # a full version with this many tasks or more is written in format 4
+ENTRIES_PART = 512  # tasks per entries payload part: a one-task read parses at most this many entries
 ENTRY_ERROR = "entry." + RECONSTRUCTION_ERROR  # the entry's own reconstruction_error (not its metadata's)
 _SCALARS = (RECONSTRUCTION_ERROR, ENERGY_KEPT, DRIFT_BOUND, ERROR_BOUND)
 NUMBER_FIELDS = (ENTRY_ERROR, *_SCALARS)
@@ -92,8 +94,7 @@ def number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> by
 
 
 def decode_numbers(data: bytes | memoryview, rows: int, modules: int) -> array:
-    """A numbers payload as one flat array of ``rows`` rows; ``PayloadFormatError`` if it does not hold that many
-    rows of finite-or-NaN floats."""
+    """A numbers payload as one flat array of ``rows`` rows; ``PayloadFormatError`` if its size is not that."""
     width = columns(modules)
     if len(data) != rows * width * 8:
         raise PayloadFormatError(f"holds {len(data)} bytes, not {rows} rows of {width} float64")
@@ -101,9 +102,7 @@ def decode_numbers(data: bytes | memoryview, rows: int, modules: int) -> array:
     values.frombytes(bytes(data))
     if sys.byteorder != "little":
         values.byteswap()
-    if any(math.isinf(v) for v in values):
-        raise PayloadFormatError("holds an infinite number")
-    return values
+    return values  # an infinite value is refused with the row that holds it (``codec``)
 
 
 def static_entry(packed: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +124,25 @@ def static_entry(packed: dict[str, Any]) -> dict[str, Any]:
 def encode_entries(entries: Mapping[str, dict[str, Any]]) -> bytes:
     """An entries payload of ``static_entry`` dicts."""
     return json.dumps({"format": ENTRIES_FORMAT, "tasks": entries}).encode()
+
+
+def encode_parts(entries: Mapping[str, dict[str, Any]]) -> list[bytes]:
+    """``static_entry`` dicts as entries payload parts of ``ENTRIES_PART`` tasks each, in order."""
+    names = list(entries)
+    return [
+        encode_entries({name: entries[name] for name in names[i : i + ENTRIES_PART]})
+        for i in range(0, len(names), ENTRIES_PART)
+    ]
+
+
+@dataclass
+class Inherited:
+    """Where a format-4 parent keeps its tasks' entries: its ``entries`` elements, each task's position among them,
+    and its checked (readers'-layout) entries."""
+
+    elements: list[dict[str, Any]]
+    positions: dict[str, int]
+    entries: dict[str, dict[str, Any]]
 
 
 def decode_entries(data: bytes | memoryview) -> dict[str, Any]:

@@ -115,7 +115,7 @@ class SubspaceStore:
         """The manifest of the version ``ref`` names, every field checked (``decode_manifest``); the caller's copy."""
         return json_copy(self._checked(ref).full())
 
-    def _checked(self, ref: str) -> CheckedManifest:
+    def _checked(self, ref: str, tasks: Sequence[str] | None = None) -> CheckedManifest:
         """The manifest ``ref`` names as this process checked it (``manifest_cache``): the ref and the manifest
         read in one round trip when the ref names the version it named last, parsed and checked only if its
         bytes differ from the cached ones. Shared: never modify it."""
@@ -127,7 +127,20 @@ class SubspaceStore:
             )
         if version != guess and version != ref:  # a version id names itself: nothing to remember
             manifest_cache.REFS.remember(self._cache_key(ref), version)
-        return self._decoded(version, raw)
+        return self._with_entries(self._decoded(version, raw), tasks)
+
+    def _with_entries(self, checked: CheckedManifest, tasks: Sequence[str] | None = None) -> CheckedManifest:
+        """``checked`` with what the entries of ``tasks`` (None: every task) are joined from fetched (format 4: its
+        entries payload parts and numbers; nothing for older formats)."""
+        needs = checked.needs(tasks)
+        if needs:
+            items = [fetch.Item(key, digest, size, bytes) for key, digest, size in needs]
+            checked.provide(
+                dict(
+                    zip([key for key, _, _ in needs], fetch.fetch_all(self.client, checked.version, items), strict=True)
+                )
+            )
+        return checked
 
     def _cache_key(self, name: str) -> tuple[Any, ...]:
         """What names a ref or version of this namespace on this server in ``manifest_cache``."""
@@ -139,10 +152,11 @@ class SubspaceStore:
         if checked is None:
             checked = read_manifest(raw, self.keys, version)
             size = None
-            if needs := checked.needs:  # format 4: the task entries are in payloads
-                items = [fetch.Item(k, digest, size, bytes) for k, digest, size in needs]
-                checked.resolve(fetch.fetch_all(self.client, version, items))
-                size = shared_entries.held_bytes(len(raw), sum(n for *_, n in needs[:-1]), needs[-1][2])
+            if checked.positions is not None:  # format 4: what it holds once its entries are read
+                top = checked.top
+                size = shared_entries.held_bytes(
+                    len(raw), sum(e["bytes"] for e in top["entries"]), top["numbers"]["bytes"]
+                )
             manifest_cache.MANIFESTS.put(key, raw, checked, size)
         return checked
 
@@ -153,13 +167,13 @@ class SubspaceStore:
         sha256 (sizes and Arrow structure are still checked): about a third faster on large versions,
         for callers that trust the network and the server's memory.
         """
-        checked = self._checked(ref)
+        checked = self._checked(ref, None if tasks is None else list(tasks))  # format 4: only their entries fetched
         manifest = checked.full() if tasks is None else checked.top
         version = manifest["version"]
         wanted = list(manifest["tasks"]) if tasks is None else list(tasks)
         for name in wanted:
             if name not in manifest["tasks"]:
-                held = ", ".join(checked.full()["tasks"]) or "none"  # names checked before they reach a message
+                held = ", ".join(self._with_entries(checked).full()["tasks"]) or "none"  # names checked first
                 raise TaskNotFoundError(f"version {version} has no task {name!r}; it holds: {held}")
         checked.tasks(wanted)  # only the entries used are checked: a one-task pull does no per-task work for the rest
         bases, task_entries = self._read(manifest, wanted, verify, with_bases=True)
@@ -253,7 +267,7 @@ class SubspaceStore:
         for name, raw in zip(names, raws, strict=True):
             if raw is None:  # pruned between the two reads
                 continue
-            m = self._decoded(name, raw).full()
+            m = self._with_entries(self._decoded(name, raw)).full()
             out.append(
                 VersionInfo(
                     version=name,
@@ -313,12 +327,12 @@ class SubspaceStore:
         if max_chain < 1 or max_chain > chains.MAX_CHAIN:
             raise StoreError(f"max_chain must be between 1 and {chains.MAX_CHAIN} (got {max_chain})")
         plan = self._delta_plan(subspace, parent, rotations, max_chain) if delta and parent is not None else {}
-        inherited = plan.pop("inherited", None)
+        inherited: shared_entries.Inherited | None = plan.pop("inherited", None)
         encoded = encode_subspace(subspace, reconstruction_error, **plan)
         if inherited is not None:
-            encoded.share_entries(inherited, plan["reuse"])
+            encoded.share_entries(inherited)
         elif not plan and len(subspace.tasks) >= self.shared_entries_from:
-            encoded.share_entries([])
+            encoded.share_entries()
         meta = _jsonable(metadata or {}, "metadata")
         _jsonable(subspace.metadata, "subspace.metadata")
         for tname, task in subspace.tasks.items():
@@ -343,10 +357,11 @@ class SubspaceStore:
     ) -> dict[str, Any]:
         """``encode_subspace``'s delta arguments (reuse, rotations, chain), or {} to write in full."""
         # The parent is usually what this process just published (a coordinator): cached as built (commit).
-        before = self._checked(parent).full()
+        checked = self._checked(parent)
+        before = checked.full()
         if list(before["modules"]) != list(subspace.modules):
             return {}
-        shared = before["format_version"] == shared_entries.SHARED_FORMAT_VERSION
+        shared = checked.positions is not None  # format 4
         chain = before["rotations"]
         origin = {e["parent"]: i for i, e in enumerate(chain)}
         reuse: dict[str, dict[str, Any]] = {}
@@ -398,9 +413,9 @@ class SubspaceStore:
                 return {}
         starts = [origin[e["written_in"]] for e in reuse.values() if e["written_in"] != parent]
         plan = {"reuse": reuse, "rotations": rotations, "chain": chain[min(starts) :] if starts else []}
-        if shared:  # the parent's entries payloads of the versions the reused tasks were written in
-            needed = {e["written_in"] for e in reuse.values()}
-            plan["inherited"] = [e for e in before["entries"] if e["version"] in needed]
+        if shared:  # where the parent keeps the reused tasks' entries
+            assert checked.positions is not None
+            plan["inherited"] = shared_entries.Inherited(before["entries"], checked.positions, reuse)
         return plan
 
     def compact(self, *, min_chain: int = 1, metadata: dict[str, Any] | None = None) -> str | None:
@@ -620,8 +635,7 @@ class _Publication:
         blobs = [(self.keys.basis(v, m), d) for m, d in encoded.bases.items()]
         blobs += [(self.keys.task(v, t), d) for t, d in encoded.tasks.items()]
         blobs += [(self.keys.rotation(v, m), d) for m, d in encoded.rotations.items()]
-        if encoded.entries is not None:
-            blobs.append((self.keys.entries(v), encoded.entries))
+        blobs += [(self.keys.entries(v, i), data) for i, data in enumerate(encoded.entries)]
         if encoded.numbers is not None:
             blobs.append((self.keys.numbers(v), encoded.numbers))
         return blobs
@@ -668,7 +682,7 @@ class _Publication:
                         self.format_version,
                     )
                     pipe.multi()
-                    stored = encode_manifest(manifest)
+                    stored = encode_manifest(manifest, self.encoded.positions)
                     pipe.set(keys.manifest(v), stored)
                     pipe.set(keys.head, v)
                     pipe.zadd(keys.versions, {v: self.number})
@@ -678,7 +692,9 @@ class _Publication:
                     if manifest["format_version"] in (MANIFEST_FORMAT_VERSION, shared_entries.SHARED_FORMAT_VERSION):
                         # Readers in this process (the coordinator's record of the merge, the next delta's
                         # plan) find it as built while the stored bytes are these: nothing parsed back.
-                        written = CheckedManifest.written(manifest, keys, v, self.encoded.parents)
+                        written = CheckedManifest.written(
+                            manifest, keys, v, self.encoded.parents, self.encoded.positions or None
+                        )
                         numbers = len(self.encoded.numbers or b"")
                         size = shared_entries.held_bytes(len(stored), 0, numbers) if numbers else None
                         manifest_cache.MANIFESTS.put(self.store._cache_key(v), stored, written, size)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from share import KPolicy, LoraAdapter, Subspace, TaskCoefficients, merge
-from subspace_store import CorruptPayloadError, StoreError, SubspaceStore, manifest_cache
+from subspace_store import CorruptPayloadError, StoreError, SubspaceStore, manifest_cache, shared_entries
 from subspace_store.chains import relative_difference
 from subspace_store.payloads import sha256
 from subspace_store.shared_entries import FIELDS, decode_entries
@@ -97,7 +97,7 @@ def test_a_delta_manifest_and_what_it_writes_stay_small_as_tasks_accumulate(redi
         v3, _ = _chain(inline, tasks, 2)
         head = store.manifest(versions[-1])
         assert head["entries"][-1]["version"] == versions[-1]  # its own entries payload: the new task only
-        assert list(decode_entries(redis_client.get(store.keys.entries(versions[-1])))) == ["n1"]
+        assert list(decode_entries(redis_client.get(store.keys.entries(versions[-1], 0)))) == ["n1"]
         assert head["numbers"]["bytes"] == (tasks + 2) * (len(FIELDS) - 1 + len(MODULES)) * 8
         sizes[tasks] = (len(redis_client.get(store.keys.manifest(versions[-1]))), head["written_bytes"])
         sizes[(tasks, 3)] = len(redis_client.get(inline.keys.manifest(v3[-1])))
@@ -120,7 +120,7 @@ def test_a_task_whose_other_metadata_changed_is_written_again(redis_client, name
     m = store.manifest(version)
     assert m["format_version"] == 4 and m["rotations"]
     assert m["tasks"]["t1"]["written_in"] == version and m["tasks"]["t0"]["written_in"] == versions[0]
-    assert sorted(decode_entries(redis_client.get(store.keys.entries(version)))) == ["n9", "t1"]
+    assert sorted(decode_entries(redis_client.get(store.keys.entries(version, 0)))) == ["n9", "t1"]
     _same(store.get(version), sub)
 
 
@@ -143,12 +143,12 @@ def test_retention_keeps_the_entries_payloads_retained_versions_read_and_no_more
     store.prune(keep=1)
     manifest_cache.clear()
     _same(store.get(versions[-1]), subs[-1])  # t0..t2 read through the entries payload of the pruned v1
-    assert redis_client.exists(store.keys.entries(versions[0]))
+    assert redis_client.exists(store.keys.entries(versions[0], 0))
     assert not redis_client.exists(store.keys.numbers(versions[0]))  # a pruned version's own numbers go
     compacted = store.compact()
     assert compacted is not None and store.manifest(compacted)["format_version"] == 4
     store.prune(keep=1)
-    assert not redis_client.exists(store.keys.entries(versions[0]))  # nothing reads it any more
+    assert not redis_client.exists(store.keys.entries(versions[0], 0))  # nothing reads it any more
     left = {k.decode() for k in redis_client.scan_iter(match=f"sharecl:{namespace}:v:*", count=1000)}
     assert left == set(store._checked(compacted).payload_keys())
     _same(store.get(compacted), subs[-1])
@@ -171,11 +171,11 @@ def _set_payload(store: SubspaceStore, version: str, field: str, data: bytes, ke
         ("entries-lack-task", "has no entry for task 't1'"),
         ("entries-hold-numbers", "holds a field that the layout or the numbers payload gives"),
         ("numbers-short", "'bytes'.* tasks of"),
-        ("numbers-infinite", "infinite"),
+        ("numbers-infinite", "infinite number for task 't1'"),
         ("numbers-partial-drift", "module_drift for some modules only"),
         ("task-position", "must be the position of one of the"),
         ("entries-version", "neither this version nor the start of one of its rotation chains"),
-        ("entries-key", "keeps 'entries of"),
+        ("entries-key", "keeps 'entries 0 of"),
         ("fields", "'fields'.* must be"),
     ],
 )
@@ -183,7 +183,7 @@ def test_tampered_format_4_versions_are_refused_naming_the_fault(redis_client, n
     store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
     versions, subs = _chain(store, 3, 2)
     head, first = versions[-1], versions[0]
-    entries_key, numbers_key = store.keys.entries(first), store.keys.numbers(head)
+    entries_key, numbers_key = store.keys.entries(first, 0), store.keys.numbers(head)
     numbers = redis_client.get(numbers_key)
     width = len(FIELDS) - 1 + len(MODULES)
     if case == "entries-checksum":
@@ -225,3 +225,21 @@ def test_tampered_format_4_versions_are_refused_naming_the_fault(redis_client, n
                 store.get(version)
     else:
         _same(store.get(versions[1]), subs[1])  # the other versions read as before
+
+
+def test_a_one_task_read_fetches_only_the_entries_part_that_holds_it(redis_client, namespace, monkeypatch) -> None:
+    monkeypatch.setattr(shared_entries, "ENTRIES_PART", 2)
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    versions, subs = _chain(store, 7, 1)  # v1: 7 tasks in 4 parts of 2; v2: one more task in its own part
+    head = store.manifest(versions[-1])
+    assert [(e["version"], e["part"]) for e in head["entries"]] == [(versions[0], i) for i in range(4)] + [
+        (versions[1], 0)
+    ]
+    manifest_cache.clear()
+    got = store.get(versions[-1], tasks=["t5"])
+    _same(got, Subspace(subs[-1].modules, {"t5": subs[-1].tasks["t5"]}))
+    checked = store._checked(versions[-1], ["t5"])
+    left = {key for key, _, _ in checked.needs()}
+    assert left == {store.keys.entries(versions[0], i) for i in (0, 1, 3)} | {store.keys.entries(versions[1], 0)}
+    _same(store.get(versions[-1]), subs[-1])  # the rest fetched when needed
+    assert checked.needs() == []
