@@ -362,11 +362,15 @@ def test_prune_after_a_long_delta_chain_keeps_what_retained_versions_read(redis_
 
 
 # -- the coordinator -----------------------------------------------------------------------------------
-def test_the_coordinator_publishes_deltas_and_compacts_after_the_publish(redis_client, namespace) -> None:
+@pytest.mark.parametrize("shared_entries_from", [256, 1], ids=["format3", "format4"])
+def test_the_coordinator_publishes_deltas_and_compacts_after_the_publish(
+    redis_client, namespace, shared_entries_from
+) -> None:
     from coordinator import Coordinator
     from subspace_store import Submission, SubmissionStream
 
-    store, stream = SubspaceStore(redis_client, namespace), SubmissionStream(redis_client, namespace)
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=shared_entries_from)
+    stream = SubmissionStream(redis_client, namespace)
     coordinator = Coordinator(store, stream, KPolicy(k=6), max_chain=3, keep_versions=3)
     steps = []
     for i in range(6):
@@ -387,9 +391,13 @@ def test_the_coordinator_publishes_deltas_and_compacts_after_the_publish(redis_c
     assert [info.version for info in store.list_versions()] == ["v5", "v6", "v7"]  # keep_versions=3
     assert _namespace_payload_keys(store) == _named_payload_keys(store)
     # A restarted coordinator reads the head from the store and goes on with deltas.
+    manifest_cache.clear()  # a new process: nothing cached
     again = Coordinator(store, stream, KPolicy(k=6), max_chain=3)
     stream.submit(Submission("t6", _adapter(6), "v7"))
     assert again.step(block_ms=None).version == "v8" and store.manifest("v8")["rotations"]
+    assert {store.manifest(v)["format_version"] for v in ("v5", "v6", "v7", "v8")} == {
+        4 if shared_entries_from == 1 else 3
+    }
     with pytest.raises(Exception, match="max_chain"):
         Coordinator(store, stream, max_chain=0)
 
