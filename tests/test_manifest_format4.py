@@ -12,10 +12,17 @@ import struct
 
 import pytest
 import torch
+from helpers import FUZZ, edit_randomly, json_paths, json_strategy
+from hypothesis import given
+from hypothesis import strategies as st
 
 from share import KPolicy, LoraAdapter, Subspace, TaskCoefficients, merge
+from share.errors import ShareClError
+from share.merge import MODULE_DRIFT
 from subspace_store import CorruptPayloadError, StoreError, SubspaceStore, manifest_cache, shared_entries
 from subspace_store.chains import relative_difference
+from subspace_store.codec import build_manifest, encode_manifest, encode_subspace, read_manifest
+from subspace_store.keys import Keys
 from subspace_store.payloads import sha256
 from subspace_store.shared_entries import FIELDS, decode_entries
 
@@ -243,3 +250,71 @@ def test_a_one_task_read_fetches_only_the_entries_part_that_holds_it(redis_clien
     assert left == {store.keys.entries(versions[0], i) for i in (0, 1, 3)} | {store.keys.entries(versions[1], 0)}
     _same(store.get(versions[-1]), subs[-1])  # the rest fetched when needed
     assert checked.needs() == []
+
+
+# -- fuzzing the format-4 reader (no Redis: what the store would fetch is handed over) ---------------------
+KEYS = Keys("fmt4")
+
+
+def _stored_v2() -> tuple[bytes, dict[str, bytes], dict]:
+    """A format-4 delta v2 on a format-4 v1, as stored: manifest bytes, payloads (entries parts, numbers) by key,
+    and the readers' layout the store built."""
+    sub1, _ = merge(None, {f"t{i}": _adapter(i) for i in range(3)}, POLICY)
+    enc1 = encode_subspace(sub1)
+    assert enc1.share_entries()
+    m1 = build_manifest(KEYS, "v1", sub1, enc1, None, {}, [], 1.0e9)
+    sub2, report = merge(sub1, {"n0": _adapter(7)}, POLICY)
+    reuse = {t: m1["tasks"][t] for t in sub1.tasks}
+    enc2 = encode_subspace(sub2, reuse=reuse, rotations=report.rotations, chain=m1["rotations"])
+    assert enc2.share_entries(shared_entries.Inherited(m1["entries"], enc1.positions, reuse))
+    m2 = build_manifest(KEYS, "v2", sub2, enc2, "v1", {}, [], 1.0e9 + 1)
+    payloads = {KEYS.entries("v1", i): data for i, data in enumerate(enc1.entries)}
+    payloads |= {KEYS.entries("v2", i): data for i, data in enumerate(enc2.entries)}
+    payloads[KEYS.numbers("v2")] = enc2.numbers
+    return encode_manifest(m2, enc2.positions), payloads, m2
+
+
+STORED_V2, PAYLOADS_V2, BUILT_V2 = _stored_v2()
+
+
+def _read_v2(raw: bytes, payloads: dict[str, bytes]) -> dict | None:
+    """What a store's read of v2 gives from these bytes (None: a payload it names is not there), or a project error."""
+    checked = read_manifest(raw, KEYS, "v2")
+    needs = checked.needs()
+    if any(key not in payloads for key, _, _ in needs):
+        return None  # the store would find the key missing: VersionNotFoundError
+    checked.provide({key: payloads[key] for key, _, _ in needs})
+    checked.payload_keys()
+    return checked.full()
+
+
+def test_the_pure_reader_gives_what_was_built() -> None:
+    got = _read_v2(STORED_V2, PAYLOADS_V2)
+    assert got is not None and got["tasks"] == BUILT_V2["tasks"] and got["entries"] == BUILT_V2["entries"]
+
+
+@FUZZ
+@given(st.data())
+def test_edited_format_4_manifests_and_payloads_read_or_raise_a_project_error(data: st.DataObject) -> None:
+    words = ["tasks", "entries", "numbers", "part", "version", "key", "fields", "v1", "v2", "t0", "metadata"]
+    values = json_strategy(words + [MODULE_DRIFT, "drift_bound", "p", "head", "module_values"], 8)
+    manifest, payloads = json.loads(STORED_V2), dict(PAYLOADS_V2)
+    target = data.draw(st.sampled_from(["manifest", "entries", "numbers"]))
+    if target == "manifest":
+        paths = [p for p in json_paths(manifest)[1:] if p[0] in ("tasks", "entries", "numbers")]
+        edit_randomly(data, manifest, paths, values)
+    elif target == "entries":
+        key = data.draw(st.sampled_from([k for k in payloads if ":entries:" in k]))
+        part = json.loads(payloads[key])
+        edit_randomly(data, part, json_paths(part)[1:], values)
+        payloads[key] = json.dumps(part).encode()
+    else:
+        numbers = bytearray(payloads[KEYS.numbers("v2")])
+        for _ in range(data.draw(st.integers(1, 4))):
+            at = data.draw(st.integers(0, len(numbers) // 8 - 1)) * 8
+            numbers[at : at + 8] = struct.pack("<d", data.draw(st.floats(allow_nan=True, allow_infinity=True)))
+        payloads[KEYS.numbers("v2")] = bytes(numbers)
+    try:
+        _read_v2(json.dumps(manifest).encode(), payloads)
+    except ShareClError:
+        pass
