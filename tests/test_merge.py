@@ -7,6 +7,7 @@ stacked ``[U E_1 ... U E_T, X_new]`` (what the spec says the merge must equal, w
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -256,10 +257,34 @@ def test_reported_error_is_zero_when_nothing_is_truncated() -> None:
 
 
 @pytest.mark.parametrize("with_old", [False, True], ids=["init", "merge"])
-def test_a_rank_zero_adapter_is_refused_by_name_and_changes_nothing(with_old: bool) -> None:
+def test_a_rank_zero_adapter_is_refused_by_name(with_old: bool) -> None:
     old = merge(None, adapters(0, 2))[0] if with_old else None
     empty = LoraAdapter(factors={m: (torch.zeros(n, 0), torch.zeros(0, d)) for m, (n, d) in SHAPES.items()})
     with pytest.raises(ShareClError, match="adapter 'empty', module 'enc.0.query': rank 0"):
         merge(old, {"good": random_adapter(7), "empty": empty})
-    if old is not None:
-        assert list(old.tasks) == ["t0", "t1"]
+
+
+@pytest.mark.parametrize("chunk", [1 << 17, 8], ids=["one-chunk", "many-chunks"])
+def test_a_merge_leaves_its_input_subspace_as_it_was(chunk: int, monkeypatch) -> None:
+    """The merge writes every task's new coefficients into fresh stacks, chunk by chunk, and keeps running
+    Grams on the bases: nothing of the input subspace (bases, coefficients, their stacks, metadata) may change,
+    whichever path it takes (past ``_GRAM_FROM_CACHE`` old columns the old tasks are read as stacks)."""
+    merge_module = importlib.import_module("share.merge")  # ``share.merge`` the attribute is the function
+    monkeypatch.setattr(merge_module, "_ROTATE_CHUNK", chunk)
+    monkeypatch.setattr(merge_module, "_GRAM_FROM_CACHE", 8)
+    head = merge(None, adapters(0, 3), KPolicy(k=6))[0]
+    for i in range(3, 6):  # rows of one merge's stacks, and the Gram cache, as a coordinator holds them
+        head = merge(head, adapters(i, 1), KPolicy(k=6))[0]
+    snapshot = {
+        "bases": {m: (b.U_A.clone(), b.U_B.clone()) for m, b in head.modules.items()},
+        "E": {t: {m: (a.clone(), b.clone()) for m, (a, b) in task.E.items()} for t, task in head.tasks.items()},
+        "metadata": {t: repr(task.metadata) for t, task in head.tasks.items()},
+    }
+    merged, _ = merge(head, adapters(6, 2), KPolicy(k=6))
+    assert set(merged.tasks) == set(head.tasks) | {"t6", "t7"}
+    for m, (a, b) in snapshot["bases"].items():
+        assert torch.equal(head.modules[m].U_A, a) and torch.equal(head.modules[m].U_B, b), m
+    for t, modules in snapshot["E"].items():
+        for m, (a, b) in modules.items():
+            assert torch.equal(head.tasks[t].E[m][0], a) and torch.equal(head.tasks[t].E[m][1], b), (t, m)
+        assert repr(head.tasks[t].metadata) == snapshot["metadata"][t], t
