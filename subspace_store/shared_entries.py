@@ -5,17 +5,18 @@ head names, metadata), so a version costs O(T) JSON even when it writes one task
 entry never changes after the task's payload is written; what every merge changes is a few numbers
 (``share.merge``'s reconstruction error, energy kept, drift bounds). Format 4 keeps them apart:
 
-- **Entries payload** of version ``w`` (``Keys.entries(w)``): JSON ``{"format": ENTRIES_FORMAT, "tasks":
-  {name: entry}}`` for the tasks whose payloads ``w`` wrote. An entry is the format-3 entry without
-  ``key`` and ``written_in`` (the layout gives them: ``Keys.task(w, name)``, ``w``) and without the numbers
-  below. Immutable like every payload; later versions name it (key, size, sha256) instead of copying it.
+- **Entries payload parts** of version ``w`` (``Keys.entries(w, part)``, ``ENTRIES_PART`` tasks each): JSON
+  ``{"format": ENTRIES_FORMAT, "tasks": {name: entry}}`` for the tasks whose payloads ``w`` wrote. An entry
+  is the format-3 entry without ``key`` and ``written_in`` (the layout gives them: ``Keys.task(w, name)``,
+  ``w``) and without the numbers below. Immutable like every payload; later versions name a part (version,
+  part, key, size, sha256) instead of copying it, and a read fetches only the parts of the tasks it reads.
 - **Numbers payload** of version ``v`` (``Keys.numbers(v)``): float64, little-endian, one row per task in
   the manifest's task order; columns ``NUMBER_FIELDS`` (the entry's ``reconstruction_error``, then the
   metadata's) and then ``module_drift`` once per module, in the manifest's module order. NaN means the
   field is absent (a stored value is always finite).
-- **Manifest** ``tasks``: name -> index into ``entries``, the list of entries payloads its tasks come
-  from (one per version that wrote one of its tasks' payloads: at most the rotation chain's length plus
-  one), and ``numbers``: that payload with ``fields`` naming its columns.
+- **Manifest** ``tasks``: name -> position in ``entries``, the list of the parts its tasks' entries are in
+  (parts of the versions that wrote its tasks' payloads: at most the rotation chain's length plus one
+  versions), and ``numbers``: that payload with ``fields`` naming its columns.
 
 A version is written in format 4 when every task's numbers are finite floats or absent (what ``share.merge``
 writes), and either it is written in full with at least ``SHARED_ENTRIES_FROM`` tasks or its parent is
