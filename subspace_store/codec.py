@@ -471,9 +471,16 @@ class CheckedManifest:
             return out + [e["key"] for e in self.full()["tasks"].values()]
         elements = top["entries"]
         out += [e["key"] for e in elements] + [top["numbers"]["key"]]
-        for name in self._index:  # a name becomes a key here: checked first (``read`` left it to the entry's check)
+        names = self.names()  # a name becomes a key here: checked first (``read`` left it to the entry's check)
+        return out + [self._reader.keys.task(elements[self._index[name]]["version"], name) for name in names]
+
+    def names(self) -> list[str]:
+        """The task names, checked, without their entries (format 4: nothing fetched; else every entry checked)."""
+        if self._index is None:
+            return list(self.full()["tasks"])
+        for name in self._index:
             self._reader._check(("tasks", name), check_task_name, name)
-        return out + [self._reader.keys.task(elements[i]["version"], name) for name, i in self._index.items()]
+        return list(self._index)
 
     def _require_entries(self, names: Sequence[str] | None = None) -> None:
         if self.needs(names):

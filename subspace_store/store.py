@@ -267,13 +267,14 @@ class SubspaceStore:
         for name, raw in zip(names, raws, strict=True):
             if raw is None:  # pruned between the two reads
                 continue
-            m = self._with_entries(self._decoded(name, raw)).full()
+            checked = self._decoded(name, raw)
+            m = checked.top  # what is read below is checked; the task names by ``names`` (format 4: no entry fetched)
             out.append(
                 VersionInfo(
                     version=name,
                     parent=m["parent"],
                     created=m["created"],
-                    tasks=list(m["tasks"]),
+                    tasks=checked.names(),
                     k={mod: (e["k_A"], e["k_B"]) for mod, e in m["modules"].items()},
                     bytes=m["bytes"],
                     submissions=list(m["submissions"]),

@@ -243,6 +243,10 @@ def test_a_one_task_read_fetches_only_the_entries_part_that_holds_it(redis_clien
         (versions[1], 0)
     ]
     manifest_cache.clear()
+    infos = store.list_versions()  # names, k, sizes: no entry fetched
+    assert [info.tasks for info in infos] == [list(sub.tasks) for sub in subs]
+    raw = redis_client.get(store.keys.manifest(versions[-1]))
+    assert len(store._decoded(versions[-1], raw).needs()) == len(head["entries"]) + 1
     got = store.get(versions[-1], tasks=["t5"])
     _same(got, Subspace(subs[-1].modules, {"t5": subs[-1].tasks["t5"]}))
     checked = store._checked(versions[-1], ["t5"])
