@@ -113,8 +113,9 @@ class EncodedSubspace:
         self.numbers = numbers
         self.entries = shared_entries.encode_parts(own)
         self.inherited = [dict(parent.elements[old]) for old in used]
-        self.positions = {t: renumber[parent.positions[t]] for t in kept}
-        self.positions |= {t: len(used) + i // shared_entries.ENTRIES_PART for i, t in enumerate(own)}
+        parts = {t: len(used) + i // shared_entries.ENTRIES_PART for i, t in enumerate(own)}
+        # In task order, as the manifest lists them (the numbers' rows and every reader's name order).
+        self.positions = {t: parts[t] if t in parts else renumber[parent.positions[t]] for t in self.tasks_manifest}
         self.parents = {t: parent.entries[t] for t in kept}
         return True
 

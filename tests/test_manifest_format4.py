@@ -67,10 +67,12 @@ def test_format_4_reads_back_exactly_what_format_3_gives(redis_client, namespace
     versions, subs = _chain(shared, 4, 5, max_chain=3)  # t0..t3 pass max_chain: rewritten (new entries too)
     v3, _ = _chain(inline, 4, 5, max_chain=3)
     as_built = {version: shared.manifest(version) for version in versions}  # the publisher's cached manifests
+    built_names = {info.version: info.tasks for info in shared.list_versions()}
     manifest_cache.clear()  # read back from the stored bytes, not as built
     for version, old, sub in zip(versions, v3, subs, strict=True):
         got, want = shared.manifest(version), inline.manifest(old)
         assert got == as_built[version]
+        assert list(got["tasks"]) == list(want["tasks"]) == built_names[version]  # one task order everywhere
         assert got["format_version"] == 4 and want["format_version"] == 3
         assert _raw(shared, version)["tasks"] == {
             t: got["entries"].index(next(e for e in got["entries"] if e["version"] == got["tasks"][t]["written_in"]))
