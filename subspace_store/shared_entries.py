@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import sys
 from array import array
 from collections.abc import Mapping
@@ -64,6 +65,38 @@ def held_bytes(manifest: int, entries: int, numbers: int) -> int:
 def number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> bytes | None:
     """The numbers payload of readers'-layout entries (module maps as dicts), in their order; None when some
     task's numbers are not finite floats or absent (such a version is written in format 3)."""
+    flat = _every_number(entries, modules)
+    if flat is None:
+        return _number_rows(entries, modules)
+    out = array("d", flat)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+def _every_number(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> list[float] | None:
+    """Every task's row, end to end, when every task has every number as a finite float (what ``share.merge``
+    writes): checked in bulk instead of task by task. None: some task is otherwise (``_number_rows`` decides)."""
+    flat: list[Any] = []
+    scalars = operator.itemgetter(*_SCALARS)
+    try:
+        for entry in entries.values():
+            metadata = entry["metadata"]
+            drift = metadata[MODULE_DRIFT]
+            if type(drift) is not dict or list(drift) != modules:
+                return None
+            flat.append(entry["reconstruction_error"])
+            flat.extend(scalars(metadata))
+            flat.extend(drift.values())
+    except KeyError:
+        return None
+    if not modules or not set(map(type, flat)) <= _FLOAT or not all(map(math.isfinite, flat)):
+        return None
+    return flat
+
+
+def _number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> bytes | None:
+    """``number_rows`` task by task: absent numbers become NaN, anything else unusual gives None."""
     out = array("d")
     nan = math.nan
     missing = [nan] * len(modules)
@@ -202,9 +235,7 @@ def renumbered(stored: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     entry whose metadata agrees with it outside them; ``number_rows`` accepted them: floats, module_drift a map)."""
     metadata = entry["metadata"]
     out = {k: v for k, v in stored["metadata"].items() if k not in DYNAMIC_METADATA}
-    for key in _SCALARS:
-        if key in metadata:
-            out[key] = metadata[key]
+    out.update((key, metadata[key]) for key in _SCALARS if key in metadata)
     if MODULE_DRIFT in metadata:
         out[MODULE_DRIFT] = dict(metadata[MODULE_DRIFT])
     return {**stored, "reconstruction_error": entry["reconstruction_error"], "metadata": out}

@@ -8,6 +8,7 @@ no more; a tampered manifest, entries payload or numbers payload is refused nami
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
@@ -324,3 +325,16 @@ def test_edited_format_4_manifests_and_payloads_read_or_raise_a_project_error(da
         _read_v2(json.dumps(manifest).encode(), payloads)
     except ShareClError:
         pass
+
+
+def test_the_bulk_numbers_path_packs_what_the_task_by_task_path_packs() -> None:
+    sub, _ = merge(None, {f"t{i}": _adapter(i) for i in range(4)}, POLICY)
+    sub, _ = merge(sub, {"n0": _adapter(9)}, POLICY)
+    entries = encode_subspace(sub).tasks_manifest
+    modules = list(sub.modules)
+    assert shared_entries._every_number(entries, modules) is not None  # what share.merge writes takes the bulk path
+    assert shared_entries.number_rows(entries, modules) == shared_entries._number_rows(entries, modules)
+    entries["t1"] = {**entries["t1"], "reconstruction_error": None}  # absent: NaN, task by task
+    assert shared_entries._every_number(entries, modules) is None
+    rows = shared_entries.number_rows(entries, modules)
+    assert rows is not None and math.isnan(struct.unpack_from("<d", rows, shared_entries.columns(2) * 8)[0])
