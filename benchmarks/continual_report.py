@@ -15,6 +15,7 @@ from pathlib import Path
 from benchmarks.cl_metrics import mean_std
 from benchmarks.continual_config import METHODS
 from benchmarks.continual_store import MethodResult, write_json_atomic
+from benchmarks.results_md import markdown_table
 
 REFERENCE_STYLE = {  # method -> (marker, colour) in the Pareto figure
     "lora-per-task": ("s", "#1b5e20"),
@@ -56,30 +57,26 @@ def _mean(rows: list[MethodResult], value: Callable[[MethodResult], float]) -> f
 
 # -- tables ----------------------------------------------------------------------------------------
 def summary_table(results: Sequence[MethodResult]) -> str:
-    lines = [
-        "| method | seeds | ACC | BWT | merge loss | just trained | params trained / task | params stored (no heads) "
-        "| bytes stored | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = [("method", "l"), ("seeds", "l"), ("ACC", "l"), ("BWT", "l"), ("merge loss", "l")]
+    columns += [("just trained", "l"), ("params trained / task", "l"), ("params stored (no heads)", "l")]
+    columns += [("bytes stored", "l"), ("wall time (s)", "l")]
+    lines = []
     for method, rows in by_method(results).items():
         trained = _mean(rows, lambda r: sum(r.trained_params_per_task) / len(r.trained_params_per_task))
         lines.append(
-            f"| {method} | {len(rows)} | {_pm(rows, lambda r: r.acc)} | {_pm(rows, lambda r: r.bwt, True)} | "
-            f"{_pm(rows, lambda r: r.merge_loss, True)} | "
-            f"{_pm(rows, lambda r: sum(r.just_trained) / len(r.just_trained))} | {trained:,.0f} | "
-            f"{_mean(rows, lambda r: r.stored_params_without_heads):,.0f} | "
-            f"{_mean(rows, lambda r: r.stored_bytes):,.0f} | "
-            f"{_mean(rows, lambda r: r.wall_time_s):,.0f} |"
+            [method, len(rows), _pm(rows, lambda r: r.acc), _pm(rows, lambda r: r.bwt, True)]
+            + [_pm(rows, lambda r: r.merge_loss, True), _pm(rows, lambda r: sum(r.just_trained) / len(r.just_trained))]
+            + [f"{trained:,.0f}", f"{_mean(rows, lambda r: r.stored_params_without_heads):,.0f}"]
+            + [f"{_mean(rows, lambda r: r.stored_bytes):,.0f}", f"{_mean(rows, lambda r: r.wall_time_s):,.0f}"]
         )
-    return "\n".join(lines)
+    return markdown_table(columns, lines)
 
 
 def hyper_table(results: Sequence[MethodResult]) -> str:
     """Every method's learning rates, steps, batch size, max length, schedule and method settings."""
-    lines = [
-        "| method | learning rate(s) | steps / task | batch | max length | schedule | other |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    columns = [("method", "l"), ("learning rate(s)", "l"), ("steps / task", "l"), ("batch", "l")]
+    columns += [("max length", "l"), ("schedule", "l"), ("other", "l")]
+    lines = []
     for method, rows in by_method(results).items():
         h = dict(rows[0].hyper)
         if "lr_grid" in h:
@@ -95,31 +92,26 @@ def hyper_table(results: Sequence[MethodResult]) -> str:
             f"{h['lr_scheduler']}, warmup {h['warmup_ratio']:g}, clip {h['max_grad_norm']}, wd {h['weight_decay']:g}"
         )
         other = ", ".join(f"{k}={h[k]}" for k in ("r", "lora_alpha", "p", "phi", "policy") if k in h)
-        lines.append(
-            f"| {method} | {lr} | {steps} | {h['batch_size']} | {h['max_length']} | {schedule} | {other or '-'} |"
-        )
-    return "\n".join(lines)
+        lines.append([method, lr, steps, h["batch_size"], h["max_length"], schedule, other or "-"])
+    return markdown_table(columns, lines)
 
 
 def subspace_table(results: Sequence[MethodResult]) -> str:
     """Share methods after the last merge: k per module, worst error/drift bound, energy kept, tasks over eps."""
-    lines = [
-        "| method | k per module (min-max) | max error bound | max drift bound | min energy kept | tasks over eps |",
-        "|---|---|---|---|---|---|",
-    ]
-    found = False
+    columns = [("method", "l"), ("k per module (min-max)", "l"), ("max error bound", "l")]
+    columns += [("max drift bound", "l"), ("min energy kept", "l"), ("tasks over eps", "l")]
+    lines = []
     for method, rows in by_method(results).items():
         if "k" not in rows[0].extra:
             continue
-        found = True
         ks = [v for r in rows for pair in r.extra["k"].values() for v in pair]
         over = sorted({t for r in rows for t in r.extra.get("over_bound", {})})
         lines.append(
-            f"| {method} | {min(ks)}-{max(ks)} | {_mean(rows, lambda r: r.extra['max_error_bound']):.3f} | "
-            f"{_mean(rows, lambda r: r.extra['max_drift_bound']):.3f} | "
-            f"{_mean(rows, lambda r: r.extra['min_energy_kept']):.3f} | {', '.join(over) or 'none'} |"
+            [method, f"{min(ks)}-{max(ks)}", f"{_mean(rows, lambda r: r.extra['max_error_bound']):.3f}"]
+            + [f"{_mean(rows, lambda r: r.extra['max_drift_bound']):.3f}"]
+            + [f"{_mean(rows, lambda r: r.extra['min_energy_kept']):.3f}", ", ".join(over) or "none"]
         )
-    return "\n".join(lines) if found else ""
+    return markdown_table(columns, lines) if lines else ""
 
 
 def per_task_table(
@@ -130,11 +122,10 @@ def per_task_table(
     if not present:
         return ""
     tasks = groups[present[0]][0].tasks
-    lines = ["| task | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
-    for j, task in enumerate(tasks):
-        cells = [f"{_pm(groups[m], lambda r, j=j: r.R[-1][j])}" for m in present]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(
+        [("task", "l")] + [(m, "l") for m in present],
+        ([task] + [_pm(groups[m], lambda r, j=j: r.R[-1][j]) for m in present] for j, task in enumerate(tasks)),
+    )
 
 
 # -- targets ---------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.minilm import TARGETS, load_model, relative, timed
-from benchmarks.results_md import command_line, write_section
+from benchmarks.results_md import command_line, markdown_table, write_section
 
 HEADING = "## Inference"
 NOTES = """\
@@ -139,11 +139,9 @@ def results_table(
     seconds: dict[str, float], outputs: dict[str, torch.Tensor], subspaces: dict, peft_name: str, base_name: str
 ) -> str:
     peft_seconds, base_seconds = seconds[peft_name], seconds[base_name]
-    lines = [
-        "| method | k per module | median seconds | time above base | PEFT / this (total) "
-        "| PEFT / this (above base) | max rel. diff to PEFT |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+    columns = [("method", "l"), ("k per module", "l"), ("median seconds", "r"), ("time above base", "r")]
+    columns += [("PEFT / this (total)", "r"), ("PEFT / this (above base)", "r"), ("max rel. diff to PEFT", "r")]
+    lines = []
     for name, value in seconds.items():
         label = name.removeprefix("Share, ")
         k_text = ""
@@ -154,10 +152,8 @@ def results_table(
         is_share = name.startswith("Share")
         diff = f"{relative(outputs[name], outputs[peft_name]):.1e}" if is_share else ""
         ratio_above = f"{(peft_seconds - base_seconds) / above:.2f}x" if is_share and above > 0 else ""
-        lines.append(
-            f"| {name} | {k_text} | {value:.5f} | {above:+.5f} | {peft_seconds / value:.2f}x | {ratio_above} | {diff} |"
-        )
-    return "\n".join(lines)
+        lines.append([name, k_text, f"{value:.5f}", f"{above:+.5f}", f"{peft_seconds / value:.2f}x", ratio_above, diff])
+    return markdown_table(columns, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

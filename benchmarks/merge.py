@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results_md import command_line, write_section
+from benchmarks.results_md import command_line, markdown_table, write_section
 
 HEADING = "## Merge"
 METHODS = ("share", "stack-svd", "cov-eigh")
@@ -272,20 +272,17 @@ def run(args: argparse.Namespace) -> str:
 
 
 def table(rows: list, skip_above: float) -> str:
-    lines = [
-        "| model | T | method | modules measured | seconds / module | all modules, seconds | peak RSS increase "
-        "| Share faster (per module) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
+    columns = [("model", "l"), ("T", "r"), ("method", "l"), ("modules measured", "r"), ("seconds / module", "r")]
+    columns += [("all modules, seconds", "r"), ("peak RSS increase", "r"), ("Share faster (per module)", "r")]
+    lines = []
     for model, tasks, total, results in rows:
         share = results["share"]["per_module"]
         for method, r in results.items():
             if "skipped" in r:
-                lines.append(
-                    f"| {model} | {tasks} | {method} | 0 / {total} | skipped: estimated ~{r['skipped']:,.0f} s "
-                    f"(> {skip_above:.0f} s) | ~{r['skipped'] * total:,.0f} (extrapolated) | | "
-                    f"~{r['skipped'] / share:,.0f}x (estimated) |"
-                )
+                estimate = f"skipped: estimated ~{r['skipped']:,.0f} s (> {skip_above:.0f} s)"
+                whole = f"~{r['skipped'] * total:,.0f} (extrapolated)"
+                ratio = f"~{r['skipped'] / share:,.0f}x (estimated)"
+                lines.append([model, tasks, method, f"0 / {total}", estimate, whole, None, ratio])  # None: "| |"
                 continue
             ratio = "1x" if method == "share" else f"{r['per_module'] / share:,.0f}x"
             if r["modules"] == total:
@@ -293,10 +290,10 @@ def table(rows: list, skip_above: float) -> str:
             else:
                 whole = f"~{r['per_module'] * total:,.0f} (extrapolated)"
             lines.append(
-                f"| {model} | {tasks} | {method} | {r['modules']} / {total} | {r['per_module'] * 1e3:,.1f} ms | "
-                f"{whole} | {r['peak_mb']:,.0f} MB | {ratio} |"
+                [model, tasks, method, f"{r['modules']} / {total}", f"{r['per_module'] * 1e3:,.1f} ms", whole]
+                + [f"{r['peak_mb']:,.0f} MB", ratio]
             )
-    return "\n".join(lines)
+    return markdown_table(columns, lines)
 
 
 # -- compress: many adapters at once, side by side with lorashare and vlora-dev ---------------------------
@@ -414,12 +411,9 @@ def run_compress(args: argparse.Namespace) -> str:
 
 
 def compress_table(rows: list) -> str:
-    lines = [
-        "| n = d | adapters | repeats | "
-        + " | ".join(f"{m} (s)" for m in COMPRESS_METHODS)
-        + " | sharecl vs the fastest other |",
-        "|---:|---:|---:|" + "---:|" * len(COMPRESS_METHODS) + "---:|",
-    ]
+    columns = [("n = d", "r"), ("adapters", "r"), ("repeats", "r")]
+    columns += [(f"{m} (s)", "r") for m in COMPRESS_METHODS] + [("sharecl vs the fastest other", "r")]
+    lines = []
     missing: set[str] = set()
     for n, tasks, result in rows:
         seconds = result["seconds"]
@@ -431,10 +425,11 @@ def compress_table(rows: list) -> str:
             factor = min(others) / seconds["sharecl"]
             ratio = f"{factor:.2f}x faster" if factor >= 1 else f"{1 / factor:.2f}x slower"
         repeats = f"{result['repeats']}" + (f" ({', '.join(result['once'])}: 1)" if result.get("once") else "")
-        lines.append(f"| {n} | {tasks} | {repeats} | " + " | ".join(cells) + f" | {ratio} |")
+        lines.append([n, tasks, repeats, *cells, ratio])
+    text = markdown_table(columns, lines)
     if missing:
-        lines.append(f"\nSkipped (package not installed): {', '.join(sorted(missing))}.")
-    return "\n".join(lines)
+        text += f"\n\nSkipped (package not installed): {', '.join(sorted(missing))}."
+    return text
 
 
 # -- scaling: one merge into T tasks, share only ------------------------------------------------------------
@@ -463,7 +458,7 @@ def scaling_worker(tasks: int, repeats: int, threads: int) -> dict:
 
 
 def run_scaling(args: argparse.Namespace) -> str:
-    lines = ["| T | k=16 (s) | max_error=0.05, k_max=32 (s) |", "|---:|---:|---:|"]
+    lines = []
     for tasks in args.tasks:
         command = [sys.executable, "-m", "benchmarks.merge", "--scaling-worker", str(tasks)]
         command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
@@ -472,8 +467,9 @@ def run_scaling(args: argparse.Namespace) -> str:
             raise RuntimeError(f"scaling T={tasks} failed:\n{done.stderr[-2000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"scaling T={tasks}: {result}", file=sys.stderr)
-        lines.append(f"| {tasks} | " + " | ".join(f"{seconds:.3f}" for seconds in result.values()) + " |")
-    return "\n".join(lines) + "\n\n" + SCALING_NOTES
+        lines.append([tasks, *(f"{seconds:.3f}" for seconds in result.values())])
+    columns = [("T", "r"), ("k=16 (s)", "r"), ("max_error=0.05, k_max=32 (s)", "r")]
+    return markdown_table(columns, lines) + "\n\n" + SCALING_NOTES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from benchmarks.minilm import TARGETS, load_model, relative, tie_weights, timed_rounds
-from benchmarks.results_md import command_line, write_section
+from benchmarks.results_md import command_line, markdown_table, write_section
 from benchmarks.serving_adapters import AdapterSource, Structure, errors_against, task_name
 from jobs.schema import AdapterConfig
 from share import ShareModel, Subspace, match_modules, merge, quantize_subspace, relative_delta_errors
@@ -291,11 +291,10 @@ def mib(n: float) -> str:
 
 
 def memory_table(rows: list[dict], big: bool) -> str:
-    lines = [
-        "| T | how | k per side | Share bytes (bases + coeffs) | PEFT bytes | PEFT / Share | Share, int8 bases "
-        "| PEFT / Share-int8 | int8 dW error (median / max) |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---|",
-    ]
+    columns = [("T", "r"), ("how", "l"), ("k per side", "l"), ("Share bytes (bases + coeffs)", "r")]
+    columns += [("PEFT bytes", "r"), ("PEFT / Share", "r"), ("Share, int8 bases", "r"), ("PEFT / Share-int8", "r")]
+    columns += [("int8 dW error (median / max)", "l")]
+    lines = []
     for r in rows:
         how = r["how"] if big else peft_how(r)
         err = ""
@@ -303,11 +302,11 @@ def memory_table(rows: list[dict], big: bool) -> str:
             err = f"{r['int8_dw_error_median']:.2%} / {r['int8_dw_error_max']:.2%}"
         computed = " (computed)" if big else ""
         lines.append(
-            f"| {r['tasks']} | {how} | {r['k_min']}-{r['k_max']} | {mib(r['share_bytes'])} | {mib(r['peft_bytes'])}"
-            f"{computed} | {r['peft_bytes'] / r['share_bytes']:.1f}x | {mib(r['share_int8_bytes'])} "
-            f"| {r['peft_bytes'] / r['share_int8_bytes']:.1f}x | {err} |"
+            [r["tasks"], how, f"{r['k_min']}-{r['k_max']}", mib(r["share_bytes"]), mib(r["peft_bytes"]) + computed]
+            + [f"{r['peft_bytes'] / r['share_bytes']:.1f}x", mib(r["share_int8_bytes"])]
+            + [f"{r['peft_bytes'] / r['share_int8_bytes']:.1f}x", err]
         )
-    return "\n".join(lines)
+    return markdown_table(columns, lines)
 
 
 def peft_how(r: dict) -> str:
@@ -316,23 +315,20 @@ def peft_how(r: dict) -> str:
 
 
 def time_table(rows: list[dict]) -> str:
-    lines = [
-        "| T | distinct tasks in batch | base CPU s | Share CPU s | PEFT CPU s | Share over base | PEFT over base "
-        "| Share's overhead / PEFT's | base max - min | one layer: Share / PEFT overhead "
-        "| Share vs PEFT output (max rel. diff) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    titles = ["T", "distinct tasks in batch", "base CPU s", "Share CPU s", "PEFT CPU s", "Share over base"]
+    titles += ["PEFT over base", "Share's overhead / PEFT's", "base max - min", "one layer: Share / PEFT overhead"]
+    titles += ["Share vs PEFT output (max rel. diff)"]
+    lines = []
     for r in rows:
         share_rel, peft_rel = r["share_over_base_s"] / r["base_s"], r["peft_over_base_s"] / r["base_s"]
         lines.append(
-            f"| {r['tasks']} | {r['distinct_tasks_in_batch']} | {r['base_s']:.3f} | {r['share_s']:.3f} "
-            f"| {r['peft_s']:.3f} "
-            f"| {share_rel:+.1%} | {peft_rel:+.1%} | {ratio(r['share_over_base_s'], r['peft_over_base_s'])} "
-            f"| {r['base_spread_s'] * 1e3:.0f} ms "
-            f"| {ratio(r['layer_share_over_base_s'], r['layer_peft_over_base_s'])} "
-            f"| {r['share_vs_peft_max_rel_diff']:.1e} |"
+            [r["tasks"], r["distinct_tasks_in_batch"], f"{r['base_s']:.3f}", f"{r['share_s']:.3f}"]
+            + [f"{r['peft_s']:.3f}", f"{share_rel:+.1%}", f"{peft_rel:+.1%}"]
+            + [ratio(r["share_over_base_s"], r["peft_over_base_s"]), f"{r['base_spread_s'] * 1e3:.0f} ms"]
+            + [ratio(r["layer_share_over_base_s"], r["layer_peft_over_base_s"])]
+            + [f"{r['share_vs_peft_max_rel_diff']:.1e}"]
         )
-    return "\n".join(lines)
+    return markdown_table([(title, "r") for title in titles], lines)
 
 
 def ratio(a: float, b: float) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.results_md import command_line, write_section
+from benchmarks.results_md import command_line, markdown_table, write_section
 
 HEADING = "## Storage"
 
@@ -130,11 +130,10 @@ def formula(shape: Shape) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> str:
-    lines = [
-        "| model | T | Share folder, total | Share bases (shared) | Share per added task | PEFT adapter folder "
-        "| PEFT / Share per task | T PEFT adapters / Share folder |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = [("model", "l"), ("T", "r"), ("Share folder, total", "r"), ("Share bases (shared)", "r")]
+    columns += [("Share per added task", "r"), ("PEFT adapter folder", "r"), ("PEFT / Share per task", "r")]
+    columns += [("T PEFT adapters / Share folder", "r")]
+    lines = []
     notes = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -144,9 +143,8 @@ def run(args: argparse.Namespace) -> str:
             for tasks in args.tasks:
                 sizes = share_sizes(shape, tasks, tmp)
                 lines.append(
-                    f"| {model} | {tasks} | {mb(sizes['total'])} | {mb(sizes['bases'])} | {kb(sizes['added'])} | "
-                    f"{kb(peft_bytes)} | {peft_bytes / sizes['added']:,.1f}x | "
-                    f"{tasks * peft_bytes / sizes['total']:,.1f}x |"
+                    [model, tasks, mb(sizes["total"]), mb(sizes["bases"]), kb(sizes["added"]), kb(peft_bytes)]
+                    + [f"{peft_bytes / sizes['added']:,.1f}x", f"{tasks * peft_bytes / sizes['total']:,.1f}x"]
                 )
                 print(f"{model} T={tasks}: {sizes}, PEFT {peft_bytes}", file=sys.stderr)
             task_payload, peft_payload = formula(shape)
@@ -156,7 +154,7 @@ def run(args: argparse.Namespace) -> str:
                 f"PEFT payload r (n + d) x 4 B x modules = {kb(peft_payload)} "
                 f"(ratio (n + d) / 2k = {peft_payload / task_payload:.1f}x); the rest is headers and manifest."
             )
-    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+    return markdown_table(columns, lines) + "\n\n" + "\n".join(notes)
 
 
 def kb(n: int) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import redis
 import torch
 
-from benchmarks.results_md import RESULTS, command_line, write_section
+from benchmarks.results_md import RESULTS, command_line, markdown_table, write_section
 from share import KPolicy, ModuleBasis, Subspace, TaskCoefficients
 from subspace_store import SubspaceStore, connect
 from subspace_store.codec import decode_basis, decode_task
@@ -200,6 +200,10 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _table(titles: list[str], rows: list[list[str]]) -> str:
+    return markdown_table([(title, "l") for title in titles], rows)
+
+
 def run(args: argparse.Namespace) -> str:
     lines = []
     with tempfile.TemporaryDirectory(prefix="sharecl-bench-") as tmp:
@@ -214,29 +218,25 @@ def run(args: argparse.Namespace) -> str:
                 version = store.publish(subspace, None)
                 p = bench_pull(store, default_client, version, args.reps)
                 mbps = p["bytes"] / 1e6
-                parts = " | ".join(
-                    f"{p[k] * 1e3:.2f} ms" for k in ("manifest_s", "sha256_s", "decode_s", "raw_s", "pull_s")
-                )
-                rows_parts.append(f"| {shape.name}, T={shape.tasks} | {parts} |")
+                label = f"{shape.name}, T={shape.tasks}"
+                parts = [f"{p[k] * 1e3:.2f} ms" for k in ("manifest_s", "sha256_s", "decode_s", "raw_s", "pull_s")]
+                rows_parts.append([label, *parts])
                 if i == 0:
                     small = p
                 rows_pull.append(
-                    f"| {shape.name}, T={shape.tasks} | {_mb(p['bytes'])} | {p['raw_s'] * 1e3:.1f} ms "
-                    f"({mbps / p['raw_s']:.0f} MB/s) | {p['pull_s'] * 1e3:.1f} ms ({mbps / p['pull_s']:.0f} MB/s) | "
-                    f"**{p['raw_s'] / p['pull_s']:.2f}x** | {p['raw_best_s'] / p['pull_best_s']:.2f}x | "
-                    f"{p['pull_noverify_s'] * 1e3:.1f} ms "
-                    f"({p['raw_s'] / p['pull_noverify_s']:.2f}x) | {p['default_s'] * 1e3:.1f} ms | "
-                    f"{p['pull1_s'] * 1e3:.1f} ms |"
+                    [label, _mb(p["bytes"]), f"{p['raw_s'] * 1e3:.1f} ms ({mbps / p['raw_s']:.0f} MB/s)"]
+                    + [f"{p['pull_s'] * 1e3:.1f} ms ({mbps / p['pull_s']:.0f} MB/s)"]
+                    + [f"**{p['raw_s'] / p['pull_s']:.2f}x**", f"{p['raw_best_s'] / p['pull_best_s']:.2f}x"]
+                    + [f"{p['pull_noverify_s'] * 1e3:.1f} ms ({p['raw_s'] / p['pull_noverify_s']:.2f}x)"]
+                    + [f"{p['default_s'] * 1e3:.1f} ms", f"{p['pull1_s'] * 1e3:.1f} ms"]
                 )
                 q = bench_publish(store, subspace, args.publishes)
-                rows_pub.append(
-                    f"| {shape.name}, T={shape.tasks} | {q['per_s']:.1f} versions/s | {q['MBps']:.0f} MB/s | "
-                    f"{q['seconds_each'] * 1e3:.1f} ms |"
-                )
+                per_publish = f"{q['seconds_each'] * 1e3:.1f} ms"
+                rows_pub.append([label, f"{q['per_s']:.1f} versions/s", f"{q['MBps']:.0f} MB/s", per_publish])
                 b = bench_bytes_per_task(SubspaceStore(client, f"bench{i}-grow"), shape)
                 rows_bytes.append(
-                    f"| {shape.name} | {_mb(b['bases'])} | {_mb(b['per_task'])} | {_mb(b['redis_memory_per_task'])} | "
-                    f"{_mb(b['lora'])} | {b['lora'] / b['per_task']:.0f}x |"
+                    [shape.name, _mb(b["bases"]), _mb(b["per_task"]), _mb(b["redis_memory_per_task"]), _mb(b["lora"])]
+                    + [f"{b['lora'] / b['per_task']:.0f}x"]
                 )
                 print(f"done: {shape.name}", file=sys.stderr, flush=True)
         finally:
@@ -253,18 +253,17 @@ def run(args: argparse.Namespace) -> str:
         "sha256 (`verify=False`), a raw GET with redis-py's default client (64 KiB socket reads; the store's "
         "`connect()` uses 1 MiB), and a pull of one task (bases + that task).",
         "",
-        "| shape | payload | raw GET | pull | ratio | ratio (fastest) | pull, verify=False "
-        "| raw GET, default client | pull one task |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows_pull,
+        _table(
+            ["shape", "payload", "raw GET", "pull", "ratio", "ratio (fastest)", "pull, verify=False"]
+            + ["raw GET, default client", "pull one task"],
+            rows_pull,
+        ),
         "",
         "Where a pull's time goes (medians of the same interleaved runs, each part alone): reading and checking "
         "the manifest (`SubspaceStore.manifest`), sha256 of every payload, decoding every payload from bytes "
         "in memory (`decode_basis`/`decode_task`); against the raw GET and the whole pull.",
         "",
-        "| shape | manifest | sha256 | decode | raw GET | pull |",
-        "|---|---|---|---|---|---|",
-        *rows_parts,
+        _table(["shape", "manifest", "sha256", "decode", "raw GET", "pull"], rows_parts),
         "",
         f"At the MiniLM shape the work beyond the transfer, each part alone, takes "
         f"{(small['sha256_s'] + small['decode_s'] + small['manifest_s']) / small['raw_s']:.2f}x the raw GET's time "
@@ -273,16 +272,15 @@ def run(args: argparse.Namespace) -> str:
         "",
         f"Publish throughput (full version each time: payloads + manifest + CAS head; {args.publishes} publishes):",
         "",
-        "| shape | versions/s | payload MB/s | per publish |",
-        "|---|---|---|---|",
-        *rows_pub,
+        _table(["shape", "versions/s", "payload MB/s", "per publish"], rows_pub),
         "",
         "Bytes stored per added task (a version grown from 1 to 3 tasks; Redis MEMORY USAGE of a task's key; "
         "vs one fp32 LoRA adapter of rank p on the same modules):",
         "",
-        "| shape | bases per version | added per task | Redis memory per task | LoRA adapter | LoRA / task |",
-        "|---|---|---|---|---|---|",
-        *rows_bytes,
+        _table(
+            ["shape", "bases per version", "added per task", "Redis memory per task", "LoRA adapter", "LoRA / task"],
+            rows_bytes,
+        ),
         "",
         f"`Subspace.validate()` (every publish runs it) on {big.name} with T={args.validate_tasks} tasks "
         f"({v['tensors']} bases and coefficients; median of {args.validate_reps}): "
