@@ -282,7 +282,7 @@ def table(rows: list, skip_above: float) -> str:
                 estimate = f"skipped: estimated ~{r['skipped']:,.0f} s (> {skip_above:.0f} s)"
                 whole = f"~{r['skipped'] * total:,.0f} (extrapolated)"
                 ratio = f"~{r['skipped'] / share:,.0f}x (estimated)"
-                lines.append([model, tasks, method, f"0 / {total}", estimate, whole, None, ratio])  # None: "| |"
+                lines.append([model, tasks, method, f"0 / {total}", estimate, whole, "", ratio])
                 continue
             ratio = "1x" if method == "share" else f"{r['per_module'] / share:,.0f}x"
             if r["modules"] == total:

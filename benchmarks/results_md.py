@@ -34,15 +34,8 @@ def write_section(heading: str, command: str, body: str, machine: str = "") -> N
 
 
 def markdown_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[object]]) -> str:
-    """A Markdown table: ``columns`` are (title, ``"l"`` or ``"r"`` alignment), ``rows`` the formatted cells.
-
-    A cell is written as ``str(cell)`` between single spaces (``""`` gives ``|  |``); a ``None`` cell as ``| |``.
-    """
-    lines = [_row(title for title, _ in columns)]
+    """A Markdown table: ``columns`` are (title, ``"l"`` or ``"r"`` alignment), ``rows`` the formatted cells."""
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |"]
     lines.append("|" + "".join("---:|" if align == "r" else "---|" for _, align in columns))
-    lines += [_row(row) for row in rows]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _row(cells: Iterable[object]) -> str:
-    return "|" + "".join(" |" if cell is None else f" {cell} |" for cell in cells)
