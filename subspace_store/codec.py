@@ -22,10 +22,11 @@ the modules, in their order, with finite numbers as values (``share.merge``'s ``
 metadata keys. Maps of another shape stay as they are. Reading an entry checks and unpacks it, so
 readers see the layout formats 1 and 2 have (and a one-task pull unpacks one entry).
 
-Format 4 (``shared_entries``) writes each task's entry once, in an entries payload of the version that
+Format 4 (``shared_entries``) writes each task's entry once, in an entries payload part of the version that
 wrote its payload, and per version only the numbers a merge changes (packed float64); the manifest maps
-task names to entries payloads. ``read_manifest`` checks the manifest; the store fetches the payloads it
-``needs`` and ``CheckedManifest.resolve`` assembles every entry back into its format-3 form.
+task names to entries parts. ``read_manifest`` checks the manifest; the store fetches the payloads that
+``CheckedManifest.needs`` names for the tasks it reads and hands them over (``provide``); each entry is then
+joined back into its format-3 form when it is first checked.
 """
 
 from __future__ import annotations
@@ -409,6 +410,7 @@ class CheckedManifest:
         self._index = index  # format 4: task -> the position of its entries payload in top["entries"]
         # Format 4 read from bytes (``_ManifestReader.read``): the entries parts and numbers fetched so far.
         self._sources: _Sources | None = None
+        self._names_checked = False
 
     @classmethod
     def written(
@@ -479,9 +481,20 @@ class CheckedManifest:
         """The task names, checked, without their entries (format 4: nothing fetched; else every entry checked)."""
         if self._index is None:
             return list(self.full()["tasks"])
-        for name in self._index:
-            self._reader._check(("tasks", name), check_task_name, name)
+        if not self._names_checked:
+            for name in self._index:
+                self._reader._check(("tasks", name), check_task_name, name)
+            self._names_checked = True
         return list(self._index)
+
+    def held_bytes(self, raw: bytes) -> int | None:
+        """Format 4: about how many bytes of JSON it holds once its entries are read (``manifest_cache``'s unit:
+        the manifest, its entries parts, and per task a joined entry, about eight times its row of numbers);
+        None for formats 1-3, which hold what ``raw`` says."""
+        if self._index is None:
+            return None
+        top = self.top
+        return len(raw) + sum(e["bytes"] for e in top["entries"]) + 8 * top["numbers"]["bytes"]
 
     def _require_entries(self, names: Sequence[str] | None = None) -> None:
         if self.needs(names):

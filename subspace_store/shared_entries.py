@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import sys
 from array import array
 from collections.abc import Mapping
@@ -50,78 +49,42 @@ FIELDS = [*NUMBER_FIELDS, MODULE_DRIFT]  # as a manifest's ``numbers`` names its
 DYNAMIC_METADATA = frozenset({*_SCALARS, MODULE_DRIFT})
 _NOT_STATIC = frozenset({"key", "written_in", "reconstruction_error"})
 _FLOAT = frozenset({float})
+_ABSENT: Any = object()  # a number a task does not have (stored as NaN)
 
 
 def columns(modules: int) -> int:
     return len(NUMBER_FIELDS) + modules
 
 
-def held_bytes(manifest: int, entries: int, numbers: int) -> int:
-    """About how many bytes of JSON a read format-4 manifest holds as Python objects (``manifest_cache``'s unit):
-    its own bytes, its entries payloads, and each task's joined entry (a row of numbers is about an eighth of it)."""
-    return manifest + entries + 8 * numbers
-
-
 def number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> bytes | None:
     """The numbers payload of readers'-layout entries (module maps as dicts), in their order; None when some
-    task's numbers are not finite floats or absent (such a version is written in format 3)."""
-    flat = _every_number(entries, modules)
-    if flat is None:
-        return _number_rows(entries, modules)
-    out = array("d", flat)
-    if sys.byteorder != "little":
-        out.byteswap()
-    return out.tobytes()
+    task's numbers are not finite floats or absent (such a version is written in format 3).
 
-
-def _every_number(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> list[float] | None:
-    """Every task's row, end to end, when every task has every number as a finite float (what ``share.merge``
-    writes): checked in bulk instead of task by task. None: some task is otherwise (``_number_rows`` decides)."""
+    Every row is laid end to end first and checked in bulk (what ``share.merge`` writes: all finite floats);
+    only when that fails is each value looked at: absent (no entry error, no metadata key) becomes NaN."""
+    if not modules:
+        return None
     flat: list[Any] = []
-    scalars = operator.itemgetter(*_SCALARS)
-    try:
-        for entry in entries.values():
-            metadata = entry["metadata"]
-            drift = metadata[MODULE_DRIFT]
-            if type(drift) is not dict or list(drift) != modules:
-                return None
-            flat.append(entry["reconstruction_error"])
-            flat.extend(scalars(metadata))
-            flat.extend(drift.values())
-    except KeyError:
-        return None
-    if not modules or not set(map(type, flat)) <= _FLOAT or not all(map(math.isfinite, flat)):
-        return None
-    return flat
-
-
-def _number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> bytes | None:
-    """``number_rows`` task by task: absent numbers become NaN, anything else unusual gives None."""
-    out = array("d")
-    nan = math.nan
-    missing = [nan] * len(modules)
+    missing = [_ABSENT] * len(modules)
     for entry in entries.values():
         metadata = entry["metadata"]
-        scalars = [entry["reconstruction_error"], *map(metadata.get, _SCALARS)]
-        drift = metadata.get(MODULE_DRIFT)
-        if drift is not None:
-            if not (modules and type(drift) is dict and len(drift) == len(modules) and list(drift) == modules):
-                return None
-            values = list(drift.values())
-            if not (set(map(type, values)) <= _FLOAT and all(map(math.isfinite, values))):
-                return None
-        elif MODULE_DRIFT in metadata:
-            return None
+        flat.append(entry["reconstruction_error"])
+        flat.extend(metadata.get(key, _ABSENT) for key in _SCALARS)
+        drift = metadata.get(MODULE_DRIFT, _ABSENT)
+        if drift is _ABSENT:
+            flat.extend(missing)
+        elif type(drift) is dict and list(drift) == modules:
+            flat.extend(drift.values())
         else:
-            values = missing
-        if not (set(map(type, scalars)) <= _FLOAT and all(map(math.isfinite, scalars))):
-            for i, value in enumerate(scalars):
-                if value is None and (i == 0 or _SCALARS[i - 1] not in metadata):
-                    scalars[i] = nan
-                elif type(value) is not float or not math.isfinite(value):
-                    return None
-        out.extend(scalars)
-        out.extend(values)
+            return None
+    if not (set(map(type, flat)) <= _FLOAT and all(map(math.isfinite, flat))):
+        width = columns(len(modules))
+        for i, value in enumerate(flat):
+            if value is _ABSENT or (value is None and i % width == 0):  # the entry's own error may be null
+                flat[i] = math.nan
+            elif type(value) is not float or not math.isfinite(value):
+                return None
+    out = array("d", flat)
     if sys.byteorder != "little":
         out.byteswap()
     return out.tobytes()

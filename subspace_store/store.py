@@ -151,13 +151,7 @@ class SubspaceStore:
         checked = manifest_cache.MANIFESTS.lookup(key, raw)
         if checked is None:
             checked = read_manifest(raw, self.keys, version)
-            size = None
-            if checked.positions is not None:  # format 4: what it holds once its entries are read
-                top = checked.top
-                size = shared_entries.held_bytes(
-                    len(raw), sum(e["bytes"] for e in top["entries"]), top["numbers"]["bytes"]
-                )
-            manifest_cache.MANIFESTS.put(key, raw, checked, size)
+            manifest_cache.MANIFESTS.put(key, raw, checked, checked.held_bytes(raw))
         return checked
 
     def get(self, ref: str = "head", tasks: Sequence[str] | None = None, *, verify: bool = True) -> Subspace:
@@ -696,9 +690,9 @@ class _Publication:
                         written = CheckedManifest.written(
                             manifest, keys, v, self.encoded.parents, self.encoded.positions or None
                         )
-                        numbers = len(self.encoded.numbers or b"")
-                        size = shared_entries.held_bytes(len(stored), 0, numbers) if numbers else None
-                        manifest_cache.MANIFESTS.put(self.store._cache_key(v), stored, written, size)
+                        manifest_cache.MANIFESTS.put(
+                            self.store._cache_key(v), stored, written, written.held_bytes(stored)
+                        )
                     return v
             except WatchError:
                 # Either the head moved (the loop reports the conflict) or a submission changed

@@ -327,14 +327,33 @@ def test_edited_format_4_manifests_and_payloads_read_or_raise_a_project_error(da
         pass
 
 
-def test_the_bulk_numbers_path_packs_what_the_task_by_task_path_packs() -> None:
+def test_numbers_rows_hold_each_tasks_numbers_and_nan_only_for_what_is_absent() -> None:
     sub, _ = merge(None, {f"t{i}": _adapter(i) for i in range(4)}, POLICY)
     sub, _ = merge(sub, {"n0": _adapter(9)}, POLICY)
     entries = encode_subspace(sub).tasks_manifest
     modules = list(sub.modules)
-    assert shared_entries._every_number(entries, modules) is not None  # what share.merge writes takes the bulk path
-    assert shared_entries.number_rows(entries, modules) == shared_entries._number_rows(entries, modules)
-    entries["t1"] = {**entries["t1"], "reconstruction_error": None}  # absent: NaN, task by task
-    assert shared_entries._every_number(entries, modules) is None
+    width = shared_entries.columns(len(modules))
+
+    def row(rows: bytes, i: int) -> list[float]:
+        return list(struct.unpack_from(f"<{width}d", rows, i * width * 8))
+
     rows = shared_entries.number_rows(entries, modules)
-    assert rows is not None and math.isnan(struct.unpack_from("<d", rows, shared_entries.columns(2) * 8)[0])
+    assert rows is not None and len(rows) == len(entries) * width * 8
+    meta = entries["t1"]["metadata"]
+    want = [entries["t1"]["reconstruction_error"], *(meta[k] for k in shared_entries.NUMBER_FIELDS[1:])]
+    assert row(rows, 1) == want + list(meta[MODULE_DRIFT].values())
+    entries["t1"] = {**entries["t1"], "reconstruction_error": None}  # absent: NaN
+    entries["t2"] = {
+        **entries["t2"],
+        "metadata": {k: v for k, v in entries["t2"]["metadata"].items() if k != MODULE_DRIFT},
+    }
+    rows = shared_entries.number_rows(entries, modules)
+    assert (
+        rows is not None
+        and math.isnan(row(rows, 1)[0])
+        and row(rows, 1)[1:] == (want + list(meta[MODULE_DRIFT].values()))[1:]
+    )
+    assert all(math.isnan(v) for v in row(rows, 2)[len(shared_entries.NUMBER_FIELDS) :])
+    for odd in (None, math.nan, 1):  # an explicit null, a NaN, an int: not packable
+        bad = {**entries, "t3": {**entries["t3"], "metadata": {**entries["t3"]["metadata"], "energy_kept": odd}}}
+        assert shared_entries.number_rows(bad, modules) is None
