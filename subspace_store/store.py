@@ -323,18 +323,19 @@ class SubspaceStore:
             raise StoreError(f"max_chain must be between 1 and {chains.MAX_CHAIN} (got {max_chain})")
         plan = self._delta_plan(subspace, parent, rotations, max_chain) if delta and parent is not None else {}
         inherited: shared_entries.Inherited | None = plan.pop("inherited", None)
-        encoded = encode_subspace(subspace, reconstruction_error, **plan)
-        if inherited is not None:
-            encoded.share_entries(inherited)
-        elif not plan and len(subspace.tasks) >= self.shared_entries_from:
-            encoded.share_entries()
         meta = _jsonable(metadata or {}, "metadata")
         _jsonable(subspace.metadata, "subspace.metadata")
-        for tname, task in subspace.tasks.items():
-            # A format-4 task kept from the parent: its other metadata equals what was stored (JSON), its numbers
-            # are finite floats (``number_rows``); nothing of it is written as JSON here.
-            if tname not in encoded.parents and not _plain_json(task.metadata):
-                _jsonable(task.metadata, f"task {tname!r} metadata")
+        # Before anything is written as JSON. A task a format-4 delta keeps from its parent is left out: its other
+        # metadata equals what was stored (JSON) and its numbers go in as floats, unless they cannot (format 3).
+        kept = set(plan.get("reuse", ())) if inherited is not None else set()
+        _check_task_metadata(subspace, [t for t in subspace.tasks if t not in kept])
+        encoded = encode_subspace(subspace, reconstruction_error, **plan)
+        if inherited is not None:
+            shared = encoded.share_entries(inherited)
+        else:
+            shared = not plan and len(subspace.tasks) >= self.shared_entries_from and encoded.share_entries()
+        if kept and not shared:  # written in format 3 after all: every entry goes into the manifest's JSON
+            _check_task_metadata(subspace, list(kept))
         actual = self.head()
         if actual != expected:  # fail before writing megabytes; the commit checks again
             raise HeadConflictError(self.namespace, expected, actual)
@@ -587,6 +588,14 @@ def _json_leaves(values: Any) -> bool:
     if kinds <= _JSON_LEAVES:
         return True
     return kinds <= _JSON_LEAVES | {int} and all(-_JSON_INT < v < _JSON_INT for v in values if type(v) is int)
+
+
+def _check_task_metadata(subspace: Subspace, names: list[str]) -> None:
+    """``StoreError`` naming the first of ``names`` whose metadata ``json.dumps`` would refuse."""
+    for name in names:
+        metadata = subspace.tasks[name].metadata
+        if not _plain_json(metadata):
+            _jsonable(metadata, f"task {name!r} metadata")
 
 
 def _jsonable(value: Any, what: str) -> Any:

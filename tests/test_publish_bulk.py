@@ -55,12 +55,13 @@ def _all_keys(store: SubspaceStore, client) -> list[bytes]:  # noqa: ANN001
     return client.keys(store.keys.prefix.replace("{", "\\{").replace("}", "\\}") + "*")
 
 
+@pytest.mark.parametrize("shared_entries_from", [256, 1], ids=["format3", "format4"])
 @pytest.mark.parametrize("where", ["top", "module map", "list"])
 @pytest.mark.parametrize("kind", list(REFUSED))
 def test_task_metadata_json_refuses_names_the_task_and_writes_nothing(
-    redis_client, namespace, make_adapter, kind: str, where: str
+    redis_client, namespace, make_adapter, kind: str, where: str, shared_entries_from: int
 ) -> None:
-    store = SubspaceStore(redis_client, namespace)
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=shared_entries_from)
     sub, _ = merge(None, {"a": make_adapter(0), "b": make_adapter(1), "c": make_adapter(2)})
     bad = REFUSED[kind]
     meta = sub.tasks["b"].metadata
