@@ -11,7 +11,7 @@ from .model import ShareModel, match_modules
 from .peft_io import export_peft, load_peft_adapter
 from .quantize import QuantizedBases, quantize_subspace, relative_delta_errors
 from .remove import RemoveReport, remove_tasks
-from .subspace import ModuleBasis, StackedCoefficients, Subspace, TaskCoefficients
+from .subspace import ModuleBasis, Subspace, TaskCoefficients
 from .update import TaskUpdate
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "RemoveReport",
     "ShareModel",
     "Subspace",
-    "StackedCoefficients",
     "TaskCoefficients",
     "TaskUpdate",
     "canonicalize",

@@ -68,9 +68,10 @@ def remove_tasks(
 
     cuts: dict[str, _ModuleCut] = {}
     for j, (m, basis) in enumerate(subspace.modules.items()):
-        widths = [subspace.tasks[t].E[m][0].shape[1] for t in names]
-        A = _refit_side(basis.U_A, [subspace.tasks[t].E[m][0] for t in names], widths)
-        B = _refit_side(basis.U_B, [subspace.tasks[t].E[m][1] for t in names], widths)
+        pairs = [subspace.tasks[t].E[m] for t in names]  # read once: a stacks row counts its reads
+        widths = [E_A.shape[1] for E_A, _ in pairs]
+        A = _refit_side(basis.U_A, [E_A for E_A, _ in pairs], widths)
+        B = _refit_side(basis.U_B, [E_B for _, E_B in pairs], widths)
         cuts[m] = _truncate_module(names, widths, A, B, _DriftArrays(entry[:, j], prior[:, j]), policy)
 
     report = RemoveReport(

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import ItemsView, Iterator, Mapping, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -186,9 +186,7 @@ class StackedCoefficients(MutableMapping[str, tuple[Tensor, Tensor]]):
 
     def widths(self) -> dict[str, int]:
         """Module -> ``p``, without making the views."""
-        if self.stacks is None:
-            return {m: int(E_A.shape[1]) for m, (E_A, _) in (self._own or {}).items()}
-        return self.stacks.widths()
+        return _widths(self._own or {}) if self.stacks is None else self.stacks.widths()
 
     def _detach(self) -> dict[str, tuple[Tensor, Tensor]]:
         if self.stacks is not None:
@@ -219,9 +217,12 @@ class TaskCoefficients:
 
     def widths(self) -> dict[str, int]:
         """Module -> ``p`` (the columns of its ``E_A`` and ``E_B``)."""
-        if isinstance(self.E, StackedCoefficients):
-            return self.E.widths()
-        return {m: int(E_A.shape[1]) for m, (E_A, _) in self.E.items()}
+        return self.E.widths() if isinstance(self.E, StackedCoefficients) else _widths(self.E)
+
+
+def _widths(E: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, int]:
+    """Module -> ``p`` of plain coefficient pairs."""
+    return {m: int(E_A.shape[1]) for m, (E_A, _) in E.items()}
 
 
 @dataclass

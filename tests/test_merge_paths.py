@@ -21,7 +21,6 @@ from share import (
     KPolicy,
     LoraAdapter,
     ModuleBasis,
-    StackedCoefficients,
     Subspace,
     TaskCoefficients,
     canonicalize,
@@ -29,6 +28,8 @@ from share import (
 )
 from share.errors import ShareClError
 from share.gauge import canonicalize_batch
+from share.merge import MODULE_DRIFT, MODULE_ENTRY_NORM
+from share.subspace import StackedCoefficients
 
 merge_module = importlib.import_module("share.merge")  # the module; ``share.merge`` is the function
 
@@ -321,8 +322,12 @@ def test_chunked_energies_and_coefficients_are_the_written_out_ones(monkeypatch:
         seen.append((cut.stacks is not None, float(cut.sq_diff.max()), groups[0][1].dtype))
         return cut
 
+    def no_energies(*args: object) -> None:
+        raise AssertionError("the |M|^2 pass ran: the merge did not take the kept/dropped error path")
+
     policy = KPolicy(k=5)
     subspace, _ = merge(None, {f"t{i}": random_adapter(i) for i in range(7)}, policy)
+    monkeypatch.setattr(merge_module, "_energies", no_energies)
     monkeypatch.setattr(merge_module, "_truncate_module", checked)
     monkeypatch.setattr(merge_module, "_ROTATE_CHUNK", 100)  # 2 or 3 tasks a chunk: K x p is 36 or more
     subspace, _ = merge(subspace, {"one": random_adapter(10)}, policy)  # one width: every task a row of the stacks
@@ -330,6 +335,27 @@ def test_chunked_energies_and_coefficients_are_the_written_out_ones(monkeypatch:
     assert [stacked for stacked, _, _ in seen] == [True] * len(SHAPES) + [False] * len(SHAPES)
     assert all(dtype == torch.float32 for _, _, dtype in seen)  # old tasks read from the stored stacks
     assert all(worst > 1e-3 for _, worst, _ in seen)  # directions are dropped: the errors are not vacuous
+
+
+def test_a_task_tracked_in_some_modules_only_starts_tracking_the_others_now() -> None:
+    """A task whose per-module entry norms and drifts lack a module (committed before that module was tracked):
+    that module's tracking starts at this merge (entry = its update now, drift = this merge's error there), and
+    every other module goes on from its stored entry norm and drift."""
+    policy = KPolicy(k=5)
+    sub, _ = merge(None, {f"t{i}": random_adapter(i) for i in range(3)}, policy)
+    sub, _ = merge(sub, {"u": random_adapter(5)}, policy)
+    untracked, tracked = list(SHAPES)[:2]
+    task = sub.tasks["t0"]
+    before = {key: dict(task.metadata[key]) for key in (MODULE_ENTRY_NORM, MODULE_DRIFT)}
+    metadata = {**task.metadata, **{key: {m: v for m, v in before[key].items() if m != untracked} for key in before}}
+    sub.tasks["t0"] = TaskCoefficients(dict(task.E), dict(task.head), metadata)
+    merged, report = merge(sub, {"v": random_adapter(6)}, policy)
+    got = merged.tasks["t0"].metadata
+    assert report.module_error["t0"][untracked] > 1e-3  # the merge dropped something there
+    assert got[MODULE_DRIFT][untracked] == pytest.approx(report.module_error["t0"][untracked], rel=1e-9)
+    assert got[MODULE_ENTRY_NORM][untracked] < before[MODULE_ENTRY_NORM][untracked]  # its norm now, not at entry
+    assert got[MODULE_ENTRY_NORM][tracked] == before[MODULE_ENTRY_NORM][tracked]
+    assert got[MODULE_DRIFT][tracked] > before[MODULE_DRIFT][tracked] > 0
 
 
 def test_the_merge_caches_stay_with_their_subspace() -> None:

@@ -1,4 +1,4 @@
-"""share.StackedCoefficients: a task's coefficients as one row of stacks shared by many tasks (what merge gives)."""
+"""share.subspace.StackedCoefficients: a task's coefficients as one row of stacks shared by many tasks (merge's)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pickle
 
 import torch
 
-from share import StackedCoefficients
-from share.subspace import TaskCoefficients, TaskStacks
+from share.subspace import StackedCoefficients, TaskCoefficients, TaskStacks
 
 
 def stacks(tasks: int = 5) -> TaskStacks:
