@@ -25,7 +25,7 @@ import array
 import math
 import operator
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -233,29 +233,27 @@ def _truncate_module(
     # One width, groups in task order (the usual case): every task's E is a row of one fresh stack per side.
     stacks = _empty_stacks(groups, count, k_A, k_B)
     outputs: list[_Group] = []
-    for index, group_A, group_B in groups:
-        # group_*: g x rows x p, every task's coordinates in the frame (rows past these are 0), before truncation
-        # (float32 when they are the stored stacks). Worked on in chunks, one side at a time.
-        chunk = max(1, _ROTATE_CHUNK // (max(V_A.shape[1], V_B.shape[1], 1) * group_A.shape[2]))
-        for lo in range(0, index.shape[0], chunk):
-            at = index[lo : lo + chunk]
-            rows = _rows(at) if stacks is not None else None
-            out_A, out_B = (None, None) if rows is None else (stacks[0][rows], stacks[1][rows])
-            E_A, G_A = _project(V_A, k_A, group_A[lo : lo + chunk], out_A, grams=split or dropped)
-            E_B, G_B = _project(V_B, k_B, group_B[lo : lo + chunk], out_B, grams=split or dropped)
-            if split:
+    # c_*: g x rows x p, a chunk of tasks' coordinates in the frame (rows past these are 0), before truncation
+    # (float32 when they are the stored stacks), worked on one side at a time.
+    width = max(V_A.shape[1], V_B.shape[1], 1)
+    for at, c_A, c_B in _chunks(groups, _ROTATE_CHUNK, lambda p: width * p):
+        rows = _rows(at) if stacks is not None else None
+        out_A, out_B = (None, None) if rows is None else (stacks[0][rows], stacks[1][rows])
+        E_A, G_A = _project(V_A, k_A, c_A, out_A, grams=split or dropped)
+        E_B, G_B = _project(V_B, k_B, c_B, out_B, grams=split or dropped)
+        if split:
+            assert G_A is not None and G_B is not None
+            sq_norm[at], sq_diff[at] = _split_energies(G_A, G_B)
+        else:
+            # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
+            assert totals is not None
+            total = totals[at]
+            sq_norm[at] = total.clamp_min(0.0)
+            if dropped:
                 assert G_A is not None and G_B is not None
-                sq_norm[at], sq_diff[at] = _split_energies(G_A, G_B)
-            else:
-                # |P M P - M|^2 = |M|^2 - |P M P|^2 for orthogonal projections; M = C_B C_A^T.
-                assert totals is not None
-                total = totals[at]
-                sq_norm[at] = total.clamp_min(0.0)
-                if dropped:
-                    assert G_A is not None and G_B is not None
-                    sq_diff[at] = (total - _inner(G_B[0], G_A[0])).clamp_min(0.0)
-            if rows is None:
-                outputs.append((at, E_A, E_B))
+                sq_diff[at] = (total - _inner(G_B[0], G_A[0])).clamp_min(0.0)
+        if rows is None:
+            outputs.append((at, E_A, E_B))
     pairs = None if stacks is not None else _pairs_in_order(outputs, count)
     gram = None
     if A.gram is not None and B.gram is not None:
@@ -887,22 +885,27 @@ def _worst_excess(
     is 0 count as ``-inf``. Chunks of about 32 MB, each worked on in place (no temporaries)."""
     cap_A, cap_B = W_A.shape[1], W_B.shape[1]
     worst = torch.full((cap_B, cap_A), -math.inf, dtype=torch.float64)
-    chunk = max(1, _PREFIX_CHUNK // (cap_A * cap_B))
-    for index, group_A, group_B in groups:
-        # Rows of the frame past the group's are zero in its coordinates (an old task's [E_i; 0]).
-        V_A, V_B = W_A[: group_A.shape[1]], W_B[: group_B.shape[1]]
-        for lo in range(0, index.shape[0], chunk):
-            at = index[lo : lo + chunk]
-            c_A, c_B, total = group_A[lo : lo + chunk], group_B[lo : lo + chunk], totals[at]
-            M = (V_B.T @ c_B) @ (V_A.T @ c_A).transpose(1, 2)  # g x cap_B x cap_A
-            entry, prior, limit = _bound_terms(at, total, drift, eps)
-            # kept = 2-D prefix sums of M^2; excess = prior + sqrt(max(total - kept, 0)) / entry - limit.
-            excess = M.square_().cumsum_(dim=1).cumsum_(dim=2).neg_().add_(total[:, None, None])
-            excess.clamp_min_(0.0).sqrt_().div_(entry[:, None, None]).add_(prior[:, None, None])
-            excess.sub_(limit[:, None, None])
-            excess[entry == 0] = -math.inf
-            worst = torch.maximum(worst, excess.amax(dim=0))
+    for at, c_A, c_B in _chunks(groups, _PREFIX_CHUNK, lambda p: cap_A * cap_B):
+        # Rows of the frame past the chunk's are zero in its coordinates (an old task's [E_i; 0]).
+        V_A, V_B, total = W_A[: c_A.shape[1]], W_B[: c_B.shape[1]], totals[at]
+        M = (V_B.T @ c_B) @ (V_A.T @ c_A).transpose(1, 2)  # g x cap_B x cap_A
+        entry, prior, limit = _bound_terms(at, total, drift, eps)
+        # kept = 2-D prefix sums of M^2; excess = prior + sqrt(max(total - kept, 0)) / entry - limit.
+        excess = M.square_().cumsum_(dim=1).cumsum_(dim=2).neg_().add_(total[:, None, None])
+        excess.clamp_min_(0.0).sqrt_().div_(entry[:, None, None]).add_(prior[:, None, None])
+        excess.sub_(limit[:, None, None])
+        excess[entry == 0] = -math.inf
+        worst = torch.maximum(worst, excess.amax(dim=0))
     return worst
+
+
+def _chunks(groups: list[_Group], budget: int, per_task: Callable[[int], int]) -> Iterator[_Group]:
+    """The groups' tasks a chunk at a time: (positions, c_A, c_B) of at most ``budget // per_task(p)`` tasks (the
+    elements one task of width ``p`` takes), group by group; views, nothing copied."""
+    for index, group_A, group_B in groups:
+        size = max(1, budget // max(per_task(int(group_A.shape[2])), 1))
+        for lo in range(0, index.shape[0], size):
+            yield index[lo : lo + size], group_A[lo : lo + size], group_B[lo : lo + size]
 
 
 def _bound_terms(index: Tensor, total: Tensor, drift: _DriftArrays, eps: float) -> tuple[Tensor, Tensor, Tensor]:
