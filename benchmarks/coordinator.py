@@ -146,8 +146,9 @@ def table(runs: list[Run]) -> str:
 
 NOTES = (
     "Every merge rotates every task's coefficients (``E_i' = W^T [E_i; 0]``, batched per module), and a version "
-    "still writes something per task (below 256 tasks every task's entry in its manifest; from 256 tasks on, "
-    "manifest format 4, a name in the manifest and a row of numbers), so a version still costs O(T) (delta "
+    "still writes something per task (every task's entry in its manifest, or in manifest format 4, which a store "
+    "uses once it writes a full version of 256 tasks or more, a name in the manifest and a row of numbers), so a "
+    "version still costs O(T) (delta "
     "versions write only the new tasks' payloads: ``--scaling``); a batch pays that once for all its "
     "submissions. Latency runs from "
     "XADD to the commit of the version holding the submission; in one-merge-per-submission mode the last of a "

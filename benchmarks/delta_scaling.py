@@ -82,18 +82,18 @@ class Row:
     pull_warm_ms: float | None
 
 
-def _version_bytes(client, store: SubspaceStore, version: str) -> int:
-    """Redis memory of the keys ``version`` wrote (``MEMORY USAGE``, exact per key): its manifest, bases,
-    rotations, the task payloads written in it and (format 4) its entries and numbers payloads. Not ``used_memory``
-    before and after: that also moves with client and replication buffers freed meanwhile (it went negative after a
-    200 MB full version)."""
-    raw = client.get(store.keys.manifest(version))
-    named = read_manifest(raw, store.keys, version).payload_keys()  # format 4: its entries and numbers too
+def _version_bytes(client, store: SubspaceStore, version: str, raw: bytes) -> tuple[int, int]:
+    """(bytes written, Redis memory) of ``version`` from its stored manifest ``raw``: the payloads it wrote plus the
+    manifest, and ``MEMORY USAGE`` (exact per key) of its manifest, bases, rotations, the task payloads written in
+    it and (format 4) its entries and numbers payloads. Not ``used_memory`` before and after: that also moves with
+    client and replication buffers freed meanwhile (it went negative after a 200 MB full version)."""
+    checked = read_manifest(raw, store.keys, version)
+    named = checked.payload_keys()  # format 4: its entries and numbers too
     keys = [store.keys.manifest(version)] + [k for k in named if store.keys.owned_by(version, k)]
     pipe = client.pipeline(transaction=False)
     for key in keys:
         pipe.memory_usage(key, samples=0)
-    return sum(int(n or 0) for n in pipe.execute())
+    return checked.top.get("written_bytes", 0) + len(raw), sum(int(n or 0) for n in pipe.execute())
 
 
 def _quiet(client, timeout_s: float = 300.0) -> None:
@@ -138,13 +138,13 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
                 head, parents[fmt], delta=fmt == "delta", rotations=report.rotations if fmt == "delta" else None
             )
             seconds = time.perf_counter() - start
-            manifest = len(client.get(store.keys.manifest(parents[fmt])))
-            written = store.manifest(parents[fmt]).get("written_bytes", 0) + manifest
+            raw = client.get(store.keys.manifest(parents[fmt]))
+            written, memory = _version_bytes(client, store, parents[fmt], raw)
             row = stats[fmt]
             row.setdefault("publish_s", []).append(seconds)
             row.setdefault("written", []).append(written)
-            row.setdefault("redis", []).append(_version_bytes(client, store, parents[fmt]))
-            row.setdefault("manifest", []).append(manifest)
+            row.setdefault("redis", []).append(memory)
+            row.setdefault("manifest", []).append(len(raw))
     out = []
     old_task = "t00000"
     for fmt, store in stores.items():
@@ -262,24 +262,22 @@ NOTES = (
     "running coordinator). Each merge and publish starts when Redis runs no background rewrite of its "
     "append-only file (which the full format's hundreds of MB trigger, and which slows this process's page faults "
     "several times over). Written MB and Redis MB include the manifest and, from T=1000 on (a store's "
-    "``shared_entries_from``, 256 tasks), manifest format 4's entries parts and numbers payload: at T=10 and 100 "
-    "both formats write format-3 manifests (every task's entry in every manifest).\n\n"
+    "``shared_entries_from``, 256 tasks, for the first full version), manifest format 4's entries parts and numbers "
+    "payload: at T=10 and 100 both formats write format-3 manifests (every task's entry in every manifest).\n\n"
     "The issue's target (at T=10000 a merge + publish at most 2x its T=10 cost, Redis bytes per version "
-    "independent of T) is missed on time and, by a small per-task remainder, on bytes. (1) Bytes: with format 4 a "
-    "delta version writes per old task one row of float64 numbers (5 + 12 modules = 136 bytes: the bounds a merge "
-    "changes) and a name and position in its manifest (about 15 bytes); every old task's entry stays in the "
-    "entries part of the version that wrote its payload. So a version at T=10000 holds 2.9 MB against T=10's "
-    "1.45 MB (2.0x, of which 1.36 MB numbers), where format 3 held 11.5 MB (8.0x). The numbers are O(T) because "
-    "every merge that drops directions changes every task's bounds; deriving them on read instead (from the "
-    "dropped directions of each merge, stored per link) would remove them. (2) Time: the merge still rotates every "
-    "old task and computes its exact error in every module when directions are dropped (every merge here: "
-    "KPolicy(k=32) at k=32), batched in cache-sized chunks straight from the stored float32 stacks, and builds "
-    "every task's metadata dictionaries (about 0.08 s at T=10000); a delta publish still does a few "
-    "microseconds of Python per task (the delta plan's checks, the numbers row, the cached manifest's entry). "
-    "Pull latency of one old task (cold: the process has seen neither the rotations nor the manifest; warm: the "
-    "rotations' product and the checked manifest cached, its bytes still fetched and compared): with format 4 a "
-    "cold one-task pull fetches the manifest, the one entries part (512 tasks) that holds the task and the "
-    "numbers, instead of parsing every task's entry (104 ms at T=10000 in format 3). For LLaMA-7B shapes the "
-    "bases (67 MB per version, the same in both formats) dominate a version until T is in the thousands. The "
-    "machine is shared (2 cores), so seconds vary by tens of percent between runs; bytes do not."
+    "independent of T) is missed on time and, by a per-task remainder, on bytes. (1) Bytes: in format 4 a delta "
+    "version writes per old task one row of float64 numbers, (5 + modules) x 8 bytes (136 at MiniLM's 12 "
+    "modules: the bounds a merge changes), and its name and entries position in the manifest (the manifest MB "
+    "column); every old task's entry stays in the entries part of the version that wrote its payload. The numbers "
+    "are O(T) because every merge that drops directions changes every task's bounds. (2) Time: the merge still "
+    "rotates every old task and computes its exact error in every module when directions are dropped (every merge "
+    "here: KPolicy(k=32) at k=32), batched in cache-sized chunks straight from the stored float32 stacks, and "
+    "builds every task's metadata dictionaries; a delta publish still does some Python per task (the delta plan's "
+    "checks, the numbers row, the cached manifest's entry). Pull latency of one old task (cold: the process has "
+    "seen neither the rotations nor the manifest; warm: the rotations' product and the checked manifest cached, its "
+    "bytes still fetched and compared): in format 4 a cold one-task pull fetches the manifest, the one entries part "
+    "(512 tasks) that holds the task and the numbers, not every task's entry. For LLaMA-7B shapes the bases "
+    "(most of what a version writes at T=10, the same in both formats) dominate a version until T is in the "
+    "thousands. The machine is "
+    "shared (2 cores), so seconds vary by tens of percent between runs; bytes do not."
 )
