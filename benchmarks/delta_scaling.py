@@ -9,11 +9,11 @@ fsync every second). Then ``--merges`` times: one new random rank-8 LoRA adapter
 published in both formats, full (every task's payload written again) and delta (bases, the merge's
 rotations, the new task; ``publish(delta=True, rotations=report.rotations)``). Measured per version:
 merge seconds (the same merge for both), publish seconds, bytes written (payloads + manifest), Redis
-memory of the keys the version wrote (``MEMORY USAGE`` of its manifest, bases, rotations and new payloads), and the
+memory of the keys the version wrote (``MEMORY USAGE`` of its manifest, bases, rotations and new payloads), the
 latency of pulling one old task of the head (``get(head, tasks=[t])``; delta: with a cold and a warm
-rotation cache, the task read through ``--merges`` rotations). Shapes: MiniLM (6 layers x query,value,
-384 x 384) and LLaMA-7B (32 layers x q_proj,v_proj, 4096 x 4096). ``--write`` replaces the
-``## Versions as deltas (T scaling)`` section of benchmarks/RESULTS.md.
+rotation cache, the task read through ``--merges`` rotations), and the error floor (``error_floor``).
+Shapes: MiniLM (6 layers x query,value, 384 x 384) and LLaMA-7B (32 layers x q_proj,v_proj, 4096 x 4096).
+``--write`` replaces the ``## Versions as deltas (T scaling)`` section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class Row:
     manifest_mb: float
     pull_ms: float
     pull_warm_ms: float | None
+    floor_s: float  # the least arithmetic exact per-task errors need per merge at this T (``error_floor``)
 
 
 def _version_bytes(client, store: SubspaceStore, version: str, raw: bytes) -> tuple[int, int]:
@@ -118,6 +119,25 @@ def _pull_ms(store: SubspaceStore, task: str, reps: int = 3) -> float:
     return best * 1000
 
 
+def error_floor(head: Subspace, dropped: int = P, reps: int = 3) -> float:
+    """Seconds of the least arithmetic a merge needs for exact per-task errors when it drops ``dropped`` directions
+    per side: every old task's dropped coordinates ``V_drop.T E_i`` (``dropped x k`` by ``k x p``, float32, one batched
+    product per module and side over stacks of the head's shapes, as stored). A lower bound: the errors need these
+    coordinates and more (their Gram matrices and the kept part), and the merge also writes the rotated coefficients.
+    The best of ``reps``."""
+    g = torch.Generator().manual_seed(0)
+    count = len(head.tasks)
+    stacks = [torch.randn(count, k, P, generator=g) for basis in head.modules.values() for k in (basis.k_A, basis.k_B)]
+    drops = [torch.randn(dropped, S.shape[1], generator=g) for S in stacks]
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for V, S in zip(drops, stacks, strict=True):
+            V @ S
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
     # One untimed merge first: the synthetic head's tasks are stacked once, as the coordinator's were when its
     # head was first merged; every timed merge then follows a merge, as in a running coordinator.
@@ -145,6 +165,7 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
             row.setdefault("written", []).append(written)
             row.setdefault("redis", []).append(memory)
             row.setdefault("manifest", []).append(len(raw))
+    floor = error_floor(head)
     out = []
     old_task = "t00000"
     for fmt, store in stores.items():
@@ -165,6 +186,7 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
                 statistics.mean(row["manifest"]) / 1e6,
                 cold,
                 warm,
+                floor,
             )
         )
     client.flushdb()
@@ -174,13 +196,13 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
 def table(rows: list[Row]) -> str:
     columns = [("shape", "l"), ("T", "r"), ("format", "l"), ("merge s", "r"), ("publish s", "r")]
     columns += [("merge + publish s", "r"), ("written MB / version", "r"), ("Redis MB / version", "r")]
-    columns += [("manifest MB", "r"), ("pull one old task ms (cold)", "r"), ("(warm)", "r")]
+    columns += [("manifest MB", "r"), ("pull one old task ms (cold)", "r"), ("(warm)", "r"), ("error floor s", "r")]
     return markdown_table(
         columns,
         (
             [r.shape, r.tasks, r.fmt, f"{r.merge_s:.3f}", f"{r.publish_s:.3f}", f"{r.merge_s + r.publish_s:.3f}"]
             + [f"{r.written_mb:.2f}", f"{r.redis_mb:.2f}", f"{r.manifest_mb:.3f}", f"{r.pull_ms:.1f}"]
-            + [f"{r.pull_warm_ms:.1f}" if r.pull_warm_ms is not None else "-"]
+            + [f"{r.pull_warm_ms:.1f}" if r.pull_warm_ms is not None else "-", f"{r.floor_s:.3f}"]
             for r in rows
         ),
     )
@@ -202,6 +224,12 @@ def ratios(rows: list[Row]) -> str:
                 f"{shape} {fmt}, T={hi.tasks} over T={lo.tasks}: merge + publish {cost:.1f}x (publish alone "
                 f"{publish:.1f}x), Redis bytes per version {memory:.1f}x"
             )
+            if fmt == "delta":
+                floor = (lo.merge_s + lo.publish_s + hi.floor_s) / (lo.merge_s + lo.publish_s)
+                parts.append(
+                    f"{shape}, floor at T={hi.tasks}: the dropped coordinates alone of every old task (error floor "
+                    f"{hi.floor_s:.3f} s) on top of T={lo.tasks}'s merge + publish make {floor:.1f}x T={lo.tasks}"
+                )
     same = {(r.shape, r.tasks): r for r in rows if r.fmt == "full"}
     for r in rows:
         if (
@@ -273,7 +301,12 @@ NOTES = (
     "rotates every old task and computes its exact error in every module when directions are dropped (every merge "
     "here: KPolicy(k=32) at k=32), batched in cache-sized chunks straight from the stored float32 stacks, and "
     "builds every task's metadata dictionaries; a delta publish still does some Python per task (the delta plan's "
-    "checks, the numbers row, the cached manifest's entry). Pull latency of one old task (cold: the process has "
+    "checks, the numbers row, the cached manifest's entry). The error floor column is the least arithmetic any "
+    "exact per-task error needs when a merge drops directions (which the issue allows the merge to spend): every old "
+    "task's coordinates along the dropped directions, one batched float32 product per module and side over stacks "
+    "of the head's shapes (``error_floor``); the ratio line puts it on top of the smallest T's merge + publish. It "
+    "is a lower bound, not a method: the errors also need those coordinates' Gram matrices and the kept part. "
+    "Pull latency of one old task (cold: the process has "
     "seen neither the rotations nor the manifest; warm: the rotations' product and the checked manifest cached, its "
     "bytes still fetched and compared): in format 4 a cold one-task pull fetches the manifest, the one entries part "
     "(512 tasks) that holds the task and the numbers, not every task's entry. For LLaMA-7B shapes the bases "
