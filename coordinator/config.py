@@ -40,7 +40,8 @@ class CoordinatorConfig:
     recover_idle_ms: int = 60_000
     keep_versions: int | None = None
     # Rotations a read of the head may apply (versions are deltas) before the coordinator compacts the
-    # head into a full version, right after the publish that reached it.
+    # head into a full version, in a background thread started after the publish that reached it. Delta
+    # publishes write a task in full past min(2 * max_chain, MAX_CHAIN) rotations, the bound on reads.
     max_chain: int = DEFAULT_MAX_CHAIN
     # torch threads in the coordinator's process. Merges are many small matrix products: one thread
     # is fastest, and more oversubscribe the cores that training workers share (measured: a merge

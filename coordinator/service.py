@@ -19,8 +19,13 @@ retention prunes them.
 
 Merges are published as delta versions (the new tasks, the bases and the merge's rotations; old tasks
 are read through the rotations since, ``subspace_store.chains``). Once the head's longest chain reaches
-``max_chain``, the coordinator compacts it (``SubspaceStore.compact``, a full version whose metadata says
-``compaction``) right after that merge's publish, off the publish itself. Removals are written in full.
+``max_chain`` after a publish, the coordinator compacts it (``SubspaceStore.compact``, a full version whose
+metadata says ``compaction``) in a background thread, at most one at a time: the step returns without
+waiting, and the next step (or ``close``) collects the outcome. The hard bound is ``min(2 * max_chain,
+MAX_CHAIN)``: a delta publish writes in full every task whose chain would pass it, so a read of the head
+applies at most that many rotations even when compaction cannot keep up. A merge whose publish finds the
+head moved to a compaction of its own parent (the same subspace) is published again on that compaction,
+not merged again. Removals are written in full.
 
 Every MLflow merge run this process opens is ended: finished once its version is published,
 FAILED when it is not, and, when a publish ended in an error that leaves its outcome unknown (Redis
@@ -48,6 +53,7 @@ from subspace_store import (
     SubspaceStore,
 )
 from subspace_store.chains import DEFAULT_MAX_CHAIN, MAX_CHAIN
+from subspace_store.store import COMPACTION_KEY
 from subspace_store.stream import RemovalRequest, StreamItem
 
 from .crash import AFTER_MERGE, AFTER_PUBLISH, AFTER_READ, CrashPoints
@@ -61,6 +67,7 @@ from .validation import BASE_MODEL_KEY, BaseCache, check_batch
 log = logging.getLogger(__name__)
 
 REMOVAL_KEY = "removal"  # version metadata of a removal: request id, tasks, reason, parent, errors
+CLOSE_WAIT_S = 120.0  # how long ``close`` waits for a running background compaction
 
 
 @dataclass
@@ -80,10 +87,24 @@ class StepResult:
     head_conflicts: int = 0
     merge_seconds: float = 0.0
     publish_seconds: float = 0.0
-    compacted: str | None = None  # the compaction version published after this step's version, if any
-    compaction_seconds: float = 0.0
+    rebased_on_compaction: str | None = None  # the head moved to this compaction of the parent: published on it
+    compacted: str | None = None  # a background compaction that landed since the previous step
+    compaction_seconds: float = 0.0  # how long that compaction took (in its thread)
     latency_s: dict[str, float] = field(default_factory=dict)  # submission id -> submit-to-published
     accuracy: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Compaction:
+    """One background compaction. Its thread writes the outcome fields; the coordinator thread reads them only
+    once the thread has ended."""
+
+    after: str  # the publish that started it
+    thread: threading.Thread = field(init=False)
+    version: str | None = None  # the compaction version it published (None: none, the head needed none)
+    of: str | None = None  # the version that compaction compacts
+    seconds: float = 0.0
+    error: Exception | None = None
 
 
 class Coordinator:
@@ -92,8 +113,11 @@ class Coordinator:
     ``policy`` chooses ``k`` (None: the head's own policy; ``KPolicy()`` at a cold start).
     ``tracking`` and ``evaluation`` are optional. ``consumer`` must stay the same across restarts:
     it is how a new incarnation finds what the old one held. ``keep_versions`` prunes older versions
-    after each publish (tagged and pinned ones are always kept). ``max_chain`` bounds how many versions'
-    rotations reading a task of the head applies before the head is compacted.
+    after each publish (tagged and pinned ones are always kept). ``max_chain``: once reading a task of the
+    head applies that many versions' rotations, the head is compacted in a background thread (one at a
+    time, collected at the next ``step``; ``wait_for_compaction`` waits for it). Delta publishes write a
+    task in full past ``hard_chain = min(2 * max_chain, MAX_CHAIN)`` rotations, so reads stay bounded by
+    that while a compaction is running or has lost a race with a merge.
     """
 
     def __init__(
@@ -122,6 +146,7 @@ class Coordinator:
         if not 1 <= max_chain <= MAX_CHAIN:
             raise ShareClError(f"max_chain must be between 1 and {MAX_CHAIN} (got {max_chain})")
         self.max_chain = max_chain
+        self.hard_chain = min(2 * max_chain, MAX_CHAIN)  # delta publishes write a task in full past this chain
         self.store = store
         self.stream = stream
         self.policy = policy
@@ -142,6 +167,7 @@ class Coordinator:
         self._last_recover = 0.0
         self._lock = threading.Lock()
         self._open_runs: dict[str, str | None] = {}  # MLflow run -> its version if known: not ended yet
+        self._compaction: _Compaction | None = None  # the background compaction, until collected
         self.counters = {
             "steps": 0,
             "merges": 0,
@@ -151,6 +177,7 @@ class Coordinator:
             "head_conflicts": 0,
             "removals": 0,
             "compactions": 0,
+            "rebased_on_compaction": 0,
         }
         self.last_version: str | None = None
         self.last_error: str | None = None
@@ -203,10 +230,18 @@ class Coordinator:
         return list(self._open_runs)
 
     def close(self) -> list[str]:
-        """End every run still open (as ``_settle_runs``; FAILED with the error when the store cannot
-        be read). Returns the runs that stay open because MLflow refused even that."""
+        """Wait for a running background compaction (up to ``CLOSE_WAIT_S``) and collect it, then end every run
+        still open (as ``_settle_runs``; FAILED with the error when the store cannot be read). Returns the runs
+        that stay open because MLflow refused even that."""
         with self._lock:
+            if not self.wait_for_compaction(CLOSE_WAIT_S):
+                log.warning(
+                    "a background compaction is still running after %.0fs; closing without it (if it lands, it is "
+                    "a full copy of the head it read)",
+                    CLOSE_WAIT_S,
+                )
             try:
+                self._collect_compaction()
                 self._settle_runs()
             except Exception as err:  # Redis unreachable: nothing can say whether they were published
                 log.warning("could not check which merges were published (%s); ending their runs as FAILED", err)
@@ -261,6 +296,7 @@ class Coordinator:
                 except Exception as err:  # the store is still unreachable: try again next step
                     log.warning("open MLflow merge runs not settled yet (%s)", err)
             result = StepResult()
+            self._collect_compaction(result)
             batch = self._take(max_batch, block_ms, result)
             self.counters["steps"] += 1
             if not batch:
@@ -309,12 +345,24 @@ class Coordinator:
         return batch
 
     def _load_head(self) -> tuple[str | None, Subspace | None]:
-        """The head, from memory when it is still the version this process published last."""
+        """The head, from memory when it is still the version this process published last, or a compaction of it
+        (one that landed after this step collected the outcomes); read from the store otherwise."""
         version = self.store.head()
+        if version is not None and self._head_version is not None and version != self._head_version:
+            if self._compaction_of(version) == self._head_version:
+                self._hold_compaction(version)
         if version != self._head_version:
             self._head = self.store.get(version) if version is not None else None
             self._head_version = version
         return self._head_version, self._head
+
+    def _hold_compaction(self, version: str) -> None:
+        """``version`` compacts the head held in memory (the same subspace, coefficients equal up to float
+        rounding): it becomes the head version and the in-memory head stays (validation and the next merge)."""
+        head = self._head
+        assert head is not None
+        self._head_version = version
+        self.bases.put(version, Subspace(modules=head.modules, policy=head.policy, metadata=head.metadata))
 
     def _merge_batch(self, batch: list[Submission], result: StepResult) -> None:
         todo = batch
@@ -373,16 +421,7 @@ class Coordinator:
             }
             started = time.perf_counter()
             try:
-                version = self.stream.publish_with_ack(
-                    self.store,
-                    merged,
-                    parent,
-                    accepted,
-                    metadata,
-                    delta=True,
-                    rotations=report.rotations or None,  # None: derived from the bases (a cold start has none)
-                    max_chain=self.max_chain,
-                )
+                version, parent = self._publish_merge(merged, parent, accepted, metadata, report.rotations, result)
             except HeadConflictError as err:
                 # Someone else published first: re-validate against the new head and merge again.
                 log.info("head moved (%s); merging again on the new head", err.actual)
@@ -421,6 +460,57 @@ class Coordinator:
             f"gave up merging {len(todo)} submission(s) after {self.max_conflicts} head conflicts; another "
             "publisher keeps moving the head of this namespace: run one coordinator per namespace"
         )
+
+    def _publish_merge(
+        self,
+        merged: Subspace,
+        parent: str | None,
+        accepted: list[Submission],
+        metadata: dict[str, Any],
+        rotations: dict[str, Any],
+        result: StepResult,
+    ) -> tuple[str, str | None]:
+        """Publish ``merged`` on ``parent`` with the acks of ``accepted``, as a delta (chains up to ``hard_chain``).
+
+        When the head moved to a compaction of ``parent`` meanwhile (the same subspace, its coefficients
+        re-encoded, the same bases), ``merged`` is published again on that compaction: the merge's rotations
+        hold from its bases as from the parent's, so nothing is merged again (same MLflow run, same metadata).
+        Returns (the version, the parent it was published on); ``HeadConflictError`` for any other move.
+        """
+
+        def publish(on: str | None) -> str:
+            return self.stream.publish_with_ack(
+                self.store,
+                merged,
+                on,
+                accepted,
+                metadata,
+                delta=True,
+                rotations=rotations or None,  # None: derived from the bases (a cold start has none)
+                max_chain=self.hard_chain,
+            )
+
+        try:
+            return publish(parent), parent
+        except HeadConflictError as err:
+            if parent is None or err.actual is None or self._compaction_of(err.actual) != parent:
+                raise
+            compaction = err.actual
+        log.info("head moved to %s, a compaction of %s: publishing the same merge on it", compaction, parent)
+        version = publish(compaction)
+        result.rebased_on_compaction = compaction
+        self.counters["rebased_on_compaction"] += 1
+        return version, compaction
+
+    def _compaction_of(self, version: str) -> str | None:
+        """The version ``version`` compacts (its metadata ``compaction.of``); None for any other version, or when
+        its manifest cannot be read (pruned meanwhile)."""
+        try:
+            info = self.store.manifest(version)["metadata"].get(COMPACTION_KEY)
+        except StoreError as err:
+            log.info("could not read the manifest of %s (%s)", version, err)
+            return None
+        return info.get("of") if isinstance(info, dict) else None
 
     def _remove(self, request: RemovalRequest, result: StepResult) -> None:
         """Publish the head without ``request.tasks`` (bases refitted to the rest), acknowledging the
@@ -539,33 +629,85 @@ class Coordinator:
                 extra = {"publish_seconds": result.publish_seconds}
                 if self.tracking.finish(run_id, record, self.matrix, result.accuracy, errors, extra):
                     del self._open_runs[run_id]
-        self._compact(version, merged, result)
+        self._start_compaction(version)
         if self.keep_versions is not None:
             try:
                 self.store.prune(self.keep_versions)
             except StoreError as err:
                 log.warning("pruning to %d versions failed (%s)", self.keep_versions, err)
 
-    def _compact(self, version: str, merged: Subspace, result: StepResult) -> None:
-        """After ``version``'s publish: once a task of it reads through ``max_chain`` rotations, publish the head in
-        full (a compaction version). Best effort: a failure is logged, and the next publish tries again."""
+    def _start_compaction(self, version: str) -> None:
+        """After ``version``'s publish: once a task of it reads through ``max_chain`` rotations, compact the head in
+        a background thread (none while another one is not collected yet: the next publish tries again)."""
+        if self._compaction is not None:
+            return
         try:
             if max(self.store.chain_lengths(version).values(), default=0) < self.max_chain:
                 return
-            started = time.perf_counter()
-            compacted = self.store.compact(min_chain=self.max_chain, metadata={"compacted_by": self.consumer})
         except (StoreError, ShareClError) as err:
-            log.warning("compacting %s failed (%s); the next publish tries again", version, err)
+            log.warning("reading the chains of %s failed (%s); the next publish tries again", version, err)
             return
-        if compacted is None:
+        job = self._compaction = _Compaction(after=version)
+        job.thread = threading.Thread(target=self._compact, args=(job,), name="compaction", daemon=True)
+        job.thread.start()
+
+    def _compact(self, job: _Compaction) -> None:
+        """The compaction thread: publish the head in full (``SubspaceStore.compact``) and note what it compacts.
+
+        It shares ``self.store``, which is safe: the store keeps no mutable state of its own (its client's
+        connection pool, the manifest and rotation caches and a cached manifest's entries are locked). It writes
+        only its ``_Compaction``; the head, the counters and MLflow are the coordinator thread's."""
+        started = time.perf_counter()
+        try:
+            job.version = self.store.compact(min_chain=self.max_chain, metadata={"compacted_by": self.consumer})
+            if job.version is not None:
+                job.of = self._compaction_of(job.version)
+        except Exception as err:  # the coordinator thread logs it when it collects the outcome
+            job.error = err
+        job.seconds = time.perf_counter() - started
+
+    def wait_for_compaction(self, timeout_s: float | None = None) -> bool:
+        """Wait up to ``timeout_s`` (None: for good) for the running background compaction to end; True when
+        none is running (ended ones are collected by the next ``step`` or ``close``)."""
+        job = self._compaction
+        if job is None:
+            return True
+        job.thread.join(timeout_s)
+        return not job.thread.is_alive()
+
+    def _collect_compaction(self, result: StepResult | None = None) -> None:
+        """On the coordinator thread, with the lock held: take the outcome of a background compaction that ended.
+
+        One that landed is counted and reported (``result.compacted``); if it is still the head and compacts the
+        version held in memory, it becomes the head version, the in-memory head kept (the same subspace,
+        coefficients equal up to float rounding). A failure is logged; the next publish tries again."""
+        job = self._compaction
+        if job is None or job.thread.is_alive():
             return
-        result.compacted, result.compaction_seconds = compacted, time.perf_counter() - started
-        # The same subspace (coefficients equal up to float rounding): validation and the next merge use it.
-        self._head, self._head_version = merged, compacted
-        self.bases.put(compacted, Subspace(modules=merged.modules, policy=merged.policy, metadata=merged.metadata))
+        self._compaction = None
+        if isinstance(job.error, HeadConflictError):
+            log.info(
+                "compaction after %s lost to a publish (head %s); the next publish tries again",
+                job.after,
+                job.error.actual,
+            )
+        elif job.error is not None:
+            unexpected = None if isinstance(job.error, ShareClError) else job.error  # a bug: its traceback too
+            log.warning(
+                "compaction after %s failed (%s); the next publish tries again",
+                job.after,
+                job.error,
+                exc_info=unexpected,
+            )
+        if job.version is None:
+            return
         self.counters["compactions"] += 1
-        self.last_version = compacted
-        log.info("compacted %s into %s in %.2fs", version, compacted, result.compaction_seconds)
+        if result is not None:
+            result.compacted, result.compaction_seconds = job.version, job.seconds
+        log.info("compacted %s into %s in %.2fs (in the background)", job.of, job.version, job.seconds)
+        if job.of is not None and job.of == self._head_version and self.store.head() == job.version:
+            self._hold_compaction(job.version)
+            self.last_version = job.version
 
     def _evaluate(self, subspace: Subspace) -> tuple[dict[str, float], dict[str, str]]:
         assert self.evaluation is not None

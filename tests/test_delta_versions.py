@@ -376,11 +376,17 @@ def test_the_coordinator_publishes_deltas_and_compacts_after_the_publish(
     for i in range(6):
         stream.submit(Submission(f"t{i}", _adapter(i), store.head()))
         steps.append(coordinator.step(block_ms=None))
-    # v1 full; v2..v4 deltas; v4 reaches the bound: v5 compacts it; v6, v7 deltas on v5.
+        assert coordinator.wait_for_compaction(60)  # compacting runs in the background: let it land here
+    # v1 full; v2..v4 deltas; v4 reaches the bound: v5 compacts it in the background, reported by the next step;
+    # v6, v7 deltas on v5.
     assert [s.version for s in steps] == ["v1", "v2", "v3", "v4", "v6", "v7"]
-    assert [s.compacted for s in steps] == [None, None, None, "v5", None, None]
-    assert steps[3].compaction_seconds > 0 and coordinator.counters["compactions"] == 1
+    assert [s.parent for s in steps] == [None, "v1", "v2", "v3", "v5", "v6"]
+    assert [s.compacted for s in steps] == [None, None, None, None, "v5", None]
+    assert steps[4].compaction_seconds > 0 and coordinator.counters["compactions"] == 1
     assert store.manifest("v5")["metadata"]["compaction"] == {"of": "v4", "longest_chain": 3}
+    assert store.manifest("v5")["parent"] == "v4" and store.chain_lengths("v5") == dict.fromkeys(
+        ["t0", "t1", "t2", "t3"], 0
+    )
     assert store.chain_lengths("v7") == {"t0": 2, "t1": 2, "t2": 2, "t3": 2, "t4": 1, "t5": 0}
     assert store.manifest("v7")["written_bytes"] < store.manifest("v5")["written_bytes"]
     held = coordinator._head
@@ -395,7 +401,9 @@ def test_the_coordinator_publishes_deltas_and_compacts_after_the_publish(
     again = Coordinator(store, stream, KPolicy(k=6), max_chain=3)
     stream.submit(Submission("t6", _adapter(6), "v7"))
     assert again.step(block_ms=None).version == "v8" and store.manifest("v8")["rotations"]
-    assert {store.manifest(v)["format_version"] for v in ("v5", "v6", "v7", "v8")} == {
+    again.close()  # v8 reaches the bound: close waits for its compaction
+    assert store.head() == "v9" and store.manifest("v9")["metadata"]["compaction"]["of"] == "v8"
+    assert {store.manifest(v)["format_version"] for v in ("v5", "v6", "v7", "v8", "v9")} == {
         4 if shared_entries_from == 1 else 3
     }
     with pytest.raises(Exception, match="max_chain"):
