@@ -139,12 +139,15 @@ class CoordinatorActor:
 
     def stop(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Stop the merge loop after its current step and end the MLflow runs it opened (the actor
-        stays; ``stop_coordinator`` removes it). ``loop_alive`` and ``open_runs`` in the returned
-        status say whether that finished within ``timeout_s``."""
+        stays; ``stop_coordinator`` removes it), all within ``timeout_s``: a background compaction is
+        waited for only with what is left of it. ``loop_alive`` and ``open_runs`` in the returned
+        status say whether the loop and the runs finished; ``compacting`` that a compaction still runs
+        (it lands or not on its own: a full copy of the head it read)."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._thread.join(timeout_s)
         if not self._thread.is_alive():
-            self.service.close()
+            self.service.close(wait_s=max(deadline - time.monotonic(), 0.0))
         return {
             **self.service.status(),
             "pid": os.getpid(),

@@ -51,6 +51,7 @@ from subspace_store import (
     SubmissionStatus,
     SubmissionStream,
     SubspaceStore,
+    VersionNotFoundError,
 )
 from subspace_store.chains import DEFAULT_MAX_CHAIN, MAX_CHAIN
 from subspace_store.store import COMPACTION_KEY
@@ -229,19 +230,13 @@ class Coordinator:
         """MLflow merge runs this process opened and has not ended (outcome unknown or MLflow unreachable)."""
         return list(self._open_runs)
 
-    def close(self) -> list[str]:
-        """Wait for a running background compaction (up to ``CLOSE_WAIT_S``) and collect it, then end every run
-        still open (as ``_settle_runs``; FAILED with the error when the store cannot be read). Returns the runs
-        that stay open because MLflow refused even that."""
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> list[str]:
+        """End every run still open (as ``_settle_runs``; FAILED with the error when the store cannot be read),
+        then wait up to ``wait_s`` for a running background compaction and collect it. Returns the runs that stay
+        open because MLflow refused even that; a compaction still running is left to finish on its own (``status``
+        says ``compacting``)."""
         with self._lock:
-            if not self.wait_for_compaction(CLOSE_WAIT_S):
-                log.warning(
-                    "a background compaction is still running after %.0fs; closing without it (if it lands, it is "
-                    "a full copy of the head it read)",
-                    CLOSE_WAIT_S,
-                )
             try:
-                self._collect_compaction()
                 self._settle_runs()
             except Exception as err:  # Redis unreachable: nothing can say whether they were published
                 log.warning("could not check which merges were published (%s); ending their runs as FAILED", err)
@@ -249,6 +244,16 @@ class Coordinator:
                 reason = "the coordinator stopped while the outcome of its publish was unknown (store unreachable)"
                 if self.tracking is None or self.tracking.abandon(run_id, reason):
                     del self._open_runs[run_id]
+            if not self.wait_for_compaction(wait_s):
+                log.warning(
+                    "a background compaction is still running after %.0fs; closing without it (if it lands, it is "
+                    "a full copy of the head it read)",
+                    wait_s,
+                )
+            try:
+                self._collect_compaction()
+            except Exception as err:  # Redis unreachable: the outcome only mattered to the next step
+                log.warning("could not collect the background compaction (%s)", err)
             return self.open_runs
 
     def run_forever(
@@ -279,6 +284,7 @@ class Coordinator:
             "head": self._head_version,
             "last_version": self.last_version,
             "last_error": self.last_error,
+            "compacting": not self.wait_for_compaction(0),
             **self.counters,
         }
 
@@ -504,7 +510,12 @@ class Coordinator:
 
     def _compaction_of(self, version: str) -> str | None:
         """The version ``version`` compacts (its metadata ``compaction.of``); None for any other version, or when
-        its manifest cannot be read (pruned meanwhile)."""
+        its manifest cannot be read (pruned meanwhile).
+
+        Reads the whole manifest (``SubspaceStore.manifest``): the store has no call for one version's metadata
+        alone, and ``list_versions`` reads every retained version's manifest. For a version this process wrote
+        (its own compactions) that is a copy of the cached manifest; for another's in format 4 its entries are
+        fetched too, which the read of that head that follows (``_load_head``) then finds in the cache."""
         try:
             info = self.store.manifest(version)["metadata"].get(COMPACTION_KEY)
         except StoreError as err:
@@ -647,9 +658,10 @@ class Coordinator:
         except (StoreError, ShareClError) as err:
             log.warning("reading the chains of %s failed (%s); the next publish tries again", version, err)
             return
-        job = self._compaction = _Compaction(after=version)
+        job = _Compaction(after=version)
         job.thread = threading.Thread(target=self._compact, args=(job,), name="compaction", daemon=True)
         job.thread.start()
+        self._compaction = job  # started: ``status`` (another thread) may ask whether it runs
 
     def _compact(self, job: _Compaction) -> None:
         """The compaction thread: publish the head in full (``SubspaceStore.compact``) and note what it compacts.
@@ -690,6 +702,13 @@ class Coordinator:
                 "compaction after %s lost to a publish (head %s); the next publish tries again",
                 job.after,
                 job.error.actual,
+            )
+        elif isinstance(job.error, VersionNotFoundError):  # the head it read was pruned: a newer head is kept
+            log.info(
+                "compaction after %s lost to a publish (the version it read was pruned: %s); the next publish tries "
+                "again",
+                job.after,
+                job.error,
             )
         elif job.error is not None:
             unexpected = None if isinstance(job.error, ShareClError) else job.error  # a bug: its traceback too
