@@ -72,6 +72,7 @@ def say_line(line: str) -> None:
 
 
 POLL_S = 0.5
+FLUSH_GRACE_S = 10.0  # how long a job whose merges are all noted lets the coordinator's flush call return
 HEARTBEAT_S = 30.0  # how often a driver with nothing new to say says what it waits for
 KEEPALIVE_S = 60.0  # the coordinator exits after idle_timeout_s without a call (default 1800 s)
 DEFAULT_MERGE_TIMEOUT_S = 1800.0
@@ -566,6 +567,10 @@ class RunningJob:
                     flushing = None
             else:
                 time.sleep(POLL_S)
+        if flushing is not None:
+            # Every merge is noted; the coordinator's flush ends at its next idle step. Let it, briefly: a flush
+            # still running when the job stops the coordinator dies with it (and Ray logs the killed call).
+            ray.wait([flushing], timeout=FLUSH_GRACE_S)
 
     def _open_submissions(self) -> str:
         """``fruit (1718-0), colors (1719-0)``: the job's submissions neither merged nor rejected yet."""
