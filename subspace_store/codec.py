@@ -305,6 +305,7 @@ def build_manifest(
             "bytes": len(encoded.numbers),
             "sha256": sha256(encoded.numbers),
             "fields": list(shared_entries.FIELDS),
+            "names_sha256": shared_entries.names_sha256(tasks),  # the rows' task order, which readers compare
         }
         extra |= {"entries": elements, "numbers": numbers}
         total += sum(e["bytes"] for e in elements) + numbers["bytes"]
@@ -529,10 +530,16 @@ class CheckedManifest:
         return self.top
 
     def _check_task(self, name: str) -> None:
-        """Check one entry (format 4: joined from its sources first); the caller holds the lock."""
+        """Check one entry (format 4: joined from its sources first, a fault in it blamed on its entries part); the
+        caller holds the lock."""
         if self._sources is not None:
             self.top["tasks"][name] = self._sources.entry(name)
-        self._reader.task(self.top, name, self.top["tasks"][name], self._origins)
+        try:
+            self._reader.task(self.top, name, self.top["tasks"][name], self._origins)
+        except _FieldError as err:
+            if self._sources is None:
+                raise
+            raise self._sources.blame(name, err) from None
         self._checked.add(name)
 
 
@@ -636,6 +643,15 @@ class _ManifestReader:
         for name, position in tasks.items():  # names are checked with their entries (or before they make a key)
             if type(position) is not int or not 0 <= position < len(elements):
                 self._fail(("tasks", name), f"must be the position of one of the {len(elements)} entries payloads")
+        # Rows are matched to tasks by the order of the task map's keys: before any row is used, that order must be
+        # the one written. Format-4 manifests written before names_sha256 was recorded lack it: read unverified.
+        if "names_sha256" in numbers and numbers["names_sha256"] != shared_entries.names_sha256(tasks):
+            self._fail(
+                ("tasks",),
+                "no longer matches the numbers payload's rows: its names (in their order) do not have the sha256 "
+                "that ['numbers']['names_sha256'] records, so the task map was reordered or edited (e.g. re-saved "
+                "with sorted keys) after the version was written; restore its order or republish the version",
+            )
         want = len(tasks) * shared_entries.columns(len(modules)) * 8
         if numbers["bytes"] != want:
             self._fail(
@@ -806,9 +822,22 @@ class _ManifestReader:
         return value
 
     def _fail(self, where: tuple[str, ...], problem: str) -> NoReturn:
-        path = "".join(f"[{str(part)[:80]!r}]" for part in where) if where else "the manifest"
-        detail = f"is not a valid manifest: {path} {problem}"
-        raise CorruptPayloadError(self.version, self.keys.manifest(self.version), detail)
+        detail = f"is not a valid manifest: {_path(where) if where else 'the manifest'} {problem}"
+        raise _FieldError(self.version, self.keys.manifest(self.version), detail, where, problem)
+
+
+class _FieldError(CorruptPayloadError):
+    """A manifest field at fault; its path (``where``) and ``problem`` are kept so that a field of a format-4 entry
+    can be blamed on the entries part it was joined from (``_Sources.blame``)."""
+
+    def __init__(self, version: str, key: str, detail: str, where: tuple[str, ...], problem: str) -> None:
+        super().__init__(version, key, detail)
+        self.where = where
+        self.problem = problem
+
+
+def _path(where: tuple[str, ...]) -> str:
+    return "".join(f"[{str(part)[:80]!r}]" for part in where)
 
 
 def _real(value: Any) -> bool:
@@ -872,3 +901,14 @@ class _Sources:
             return shared_entries.join(static, written, self.reader.keys.task(written, name), values, self.modules)
         except ValueError as err:
             raise CorruptPayloadError(version, element["key"], f"task {name!r}: its entry {err}") from None
+
+    def blame(self, name: str, err: _FieldError) -> CorruptPayloadError:
+        """A fault the manifest reader found in task ``name``'s joined entry, as an error of the entries part it
+        came from: a field below ``['tasks'][name]`` is the part's (those the layout and the numbers give always
+        pass); the name itself is the manifest's (``err`` unchanged)."""
+        if len(err.where) <= 2:
+            return err
+        key = self.elements[self.index[name]]["key"]
+        return CorruptPayloadError(
+            self.reader.version, key, f"task {name!r}: its entry{_path(err.where[2:])} {err.problem}"
+        )

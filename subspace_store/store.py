@@ -167,7 +167,7 @@ class SubspaceStore:
         wanted = list(manifest["tasks"]) if tasks is None else list(tasks)
         for name in wanted:
             if name not in manifest["tasks"]:
-                held = ", ".join(self._with_entries(checked).full()["tasks"]) or "none"  # names checked first
+                held = ", ".join(checked.names()) or "none"  # checked; format 4: no entries part fetched
                 raise TaskNotFoundError(f"version {version} has no task {name!r}; it holds: {held}")
         checked.tasks(wanted)  # only the entries used are checked: a one-task pull does no per-task work for the rest
         bases, task_entries = self._read(manifest, wanted, verify, with_bases=True)

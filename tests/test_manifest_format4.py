@@ -2,7 +2,8 @@
 payload of the version that wrote its payload; each version writes only its new tasks' entries and one float64
 row of numbers per task (what a merge changes). Readers see exactly what format 3 gives; a delta's manifest and
 what it writes stay small as tasks accumulate; retention keeps the entries payloads retained versions read and
-no more; a tampered manifest, entries payload or numbers payload is refused naming what is wrong.
+no more; a tampered manifest, entries payload or numbers payload is refused naming what is wrong (a field of an
+entry: the entries payload it is in; a task map in another order than the numbers' rows: the manifest).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from hypothesis import strategies as st
 from share import KPolicy, LoraAdapter, Subspace, TaskCoefficients, merge
 from share.errors import ShareClError
 from share.merge import MODULE_DRIFT
-from subspace_store import CorruptPayloadError, StoreError, SubspaceStore, manifest_cache, shared_entries
+from subspace_store import (
+    CorruptPayloadError,
+    StoreError,
+    SubspaceStore,
+    TaskNotFoundError,
+    manifest_cache,
+    shared_entries,
+)
 from subspace_store.chains import relative_difference
 from subspace_store.codec import build_manifest, encode_manifest, encode_subspace, read_manifest
 from subspace_store.keys import Keys
@@ -180,6 +188,8 @@ def _set_payload(store: SubspaceStore, version: str, field: str, data: bytes, ke
         ("entries-not-json", "cannot be decoded"),
         ("entries-lack-task", "has no entry for task 't1'"),
         ("entries-hold-numbers", "holds a field that the layout or the numbers payload gives"),
+        ("entries-bad-p", r"entries:0' task 't1': its entry\['p'\] must be a list of 2 values"),
+        ("entries-bad-bytes", r"entries:0' task 't1': its entry\['bytes'\] must be an integer >= 0, got -1"),
         ("numbers-short", "'bytes'.* tasks of"),
         ("numbers-infinite", "infinite number for task 't1'"),
         ("numbers-partial-drift", "module_drift for some modules only"),
@@ -200,12 +210,17 @@ def test_tampered_format_4_versions_are_refused_naming_the_fault(redis_client, n
         redis_client.set(entries_key, redis_client.get(entries_key).replace(b'"p"', b'"q"', 1))
     elif case == "entries-not-json":
         _set_payload(store, head, "entries", b"{not json", entries_key)
-    elif case in ("entries-lack-task", "entries-hold-numbers"):
+    elif case in ("entries-lack-task", "entries-hold-numbers", "entries-bad-p", "entries-bad-bytes"):
         block = json.loads(redis_client.get(entries_key))
+        entry = block["tasks"]["t1"]
         if case == "entries-lack-task":
             del block["tasks"]["t1"]
+        elif case == "entries-hold-numbers":
+            entry["metadata"]["drift_bound"] = 0.0
+        elif case == "entries-bad-p":
+            entry["p"] = [2]
         else:
-            block["tasks"]["t1"]["metadata"]["drift_bound"] = 0.0
+            entry["bytes"] = -1
         _set_payload(store, head, "entries", json.dumps(block).encode(), entries_key)
     elif case == "numbers-short":
         _set_payload(store, head, "numbers", numbers[:-8], numbers_key)
@@ -235,6 +250,51 @@ def test_tampered_format_4_versions_are_refused_naming_the_fault(redis_client, n
                 store.get(version)
     else:
         _same(store.get(versions[1]), subs[1])  # the other versions read as before
+
+
+@pytest.mark.parametrize("resave", ["reversed", "sorted-keys"])
+def test_a_task_map_in_another_order_is_refused_not_read_with_other_tasks_numbers(
+    redis_client, namespace, resave
+) -> None:
+    """Numbers rows are matched to tasks by the order of the manifest's task map: a map re-saved in another order
+    (reversed; every key sorted, as ``jq -S`` does) is refused, where it gave tasks each other's numbers."""
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    versions, subs = _chain(store, 3, 2)
+    head = versions[-1]
+    raw = _raw(store, head)
+    assert raw["numbers"]["names_sha256"] == shared_entries.names_sha256(raw["tasks"])
+    if resave == "reversed":
+        raw["tasks"] = dict(reversed(list(raw["tasks"].items())))
+    redis_client.set(store.keys.manifest(head), json.dumps(raw, sort_keys=resave == "sorted-keys"))
+    manifest_cache.clear()
+    match = rf"version {head}: .*\['tasks'\] no longer matches the numbers payload's rows"
+    with pytest.raises(CorruptPayloadError, match=match):
+        store.get(head)
+    with pytest.raises(CorruptPayloadError, match=match):
+        store.get(head, tasks=["t0"])
+
+
+def test_a_format_4_manifest_written_before_names_sha256_still_reads(redis_client, namespace) -> None:
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    versions, subs = _chain(store, 3, 2)
+    for version, sub in zip(versions, subs, strict=True):
+        raw = _raw(store, version)
+        del raw["numbers"]["names_sha256"]
+        redis_client.set(store.keys.manifest(version), json.dumps(raw))
+        manifest_cache.clear()
+        _same(store.get(version), sub)
+
+
+def test_an_unknown_task_is_named_without_fetching_any_entries_part(redis_client, namespace) -> None:
+    store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
+    versions, _ = _chain(store, 3, 1)
+    head = versions[-1]
+    redis_client.set(store.keys.entries(versions[0], 0), b"{damaged")  # what reading t0..t2 would fail on
+    manifest_cache.clear()
+    with pytest.raises(TaskNotFoundError, match=f"^version {head} has no task 'nope'; it holds: t0, t1, t2, n0$"):
+        store.get(head, tasks=["nope"])
+    checked = store._decoded(head, redis_client.get(store.keys.manifest(head)))  # the one the read used (cached)
+    assert len(checked.needs()) == len(checked.top["entries"]) + 1  # no entries part nor the numbers provided
 
 
 def test_a_one_task_read_fetches_only_the_entries_part_that_holds_it(redis_client, namespace, monkeypatch) -> None:
