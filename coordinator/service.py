@@ -29,7 +29,8 @@ not merged again. Removals are written in full.
 
 Every MLflow merge run this process opens is ended: finished once its version is published,
 FAILED when it is not, and, when a publish ended in an error that leaves its outcome unknown (Redis
-went away), settled at the next step or at ``close``.
+went away), settled at the next step or at ``close``. A published merge's record stays with its open run
+until MLflow takes it (an MLflow outage), so retention pruning its version never keeps the run open.
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ class Coordinator:
         self._need_recover = True  # a fresh incarnation first takes back what a dead one held
         self._last_recover = 0.0
         self._lock = threading.Lock()
-        self._open_runs: dict[str, str | None] = {}  # MLflow run -> its version if known: not ended yet
+        # MLflow runs not ended yet -> what is known of their merge: None (whether it was published is unknown), its
+        # version (published, its record not read yet) or its record (finishing the run needs nothing from the store)
+        self._open_runs: dict[str, str | MergeRecord | None] = {}
         self._compaction: _Compaction | None = None  # the background compaction, until collected
         self.counters = {
             "steps": 0,
@@ -205,25 +208,56 @@ class Coordinator:
 
     def _settle_runs(self, evaluate: bool = False) -> None:
         """End the open runs: finished where a version names them (published), else FAILED (its
-        submissions were still pending and a later merge took them). Those MLflow does not take stay open."""
+        submissions were still pending and a later merge took them). Those MLflow does not take stay open.
+
+        A published run's record is kept with it (``_after_publish``), so it is finished even once retention has
+        pruned its version; one whose version was pruned before its record was read ends FAILED, saying so, and
+        never keeps the runs after it open."""
         if not self._open_runs or self.tracking is None:
             return
-        by_run = {info.metadata.get(RUN_ID_KEY): info.version for info in self.store.list_versions()}
+        by_run: dict[Any, str] = {}
+        if any(known is None for known in self._open_runs.values()):
+            by_run = {info.metadata.get(RUN_ID_KEY): info.version for info in self.store.list_versions()}
         for run_id, known in list(self._open_runs.items()):
-            version = known or by_run.get(run_id)
-            if version is None:
+            found = known if known is not None else by_run.get(run_id)
+            if found is None:
                 reason = "the coordinator stopped before publishing; a later merge took its tasks"
                 ended = self.tracking.abandon(run_id, reason)
             else:
-                record = MergeRecord.from_manifest(self.store.manifest(version))
-                accuracy, errors = self._evaluate(self.store.get(version)) if evaluate and self.evaluation else ({}, {})
-                if accuracy:
-                    self.matrix.add(version, record.new_tasks, accuracy)
-                ended = self.tracking.finish(run_id, record, self.matrix, accuracy, errors)
-                if ended:
-                    log.info("completed the MLflow run of %s left open (crash or tracking outage)", version)
+                ended = self._finish_run(run_id, found, evaluate)
             if ended:
                 del self._open_runs[run_id]
+
+    def _finish_run(self, run_id: str, found: str | MergeRecord, evaluate: bool) -> bool:
+        """Finish the run of a published merge (its record, or its version to read the record from); True when
+        MLflow took it. Evaluates the version first when ``evaluate`` (and it is still retained)."""
+        assert self.tracking is not None
+        if isinstance(found, MergeRecord):
+            record, version = found, found.version
+        else:
+            version = found
+            try:
+                record = MergeRecord.from_manifest(self.store.manifest(version))
+            except VersionNotFoundError:
+                log.warning(
+                    "MLflow run %s ends FAILED: its version %s was pruned before MLflow took it", run_id, version
+                )
+                return self.tracking.fail(
+                    run_id, f"published as {version}, which was pruned before MLflow took its run: its numbers are lost"
+                )
+        accuracy: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        if evaluate and self.evaluation is not None:
+            try:
+                accuracy, errors = self._evaluate(self.store.get(version))
+            except VersionNotFoundError:
+                log.info("%s was pruned before it could be evaluated; its run is finished without accuracy", version)
+        if accuracy:
+            self.matrix.add(version, record.new_tasks, accuracy)
+        ended = self.tracking.finish(run_id, record, self.matrix, accuracy, errors)
+        if ended:
+            log.info("completed the MLflow run of %s left open (crash or tracking outage)", version)
+        return ended
 
     @property
     def open_runs(self) -> list[str]:
@@ -240,9 +274,17 @@ class Coordinator:
                 self._settle_runs()
             except Exception as err:  # Redis unreachable: nothing can say whether they were published
                 log.warning("could not check which merges were published (%s); ending their runs as FAILED", err)
-            for run_id in list(self._open_runs):
-                reason = "the coordinator stopped while the outcome of its publish was unknown (store unreachable)"
-                if self.tracking is None or self.tracking.abandon(run_id, reason):
+            for run_id, known in list(self._open_runs.items()):
+                if self.tracking is None:
+                    ended = True
+                elif known is None:
+                    reason = "the coordinator stopped while the outcome of its publish was unknown (store unreachable)"
+                    ended = self.tracking.abandon(run_id, reason)
+                else:
+                    version = known.version if isinstance(known, MergeRecord) else known
+                    reason = f"published as {version}; the coordinator stopped before MLflow took its numbers"
+                    ended = self.tracking.fail(run_id, reason)
+                if ended:
                     del self._open_runs[run_id]
             if not self.wait_for_compaction(wait_s):
                 log.warning(
@@ -629,6 +671,8 @@ class Coordinator:
         record: MergeRecord | None = None
         try:
             record = MergeRecord.from_manifest(self.store.manifest(version))
+            if run_id is not None:
+                self._open_runs[run_id] = record  # finishing it never reads the store again (the version may be pruned)
             result.latency_s = record.latency_s
             if self.evaluation is not None:
                 result.accuracy, errors = self._evaluate(merged)

@@ -1,19 +1,26 @@
 """Check submissions before they may enter a merge, and rebuild each one's full factors.
 
 Every check that can fail names the submission and what to do; a failing submission is rejected
-with that reason and never reaches ``share.merge``, so one bad result cannot block a batch.
+with that reason and never reaches ``share.merge``, so one bad result cannot block a batch. Anything
+else its checks raise (a malformed submission no check foresaw, a bug) rejects it too, with the
+exception's type and message.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from share import LoraAdapter, Subspace
+from share.errors import ShareClError
 from subspace_store import Submission, SubspaceStore, VersionNotFoundError
 
 BASE_MODEL_KEY = "base_model"  # in submission metadata and in the subspace's metadata
 SUBMISSION_KEY = "submission"  # task metadata: where the coordinator records the submission it came from
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,51 +63,79 @@ class BaseCache:
 def check_batch(
     submissions: list[Submission], head: Subspace | None, head_version: str | None, bases: BaseCache
 ) -> Verdicts:
-    """Sort ``submissions`` into accepted (with full factors), rejected (with a reason) and already merged."""
+    """Sort ``submissions`` into accepted (with full factors), rejected (with a reason) and already merged.
+
+    Never raises for one submission: whatever its checks raise (malformed metadata or tensors that the
+    stream's decoding let through, a bug) rejects that submission with the exception's type and message.
+    """
     verdicts = Verdicts()
     taken: dict[str, str] = {}  # task -> id of the submission that claimed it in this batch
     reference = _Reference.of(head)
     base_model = head.metadata.get(BASE_MODEL_KEY) if head is not None else None
     for sub in submissions:
         assert sub.id is not None
-        if head is not None and sub.task in head.tasks:
-            origin = head.tasks[sub.task].metadata.get(SUBMISSION_KEY, {}).get("id")
-            if origin == sub.id:
-                verdicts.already_merged.append(sub.id)
-            else:
-                verdicts.rejected[sub.id] = (
-                    f"task {sub.task!r} is already in {head_version} (from submission {origin or 'unknown'}); "
-                    "tasks are never overwritten: submit it under a new task name"
-                )
-            continue
-        if sub.task in taken:
-            verdicts.rejected[sub.id] = (
-                f"task {sub.task!r} was submitted twice in one batch; submission {taken[sub.task]} is merged, "
-                "this one is dropped: submit it under a new task name"
-            )
-            continue
-        theirs = sub.metadata.get(BASE_MODEL_KEY)
-        if base_model is not None and theirs is not None and theirs != base_model:
-            verdicts.rejected[sub.id] = (
-                f"task {sub.task!r} was trained on base model {theirs!r}, the subspace is for {base_model!r}; "
-                "train it on the subspace's base model or use another store namespace"
-            )
-            continue
         try:
-            adapter = _rebuild(sub, bases)
-            adapter.validate(sub.task)
-            reference = reference.check(sub.task, adapter)
-        except ValueError as err:
+            verdict = _check(sub, head, head_version, bases, taken, reference, base_model)
+        except ShareClError as err:  # our own checks: the message names the problem and the fix
             verdicts.rejected[sub.id] = str(err)
             continue
         except RuntimeError as err:  # torch: factors whose shapes do not chain in the rebuild
             verdicts.rejected[sub.id] = f"task {sub.task!r}: malformed update ({err}); resubmit the trainer's output"
             continue
+        except Exception as err:  # anything else must not fail the batch and block the stream
+            log.warning("submission %s (task %r) failed its checks", sub.id, sub.task, exc_info=True)
+            verdicts.rejected[sub.id] = (
+                f"task {sub.task!r}: checking it failed ({type(err).__name__}: {err}); it was rejected so that "
+                "the other submissions could merge: fix the submission and submit it again"
+            )
+            continue
+        if isinstance(verdict, str):
+            verdicts.already_merged.append(sub.id)
+            continue
+        accepted, reference = verdict
+        theirs = sub.metadata.get(BASE_MODEL_KEY)
         if base_model is None and theirs is not None:
             base_model = theirs  # cold start: the first submission decides the subspace's base model
         taken[sub.task] = sub.id
-        verdicts.accepted.append(Accepted(sub, _with_provenance(sub, adapter)))
+        verdicts.accepted.append(accepted)
     return verdicts
+
+
+def _check(
+    sub: Submission,
+    head: Subspace | None,
+    head_version: str | None,
+    bases: BaseCache,
+    taken: dict[str, str],
+    reference: _Reference,
+    base_model: Any,
+) -> tuple[Accepted, _Reference] | str:
+    """One submission's checks: the accepted submission (with provenance) and the reference that the next ones
+    must match, or its id when the head already holds it. Raises ShareClError naming why it is rejected."""
+    assert sub.id is not None
+    if head is not None and sub.task in head.tasks:
+        origin = head.tasks[sub.task].metadata.get(SUBMISSION_KEY, {}).get("id")
+        if origin == sub.id:
+            return sub.id
+        raise ShareClError(
+            f"task {sub.task!r} is already in {head_version} (from submission {origin or 'unknown'}); "
+            "tasks are never overwritten: submit it under a new task name"
+        )
+    if sub.task in taken:
+        raise ShareClError(
+            f"task {sub.task!r} was submitted twice in one batch; submission {taken[sub.task]} is merged, "
+            "this one is dropped: submit it under a new task name"
+        )
+    theirs = sub.metadata.get(BASE_MODEL_KEY)
+    if base_model is not None and theirs is not None and theirs != base_model:
+        raise ShareClError(
+            f"task {sub.task!r} was trained on base model {theirs!r}, the subspace is for {base_model!r}; "
+            "train it on the subspace's base model or use another store namespace"
+        )
+    adapter = _rebuild(sub, bases)
+    adapter.validate(sub.task)
+    reference = reference.check(sub.task, adapter)
+    return Accepted(sub, _with_provenance(sub, adapter)), reference
 
 
 def _rebuild(sub: Submission, bases: BaseCache) -> LoraAdapter:
@@ -109,12 +144,12 @@ def _rebuild(sub: Submission, bases: BaseCache) -> LoraAdapter:
         try:
             base = bases.get(sub.base_version)
         except VersionNotFoundError:
-            raise ValueError(
+            raise ShareClError(
                 f"task {sub.task!r}: base version {sub.base_version!r} does not exist (never published, or "
                 "pruned; pin versions that running jobs start from); retrain it from the current head"
             ) from None
     if sub.update is not None and base is None:
-        raise ValueError(f"task {sub.task!r}: a coefficient update needs the base version it was trained from")
+        raise ShareClError(f"task {sub.task!r}: a coefficient update needs the base version it was trained from")
     return sub.to_adapter(base)
 
 
@@ -148,13 +183,13 @@ class _Reference:
             return _Reference(shapes)
         got, expected = set(shapes), set(self.shapes)
         if got != expected:
-            raise ValueError(
+            raise ShareClError(
                 f"task {task!r}: modules differ from the subspace's; unknown: {sorted(got - expected)}, "
                 f"missing: {sorted(expected - got)}. Train it with the subspace's target_modules"
             )
         for module, shape in shapes.items():
             if shape != self.shapes[module]:
-                raise ValueError(
+                raise ShareClError(
                     f"task {task!r}, module {module!r}: update shape {shape} (out x in) does not match the "
                     f"subspace's {self.shapes[module]}; was it trained on another base model?"
                 )

@@ -5,9 +5,12 @@ tensors in a separate key, as one Arrow IPC payload: either a full adapter (``B`
 and the head: a cold start or an external LoRA) or a compact ``share.TaskUpdate`` (coefficients and
 temporary directions relative to the base version: what coefficient-mode workers ship). Entry and
 payload are written in one MULTI/EXEC, so neither exists without the other. The
-coordinator reads through a consumer group. An entry is acknowledged only in the transaction that
-publishes the version containing it (``SubspaceStore.publish(submission_ids=...)``) or that records
-its rejection (``reject``), so after any crash it is still pending and ``recover`` hands it out again.
+coordinator reads through a consumer group; if Redis loses the group (a restart without its data), the
+next call on it creates the group again and logs a warning. An entry that cannot be decoded (not
+written by ``submit``) is rejected when it is read, so it never blocks the entries behind it. An
+entry is acknowledged only in the transaction that publishes the version containing it
+(``SubspaceStore.publish(submission_ids=...)``) or that records its rejection (``reject``), so after
+any crash it is still pending and ``recover`` hands it out again.
 
 A submission may carry an ``attempt_key`` (one task of one job, the same for every retry of it): the
 entry's id is recorded under that key in the same transaction as the entry (``attempts`` hash), so a
@@ -24,10 +27,11 @@ tasks (or that records its rejection). ``read`` and ``recover`` return both kind
 from __future__ import annotations
 
 import json
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from redis.exceptions import ResponseError, WatchError
@@ -44,6 +48,9 @@ from .refs import server_time
 
 if TYPE_CHECKING:
     from .store import SubspaceStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MAX_BYTES = 256 << 20  # Redis refuses values over 512 MB; a rank-16 7B q,v adapter is ~34 MB
 _BLOCK_SLICE_MS = 1000
@@ -160,6 +167,26 @@ class SubmissionStream:
                 raise
         self._group_ready = True
 
+    def _in_group(self, command: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``command(*args, **kwargs)``, a command on the consumer group. If Redis answers NOGROUP (it restarted
+        without its data, or the group was destroyed), the group is created again and the command retried once."""
+        self.ensure_group()
+        try:
+            return command(*args, **kwargs)
+        except ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+        log.warning(
+            "consumer group %r of %s was gone (Redis restarted without its data, or it was destroyed); created it "
+            "again from the stream's first entry. Entries delivered but not acknowledged before are gone with the "
+            "data, or, if the stream survived, every entry still in it is handed out again",
+            self.group,
+            self.keys.stream,
+        )
+        self._group_ready = False
+        self.ensure_group()
+        return command(*args, **kwargs)
+
     # -- producing -----------------------------------------------------------------------------
     def submit(self, submission: Submission) -> str:
         """Durably enqueue ``submission``; returns its id (the stream entry id).
@@ -185,11 +212,8 @@ class SubmissionStream:
         if submission.update is not None and submission.base_version is None:
             raise StoreError(f"submission {submission.task!r}: an update needs the base_version it was trained from")
         source = submission.adapter if submission.adapter is not None else submission.update
-        for what, value in (("metadata", submission.metadata), ("adapter metadata", source.metadata)):
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError) as err:
-                raise StoreError(f"submission {submission.task!r}: {what} is not JSON-serializable ({err})") from None
+        _check_json_object(f"submission {submission.task!r}", "metadata", submission.metadata)
+        _check_json_object(f"submission {submission.task!r}", "adapter metadata", source.metadata)
         tensors = {}
         if submission.adapter is not None:
             submission.adapter.validate(submission.task)
@@ -250,10 +274,8 @@ class SubmissionStream:
             raise StoreError(f"removal request: tasks {list(tasks)} name a task more than once; name each once")
         if request.reason is not None and not isinstance(request.reason, str):
             raise StoreError(f"removal request: reason must be a string or None, got {request.reason!r}")
-        try:
-            metadata = json.dumps(request.metadata)
-        except (TypeError, ValueError) as err:
-            raise StoreError(f"removal request {list(tasks)}: metadata is not JSON-serializable ({err})") from None
+        _check_json_object(f"removal request {list(tasks)}", "metadata", request.metadata)
+        metadata = json.dumps(request.metadata)
         self.ensure_group()
         fields = {
             "task": ",".join(tasks),  # task names hold no comma: what status rows show
@@ -304,15 +326,20 @@ class SubmissionStream:
     def read(self, consumer: str, count: int = 16, block_ms: int | None = None) -> list[StreamItem]:
         """New submissions for ``consumer`` (waits up to ``block_ms`` for one; None or 0: do not wait).
 
-        A submission whose payload is missing or corrupted is rejected on the spot with that reason.
+        A submission whose payload is missing or corrupted, or whose entry cannot be decoded, is rejected on the
+        spot with that reason.
         """
-        self.ensure_group()
         remaining = block_ms or 0
         while True:
             # Block in short slices: a single long BLOCK would outlast the client's socket timeout.
             wait = min(remaining, _BLOCK_SLICE_MS)
-            reply = self.client.xreadgroup(
-                self.group, consumer, {self.keys.stream: ">"}, count=count, block=wait if wait > 0 else None
+            reply = self._in_group(
+                self.client.xreadgroup,
+                self.group,
+                consumer,
+                {self.keys.stream: ">"},
+                count=count,
+                block=wait if wait > 0 else None,
             )
             remaining -= wait
             if reply or remaining <= 0:
@@ -322,13 +349,18 @@ class SubmissionStream:
     def recover(self, consumer: str, min_idle_ms: int = 60_000, count: int = 1000) -> list[StreamItem]:
         """After a restart: ``consumer``'s own unacknowledged submissions, plus those other consumers have
         held for ``min_idle_ms`` (claimed for ``consumer``, XAUTOCLAIM)."""
-        self.ensure_group()
-        reply = self.client.xreadgroup(self.group, consumer, {self.keys.stream: "0"}, count=count)
+        reply = self._in_group(self.client.xreadgroup, self.group, consumer, {self.keys.stream: "0"}, count=count)
         entries = [entry for _, items in reply or [] for entry in items]
         start = "0-0"
         while len(entries) < count:
-            result = self.client.xautoclaim(
-                self.keys.stream, self.group, consumer, min_idle_time=min_idle_ms, start_id=start, count=count
+            result = self._in_group(
+                self.client.xautoclaim,
+                self.keys.stream,
+                self.group,
+                consumer,
+                min_idle_time=min_idle_ms,
+                start_id=start,
+                count=count,
             )
             start, claimed = result[0], result[1]
             entries += [entry for entry in claimed if entry and entry[1]]
@@ -343,8 +375,7 @@ class SubmissionStream:
 
     def pending(self, count: int = 1000) -> list[PendingEntry]:
         """Delivered but not yet merged or rejected submissions."""
-        self.ensure_group()
-        rows = self.client.xpending_range(self.keys.stream, self.group, min="-", max="+", count=count)
+        rows = self._in_group(self.client.xpending_range, self.keys.stream, self.group, min="-", max="+", count=count)
         return [
             PendingEntry(
                 id=r["message_id"].decode(),
@@ -356,6 +387,9 @@ class SubmissionStream:
         ]
 
     def _load(self, entries: list[Any], default_deliveries: int) -> list[StreamItem]:
+        """The submissions and removal requests of ``entries``. An entry that cannot be decoded (not written by
+        ``submit``: a field missing or malformed, its payload missing or corrupted) is rejected here with the
+        reason, whatever its decoding raised: otherwise it would fail every read and block the stream."""
         deliveries = {}
         if entries:
             pipe = self.client.pipeline(transaction=False)
@@ -367,31 +401,32 @@ class SubmissionStream:
         out = []
         for raw_id, raw_fields in entries:
             sid = raw_id.decode()
-            fields = {k.decode(): v.decode() for k, v in raw_fields.items()}
+            count = deliveries.get(sid, default_deliveries)
+            try:
+                fields = {k.decode(): v.decode() for k, v in raw_fields.items()}
+            except UnicodeDecodeError as err:
+                self.reject(sid, f"unreadable entry: a field is not UTF-8 ({err}); resubmit the task")
+                continue
             if fields.get("kind") == SubmissionKind.REMOVAL:
                 try:
-                    out.append(_to_removal(sid, fields, deliveries.get(sid, default_deliveries)))
-                except (KeyError, ValueError) as err:
+                    out.append(_to_removal(sid, fields, count))
+                except Exception as err:
                     self.reject(sid, f"unreadable removal request ({type(err).__name__}: {err}); request it again")
                 continue
-            data = self.client.get(fields["payload_key"])
-            problem = None
+            key = fields.get("payload_key", "")
+            data = self.client.get(key) if key else None  # outside the try: Redis errors are no verdict on it
             if data is None:
-                problem = f"payload {fields['payload_key']!r} is missing"
-            elif sha256(data) != fields["sha256"]:
-                problem = f"payload {fields['payload_key']!r} does not match its sha256 checksum"
+                problem = f"payload {key!r} is missing"
+            elif sha256(data) != fields.get("sha256"):
+                problem = f"payload {key!r} does not match its sha256 checksum"
             else:
                 try:
                     tensors, _ = decode_tensors(data)
-                except PayloadFormatError as err:
-                    problem = f"payload {fields['payload_key']!r} {err}"
-            if problem is None:
-                try:
-                    out.append(_to_submission(sid, fields, tensors, deliveries.get(sid, default_deliveries)))
+                    out.append(_to_submission(sid, fields, tensors, count))
                     continue
-                except (KeyError, ValueError) as err:
-                    # A payload or entry that lacks what its fields promise (not written by submit):
-                    # rejected here, or it would fail every read of the consumer and block the stream.
+                except PayloadFormatError as err:
+                    problem = f"payload {key!r} {err}"
+                except Exception as err:  # fields that do not match the payload, or are malformed themselves
                     problem = f"entry does not match its payload ({type(err).__name__}: {err})"
             self.reject(sid, f"unreadable submission: {problem}; resubmit the task")
         return out
@@ -419,18 +454,20 @@ class SubmissionStream:
                         raise SubmissionError(
                             f"submission {submission_id} is not in stream {keys.stream}; check the id"
                         )
-                    fields = {k.decode(): v.decode() for k, v in found[0][1].items()}
+                    # Leniently: a malformed entry (a field missing or not UTF-8) must be rejectable too.
+                    fields = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in found[0][1].items()}
                     record = {
                         "reason": reason,
-                        "task": fields["task"],
-                        "base_version": fields["base_version"] or None,
-                        "payload_key": fields["payload_key"],
+                        "task": fields.get("task", ""),
+                        "base_version": fields.get("base_version") or None,
+                        "payload_key": fields.get("payload_key"),
                         "rejected": server_time(pipe),
                     }
                     pipe.multi()
                     pipe.hset(keys.rejected, submission_id, json.dumps(record))
                     pipe.xack(keys.stream, self.group, submission_id)
-                    pipe.expire(fields["payload_key"], REJECTED_PAYLOAD_TTL_S)
+                    if fields.get("payload_key"):
+                        pipe.expire(fields["payload_key"], REJECTED_PAYLOAD_TTL_S)
                     pipe.execute()
                     return
                 except WatchError:
@@ -450,9 +487,8 @@ class SubmissionStream:
             return SubmissionState(SubmissionStatus.REJECTED, reason=json.loads(why)["reason"])
         if not self.client.xrange(self.keys.stream, min=submission_id, max=submission_id, count=1):
             return SubmissionState(SubmissionStatus.UNKNOWN)
-        self.ensure_group()
-        pending = self.client.xpending_range(
-            self.keys.stream, self.group, min=submission_id, max=submission_id, count=1
+        pending = self._in_group(
+            self.client.xpending_range, self.keys.stream, self.group, min=submission_id, max=submission_id, count=1
         )
         return SubmissionState(SubmissionStatus.PENDING if pending else SubmissionStatus.QUEUED)
 
@@ -524,8 +560,9 @@ class SubmissionStream:
 
 
 def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], deliveries: int) -> Submission:
+    check_task_name(fields["task"])
     scaling = json.loads(fields["scaling"])
-    meta = json.loads(fields["adapter_metadata"])
+    meta = _json_object(fields, "adapter_metadata")
     split: dict[str, dict[str, Any]] = {}
     head = {}
     for name, value in tensors.items():
@@ -544,7 +581,7 @@ def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], de
         task=fields["task"],
         adapter=adapter,
         base_version=fields["base_version"] or None,
-        metadata=json.loads(fields["metadata"]),
+        metadata=_json_object(fields, "metadata"),
         id=sid,
         deliveries=deliveries,
         update=update,
@@ -559,10 +596,32 @@ def _to_removal(sid: str, fields: dict[str, str], deliveries: int) -> RemovalReq
         raise ValueError(f"tasks is {fields['tasks']!r}, expected a non-empty JSON list of task names")
     for name in tasks:
         check_task_name(name)
-    metadata = json.loads(fields.get("metadata") or "{}")
-    if not isinstance(metadata, dict):
-        raise ValueError(f"metadata is {fields.get('metadata')!r}, expected a JSON object")
+    metadata = _json_object(fields, "metadata", default="{}")
     return RemovalRequest(tasks, fields.get("reason") or None, metadata, id=sid, deliveries=deliveries)
+
+
+def _check_json_object(what: str, name: str, value: Any) -> None:
+    """StoreError unless ``value`` is a JSON object: a dict with string keys that ``json`` can write."""
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise StoreError(
+            f"{what}: {name} must be a JSON object (a dict with string keys), got {type(value).__name__} {shown}; "
+            "pass a dict, e.g. {'note': ...}"
+        )
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"{what}: {name} is not JSON-serializable ({err})") from None
+
+
+def _json_object(fields: dict[str, str], name: str, default: str | None = None) -> dict[str, Any]:
+    """Entry field ``name``, which must hold a JSON object (KeyError when missing and no ``default``)."""
+    text = fields[name] if default is None else fields.get(name) or default
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} is {text[:80]!r}, expected a JSON object")
+    return value
 
 
 def _flag(fields: dict[str, str]) -> bool:
