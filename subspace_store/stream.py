@@ -390,6 +390,7 @@ class SubmissionStream:
         """The submissions and removal requests of ``entries``. An entry that cannot be decoded (not written by
         ``submit``: a field missing or malformed, its payload missing or corrupted) is rejected here with the
         reason, whatever its decoding raised: otherwise it would fail every read and block the stream."""
+        entries = self._unsettled(entries)
         deliveries = {}
         if entries:
             pipe = self.client.pipeline(transaction=False)
@@ -430,6 +431,26 @@ class SubmissionStream:
                     problem = f"entry does not match its payload ({type(err).__name__}: {err})"
             self.reject(sid, f"unreadable submission: {problem}; resubmit the task")
         return out
+
+    def _unsettled(self, entries: list[Any]) -> list[Any]:
+        """``entries`` without those already merged or rejected, which are acknowledged instead. A settled entry is
+        handed out again only when its acknowledgement was lost (a consumer group recreated from the start of the
+        stream, an append-only file cut short); merging or rejecting it again would fail, and left pending it would
+        come back at every recover."""
+        if not entries:
+            return entries
+        ids = [raw_id for raw_id, _ in entries]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.keys.merged, ids)
+        pipe.hmget(self.keys.rejected, ids)
+        merged, rejected = pipe.execute()
+        settled = [raw_id for raw_id, m, r in zip(ids, merged, rejected, strict=True) if m is not None or r is not None]
+        if not settled:
+            return entries
+        self.client.xack(self.keys.stream, self.group, *settled)
+        log.info("acknowledged %d submission(s) handed out again though already settled", len(settled))
+        done = set(settled)
+        return [entry for entry in entries if entry[0] not in done]
 
     # -- outcomes ------------------------------------------------------------------------------
     def reject(self, submission_id: str, reason: str) -> None:

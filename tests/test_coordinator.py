@@ -192,15 +192,18 @@ def test_same_task_twice_in_a_batch_and_lost_ack(setup) -> None:
     result = coordinator.step(max_batch=8, block_ms=None)
     assert result.merged == {first: "a"} and "submitted twice" in result.rejected[second]
 
-    # A merged submission whose acknowledgement was lost (simulated on the real server: the entry is
-    # put back into the pending list) is acknowledged again, never merged twice.
+    # A merged and a rejected submission whose acknowledgements were lost (simulated on the real server: the
+    # entries are put back into the pending list) are acknowledged by the stream when handed out again, never
+    # merged or rejected twice, and nothing stays pending.
     raw = store.client  # the raw server, as a lost ack leaves it
-    raw.xclaim(Keys(store.namespace).stream, stream.group, "coordinator", 0, [first], force=True)
-    assert [p.id for p in stream.pending()] == [first]
-    again = Coordinator(store, stream, KPolicy(k=4))  # a new incarnation recovers it
+    raw.xclaim(Keys(store.namespace).stream, stream.group, "coordinator", 0, [first, second], force=True)
+    assert [p.id for p in stream.pending()] == [first, second]
+    reason = stream.status(second).reason
+    again = Coordinator(store, stream, KPolicy(k=4))  # a new incarnation recovers them
     result = again.step(block_ms=None)
-    assert result.recovered == 1 and result.acknowledged == [first] and result.version is None
+    assert result.recovered == 0 and result.version is None and not result.rejected and not result.merged
     assert stream.pending() == [] and store.head() == "v1" and stream.status(first) == merged_into("v1")
+    assert stream.status(second).reason == reason
 
 
 class _RacingPublisher(MergeTracker):

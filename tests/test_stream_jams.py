@@ -169,14 +169,19 @@ def test_a_destroyed_group_is_created_again_and_the_coordinator_goes_on(setup, c
     store, stream, coordinator = setup
     first = stream.submit(Submission("first", lora(0), None))
     assert coordinator.step(block_ms=None).version == "v1"
+    again = stream.submit(Submission("first", lora(2), "v1"))  # the same task name: rejected
+    assert "already in v1" in coordinator.step(block_ms=None).rejected[again]
+    reason = stream.status(again).reason
     stream.client.xgroup_destroy(stream.keys.stream, stream.group)
     second = stream.submit(Submission("second", lora(1), "v1"))
     with caplog.at_level(logging.WARNING, logger="subspace_store.stream"):
         result = coordinator.step(max_batch=8, block_ms=None)
     assert "was gone" in caplog.text and "created it again" in caplog.text
-    # The stream survived, so the group hands out every entry again: the merged one is only acknowledged.
-    assert result.merged == {second: "second"} and result.acknowledged == [first] and result.version == "v2"
+    # The stream survived, so the group hands out every entry again: the merged and the rejected one are only
+    # acknowledged by the stream (neither merged nor rejected twice), the new one is merged.
+    assert result.merged == {second: "second"} and not result.rejected and result.version == "v2"
     assert stream.status(second) == merged_into("v2") and stream.pending() == []
+    assert stream.status(first) == merged_into("v1") and stream.status(again).reason == reason
 
 
 @pytest.mark.parametrize("call", ["read", "recover", "pending", "status"])
