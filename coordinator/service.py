@@ -42,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from share import KPolicy, Subspace, remove_tasks
 from share.errors import ShareClError
 from subspace_store import (
@@ -755,7 +757,9 @@ class Coordinator:
                 job.error,
             )
         elif job.error is not None:
-            unexpected = None if isinstance(job.error, ShareClError) else job.error  # a bug: its traceback too
+            # Ours, or Redis unreachable meanwhile: the message says it all. Anything else is a bug: its traceback too.
+            expected = isinstance(job.error, ShareClError | RedisError | OSError)
+            unexpected = None if expected else job.error
             log.warning(
                 "compaction after %s failed (%s); the next publish tries again",
                 job.after,

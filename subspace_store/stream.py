@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .store import SubspaceStore
 
 log = logging.getLogger(__name__)
+_KINDS = frozenset(kind.value for kind in SubmissionKind)
 T = TypeVar("T")
 
 DEFAULT_MAX_BYTES = 256 << 20  # Redis refuses values over 512 MB; a rank-16 7B q,v adapter is ~34 MB
@@ -544,13 +545,15 @@ class SubmissionStream:
         newest = []
         for raw_id, fields in self.client.xrevrange(keys.stream, count=last) if total else []:
             sid = raw_id.decode()
-            decoded = {k.decode(): v.decode() for k, v in fields.items()}
+            # Leniently: an entry not written by ``submit`` (rejected when read) must not break the summary.
+            decoded = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
+            kind = decoded.get("kind", SubmissionKind.ADAPTER)
             newest.append(
                 SubmissionRow(
                     id=sid,
-                    task=decoded["task"],
-                    base_version=decoded["base_version"] or None,
-                    kind=SubmissionKind(decoded.get("kind", SubmissionKind.ADAPTER)),
+                    task=decoded.get("task", "?"),
+                    base_version=decoded.get("base_version") or None,
+                    kind=SubmissionKind(kind) if kind in _KINDS else SubmissionKind.ADAPTER,
                     status=self.status(sid),
                 )
             )

@@ -128,6 +128,22 @@ def test_a_malformed_entry_is_rejected_and_the_next_submission_merges(
     assert reason.startswith("unreadable ") and named in reason and "resubmit" in reason
 
 
+def test_the_summary_shows_malformed_entries(setup) -> None:
+    # ``sharecl status`` reads the summary: entries no ``submit`` wrote must not break it, before or after the
+    # coordinator rejected them.
+    _, stream, coordinator = setup
+    odd = [
+        write_entry(stream, Submission("bad", lora(0), None), task=b"\xff"),
+        write_entry(stream, Submission("bad", lora(0), None), task=None),
+        write_entry(stream, Submission("bad", lora(0), None), kind="nonsense"),
+    ]
+    rows = {row.id: row for row in stream.summary().newest}
+    assert set(odd) <= set(rows) and rows[odd[1]].task == "?" and rows[odd[0]].task == "\ufffd"
+    coordinator.step(max_batch=8, block_ms=None)
+    summary = stream.summary()
+    assert summary.rejected == 3 and {row.status.state for row in summary.newest} == {SubmissionStatus.REJECTED}
+
+
 def test_an_update_with_a_0d_coefficient_is_rejected_and_the_next_submission_merges(setup) -> None:
     store, stream, coordinator = setup
     stream.submit(Submission("first", lora(0), None))
