@@ -9,6 +9,7 @@
   password-protect them; all are stopped afterwards.
 - ``private_redis``: one such server.
 - ``make_adapter(seed, ...)``: a random ``share.LoraAdapter`` (small shapes) for store/merge tests.
+- ``mlflow_uri`` (module): a real MLflow sqlite store with its tables created.
 - ``cli(*argv)``: runs ``sharecl`` in process against ``redis_server`` in ``namespace``; returns
   ``(exit code, stdout, stderr)``.
 
@@ -123,3 +124,13 @@ def cli(
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real MLflow sqlite store, one per test module (creating its tables takes seconds)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # create the tables once, up front
+    return uri

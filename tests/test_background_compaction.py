@@ -58,6 +58,16 @@ def _gate_compaction(store: SubspaceStore, gate: threading.Event) -> None:
     store.compact = gated  # type: ignore[method-assign]
 
 
+def _three_merges_compaction_held(store: SubspaceStore, coordinator: Coordinator, make_adapter: Any) -> threading.Event:
+    """Merge t0..t2 (v1..v3; max_chain=2, so v3 starts a compaction of itself) with the compaction held at a gate;
+    returns the gate."""
+    gate = threading.Event()
+    _gate_compaction(store, gate)
+    for i in range(3):
+        _merge(coordinator, make_adapter, i)
+    return gate
+
+
 def _note_compaction_reads_head(store: SubspaceStore, gate: threading.Event | None = None) -> threading.Event:
     """An event set once the compaction thread (``Coordinator`` names it ``compaction``) has read the head; with
     ``gate``, the compaction then waits for it before reading that version."""
@@ -113,10 +123,7 @@ def test_a_compaction_that_lands_while_the_step_waits_is_taken_without_reading_t
     redis_client, namespace, make_adapter
 ) -> None:
     store, stream, coordinator = _open(redis_client, namespace)
-    gate = threading.Event()
-    _gate_compaction(store, gate)
-    for i in range(3):
-        _merge(coordinator, make_adapter, i)  # v3 starts a compaction of itself, held at the gate
+    gate = _three_merges_compaction_held(store, coordinator, make_adapter)
     stream.submit(Submission("t3", make_adapter(3, r=2), "v3"))
     read, get = stream.read, store.get
     full_reads = []
@@ -144,21 +151,11 @@ def test_a_compaction_that_lands_while_the_step_waits_is_taken_without_reading_t
     coordinator.close()
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # create the tables once, up front
-    return uri
-
-
 def test_a_merge_that_meets_a_compaction_of_its_parent_is_published_on_it(
     redis_client, namespace, make_adapter, mlflow_uri
 ) -> None:
     store, _, coordinator = _open(redis_client, namespace, tracking=MergeTracker(mlflow_uri, namespace, namespace))
-    gate = threading.Event()
-    _gate_compaction(store, gate)
-    for i in range(3):
-        _merge(coordinator, make_adapter, i)  # v3 starts a compaction of itself, held at the gate
+    gate = _three_merges_compaction_held(store, coordinator, make_adapter)
     merges = []
     fire = coordinator.crash.fire
 
@@ -244,10 +241,7 @@ def test_a_compaction_that_loses_to_a_merge_changes_nothing_and_is_retried(
 
 def test_close_waits_for_a_running_compaction(redis_client, namespace, make_adapter) -> None:
     store, _, coordinator = _open(redis_client, namespace)
-    gate = threading.Event()
-    _gate_compaction(store, gate)
-    for i in range(3):
-        _merge(coordinator, make_adapter, i)
+    gate = _three_merges_compaction_held(store, coordinator, make_adapter)
     assert coordinator.wait_for_compaction(0) is False
     wait = coordinator.wait_for_compaction
 
@@ -293,10 +287,7 @@ def test_a_merge_that_meets_a_compaction_of_another_version_merges_again(redis_c
 
 def test_a_compaction_the_head_moved_past_is_not_held_as_the_head(redis_client, namespace, make_adapter) -> None:
     store, _, coordinator = _open(redis_client, namespace)
-    gate = threading.Event()
-    _gate_compaction(store, gate)
-    for i in range(3):
-        _merge(coordinator, make_adapter, i)  # v3 starts a compaction of itself, held at the gate
+    gate = _three_merges_compaction_held(store, coordinator, make_adapter)
     gate.set()
     assert coordinator.wait_for_compaction(WAIT_S) and store.head() == "v4"  # landed, not collected yet
     other = SubspaceStore(redis_client, namespace)  # another publisher moves the head on before the collection
@@ -314,10 +305,7 @@ def test_close_settles_the_runs_first_and_waits_for_the_compaction_only_wait_s(
     redis_client, namespace, make_adapter, mlflow_uri
 ) -> None:
     store, stream, coordinator = _open(redis_client, namespace, tracking=MergeTracker(mlflow_uri, namespace, namespace))
-    gate = threading.Event()
-    _gate_compaction(store, gate)
-    for i in range(3):
-        _merge(coordinator, make_adapter, i)  # v3 starts a compaction of itself, held at the gate
+    gate = _three_merges_compaction_held(store, coordinator, make_adapter)
     publish_with_ack = stream.publish_with_ack
 
     def reply_lost(*args: Any, **kwargs: Any) -> str:

@@ -28,13 +28,6 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # create the tables once, up front
-    return uri
-
-
 def adapter(seed: int) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     return LoraAdapter(

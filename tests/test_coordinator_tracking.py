@@ -26,14 +26,6 @@ from subspace_store import EvalSpec, Submission, SubmissionStream, SubspaceStore
 MODULE, N, D, CLASSES = "layer.0.query", 40, 32, 3
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One sqlite store per module: creating its tables takes seconds."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # create the tables once, up front
-    return uri
-
-
 def task_adapter(seed: int, r: int = 4) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     return LoraAdapter(

@@ -53,13 +53,6 @@ JOBS = {"job-a": ["a0", "a1"], "job-b": ["b0"], "job-c": ["c0"]}
 BATCHES = [["a0", "b0"], ["a1"], ["c0"], ["external"]]  # "external": `sharecl add`, no job
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # create the tables once, up front
-    return uri
-
-
 def _job_run(uri: str, experiment_id: str, job_id: str, namespace: str) -> TrackedRun:
     """The job's run, opened as the job driver opens it."""
     tags = {TAG_KIND: RunKind.JOB, TAG_JOB: job_id, TAG_NAMESPACE: namespace, TAG_STATUS: "running"}
