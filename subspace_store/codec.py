@@ -305,7 +305,8 @@ def build_manifest(
             "bytes": len(encoded.numbers),
             "sha256": sha256(encoded.numbers),
             "fields": list(shared_entries.FIELDS),
-            "names_sha256": shared_entries.names_sha256(tasks),  # the rows' task order, which readers compare
+            # The rows' task order and the columns' module order, which readers compare.
+            "order_sha256": shared_entries.order_sha256(tasks, modules),
         }
         extra |= {"entries": elements, "numbers": numbers}
         total += sum(e["bytes"] for e in elements) + numbers["bytes"]
@@ -643,13 +644,14 @@ class _ManifestReader:
         for name, position in tasks.items():  # names are checked with their entries (or before they make a key)
             if type(position) is not int or not 0 <= position < len(elements):
                 self._fail(("tasks", name), f"must be the position of one of the {len(elements)} entries payloads")
-        # Rows are matched to tasks by the order of the task map's keys: before any row is used, that order must be
-        # the one written. Format-4 manifests written before names_sha256 was recorded lack it: read unverified.
-        if "names_sha256" in numbers and numbers["names_sha256"] != shared_entries.names_sha256(tasks):
+        # Rows are matched to tasks, and module_drift columns to modules, by the order of the task and module maps'
+        # keys: before any row is used, both orders must be the ones written. Format-4 manifests written before
+        # order_sha256 was recorded lack it: read unverified.
+        if "order_sha256" in numbers and numbers["order_sha256"] != shared_entries.order_sha256(tasks, modules):
             self._fail(
                 ("tasks",),
-                "no longer matches the numbers payload's rows: its names (in their order) do not have the sha256 "
-                "that ['numbers']['names_sha256'] records, so the task map was reordered or edited (e.g. re-saved "
+                "or ['modules'] no longer matches the numbers payload: their names (in their order) do not have the "
+                "sha256 that ['numbers']['order_sha256'] records, so a map was reordered or edited (e.g. re-saved "
                 "with sorted keys) after the version was written; restore its order or republish the version",
             )
         want = len(tasks) * shared_entries.columns(len(modules)) * 8

@@ -16,10 +16,11 @@ entry never changes after the task's payload is written; what every merge change
   field is absent (a stored value is always finite).
 - **Manifest** ``tasks``: name -> position in ``entries``, the list of the parts its tasks' entries are in
   (parts of the versions that wrote its tasks' payloads: at most the rotation chain's length plus one
-  versions), and ``numbers``: that payload with ``fields`` naming its columns and ``names_sha256`` the
-  sha256 of the task names in row order (``names_sha256()``): rows are matched to tasks by the order of
-  ``tasks``' keys, so a reader refuses a task map re-saved in another order (manifests written before this
-  field have none and are read unverified).
+  versions), and ``numbers``: that payload with ``fields`` naming its columns and ``order_sha256`` the
+  sha256 of the task names in row order and the module names in column order (``order_sha256()``): rows are
+  matched to tasks, and ``module_drift`` columns to modules, by the order of ``tasks``' and ``modules``'
+  keys, so a reader refuses a manifest re-saved in another order (manifests written before this field have
+  none and are read unverified).
 
 A version is written in format 4 when every task's numbers are finite floats or absent (what ``share.merge``
 writes), and either it is written in full with at least ``SHARED_ENTRIES_FROM`` tasks or its parent is
@@ -59,10 +60,11 @@ def columns(modules: int) -> int:
     return len(NUMBER_FIELDS) + modules
 
 
-def names_sha256(names: Iterable[str]) -> str:
-    """The hex sha256 of task names joined by newlines (a valid name holds none): what a manifest's
-    ``numbers.names_sha256`` records of its rows' task order."""
-    return sha256("\n".join(names).encode(errors="surrogatepass"))  # a forged name may be any JSON string
+def order_sha256(names: Iterable[str], modules: Iterable[str]) -> str:
+    """The hex sha256 of the task names and the module names, in their order (as JSON): what a manifest's
+    ``numbers.order_sha256`` records of its rows' task order and its ``module_drift`` columns' module order."""
+    text = json.dumps([list(names), list(modules)])  # ASCII: a forged name may be any JSON string
+    return sha256(text.encode())
 
 
 def number_rows(entries: Mapping[str, dict[str, Any]], modules: list[str]) -> bytes | None:

@@ -252,34 +252,38 @@ def test_tampered_format_4_versions_are_refused_naming_the_fault(redis_client, n
         _same(store.get(versions[1]), subs[1])  # the other versions read as before
 
 
-@pytest.mark.parametrize("resave", ["reversed", "sorted-keys"])
-def test_a_task_map_in_another_order_is_refused_not_read_with_other_tasks_numbers(
+@pytest.mark.parametrize("resave", ["reversed", "sorted-keys", "modules-reversed"])
+def test_a_task_or_module_map_in_another_order_is_refused_not_read_with_other_numbers(
     redis_client, namespace, resave
 ) -> None:
-    """Numbers rows are matched to tasks by the order of the manifest's task map: a map re-saved in another order
-    (reversed; every key sorted, as ``jq -S`` does) is refused, where it gave tasks each other's numbers."""
+    """Numbers rows are matched to tasks, and module_drift columns to modules, by the order of the manifest's task
+    and module maps: a map re-saved in another order (reversed; every key sorted, as ``jq -S`` does) is refused,
+    where it gave tasks each other's numbers (or modules each other's drift)."""
     store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
     versions, subs = _chain(store, 3, 2)
     head = versions[-1]
     raw = _raw(store, head)
-    assert raw["numbers"]["names_sha256"] == shared_entries.names_sha256(raw["tasks"])
+    assert raw["numbers"]["order_sha256"] == shared_entries.order_sha256(raw["tasks"], raw["modules"])
     if resave == "reversed":
         raw["tasks"] = dict(reversed(list(raw["tasks"].items())))
+    if resave == "modules-reversed":
+        assert len(raw["modules"]) > 1
+        raw["modules"] = dict(reversed(list(raw["modules"].items())))
     redis_client.set(store.keys.manifest(head), json.dumps(raw, sort_keys=resave == "sorted-keys"))
     manifest_cache.clear()
-    match = rf"version {head}: .*\['tasks'\] no longer matches the numbers payload's rows"
+    match = rf"version {head}: .*\['tasks'\] or \['modules'\] no longer matches the numbers payload"
     with pytest.raises(CorruptPayloadError, match=match):
         store.get(head)
     with pytest.raises(CorruptPayloadError, match=match):
         store.get(head, tasks=["t0"])
 
 
-def test_a_format_4_manifest_written_before_names_sha256_still_reads(redis_client, namespace) -> None:
+def test_a_format_4_manifest_written_before_order_sha256_still_reads(redis_client, namespace) -> None:
     store = SubspaceStore(redis_client, namespace, shared_entries_from=1)
     versions, subs = _chain(store, 3, 2)
     for version, sub in zip(versions, subs, strict=True):
         raw = _raw(store, version)
-        del raw["numbers"]["names_sha256"]
+        del raw["numbers"]["order_sha256"]
         redis_client.set(store.keys.manifest(version), json.dumps(raw))
         manifest_cache.clear()
         _same(store.get(version), sub)
