@@ -16,6 +16,7 @@ from typing import Any
 from share import LoraAdapter, Subspace
 from share.errors import ShareClError
 from subspace_store import Submission, SubspaceStore, VersionNotFoundError
+from subspace_store.stream import check_names
 
 BASE_MODEL_KEY = "base_model"  # in submission metadata and in the subspace's metadata
 SUBMISSION_KEY = "submission"  # task metadata: where the coordinator records the submission it came from
@@ -133,6 +134,7 @@ def _check(
             "train it on the subspace's base model or use another store namespace"
         )
     adapter = _rebuild(sub, bases)
+    check_names(sub.task, adapter.factors, adapter.head)  # names publishing would refuse, failing the whole batch
     adapter.validate(sub.task)
     reference = reference.check(sub.task, adapter)
     return Accepted(sub, _with_provenance(sub, adapter)), reference

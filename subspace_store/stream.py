@@ -7,7 +7,8 @@ temporary directions relative to the base version: what coefficient-mode workers
 payload are written in one MULTI/EXEC, so neither exists without the other. The
 coordinator reads through a consumer group; if Redis loses the group (a restart without its data), the
 next call on it creates the group again and logs a warning. An entry that cannot be decoded (not
-written by ``submit``) is rejected when it is read, so it never blocks the entries behind it. An
+written by ``submit``) is rejected when it is read, so it never blocks the entries behind it; ``submit``
+refuses names the store would not publish (``check_names``), which the coordinator checks again. An
 entry is acknowledged only in the transaction that publishes the version containing it
 (``SubspaceStore.publish(submission_ids=...)``) or that records its rejection (``reject``), so after
 any crash it is still pending and ``recover`` hands it out again.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,7 +42,7 @@ from share.subspace import check_task_name
 
 from .acks import DEFAULT_GROUP, REJECTED_PAYLOAD_TTL_S
 from .errors import StoreError, SubmissionError
-from .keys import Keys
+from .keys import Keys, check_module_name
 from .outcomes import StreamSummary, SubmissionKind, SubmissionRow, SubmissionState, SubmissionStatus
 from .payloads import PayloadFormatError, decode_tensors, encode_tensors, sha256
 from .refs import server_time
@@ -213,6 +214,8 @@ class SubmissionStream:
         if submission.update is not None and submission.base_version is None:
             raise StoreError(f"submission {submission.task!r}: an update needs the base_version it was trained from")
         source = submission.adapter if submission.adapter is not None else submission.update
+        modules = submission.adapter.factors if submission.adapter is not None else submission.update.parts
+        check_names(submission.task, modules, source.head)  # what publishing would refuse, refused before writing
         _check_json_object(f"submission {submission.task!r}", "metadata", submission.metadata)
         _check_json_object(f"submission {submission.task!r}", "adapter metadata", source.metadata)
         tensors = {}
@@ -581,6 +584,24 @@ class SubmissionStream:
         if any(i is None for i in ids):
             raise SubmissionError("a submission has no id; pass submissions returned by read() or recover()")
         return store.publish(subspace, parent, metadata, submission_ids=ids, group=self.group, **kwargs)
+
+
+def check_names(task: str, modules: Iterable[str], head: Iterable[str]) -> None:
+    """Raise unless every name of a submission is one the store publishes: ``task`` (``check_task_name``), its
+    ``modules`` and ``head`` tensors (``keys.check_module_name``), the checks ``codec`` applies when it writes a
+    version. A submission with any other name could never be published: ``submit`` refuses it and the
+    coordinator rejects it (it would otherwise fail every publish of its batch)."""
+    check_task_name(task)
+    try:
+        for name in modules:
+            check_module_name(name)
+        for name in head:
+            check_module_name(name, "head tensor")
+    except StoreError as err:
+        raise StoreError(
+            f"task {task!r}: {err}; the store cannot publish it: rename the module in the model (or the adapter "
+            "file) and submit it again"
+        ) from None
 
 
 def _to_submission(sid: str, fields: dict[str, str], tensors: dict[str, Any], deliveries: int) -> Submission:

@@ -551,8 +551,11 @@ def _module_prefix(text: str) -> Any:
 
 def run_adapters_add(args: argparse.Namespace) -> int:
     from share import load_peft_adapter
+    from share.errors import ShareClError
     from share.peft_io import match_subspace_modules
+    from share.subspace import check_task_name
     from subspace_store import Submission
+    from subspace_store.stream import check_names
 
     folders = [Path(f) for f in args.folders]
     names = args.tasks or [f.resolve().name for f in folders]
@@ -560,12 +563,18 @@ def run_adapters_add(args: argparse.Namespace) -> int:
         raise CLIError(f"{len(folders)} folder(s) but {len(names)} --task name(s); give one --task per DIR, in order")
     if len(set(names)) != len(names):
         raise CLIError(f"task names repeat: {names}; give each adapter its own --task")
+    for folder, name in zip(folders, names, strict=True):
+        try:
+            check_task_name(name)
+        except ShareClError as err:
+            named = "" if args.tasks else " (a task is named after its folder unless --task names it)"
+            raise CLIError(f"adapter {folder}: {err}{named}; nothing was submitted") from None
     store, stream = _open_store(args)
     head_modules, head_tasks = None, []
     if store.head() is not None:
         manifest = store.manifest("head")
         head_modules, head_tasks = set(manifest["modules"]), list(manifest["tasks"])
-    adapters = []
+    adapters = []  # every adapter is loaded and its names checked before the first is submitted
     for folder, name in zip(folders, names, strict=True):
         if name in head_tasks:
             raise CLIError(f"task {name!r} is already in {store.head()}; choose another --task name")
@@ -574,6 +583,10 @@ def run_adapters_add(args: argparse.Namespace) -> int:
             adapter, prefix = match_subspace_modules(adapter, head_modules, str(folder), args.module_prefix)
             if prefix is not None:
                 print(f"{folder}: module names mapped by prefix {str(prefix)!r}")
+        try:
+            check_names(name, adapter.factors, adapter.head)  # what submit would refuse
+        except ShareClError as err:
+            raise CLIError(f"adapter {folder}: {err}; nothing was submitted") from None
         adapters.append((folder, name, adapter))
     ids = []
     for folder, name, adapter in adapters:
