@@ -572,6 +572,7 @@ def _inside(out: Path, name: str) -> Path:
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    from share.folders import write_folder
     from share.model_card import task_fingerprint
 
     out = Path(args.output)
@@ -593,11 +594,15 @@ def run_pull(args: argparse.Namespace) -> int:
     tasks = list(subspace.tasks)
     if not tasks:
         raise CLIError(f"version {version} holds no task to export")
-    targets = {task: out if len(tasks) == 1 else _inside(out, task) for task in tasks}  # all checked, then written
+    if len(tasks) > 1:
+        for task in tasks:
+            _inside(out, task)  # every name checked before anything is written
     manifest = store.manifest(version)
     every_task = {name: entry.get("metadata", {}) for name, entry in manifest["tasks"].items()}
     accuracy = _accuracy_at(manifest, args.mlflow_uri)
-    for task, target in targets.items():
+    done: list[str] = []
+
+    def export(task: str, target: Path) -> None:
         extra = []
         if task in accuracy:
             from share.model_card import CardMetric
@@ -616,7 +621,20 @@ def run_pull(args: argparse.Namespace) -> int:
             extra_metrics=extra,
         )
         where = f"for {layout.auto_class}" if layout.auto_class else "names as trained"
-        print(f"{version} task {task} -> {target} (PEFT LoRA {where}; {card.adapter_id})")
+        final = out if len(tasks) == 1 else out / task
+        done.append(f"{version} task {task} -> {final} (PEFT LoRA {where}; {card.adapter_id})")
+
+    def export_all(folder: Path) -> None:
+        for task in tasks:
+            export(task, folder / task)
+
+    if len(tasks) == 1:
+        export(tasks[0], out)  # export_peft swaps the whole folder in, or leaves -o as it was
+    else:
+        # Every task into one temporary folder, swapped in at the end: a task that fails to export (a head that
+        # does not fit the layout, say) leaves -o as it was, never holding only the tasks exported before it.
+        write_folder(out, export_all, overwrite=args.overwrite)
+    print("\n".join(done))
     return 0
 
 
