@@ -59,13 +59,23 @@ _BLOCK_SLICE_MS = 1000
 _FLAG = {"0": False, "1": True}
 
 # Runs inside the MULTI that also SETs the payload: adds the entry and records it under its attempt
-# key, or, when that key already names an entry, drops the new payload and returns that entry's id.
+# key, or, when that key already names an entry, returns that entry's id and drops the new payload,
+# unless that entry holds this very payload: the client resent the whole transaction (its reply was
+# lost to a restart, a timeout or a network blip), and the committed entry still needs it.
 # KEYS: payload, stream, attempts hash. ARGV: attempt key ("" for none), then the entry's field pairs.
 _SUBMIT_LUA = """
 if ARGV[1] ~= '' then
   local existing = redis.call('HGET', KEYS[3], ARGV[1])
   if existing then
-    redis.call('DEL', KEYS[1])
+    local resent = false
+    local found = redis.call('XRANGE', KEYS[2], existing, existing)
+    if #found > 0 then
+      local fields = found[1][2]
+      for i = 1, #fields - 1, 2 do
+        if fields[i] == 'payload_key' and fields[i + 1] == KEYS[1] then resent = true end
+      end
+    end
+    if not resent then redis.call('DEL', KEYS[1]) end
     return {0, existing}
   end
 end

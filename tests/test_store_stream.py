@@ -199,6 +199,28 @@ def test_ack_only_acknowledges(redis_client, namespace, make_adapter) -> None:
     assert stream.pending() == [] and stream.rejections() == {}
 
 
+def test_a_resent_submit_transaction_keeps_the_committed_payload(redis_client, namespace, make_adapter) -> None:
+    """redis-py resends a whole MULTI whose reply was lost (a restart, a timeout): the second run of the same
+    transaction finds its attempt key taken by the entry it committed itself, and must keep that entry's payload
+    (it deleted it: the worker reported "submitted" and the entry was rejected as unreadable)."""
+    from subspace_store import stream as stream_module
+
+    stream = SubmissionStream(redis_client, namespace)
+    sid = stream.submit(Submission("a", make_adapter(1), None, attempt_key="job1/a"))
+    ((_, raw),) = redis_client.xrange(stream.keys.stream, min=sid, max=sid)
+    payload_key, data = raw[b"payload_key"], redis_client.get(raw[b"payload_key"])
+    fields = [item for pair in raw.items() for item in pair]
+    pipe = redis_client.pipeline(transaction=True)  # the resend: the same SET and script again
+    pipe.set(payload_key, data)
+    pipe.execute_command(
+        "EVAL", stream_module._SUBMIT_LUA, 3, payload_key, stream.keys.stream, stream.attempts_key, "job1/a", *fields
+    )
+    _, (added, again) = pipe.execute()
+    assert added == 0 and again.decode() == sid and redis_client.get(payload_key) == data
+    (got,) = stream.read("coord")  # decodes: its payload is there
+    assert got.id == sid and stream.rejections() == {} and int(redis_client.xlen(stream.keys.stream)) == 1
+
+
 def test_attempt_key_records_the_entry_and_submits_once(redis_client, namespace, make_adapter) -> None:
     """Issue 10, defect 10: the entry is recorded under its attempt key in the transaction that adds it."""
     stream = SubmissionStream(redis_client, namespace)
