@@ -78,7 +78,12 @@ class ShareModel(nn.Module):
     # -- subspace ------------------------------------------------------------------------------
     def check_subspace(self, subspace: Subspace) -> None:
         """``ShareClError`` naming what does not fit if ``load_subspace(subspace)`` could not install it
-        (modules, their shapes, head tensors); changes nothing."""
+        (modules, their shapes, head tensors); changes nothing.
+
+        A task's tensors for an attached head must hold every parameter of the model's head, each with its
+        trailing dimensions (the leading one, e.g. the number of labels, is the task's own), and a bias as long
+        as its weight's leading dimension where the model's head has it so. A task holding none of a head's
+        tensors is served by the model's own head (as a PEFT adapter without ``modules_to_save`` is)."""
         if set(subspace.modules) != set(self.layers):
             raise ShareClError(
                 "the subspace's modules differ from the attached ones; unknown: "
@@ -95,15 +100,18 @@ class ShareModel(nn.Module):
                 )
         templates = {h: dict(head.template.named_parameters()) for h, head in self.heads.items()}
         for tname, task in subspace.tasks.items():
+            states: dict[str, dict[str, Tensor]] = {h: {} for h in templates}
             for key, value in task.head.items():
                 owner = next((h for h in templates if key.startswith(h + ".")), None)
-                if owner is None:
-                    continue  # a head this model does not attach: not installed (e.g. serving hidden states)
-                own = templates[owner].get(key[len(owner) + 1 :])
-                if own is None or value.ndim != own.ndim or value.shape[1:] != own.shape[1:]:
+                if owner is not None:  # else a head this model does not attach: not installed
+                    states[owner][key[len(owner) + 1 :]] = value
+            for owner, state in states.items():
+                problem = _head_state_problem(owner, state, templates[owner]) if state else None
+                if problem is not None:
+                    shapes = {k: tuple(v.shape) for k, v in templates[owner].items()}
                     raise ShareClError(
-                        f"task {tname!r}: head tensor {key!r} of shape {tuple(value.shape)} does not fit head "
-                        f"{owner!r} ({ {k: tuple(v.shape) for k, v in templates[owner].items()} })"
+                        f"task {tname!r}: {problem}, so it does not fit head {owner!r} {shapes}; "
+                        "publish the task with the whole head it was trained with"
                     )
 
     def load_subspace(self, subspace: Subspace) -> None:
@@ -291,6 +299,30 @@ class ShareModel(nn.Module):
         for layer in self.layers.values():
             layer.restore()
         self._materialized_task = None
+
+
+def _head_state_problem(head: str, state: dict[str, Tensor], template: dict[str, nn.Parameter]) -> str | None:
+    """What keeps a task's ``state`` for ``head`` (parameter name -> tensor) from replacing the ``template``
+    head's parameters, or None (the rules: ``ShareModel.check_subspace``)."""
+    missing = sorted(set(template) - set(state))
+    if missing:
+        return f"its head tensors lack {[f'{head}.{n}' for n in missing]} (it has {[f'{head}.{n}' for n in state]})"
+    for name, value in state.items():
+        own = template.get(name)
+        if own is None or value.ndim != own.ndim or value.shape[1:] != own.shape[1:]:
+            return f"head tensor '{head}.{name}' of shape {tuple(value.shape)} has no counterpart of that shape"
+    for name, bias in state.items():
+        module, _, leaf = name.rpartition(".")
+        weight_name = f"{module}.weight" if module else "weight"
+        if leaf != "bias" or weight_name not in template:
+            continue
+        weight = state[weight_name]
+        if template[name].shape == template[weight_name].shape[:1] and bias.shape != weight.shape[:1]:
+            return (
+                f"head tensor '{head}.{name}' of shape {tuple(bias.shape)} does not match '{head}.{weight_name}' "
+                f"of shape {tuple(weight.shape)} (a bias has one entry per row of its weight)"
+            )
+    return None
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

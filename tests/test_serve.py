@@ -244,6 +244,8 @@ def test_bad_requests_get_a_4xx_with_the_reason(server) -> None:
     assert status == 404 and "unknown task 'weather'" in body["error"] and body["known_tasks"] == 3
     raw = requests.post(f"{server}/predict", data=b"{not json", timeout=30)
     assert raw.status_code == 400 and "not JSON" in raw.json()["error"]
+    deep = requests.post(f"{server}/predict", data=b"[" * 200_000, timeout=30)  # Python's json cannot nest so deep
+    assert deep.status_code == 400 and "too deeply" in deep.json()["error"]
     cases = [
         ([1, 2], 400, "JSON object"),
         ({"task": "mood"}, 400, "lacks 'inputs'"),
@@ -251,6 +253,7 @@ def test_bad_requests_get_a_4xx_with_the_reason(server) -> None:
         ({"task": "mood", "inputs": []}, 422, "empty"),
         ({"task": "mood", "inputs": ["fine", 3]}, 422, "inputs[1] must be a string"),
         ({"task": "mood", "inputs": ["  "]}, 422, "inputs[0] is empty"),
+        ({"task": "mood", "inputs": ["fine", "x\ud800"]}, 422, "inputs[1] is not valid Unicode"),  # half a pair
         ({"task": "mood", "inputs": ["x"] * (MAX_INPUTS + 1)}, 422, f"at most {MAX_INPUTS}"),
         ({"task": 7, "inputs": ["x"]}, 422, "'task' must be"),
         ({"task": "mood", "inputs": ["x"], "extra": 1}, 422, "unknown field"),
@@ -260,6 +263,36 @@ def test_bad_requests_get_a_4xx_with_the_reason(server) -> None:
         assert status == want_status and reason in body["error"], (body_sent, status, body)
     assert requests.get(f"{server}/predict", timeout=30).status_code == 405
     assert post(server, {"task": "mood", "inputs": ["still fine"]})[0] == 200  # bad requests broke nothing
+
+
+def unfinished_request(url: str, data: bytes) -> bytes:
+    """Send ``data`` (a request, its body unfinished) and return the status line the server answers with."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=60) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:  # the server answered and closed before all of it went out
+            pass
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+@pytest.mark.slow
+def test_a_body_over_4_mib_is_refused_before_it_has_all_arrived(server) -> None:
+    from jobs.serving.requests import Limits
+
+    limit = Limits().max_body_bytes
+    head = "POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    declared = f"{head}Content-Length: {limit + 1}\r\n\r\n".encode() + b'{"task": "mood"'
+    piece = b"x" * 65536  # chunked: no Content-Length, so refused once more than the limit has been read
+    chunked = f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + (
+        f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    ) * (limit // len(piece) + 1)
+    for data in (declared, chunked):  # neither body ends: a server that waited for the rest would never answer
+        assert unfinished_request(server, data).startswith(b"HTTP/1.1 413"), data[:160]
+    assert post(server, {"task": "mood", "inputs": ["still fine"]})[0] == 200
 
 
 def load_while(server: str, stop, expected: dict, seen_by: list[list[str]]) -> list[tuple[str, list[str]]]:

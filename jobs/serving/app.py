@@ -6,7 +6,8 @@ Routes (FastAPI ingress):
 
 - ``POST /predict`` ``{"task": "...", "inputs": ["text", ...]}`` -> ``{"task", "predictions": [int],
   "labels": [name], "version": "vN"}``; 404 for a task the version being served lacks, 400/413/422 for
-  a bad body, each with ``{"error": reason}``.
+  a bad body, each with ``{"error": reason}``. A body over 4 MiB is refused by its Content-Length, else
+  as soon as that much is read (``read_body``), before the rest arrives.
 - ``GET /health`` -> ``{"status": "ok", "version", "tag", "namespace", "tasks": N}``.
 - ``GET /tasks`` -> ``{"version", "tasks": {task: [label names]}}``.
 
@@ -23,6 +24,7 @@ default torch's).
 # No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations (``Request``) as
 # objects; as strings, Serve's ingress leaves them unresolved and every request gets a 422.
 import asyncio
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,7 +32,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from .engine import Answer, Engine
-from .requests import Limits, Query, RequestError, parse_predict
+from .requests import Limits, Query, RequestError, check_size, parse_predict
 
 DEFAULTS: dict[str, Any] = {
     "poll_s": 2.0,
@@ -53,6 +55,20 @@ api = FastAPI(title="sharecl serve", description="Every task of a Share subspace
 
 def _json(answer: Answer) -> JSONResponse:
     return JSONResponse(answer.body, status_code=answer.status)
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request's body; a 413 ``RequestError`` when its Content-Length is over ``limits.max_body_bytes``,
+    or as soon as the bytes read are (the rest is not read, so a large body never sits in memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        check_size(int(declared), limits)
+    body = bytearray()
+    async with aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            check_size(len(body), limits, so_far=True)
+    return bytes(body)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_constructor_retry_count=1)
@@ -90,7 +106,7 @@ class ShareServer:
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
         try:
-            query = parse_predict(await request.body(), self.limits)
+            query = parse_predict(await read_body(request, self.limits), self.limits)
         except RequestError as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
         unknown = self.engine.known(query.task)

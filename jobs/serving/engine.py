@@ -3,8 +3,9 @@
 ``Engine`` owns a ``ServedModel`` and a ``subspace_store.deploy.TagFollower`` that installs every version
 the tag moves to. ``answer(queries)`` holds one version (the follower's read lock) for a whole batch and
 runs one mixed-task forward for all of its rows, so a swap happens between batches and every answer
-names the version that computed it. A version that fails to load is logged once and skipped until the
-tag moves again; the old one keeps serving.
+names the version that computed it; should that forward fail, each request runs alone and only one that
+fails by itself gets a 500 (with the reason; the traceback is logged). A version that fails to load is
+logged once and skipped until the tag moves again; the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -154,36 +155,62 @@ class Engine:
             return {"version": loaded.version, "tasks": {t: self.model.labels[t] for t in loaded.subspace.tasks}}
 
     def answer(self, queries: Sequence[Query]) -> list[Answer]:
-        """Answer every query on one version, with one mixed-task forward over all their rows."""
+        """Answer every query on one version, with one mixed-task forward over all their rows. If that forward
+        fails, each query is run alone, so only a query that fails by itself gets an error (a 500)."""
         with self.follower.request() as loaded:
-            answers: list[Answer | None] = [
-                None if q.task in loaded.subspace.tasks else self._unknown(q.task, loaded) for q in queries
-            ]
-            served = [i for i, a in enumerate(answers) if a is None]
-            tasks = [queries[i].task for i in served for _ in queries[i].inputs]
-            texts = [text for i in served for text in queries[i].inputs]
+            served = [q for q in queries if q.task in loaded.subspace.tasks]
             started = time.perf_counter()
-            predictions = self.model.predict(tasks, texts) if texts else []
+            results = iter(self._predict(served))
             elapsed = time.perf_counter() - started
+            answers = [
+                self._answered(q, next(results), loaded.version)
+                if q.task in loaded.subspace.tasks
+                else self._unknown(q.task, loaded)
+                for q in queries
+            ]
             self.batches += 1
             self.requests += len(queries)
-            self.mixed_batches += len(set(tasks)) > 1
-            at = 0
-            for i in served:
-                q = queries[i]
-                rows = predictions[at : at + len(q.inputs)]
-                at += len(q.inputs)
-                names = self.model.labels[q.task]
-                answers[i] = Answer(
-                    200,
-                    {
-                        "task": q.task,
-                        "predictions": rows,
-                        "labels": [names[p] if 0 <= p < len(names) else str(p) for p in rows],
-                        "version": loaded.version,
-                    },
-                )
-            log.debug(
-                "sharecl serve: %d requests, %d rows in %.3fs on %s", len(queries), len(texts), elapsed, loaded.version
+            self.mixed_batches += len({q.task for q in served}) > 1
+            rows = sum(len(q.inputs) for q in served)
+            log.debug("sharecl serve: %d requests, %d rows in %.3fs on %s", len(queries), rows, elapsed, loaded.version)
+        return answers
+
+    def _predict(self, queries: Sequence[Query]) -> list[list[int] | Exception]:
+        """Each query's class indices from one forward over all their rows; if it raises, each query's own
+        forward (alone), and a query that fails alone gets its exception."""
+        if not queries:
+            return []
+        tasks = [q.task for q in queries for _ in q.inputs]
+        try:
+            rows = self.model.predict(tasks, [text for q in queries for text in q.inputs])
+        except Exception as err:
+            if len(queries) == 1:
+                log.exception("sharecl serve: a request for task %r failed in the model", queries[0].task)
+                return [err]
+            return [self._predict([q])[0] for q in queries]
+        out: list[list[int] | Exception] = []
+        for q in queries:
+            out.append(rows[: len(q.inputs)])
+            rows = rows[len(q.inputs) :]
+        return out
+
+    def _answered(self, query: Query, result: list[int] | Exception, version: str) -> Answer:
+        if isinstance(result, Exception):
+            return Answer(
+                500,
+                {
+                    "error": f"the model failed on this request ({type(result).__name__}: {result}); the server's "
+                    "log has the traceback: please report it",
+                    "version": version,
+                },
             )
-        return [a for a in answers if a is not None]
+        names = self.model.labels[query.task]
+        return Answer(
+            200,
+            {
+                "task": query.task,
+                "predictions": result,
+                "labels": [names[p] if 0 <= p < len(names) else str(p) for p in result],
+                "version": version,
+            },
+        )

@@ -4,12 +4,15 @@
 installs versions through. The first version builds the base model its tasks were trained on (the
 builder, model and dtype their jobs recorded, through ``workers.models.build_share_model`` as the
 coordinator's evaluation does); every later version is checked against that model before anything is
-changed, so a version that cannot be served leaves the one being served untouched. ``predict`` runs one
-mixed-task forward (one task per row) and returns each row's class index.
+changed, so a version that cannot be served leaves the one being served untouched. Inputs are truncated
+to ``max_length`` tokens (the ``max_length`` option, else the longest its tasks' jobs recorded), capped at
+what the base model takes (its tokenizer's ``model_max_length``, its config's ``max_position_embeddings``).
+``predict`` runs one mixed-task forward (one task per row) and returns each row's class index.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +25,10 @@ from share.errors import ShareClError
 from subspace_store.deploy import head_modules
 
 DEFAULT_MAX_LENGTH = 128  # tokens per input when no task recorded its job's model.max_length
+UNSET_MAX_LENGTH = 1_000_000  # a tokenizer's model_max_length at or above this is transformers' "not set"
 SUBMISSION_KEY = "submission"  # task metadata: the submission the coordinator merged (coordinator.validation)
+
+log = logging.getLogger("ray.serve")  # as engine's: Serve keeps replica logs of this logger
 
 
 class ServeError(ShareClError):
@@ -90,6 +96,21 @@ def _recorded_max_length(subspace: Subspace) -> int | None:
     return max(lengths) if lengths else None
 
 
+def _length_limit(model: torch.nn.Module, tokenizer: Any) -> int | None:
+    """The most tokens ``model`` takes per input: the smaller of its tokenizer's ``model_max_length`` (when
+    set) and the ``max_position_embeddings`` of the first config in it that states one; None if neither does."""
+    limits = []
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and 1 <= stated < UNSET_MAX_LENGTH:
+        limits.append(stated)
+    for module in model.modules():
+        positions = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and positions >= 1:
+            limits.append(positions)
+            break
+    return min(limits, default=None)
+
+
 def label_names(subspace: Subspace, task: str, num_labels: int) -> list[str]:
     """The task's label names as its training data named them, else the class indices as strings."""
     names = submitted_metadata(subspace.tasks[task].metadata).get("label_names")
@@ -111,6 +132,8 @@ class ServedModel:
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_length = max_length or DEFAULT_MAX_LENGTH
+        self.length_limit: int | None = None  # the most tokens the base model takes (known once it is built)
+        self._capped_logged: int | None = None  # the max_length whose cap was last logged
         self.labels: dict[str, list[str]] = {}
         self._forward_lock = threading.Lock()  # a forward sets per-row task ids on the layers: one at a time
 
@@ -151,7 +174,22 @@ class ServedModel:
         self.model.eval()
         self.spec = spec
         self.labels = labels
-        self.max_length = self.max_length_option or _recorded_max_length(subspace) or DEFAULT_MAX_LENGTH
+        self.max_length = self._capped(self.max_length_option or _recorded_max_length(subspace) or DEFAULT_MAX_LENGTH)
+
+    def _capped(self, max_length: int) -> int:
+        """``max_length`` at most ``length_limit``; a cap is logged once per ``max_length`` it cuts."""
+        if self.length_limit is None or max_length <= self.length_limit:
+            return max_length
+        if max_length != self._capped_logged:
+            log.warning(
+                "sharecl serve: max_length %d (the jobs' model.max_length or the max_length option) is more than "
+                "%s takes; inputs are truncated to %d tokens",
+                max_length,
+                self.spec.describe() if self.spec else "the base model",
+                self.length_limit,
+            )
+            self._capped_logged = max_length
+        return self.length_limit
 
     def _check_tasks(self, subspace: Subspace) -> dict[str, list[str]]:
         labels = {}
@@ -176,6 +214,7 @@ class ServedModel:
         if tokenizer is None or not callable(tokenizer):
             raise VersionLoadError(f"builder {spec.builder!r} returned no tokenizer; `sharecl serve` takes text inputs")
         self.model, self.tokenizer, self.spec = model.eval(), tokenizer, spec
+        self.length_limit = _length_limit(model.model, tokenizer)
 
     # -- answering -------------------------------------------------------------------------------
     def predict(self, tasks: Sequence[str], texts: Sequence[str]) -> list[int]:
