@@ -10,7 +10,10 @@ recorded as failed; the other tasks go on.
 A job whose tasks ask for resources no node of the cluster has (or can get from its autoscaler), or
 whose task files a worker would refuse (``check_task_files``), is refused before anything is launched.
 A driver that started its own Ray stops the coordinator (which ends its MLflow runs) before shutting
-Ray down; runs still open after a bounded wait are marked FAILED.
+Ray down; runs still open after a bounded wait are marked FAILED. At the end the driver releases its
+tasks' pins, except those of submissions not merged yet (the merge wait timed out, Ctrl-C): their base
+versions stay pinned until the pins expire, so the coordinator can still merge them. The report is
+printed before the job's MLflow run is ended, and tracking failures there are printed, never raised.
 
 While it waits, the driver says at a steady interval (``HEARTBEAT_S``) where each task is (step/total,
 loss and ETA from the progress records its worker writes, ``subspace_store.progress``) and, once every
@@ -59,7 +62,7 @@ from workers.causal_lm import ModelDtype
 from workers.evaluator import EVALUATOR, launch_evaluation
 from workers.ray_task import launch
 from workers.run_task import QUIET_ENV, read_task_splits
-from workers.task_job import SPEC_FIELDS, TaskJob, TaskSummary
+from workers.task_job import DEFAULT_PIN_TTL_S, SPEC_FIELDS, TaskJob, TaskSummary
 from workers.task_tracking import record_task_failure_on_job
 
 Say = Callable[[str], None]
@@ -393,25 +396,38 @@ class RunningJob:
                 parent_run_id=self.run.run_id,
                 seconds=time.time() - self.started,
             )
+            self._report(result)  # first: the job's outcome stands whatever MLflow does next
             self._finish_run(result)
-            self._report(result)
             return result
         except BaseException as err:
-            error, status = repr(err), "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             if isinstance(err, KeyboardInterrupt) and not self.owns_ray:
                 # On a cluster that outlives this driver: stop the tasks it launched.
                 for ref in self.refs:
                     _quietly(lambda ref=ref: ray.cancel(ref, force=True))
-            _quietly(lambda: self.run.set_tags({TAG_STATUS: "aborted", TAG_ERROR: error}))
-            _quietly(lambda: self.run.finish(status))
+            _abort_run(self.run, err)
             raise
         finally:
-            _quietly(lambda: self.store.release_pins(self.job_id))
+            _quietly(self._release_pins)
             if self.owns_ray:
                 # Ray goes down with this driver: let the coordinator finish its step and its MLflow
                 # runs first (bounded), and end whatever it could not.
                 _quietly(self._stop_coordinator)
                 ray.shutdown()
+
+    def _release_pins(self) -> None:
+        """Unpin the base versions of the job's tasks (``<job_id>/<task>``), except those of submissions not
+        merged or rejected yet (a merge wait that timed out, Ctrl-C): the coordinator needs their base
+        version to merge them, so those pins stay until they expire (their TTL)."""
+        unmerged = [o.task for o in self.outcomes.values() if o.status is TaskState.SUBMITTED]
+        release = {f"{self.job_id}/{o.task}" for o in self.outcomes.values() if o.status is not TaskState.SUBMITTED}
+        for version, holders in self.store.pins().items():
+            for holder in release.intersection(holders):
+                self.store.unpin(version, holder)
+        if unmerged:
+            self.say(
+                f"[job] the base versions of {', '.join(unmerged)} (submitted, not merged yet) stay pinned until "
+                f"their pins expire ({duration(DEFAULT_PIN_TTL_S)}), so the coordinator can still merge them"
+            )
 
     def _stop_coordinator(self) -> None:
         from coordinator.actor import stop_coordinator
@@ -551,7 +567,8 @@ class RunningJob:
                 raise MergeWaitError(
                     f"task(s) {open_tasks} (task: submission) were neither merged nor rejected within "
                     f"{timeout_s:.0f}s{self._coordinator_error()}; check the coordinator with `sharecl status "
-                    f"--namespace {self.cfg.store.namespace}` and its log in the Ray dashboard"
+                    f"--namespace {self.cfg.store.namespace}` and its log in the Ray dashboard (their base versions "
+                    "stay pinned, so the coordinator can still merge them)"
                 )
             if flushing is not None:
                 ready, _ = ray.wait([flushing], timeout=POLL_S)
@@ -606,7 +623,7 @@ class RunningJob:
 
         The rows come from the coordinator's merge runs in MLflow (it evaluates every task after every
         merge). If the head's row is missing there (tracking down, evaluation failed), the final row
-        is measured here, in one Ray task.
+        is measured here, in one Ray task (its failure is said, not raised: the scores are left out).
         """
         import ray
 
@@ -621,19 +638,24 @@ class RunningJob:
             results = [self.outcomes[t].result for t in missing]
             specs = {r.task: r.eval_spec for r in results if r is not None and r.eval_spec is not None}
             if specs:
-                ref = launch_evaluation(
-                    self.redis_url,
-                    self.cfg.store.namespace,
-                    head,
-                    specs,
-                    num_cpus=self.cfg.cluster.num_cpus_per_task,
-                    num_gpus=self.cfg.cluster.num_gpus_per_task,
-                )
-                last.update(ray.get(ref))
+                try:
+                    ref = launch_evaluation(
+                        self.redis_url,
+                        self.cfg.store.namespace,
+                        head,
+                        specs,
+                        num_cpus=self.cfg.cluster.num_cpus_per_task,
+                        num_gpus=self.cfg.cluster.num_gpus_per_task,
+                    )
+                    last.update(ray.get(ref))
+                except Exception as err:  # the job's outcome stands; only its scores are missing
+                    self.say(f"[job] could not evaluate {head} for {', '.join(specs)}: {_describe_failure(err)}")
             matrix.add(head, [], last)
         return {t: last[t] for t in names if t in last}, matrix
 
     def _finish_run(self, result: JobResult) -> None:
+        """The job's results on its MLflow run, which ends FINISHED (all merged) or FAILED. Best effort: a
+        step that fails is printed and the next one tried."""
         metrics: dict[str, float] = {f"accuracy/{t}": v for t, v in result.accuracy.items()}
         if result.accuracy:
             metrics["accuracy_mean"] = sum(result.accuracy.values()) / len(result.accuracy)
@@ -641,7 +663,7 @@ class RunningJob:
         metrics["tasks_failed"] = len(result.failed)
         metrics["job_seconds"] = result.seconds
         # step = the version the job ended on, as the coordinator's per-version series (no stray point at 0).
-        self.run.log_metrics(metrics, step=version_number(result.head) or 0)
+        _quietly(lambda: self.run.log_metrics(metrics, step=version_number(result.head) or 0))
         if result.matrix:
             columns = [t.name for t in self.cfg.tasks]
             csv = result.matrix.csv_text(columns, new_tasks=False)
@@ -652,8 +674,8 @@ class RunningJob:
         }
         tags[TAG_STATUS] = "merged" if result.ok else f"{len(result.failed)} failed"
         tags[TAG_HEAD] = result.head or "none"
-        self.run.set_tags(tags)
-        self.run.finish("FINISHED" if result.ok else "FAILED")
+        _quietly(lambda: self.run.set_tags(tags))
+        _quietly(lambda: self.run.finish("FINISHED" if result.ok else "FAILED"))
 
     def _report(self, result: JobResult) -> None:
         say = self.say
@@ -712,6 +734,13 @@ def _fail_open_merge_runs(
     return [run_id for run_id in chosen if tracker.fail(run_id, reason)]
 
 
+def _abort_run(run: tracking.TrackedRun, err: BaseException) -> None:
+    """End the job's run as aborted by ``err`` (KILLED for Ctrl-C, else FAILED). Best effort."""
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    _quietly(lambda: run.set_tags({TAG_STATUS: "aborted", TAG_ERROR: repr(err)}))
+    _quietly(lambda: run.finish(status))
+
+
 def _quietly(fn: Callable[[], Any]) -> None:
     try:
         fn()
@@ -755,6 +784,7 @@ def start_job(
     tracking_uri = resolve_mlflow_uri(cfg.tracking.mlflow_uri)
     experiment_id = tracking.ensure_experiment(tracking_uri, cfg.experiment_name)
     ray_at = _connect_ray(cfg, address, dashboard=dashboard)
+    run: tracking.TrackedRun | None = None
     try:
         check_capacity(cfg)
         coordinator = _start_coordinator(cfg, redis_url, tracking_uri)
@@ -782,7 +812,9 @@ def start_job(
             ): job.task
             for job in jobs
         }
-    except BaseException:
+    except BaseException as err:
+        if run is not None:  # e.g. Ray refused a task's options: no job run is left RUNNING
+            _abort_run(run, err)
         if ray_at.owns:
             import ray
 

@@ -12,6 +12,7 @@ offline CLI take theirs from these sections rather than keeping a second copy.
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 from collections.abc import Iterable, Mapping
@@ -166,7 +167,11 @@ class AdapterConfig:
             "must list at least one module name, e.g. [query, value]",
         )
         p.need(self.r >= 1, "r", f"{self.r} must be >= 1 (LoRA rank; 8 is usual)")
-        p.need(self.lora_alpha > 0, "lora_alpha", f"{self.lora_alpha} must be > 0 (scaling is lora_alpha / r)")
+        p.need(
+            0 < self.lora_alpha < math.inf,
+            "lora_alpha",
+            f"{self.lora_alpha} must be > 0 and finite (scaling is lora_alpha / r)",
+        )
         p.need(self.p is None or self.p >= 1, "p", f"{self.p} must be >= 1, or null to use r")
         p.need(self.phi >= 0, "phi", f"{self.phi} must be >= 0 (temporary directions per side; 0 disables)")
         p.need(
@@ -230,11 +235,11 @@ class TrainingConfig:
         p.need(self.mode in TRAINING_MODES, "mode", f"{self.mode!r} is not one of {', '.join(TRAINING_MODES)}")
         p.need(self.steps >= 1, "steps", f"{self.steps} must be >= 1")
         p.need(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
-        p.need(self.lr > 0, "lr", f"{self.lr} must be > 0")
+        p.need(0 < self.lr < math.inf, "lr", f"{self.lr} must be > 0 and finite")
         p.need(
-            self.lora_lr is None or self.lora_lr > 0,
+            self.lora_lr is None or 0 < self.lora_lr < math.inf,
             "lora_lr",
-            f"{self.lora_lr} must be > 0, or null to train LoRA tasks at {at}.lr",
+            f"{self.lora_lr} must be > 0 and finite, or null to train LoRA tasks at {at}.lr",
         )
         p.need(
             self.lr_scheduler in LR_SCHEDULERS,
@@ -247,11 +252,11 @@ class TrainingConfig:
             f"{self.warmup_ratio} must be in [0, {MAX_WARMUP_RATIO}] (fraction of the steps; 0 disables warmup)",
         )
         p.need(
-            self.max_grad_norm is None or self.max_grad_norm >= 0,
+            self.max_grad_norm is None or 0 <= self.max_grad_norm < math.inf,
             "max_grad_norm",
-            f"{self.max_grad_norm} must be >= 0 (1.0 is usual), or 0 / null to disable clipping",
+            f"{self.max_grad_norm} must be >= 0 and finite (1.0 is usual), or 0 / null to disable clipping",
         )
-        p.need(self.weight_decay >= 0, "weight_decay", f"{self.weight_decay} must be >= 0")
+        p.need(0 <= self.weight_decay < math.inf, "weight_decay", f"{self.weight_decay} must be >= 0 and finite")
         p.need(self.seed >= 0, "seed", f"{self.seed} must be >= 0")
         p.need(self.log_every >= 1, "log_every", f"{self.log_every} must be >= 1 (steps between loss logs)")
         p.need(self.eval_batch_size >= 1, "eval_batch_size", f"{self.eval_batch_size} must be >= 1")
@@ -301,6 +306,24 @@ class ClusterConfig:
         p.need(self.num_gpus_per_task >= 0, "num_gpus_per_task", f"{self.num_gpus_per_task} must be >= 0")
         p.need(self.num_cpus_per_task >= 0, "num_cpus_per_task", f"{self.num_cpus_per_task} must be >= 0")
         p.need(self.max_retries >= -1, "max_retries", f"{self.max_retries} must be >= 0, or -1 for unlimited")
+        env_vars = self.runtime_env.get("env_vars")
+        if isinstance(env_vars, Mapping):
+            # Ray takes strings only, and says so at launch without naming the job's key; YAML reads 1 as an int.
+            for key, value in env_vars.items():
+                wrong = key if isinstance(value, str) else value  # the name or the value that is no string
+                text = str(value).lower() if isinstance(value, bool) else value  # as YAML wrote it
+                p.need(
+                    isinstance(key, str) and isinstance(value, str),
+                    f"runtime_env.env_vars.{key}",
+                    f"{wrong!r} is not a string: Ray takes environment variable names and values as strings only "
+                    f'(YAML reads 1 and true as a number and a boolean); quote them: "{key}": "{text}"',
+                )
+        else:
+            p.need(
+                env_vars is None,
+                "runtime_env.env_vars",
+                f"got {env_vars!r}; set it to a mapping of variable names to strings, e.g. {{HF_HOME: /data/hf}}",
+            )
         return p.found
 
 

@@ -69,10 +69,11 @@ def launch_evaluation(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
 ) -> Any:
-    """``evaluate_version(...)`` as a Ray task (on a GPU node where the job's tasks use GPUs); returns its ObjectRef."""
-    import ray
+    """``evaluate_version(...)`` as a Ray task (on a GPU node, in a process of its own, where the job's tasks
+    use GPUs: ``workers.ray_task.remote_function``); returns its ObjectRef."""
+    from workers.ray_task import remote_function  # imports this module
 
-    remote = ray.remote(evaluate_version)
+    remote = remote_function(evaluate_version, gpus=num_gpus > 0)
     return remote.options(num_cpus=num_cpus, num_gpus=num_gpus, name="sharecl:evaluate").remote(
         redis_url, namespace, version, specs
     )

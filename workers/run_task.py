@@ -1,7 +1,8 @@
 """The body of a task job: pull the head, train one task, evaluate it, submit it to the stream.
 
 On an error the attempt's MLflow run ends FAILED with the error as a tag, its pin is released, and
-the error propagates (Ray hands it to the driver, which records the task as failed).
+the error propagates (Ray hands it to the driver, which records the task as failed). MLflow is not
+needed to train: an attempt that cannot reach it when it starts trains and submits untracked (one warning).
 
 Along the way the worker writes its task's progress record (``subspace_store.progress``: started,
 each training log step with step/total/loss, submitted or failed), which ``sharecl status`` and the
@@ -15,7 +16,8 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from share import TrainingMode
 from subspace_store import (
@@ -26,7 +28,7 @@ from subspace_store import (
     VersionNotFoundError,
     connect,
 )
-from subspace_store.connection import outlast_restarts
+from subspace_store.connection import outlast_restarts, redact
 from subspace_store.evalspec import EVAL_KEY
 from subspace_store.progress import ProgressBoard, TaskPhase, TaskProgress
 from workers import recovery
@@ -40,6 +42,7 @@ from workers.task_tracking import quietly, record_failure, record_submission, st
 from workers.tracking import progress_logger
 
 Split = TaskSplit | InstructionSplit  # a classification or an instruction task's split
+T = TypeVar("T")
 
 
 HF_PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
@@ -146,9 +149,9 @@ def run_task_job(job: TaskJob) -> TaskSummary:
             progress.report(TaskPhase.SUBMITTED)
             return summary
         train_split, eval_split = _load_data(job)
-        earlier = recovery.count_earlier_attempts(job)
-        recovery.close_dead_attempts(job)
-        progress.attempt = earlier + 1
+        earlier = _tracked(job, lambda: _close_earlier_attempts(job))  # None: MLflow failed, train untracked
+        attempt = (earlier or 0) + 1
+        progress.attempt = attempt
 
         base, base_tasks = _start_base(job, store)
         pinned = base is not None
@@ -164,10 +167,13 @@ def run_task_job(job: TaskJob) -> TaskSummary:
             )
         mode = TrainingMode.resolve(job.mode, has_base=base is not None)
         spec = job.spec(mode)
-        attempt = earlier + 1
         progress.total = spec.steps
         progress.report(TaskPhase.TRAINING, step=0, total=spec.steps)
-        run = start_task_run(job, spec, base, attempt, placement, train_split.num_labels, len(train_split))
+        if earlier is not None:
+            run = _tracked(
+                job,
+                lambda: start_task_run(job, spec, base, attempt, placement, train_split.num_labels, len(train_split)),
+            )
         print(
             f"[{job.task}] start: mode {mode}, base {base or '- (cold start)'}, {len(train_split)} examples, "
             f"{spec.steps} steps, node {placement.where}, gpu {placement.gpus_label} ({placement.device}), "
@@ -208,7 +214,7 @@ def run_task_job(job: TaskJob) -> TaskSummary:
             gpu_ids=placement.gpu_ids,
             node=placement.node,
             node_ip=placement.node_ip,
-            mlflow_run_id=run.run_id,
+            mlflow_run_id="" if run is None else run.run_id,
             attempt=attempt,
             eval_spec=job.eval_spec(),
             seconds=0.0,
@@ -218,7 +224,8 @@ def run_task_job(job: TaskJob) -> TaskSummary:
         submission_id = stream.submit(submission)
         # Submitted: from here on nothing may fail the task (tracking is recorded best effort).
         progress.report(TaskPhase.SUBMITTED, step=spec.steps, total=spec.steps)
-        quietly(lambda: record_submission(run, submission_id, trained.result, eval_metrics))
+        if run is not None:
+            quietly(lambda: record_submission(run, submission_id, trained.result, eval_metrics))
         print(
             f"[{job.task}] submitted {submission_id} (base {base or '-'}, {_eval_line(eval_metrics)}, "
             f"{summary.trainable_params} trainable params)",
@@ -236,6 +243,29 @@ def run_task_job(job: TaskJob) -> TaskSummary:
     finally:
         client.close()
         progress.close()
+
+
+def _close_earlier_attempts(job: TaskJob) -> int:
+    """How many attempts ran before this one (as MLflow knows them); those left RUNNING (their worker died:
+    this attempt is Ray's retry) are ended KILLED."""
+    earlier = len(recovery.earlier_attempts(job))
+    recovery.close_dead_attempts(job)
+    return earlier
+
+
+def _tracked(job: TaskJob, call: Callable[[], T]) -> T | None:
+    """``call()`` (an MLflow step before training), or None with a warning if MLflow fails: the attempt
+    then trains and submits untracked (the store, not MLflow, holds what a task did)."""
+    try:
+        return call()
+    except Exception as err:
+        print(
+            f"[{job.task}] warning: MLflow at {redact(job.tracking_uri)} failed ({err!r}); "
+            "this attempt trains untracked (no MLflow run)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
 
 
 def _eval_line(metrics: dict[str, float]) -> str:

@@ -52,7 +52,8 @@ def start_task_run(
     num_labels: int,
     train_examples: int,
 ) -> TrackedRun:
-    """Open the attempt's run (a child of the job's run) with its tags and params."""
+    """Open the attempt's run (a child of the job's run) with its tags and params. If the params cannot be
+    logged, the run is ended FAILED and the error raised (no run is left RUNNING)."""
     run = TrackedRun.start(
         job.tracking_uri,
         job.experiment_id,
@@ -70,43 +71,49 @@ def start_task_run(
             TAG_GPU_IDS: placement.gpus_label,
         },
     )
-    run.log_params(
-        {
-            **{f"job.{k}": v for k, v in job.job_params.items()},
-            **{f"task.{k}": v for k, v in dataclasses.asdict(spec).items()},
-            "task.train_path": job.train_path,
-            "task.eval_path": job.eval_path,
-            "task.num_labels": num_labels,
-            "task.train_examples": train_examples,
-            "base_version": base or NO_VALUE,
-            "base_model": job.base_model,
-            "builder": job.builder,
-            "target_modules": ",".join(job.target_modules),
-            PARAM_NODE: placement.node,
-            PARAM_NODE_IP: placement.node_ip,
-            "hostname": placement.hostname,
-            PARAM_GPU_IDS: placement.gpus_label,
-            "device": placement.device,
-        }
-    )
+    params = {
+        **{f"job.{k}": v for k, v in job.job_params.items()},
+        **{f"task.{k}": v for k, v in dataclasses.asdict(spec).items()},
+        "task.train_path": job.train_path,
+        "task.eval_path": job.eval_path,
+        "task.num_labels": num_labels,
+        "task.train_examples": train_examples,
+        "base_version": base or NO_VALUE,
+        "base_model": job.base_model,
+        "builder": job.builder,
+        "target_modules": ",".join(job.target_modules),
+        PARAM_NODE: placement.node,
+        PARAM_NODE_IP: placement.node_ip,
+        "hostname": placement.hostname,
+        PARAM_GPU_IDS: placement.gpus_label,
+        "device": placement.device,
+    }
+    try:
+        run.log_params(params)
+    except BaseException as err:
+        record_failure(run, err)
+        raise
     return run
 
 
 def record_submission(run: TrackedRun, submission_id: str, result: TrainResult, eval_metrics: dict[str, float]) -> None:
-    """The task is in the stream: tag it (first), log its curves and metrics, and end the run."""
-    run.set_tags({TAG_STATUS: "submitted", TAG_SUBMISSION: submission_id})
-    # Every step's loss (the live train_loss is a mean over log_every steps).
-    run.log_series("loss", result.loss_curve)
-    run.log_metrics(
-        {
-            **{EVAL_METRIC + k: v for k, v in eval_metrics.items()},
-            METRIC_TRAINABLE: result.trainable_params,
-            "train_final_loss": result.final_loss,
-            "train_wall_time_s": result.wall_time_s,
-            "train_examples_seen": result.examples_seen,
-        }
-    )
-    run.finish("FINISHED")
+    """The task is in the stream: tag it (first), log its curves and metrics, and end the run FINISHED
+    (also when one of those steps fails: the task is submitted either way; the failure is raised)."""
+    try:
+        run.set_tags({TAG_STATUS: "submitted", TAG_SUBMISSION: submission_id})
+        # Every step's loss (the live train_loss is a mean over log_every steps).
+        run.log_series("loss", result.loss_curve)
+        run.log_metrics(
+            {
+                **{EVAL_METRIC + k: v for k, v in eval_metrics.items()},
+                METRIC_TRAINABLE: result.trainable_params,
+                "train_final_loss": result.final_loss,
+                "train_wall_time_s": result.wall_time_s,
+                "train_examples_seen": result.examples_seen,
+            }
+        )
+    finally:
+        run.finish("FINISHED")
 
 
 def record_failure(run: TrackedRun, err: BaseException) -> None:

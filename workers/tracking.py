@@ -39,13 +39,21 @@ def _param_value(value: Any) -> str:
 
 class TrackedRun:
     """One open MLflow run. Step metrics are best effort (a tracking hiccup must not throw away a
-    training run); creating, params, final metrics and the outcome raise after retries."""
+    training run, nor an outage stall it); creating, params, final metrics and the outcome raise after retries.
+
+    A best-effort call that fails (after the usual retries) starts a cool-down of ``BEST_EFFORT_COOLDOWN_S``:
+    best-effort calls until then are skipped, and the first one after it is tried once, without retries
+    (each MLflow call of an outage costs MLflow's own HTTP retries). One warning is printed per run.
+    """
+
+    BEST_EFFORT_COOLDOWN_S = 60.0
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri = uri
         self.run_id = run_id
         self._client = client(uri)
         self._warned = False
+        self._failed_at: float | None = None  # time.monotonic() of the last failed best-effort call
 
     @classmethod
     def start(
@@ -82,14 +90,37 @@ class TrackedRun:
         ]
         if not items:
             return
+
+        def call() -> None:
+            self._client.log_batch(self.run_id, metrics=items)
+
+        if best_effort:
+            self._best_effort(call)
+        else:
+            retry(call, "log_metrics")
+
+    def _best_effort(self, call: Callable[[], None]) -> None:
+        """``call()`` with retries while MLflow answers; skipped for ``BEST_EFFORT_COOLDOWN_S`` after a failure,
+        then tried once. Failures are printed (the first only), never raised."""
+        failed_at = self._failed_at
+        if failed_at is not None and time.monotonic() - failed_at < self.BEST_EFFORT_COOLDOWN_S:
+            return
         try:
-            retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log_metrics")
+            if failed_at is None:
+                retry(call, "log_metrics")
+            else:
+                call()
         except Exception as err:
-            if not best_effort:
-                raise
+            self._failed_at = time.monotonic()
             if not self._warned:
-                print(f"[sharecl] warning: MLflow metrics not logged ({err}); training goes on", file=sys.stderr)
+                print(
+                    f"[sharecl] warning: MLflow metrics not logged ({err}); training goes on, and step metrics "
+                    f"are skipped for {self.BEST_EFFORT_COOLDOWN_S:.0f}s after each failure",
+                    file=sys.stderr,
+                )
                 self._warned = True
+        else:
+            self._failed_at = None
 
     def log_series(self, key: str, points: list[tuple[int, float]]) -> None:
         """One metric at many steps, e.g. the loss of every training step."""
