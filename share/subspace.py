@@ -277,8 +277,8 @@ class Subspace:
     def validate(self) -> None:
         """Check internal consistency; raise ShareClError naming the task/module at fault.
 
-        Shapes are checked per module and task; finiteness in one batched pass over every basis and
-        coefficient (``_all_finite``), the culprit searched for only when that pass finds NaN or Inf.
+        Shapes are checked per module and task; finiteness in one batched pass over every basis, coefficient
+        and head tensor (``_all_finite``), the culprit searched for only when that pass finds NaN or Inf.
         """
         for name, basis in self.modules.items():
             for side, U in (("U_A", basis.U_A), ("U_B", basis.U_B)):
@@ -303,6 +303,7 @@ class Subspace:
                     )
         tensors = [U for b in self.modules.values() for U in (b.U_A, b.U_B)]
         tensors += [E for t in self.tasks.values() for pair in t.E.values() for E in pair]
+        tensors += [value for t in self.tasks.values() for value in t.head.values()]
         if _all_finite(tensors):
             return
         for name, basis in self.modules.items():  # the failure path: name the first culprit
@@ -313,6 +314,9 @@ class Subspace:
             for mname, (E_A, E_B) in t.E.items():
                 if not (torch.isfinite(E_A).all() and torch.isfinite(E_B).all()):
                     raise ShareClError(f"task {tname!r}, module {mname!r}: coefficients hold NaN or Inf")
+            for key, value in t.head.items():
+                if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
+                    raise ShareClError(f"task {tname!r}: head tensor {key!r} holds NaN or Inf")
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:

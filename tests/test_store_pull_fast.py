@@ -282,8 +282,8 @@ def test_validate_checks_finiteness_in_one_pass_and_names_the_culprit(monkeypatc
     isfinite = torch.isfinite
     monkeypatch.setattr(torch, "isfinite", lambda t: (calls.append(t.shape), isfinite(t))[1])
     sub.validate()
-    # One check per batch of same-shaped tensors (U_A, U_B, E_A, E_B here), each on a sum, none per tensor.
-    assert len(calls) == 4 and all(shape == () for shape in calls)
+    # One check per batch of same-shaped tensors (U_A, U_B, E_A, E_B, heads here), each on a sum, none per tensor.
+    assert len(calls) == 5 and all(shape == () for shape in calls)
 
     sub.tasks["t2"].E["l0.v"][1][3, 1] = float("nan")
     with pytest.raises(ShareClError, match="task 't2', module 'l0.v': coefficients hold NaN or Inf"):
@@ -291,6 +291,10 @@ def test_validate_checks_finiteness_in_one_pass_and_names_the_culprit(monkeypatc
     sub = _small_subspace(tasks=2)
     sub.modules["l1.q"].U_A[0, 0] = float("-inf")
     with pytest.raises(ShareClError, match="module 'l1.q': U_A holds NaN or Inf"):
+        sub.validate()
+    sub = _small_subspace(tasks=3)  # a NaN head would make every answer of that task the same class
+    sub.tasks["t1"].head["w"][2, 4] = float("nan")
+    with pytest.raises(ShareClError, match="task 't1': head tensor 'w' holds NaN or Inf"):
         sub.validate()
 
     half = _small_subspace(tasks=2)  # finite values whose float16 norm overflows: not an error
