@@ -419,10 +419,7 @@ class RunningJob:
         merged or rejected yet (a merge wait that timed out, Ctrl-C): the coordinator needs their base
         version to merge them, so those pins stay until they expire (their TTL)."""
         unmerged = [o.task for o in self.outcomes.values() if o.status is TaskState.SUBMITTED]
-        release = {f"{self.job_id}/{o.task}" for o in self.outcomes.values() if o.status is not TaskState.SUBMITTED}
-        for version, holders in self.store.pins().items():
-            for holder in release.intersection(holders):
-                self.store.unpin(version, holder)
+        self.store.release_pins(self.job_id, keep={f"{self.job_id}/{t}" for t in unmerged})
         if unmerged:
             self.say(
                 f"[job] the base versions of {', '.join(unmerged)} (submitted, not merged yet) stay pinned until "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,12 +68,12 @@ def unpin(store: SubspaceStore, version: str, job_id: str) -> None:
     store.client.zrem(store.keys.pins, f"{version}{_SEP}{_check_job(job_id)}")
 
 
-def release_pins(store: SubspaceStore, job_id: str) -> list[str]:
+def release_pins(store: SubspaceStore, job_id: str, *, keep: Collection[str] = ()) -> list[str]:
     _check_job(job_id)
     released = []
     for version, holders in live_pins(store).items():
         for holder in holders:
-            if holder == job_id or holder.startswith(job_id + "/"):
+            if (holder == job_id or holder.startswith(job_id + "/")) and holder not in keep:
                 unpin(store, version, holder)
                 released.append(f"{version}:{holder}")
     return released

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -461,10 +461,11 @@ class SubspaceStore:
     def unpin(self, version: str, job_id: str) -> None:
         retention.unpin(self, version, job_id)
 
-    def release_pins(self, job_id: str) -> list[str]:
+    def release_pins(self, job_id: str, *, keep: Collection[str] = ()) -> list[str]:
         """Unpin every version held by ``job_id`` or by ``<job_id>/<anything>`` (a job's tasks pin as
-        ``<job_id>/<task>``), including pins of tasks whose worker died; returns ``version:holder`` each."""
-        return retention.release_pins(self, job_id)
+        ``<job_id>/<task>``), including pins of tasks whose worker died, except pins of the holders in ``keep``;
+        returns ``version:holder`` each."""
+        return retention.release_pins(self, job_id, keep=keep)
 
     def pins(self) -> dict[str, list[str]]:
         """Live pins: version -> job ids."""

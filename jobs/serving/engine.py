@@ -177,21 +177,40 @@ class Engine:
 
     def _predict(self, queries: Sequence[Query]) -> list[list[int] | Exception]:
         """Each query's class indices from one forward over all their rows; if it raises, each query's own
-        forward (alone), and a query that fails alone gets its exception."""
+        forward (alone), and a query that fails alone gets its exception. Logged: the shared forward's failure
+        once with its traceback, then one line per query that fails alone too (a lone query: its traceback)."""
         if not queries:
             return []
-        tasks = [q.task for q in queries for _ in q.inputs]
         try:
-            rows = self.model.predict(tasks, [text for q in queries for text in q.inputs])
+            return self._forward(queries)
         except Exception as err:
             if len(queries) == 1:
                 log.exception("sharecl serve: a request for task %r failed in the model", queries[0].task)
                 return [err]
-            return [self._predict([q])[0] for q in queries]
+            log.warning(
+                "sharecl serve: the shared forward of %d requests failed in the model; running each alone",
+                len(queries),
+                exc_info=True,
+            )
         out: list[list[int] | Exception] = []
         for q in queries:
-            out.append(rows[: len(q.inputs)])
-            rows = rows[len(q.inputs) :]
+            try:
+                out.append(self._forward([q])[0])
+            except Exception as err:
+                log.warning(
+                    "sharecl serve: a request for task %r failed alone too: %s: %s", q.task, type(err).__name__, err
+                )
+                out.append(err)
+        return out
+
+    def _forward(self, queries: Sequence[Query]) -> list[list[int]]:
+        """Each query's class indices from one forward over all their rows (raises what the model raises)."""
+        rows = self.model.predict([q.task for q in queries for _ in q.inputs], [t for q in queries for t in q.inputs])
+        out: list[list[int]] = []
+        at = 0
+        for q in queries:
+            out.append(rows[at : at + len(q.inputs)])
+            at += len(q.inputs)
         return out
 
     def _answered(self, query: Query, result: list[int] | Exception, version: str) -> Answer:
