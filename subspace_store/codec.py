@@ -862,6 +862,8 @@ class _Sources:
         self.rows: dict[str, int] | None = None
 
     def needs(self, names: Sequence[str] | None) -> list[tuple[str, str, int]]:
+        if self.numbers is not None and None not in self.blocks:  # everything provided: no O(T) pass per read
+            return []
         wanted = set(self.index.values()) if names is None else {self.index[n] for n in names if n in self.index}
         out = [self.elements[i] for i in sorted(wanted) if self.blocks[i] is None]
         if self.numbers is None and wanted:

@@ -698,7 +698,14 @@ class _Publication:
                         # Readers in this process (the coordinator's record of the merge, the next delta's
                         # plan) find it as built while the stored bytes are these: nothing parsed back.
                         written = CheckedManifest.written(
-                            manifest, keys, v, self.encoded.parents, self.encoded.positions or None
+                            manifest,
+                            keys,
+                            v,
+                            self.encoded.parents,
+                            # format 4 even with no task (positions {}): what a reader of the bytes gets
+                            self.encoded.positions
+                            if manifest["format_version"] == shared_entries.SHARED_FORMAT_VERSION
+                            else None,
                         )
                         manifest_cache.MANIFESTS.put(
                             self.store._cache_key(v), stored, written, written.held_bytes(stored)

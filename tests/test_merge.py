@@ -257,11 +257,13 @@ def test_reported_error_is_zero_when_nothing_is_truncated() -> None:
 
 
 @pytest.mark.parametrize("with_old", [False, True], ids=["init", "merge"])
-def test_a_rank_zero_adapter_is_refused_by_name(with_old: bool) -> None:
+def test_a_rank_zero_adapter_is_refused_by_name_and_changes_nothing(with_old: bool) -> None:
     old = merge(None, adapters(0, 2))[0] if with_old else None
     empty = LoraAdapter(factors={m: (torch.zeros(n, 0), torch.zeros(0, d)) for m, (n, d) in SHAPES.items()})
     with pytest.raises(ShareClError, match="adapter 'empty', module 'enc.0.query': rank 0"):
         merge(old, {"good": random_adapter(7), "empty": empty})
+    if old is not None:
+        assert list(old.tasks) == ["t0", "t1"]
 
 
 @pytest.mark.parametrize("chunk", [1 << 17, 8], ids=["one-chunk", "many-chunks"])
