@@ -266,11 +266,11 @@ class Coordinator:
         """MLflow merge runs this process opened and has not ended (outcome unknown or MLflow unreachable)."""
         return list(self._open_runs)
 
-    def close(self, wait_s: float = CLOSE_WAIT_S) -> list[str]:
+    def close(self, wait_s: float | None = CLOSE_WAIT_S) -> list[str]:
         """End every run still open (as ``_settle_runs``; FAILED with the error when the store cannot be read),
-        then wait up to ``wait_s`` for a running background compaction and collect it. Returns the runs that stay
-        open because MLflow refused even that; a compaction still running is left to finish on its own (``status``
-        says ``compacting``)."""
+        then wait up to ``wait_s`` (None: for good) for a running background compaction and collect it. Returns
+        the runs that stay open because MLflow refused even that; a compaction still running is left to finish on
+        its own (``status`` says ``compacting``)."""
         with self._lock:
             try:
                 self._settle_runs()
@@ -406,13 +406,17 @@ class Coordinator:
             self._head_version = version
         return self._head_version, self._head
 
+    def _hold(self, version: str, subspace: Subspace) -> None:
+        """``subspace`` is ``version``'s (published by this process, or a compaction of the head it holds): it is
+        the head held in memory, and its bases serve the submissions trained on ``version``."""
+        self._head, self._head_version = subspace, version
+        self.bases.put(version, Subspace(modules=subspace.modules, policy=subspace.policy, metadata=subspace.metadata))
+
     def _hold_compaction(self, version: str) -> None:
         """``version`` compacts the head held in memory (the same subspace, coefficients equal up to float
         rounding): it becomes the head version and the in-memory head stays (validation and the next merge)."""
-        head = self._head
-        assert head is not None
-        self._head_version = version
-        self.bases.put(version, Subspace(modules=head.modules, policy=head.policy, metadata=head.metadata))
+        assert self._head is not None
+        self._hold(version, self._head)
 
     def _merge_batch(self, batch: list[Submission], result: StepResult) -> None:
         todo = batch
@@ -495,8 +499,7 @@ class Coordinator:
                     self._open_runs[run_id] = None
                 raise
             result.publish_seconds = time.perf_counter() - started
-            self._head, self._head_version = merged, version
-            self.bases.put(version, Subspace(modules=merged.modules, policy=merged.policy, metadata=merged.metadata))
+            self._hold(version, merged)
             self.crash.fire(AFTER_PUBLISH)
             result.version, result.parent, result.merge_seconds = version, parent, report.seconds
             result.merged = {s.id: s.task for s in accepted if s.id is not None}
@@ -574,8 +577,8 @@ class Coordinator:
         assert request.id is not None
         for _ in range(self.max_conflicts):
             parent, head = self._load_head()
-            done = self._removal_version(request.id)
-            if done is not None:
+            # Carried out meanwhile (another consumer): its version recorded it as merged, in the publish's transaction.
+            if self.stream.status(request.id).state is SubmissionStatus.MERGED:
                 self._acknowledge_merged(request.id)
                 result.acknowledged.append(request.id)
                 return
@@ -642,8 +645,7 @@ class Coordinator:
                     self._open_runs[run_id] = None
                 raise
             result.publish_seconds = time.perf_counter() - started
-            self._head, self._head_version = reduced, version
-            self.bases.put(version, Subspace(modules=reduced.modules, policy=reduced.policy, metadata=reduced.metadata))
+            self._hold(version, reduced)
             self.crash.fire(AFTER_PUBLISH)
             result.version, result.parent, result.merge_seconds = version, parent, report.seconds
             result.removed = {request.id: list(request.tasks)}
@@ -657,14 +659,6 @@ class Coordinator:
             f"gave up removing {request.tasks} after {self.max_conflicts} head conflicts; another publisher keeps "
             "moving the head of this namespace: run one coordinator per namespace"
         )
-
-    def _removal_version(self, request_id: str) -> str | None:
-        """The version that already carries out removal ``request_id`` (published, ack lost), or None."""
-        for info in reversed(self.store.list_versions()):
-            removal = info.metadata.get(REMOVAL_KEY)
-            if isinstance(removal, dict) and removal.get("request") == request_id:
-                return info.version
-        return None
 
     def _after_publish(self, version: str, merged: Subspace, run_id: str | None, result: StepResult) -> None:
         if run_id is not None:
@@ -781,10 +775,10 @@ class Coordinator:
         return self.evaluation(subspace)
 
     def _acknowledge_merged(self, submission_id: str) -> None:
-        """A submission the head already holds, yet still pending: acknowledge it without merging.
-
-        Publishing acknowledges in its own transaction, so this only happens if Redis lost the ack
-        (e.g. an append-only file cut short); the check keeps exactly once even then.
+        """A submission (or removal request) already carried out, yet still handed to this consumer: acknowledge it
+        without merging. Publishing acknowledges in its own transaction, and the stream acknowledges what it hands
+        out again though settled, so this happens when another consumer carried it out between this step's read
+        and its check; the check keeps exactly once even then.
         """
         self.stream.ack(submission_id)
         log.warning("submission %s is already merged; acknowledged it without merging again", submission_id)

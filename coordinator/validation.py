@@ -13,6 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from share import LoraAdapter, Subspace
 from share.errors import ShareClError
 from subspace_store import Submission, SubspaceStore, VersionNotFoundError
@@ -77,6 +79,8 @@ def check_batch(
         assert sub.id is not None
         try:
             verdict = _check(sub, head, head_version, bases, taken, reference, base_model)
+        except (RedisError, OSError):  # the store unreachable (loading a base version): no verdict; the step retries
+            raise
         except ShareClError as err:  # our own checks: the message names the problem and the fix
             verdicts.rejected[sub.id] = str(err)
             continue

@@ -404,13 +404,18 @@ class SubmissionStream:
         """The submissions and removal requests of ``entries``. An entry that cannot be decoded (not written by
         ``submit``: a field missing or malformed, its payload missing or corrupted) is rejected here with the
         reason, whatever its decoding raised: otherwise it would fail every read and block the stream."""
-        entries = self._unsettled(entries)
         deliveries = {}
         if entries:
+            # One round trip: whether each entry is settled already (``_unsettled``) and how often it was delivered.
+            ids = [raw_id for raw_id, _ in entries]
             pipe = self.client.pipeline(transaction=False)
-            for raw_id, _ in entries:
+            pipe.hmget(self.keys.merged, ids)
+            pipe.hmget(self.keys.rejected, ids)
+            for raw_id in ids:
                 pipe.xpending_range(self.keys.stream, self.group, min=raw_id, max=raw_id, count=1)
-            for rows in pipe.execute():
+            merged, rejected, *pending = pipe.execute()
+            entries = self._unsettled(entries, merged, rejected)
+            for rows in pending:
                 for row in rows:
                     deliveries[row["message_id"].decode()] = int(row["times_delivered"])
         out = []
@@ -446,19 +451,16 @@ class SubmissionStream:
             self.reject(sid, f"unreadable submission: {problem}; resubmit the task")
         return out
 
-    def _unsettled(self, entries: list[Any]) -> list[Any]:
-        """``entries`` without those already merged or rejected, which are acknowledged instead. A settled entry is
-        handed out again only when its acknowledgement was lost (a consumer group recreated from the start of the
-        stream, an append-only file cut short); merging or rejecting it again would fail, and left pending it would
-        come back at every recover."""
-        if not entries:
-            return entries
-        ids = [raw_id for raw_id, _ in entries]
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(self.keys.merged, ids)
-        pipe.hmget(self.keys.rejected, ids)
-        merged, rejected = pipe.execute()
-        settled = [raw_id for raw_id, m, r in zip(ids, merged, rejected, strict=True) if m is not None or r is not None]
+    def _unsettled(self, entries: list[Any], merged: list[Any], rejected: list[Any]) -> list[Any]:
+        """``entries`` without those already merged or rejected (``merged``/``rejected``: their records, None where
+        there is none), which are acknowledged instead. A settled entry is handed out again only when its
+        acknowledgement was lost (a consumer group recreated from the start of the stream, an append-only file cut
+        short); merging or rejecting it again would fail, and left pending it would come back at every recover."""
+        settled = [
+            raw_id
+            for (raw_id, _), m, r in zip(entries, merged, rejected, strict=True)
+            if m is not None or r is not None
+        ]
         if not settled:
             return entries
         self.client.xack(self.keys.stream, self.group, *settled)

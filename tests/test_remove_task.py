@@ -354,6 +354,29 @@ def test_a_removal_whose_ack_was_lost_is_acknowledged_not_redone(setup) -> None:
     assert result.version is None and store.head() == "v2" and stream.pending() == []
 
 
+def test_a_removal_another_consumer_carried_out_meanwhile_is_acknowledged_not_redone(setup) -> None:
+    store, stream = setup
+    for name in ("a", "b", "c"):
+        stream.submit(Submission(name, lora(ord(name)), None))
+    Coordinator(store, stream, KPolicy(variance=1.0)).step(max_batch=16, block_ms=None)
+    rid = stream.submit_removal(RemovalRequest(["b"]))
+    coordinator = Coordinator(store, stream, KPolicy(variance=1.0))
+    fire = coordinator.crash.fire
+
+    def after_read(point: str) -> None:
+        """Delivered to this coordinator, not handled yet: another consumer carries the request out (v2)."""
+        if point == "after_read":
+            reduced, _ = remove_tasks(store.get("v1"), ["b"], KPolicy(variance=1.0))
+            request = RemovalRequest(["b"], id=rid)
+            assert stream.publish_with_ack(store, reduced, "v1", [request], {REMOVAL_KEY: {"request": rid}}) == "v2"
+        fire(point)
+
+    coordinator.crash.fire = after_read  # type: ignore[method-assign]
+    result = coordinator.step(block_ms=None)
+    assert result.acknowledged == [rid] and result.version is None and not result.rejected
+    assert store.head() == "v2" and stream.pending() == [] and len(store.list_versions()) == 2
+
+
 class _RacingPublisher(MergeTracker):
     """Publishes a merge of its own exactly between the coordinator's removal and its publish (``start``
     is called there): the removal must be redone on the new head, keeping what the other one added."""

@@ -180,6 +180,20 @@ def test_check_batch_rejects_whatever_one_submission_raises(setup) -> None:
     assert verdicts.rejected["1-2"].startswith("task 'noted': checking it failed (ValueError: ")
 
 
+def test_check_batch_gives_no_verdict_while_redis_is_unreachable(namespace: str) -> None:
+    """A base version that cannot be loaded because Redis is unreachable says nothing about the submission: the
+    error propagates (the step fails and is retried with the submission still pending), nothing is rejected."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    sub = Submission("a", lora(0), "v1", id="1-1")
+    with pytest.raises(redis.ConnectionError):
+        check_batch([sub], None, None, BaseCache(SubspaceStore(dead, namespace)))
+
+
 # -- 3. a consumer group Redis lost -----------------------------------------------------------------------
 def test_a_destroyed_group_is_created_again_and_the_coordinator_goes_on(setup, caplog) -> None:
     store, stream, coordinator = setup
