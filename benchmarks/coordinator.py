@@ -119,7 +119,7 @@ def measure(
     seconds = time.perf_counter() - start
     # A compaction the last publish started runs in the background, off these timings: let it end before the next
     # measurement shares the cores with it.
-    coordinator.wait_for_compaction()
+    coordinator.close(wait_s=None)  # waits for it, collects it (a failure is logged) and ends the MLflow runs
     return Run(
         tasks=tasks,
         mode=("batched" if batch > 1 else "one per submission") + (" + MLflow" if mlflow_uri else ""),

@@ -120,11 +120,13 @@ def _pull_ms(store: SubspaceStore, task: str, reps: int = 3) -> float:
 
 
 def error_floor(head: Subspace, dropped: int = P, reps: int = 3) -> float:
-    """Seconds of the least arithmetic a merge needs for exact per-task errors when it drops ``dropped`` directions
-    per side: every old task's dropped coordinates ``V_drop.T E_i`` (``dropped x k`` by ``k x p``, float32, one batched
-    product per module and side over stacks of the head's shapes, as stored). A lower bound: the errors need these
-    coordinates and more (their Gram matrices and the kept part), and the merge also writes the rotated coefficients.
-    The best of ``reps``."""
+    """Seconds of the least arithmetic the merge's exact per-task errors (``share.merge``'s split of kept and dropped
+    coordinates) need when it drops ``dropped`` directions per side: every old task's dropped coordinates
+    ``V_drop.T E_i`` (``dropped x k`` by ``k x p``, float32, one batched product per module and side). Here a merge
+    adds one rank-``P`` adapter to a head at ``k = K`` and keeps ``K``: it drops ``P`` per side. The stacks are
+    random ones of the head's shapes and dtype (a product's cost does not depend on the values). A lower bound of
+    that form: its errors also need these coordinates' Gram matrices and the kept part, and the merge also writes
+    the rotated coefficients. The best of ``reps``."""
     g = torch.Generator().manual_seed(0)
     count = len(head.tasks)
     stacks = [torch.randn(count, k, P, generator=g) for basis in head.modules.values() for k in (basis.k_A, basis.k_B)]
@@ -196,13 +198,13 @@ def measure(client, shape: str, tasks: int, merges: int) -> list[Row]:
 def table(rows: list[Row]) -> str:
     columns = [("shape", "l"), ("T", "r"), ("format", "l"), ("merge s", "r"), ("publish s", "r")]
     columns += [("merge + publish s", "r"), ("written MB / version", "r"), ("Redis MB / version", "r")]
-    columns += [("manifest MB", "r"), ("pull one old task ms (cold)", "r"), ("(warm)", "r"), ("error floor s", "r")]
+    columns += [("manifest MB", "r"), ("pull one old task ms (cold)", "r"), ("(warm)", "r"), ("error floor ms", "r")]
     return markdown_table(
         columns,
         (
             [r.shape, r.tasks, r.fmt, f"{r.merge_s:.3f}", f"{r.publish_s:.3f}", f"{r.merge_s + r.publish_s:.3f}"]
             + [f"{r.written_mb:.2f}", f"{r.redis_mb:.2f}", f"{r.manifest_mb:.3f}", f"{r.pull_ms:.1f}"]
-            + [f"{r.pull_warm_ms:.1f}" if r.pull_warm_ms is not None else "-", f"{r.floor_s:.3f}"]
+            + [f"{r.pull_warm_ms:.1f}" if r.pull_warm_ms is not None else "-", f"{r.floor_s * 1000:.1f}"]
             for r in rows
         ),
     )
@@ -227,8 +229,8 @@ def ratios(rows: list[Row]) -> str:
             if fmt == "delta":
                 floor = (lo.merge_s + lo.publish_s + hi.floor_s) / (lo.merge_s + lo.publish_s)
                 parts.append(
-                    f"{shape}, floor at T={hi.tasks}: the dropped coordinates alone of every old task (error floor "
-                    f"{hi.floor_s:.3f} s) on top of T={lo.tasks}'s merge + publish make {floor:.1f}x T={lo.tasks}"
+                    f"{shape} delta, floor at T={hi.tasks}: the dropped coordinates alone of every old task (error "
+                    f"floor {hi.floor_s:.3f} s) on top of T={lo.tasks}'s merge + publish make {floor:.1f}x T={lo.tasks}"
                 )
     same = {(r.shape, r.tasks): r for r in rows if r.fmt == "full"}
     for r in rows:
@@ -301,11 +303,12 @@ NOTES = (
     "rotates every old task and computes its exact error in every module when directions are dropped (every merge "
     "here: KPolicy(k=32) at k=32), batched in cache-sized chunks straight from the stored float32 stacks, and "
     "builds every task's metadata dictionaries; a delta publish still does some Python per task (the delta plan's "
-    "checks, the numbers row, the cached manifest's entry). The error floor column is the least arithmetic any "
-    "exact per-task error needs when a merge drops directions (which the issue allows the merge to spend): every old "
-    "task's coordinates along the dropped directions, one batched float32 product per module and side over stacks "
-    "of the head's shapes (``error_floor``); the ratio line puts it on top of the smallest T's merge + publish. It "
-    "is a lower bound, not a method: the errors also need those coordinates' Gram matrices and the kept part. "
+    "checks, the numbers row, the cached manifest's entry). The error floor column is the least arithmetic the "
+    "merge's exact per-task errors need when it drops directions (which the issue allows the merge to spend): every "
+    "old task's coordinates along the dropped directions, one batched float32 product per module and side over "
+    "stacks of the head's shapes (``error_floor``); the ratio line puts it on top of the smallest T's delta merge + "
+    "publish. It is a lower bound of that form, not a method: its errors also need those coordinates' Gram matrices "
+    "and the kept part. "
     "Pull latency of one old task (cold: the process has "
     "seen neither the rotations nor the manifest; warm: the rotations' product and the checked manifest cached, its "
     "bytes still fetched and compared): in format 4 a cold one-task pull fetches the manifest, the one entries part "
