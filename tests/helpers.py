@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+if TYPE_CHECKING:
+    from share import LoraAdapter
+    from subspace_store import SubmissionStream
 
 # The fuzz tests' bounds: 200 examples per test, no deadline, no example database (that would be a write).
 FUZZ = settings(
@@ -138,3 +144,45 @@ def edit_randomly(
         except (KeyError, IndexError, TypeError):
             continue  # an earlier edit removed or replaced the path
     return document
+
+
+def small_adapter(seed: int, rank: int | tuple[int, int] = 2) -> LoraAdapter:
+    """A seeded random adapter on modules ``enc.q`` and ``enc.v`` (20 x 12 layers; ``rank`` for both, or one per
+    module in that order) with a ``cls.weight`` head of 3 classes and ``{"seed": seed}`` as its metadata."""
+    import torch
+
+    from share import LoraAdapter
+
+    ranks = (rank, rank) if isinstance(rank, int) else rank
+    gen = torch.Generator().manual_seed(seed)
+    factors = {
+        m: (torch.randn(20, r, generator=gen), torch.randn(r, 12, generator=gen))
+        for m, r in zip(("enc.q", "enc.v"), ranks, strict=True)
+    }
+    return LoraAdapter(factors=factors, head={"cls.weight": torch.randn(3, 12, generator=gen)}, metadata={"seed": seed})
+
+
+def write_unchecked(stream: SubmissionStream, task: str, adapter: LoraAdapter) -> str:
+    """``adapter`` as task ``task``, written straight into ``stream`` in the entry format ``submit`` writes but
+    without any of its checks (what an older or hostile client could write). Returns the entry id."""
+    from subspace_store.outcomes import SubmissionKind
+    from subspace_store.payloads import encode_tensors, sha256
+
+    tensors = {f"{part}:{m}": t for m, (B, A) in adapter.factors.items() for part, t in (("B", B), ("A", A))}
+    tensors.update({f"head:{name}": t for name, t in adapter.head.items()})
+    data = encode_tensors(tensors)
+    payload_key = stream.keys.submission_payload(uuid.uuid4().hex)
+    stream.client.set(payload_key, data)
+    stream.ensure_group()
+    entry = {
+        "task": task,
+        "base_version": "",
+        "payload_key": payload_key,
+        "sha256": sha256(data),
+        "bytes": str(len(data)),
+        "kind": SubmissionKind.ADAPTER.value,
+        "scaling": json.dumps({m: adapter.scale(m) for m in adapter.factors}),
+        "adapter_metadata": "{}",
+        "metadata": "{}",
+    }
+    return stream.client.xadd(stream.keys.stream, entry).decode()

@@ -5,7 +5,6 @@ Real redis-server, real PEFT files, real local Ray and a real MLflow sqlite stor
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import ray
 import torch
 from helpers import peft_folder, write_tiny_job
+from helpers import write_unchecked as raw_submit
 from mlflow import MlflowClient
 from test_workers_task import write_tiny_task
 
@@ -24,8 +24,6 @@ from jobs.runner import check_capacity, run_job, start_job, task_jobs
 from jobs.schema import load_job
 from share import KPolicy, LoraAdapter, load_peft_adapter
 from subspace_store import Submission, SubmissionStatus, SubmissionStream, SubspaceStore
-from subspace_store.keys import Keys
-from subspace_store.payloads import encode_tensors, sha256
 from workers import tracking
 from workers.run_task import run_task_job
 
@@ -38,30 +36,6 @@ def small_lora(seed: int, r: int = 2) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     factors = {m: (torch.randn(DIM, r, generator=g), torch.randn(r, DIM, generator=g)) for m in ("query", "value")}
     return LoraAdapter(factors=factors, scaling={m: 2.0 for m in factors})
-
-
-def raw_submit(stream: SubmissionStream, task: str, adapter: LoraAdapter) -> str:
-    """Write a stream entry as a producer that skips ``submit``'s checks would (an older or hostile client)."""
-    tensors = {}
-    for module, (B, A) in adapter.factors.items():
-        tensors[f"B:{module}"], tensors[f"A:{module}"] = B, A
-    data = encode_tensors(tensors)
-    keys = Keys(stream.namespace)
-    payload_key = keys.submission_payload(f"raw-{task}")
-    stream.ensure_group()
-    stream.client.set(payload_key, data)
-    fields = {
-        "task": task,
-        "base_version": "",
-        "payload_key": payload_key,
-        "sha256": sha256(data),
-        "bytes": str(len(data)),
-        "kind": "adapter",
-        "scaling": json.dumps({m: adapter.scale(m) for m in adapter.factors}),
-        "adapter_metadata": "{}",
-        "metadata": "{}",
-    }
-    return stream.client.xadd(keys.stream, fields).decode()
 
 
 def rank_zero() -> LoraAdapter:

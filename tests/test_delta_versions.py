@@ -12,8 +12,9 @@ import random
 import pytest
 import torch
 from helpers import edit_randomly, json_paths
+from helpers import small_adapter as _adapter
 
-from share import KPolicy, LoraAdapter, Subspace, merge, remove_tasks
+from share import KPolicy, Subspace, merge, remove_tasks
 from subspace_store import CorruptPayloadError, StoreError, SubspaceStore, manifest_cache
 from subspace_store.chains import MAX_CHAIN, relative_difference
 from subspace_store.codec import decode_manifest, encode_subspace
@@ -23,12 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODULES = ("enc.q", "enc.v")
 TOL = 1e-6
-
-
-def _adapter(seed: int, rank: int = 2) -> LoraAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    factors = {m: (torch.randn(20, rank, generator=gen), torch.randn(rank, 12, generator=gen)) for m in MODULES}
-    return LoraAdapter(factors=factors, head={"cls.weight": torch.randn(3, 12, generator=gen)}, metadata={"seed": seed})
 
 
 def _assert_same(got: Subspace, want: Subspace, where: str) -> None:

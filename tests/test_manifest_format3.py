@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import FUZZ, edit_randomly, json_paths, json_strategy
+from helpers import small_adapter as _adapter
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,15 +37,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODULES = ("enc.q", "enc.v")
 KEYS = Keys("fmt3")
-
-
-def _adapter(seed: int, ranks: tuple[int, int] = (2, 2)) -> LoraAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    factors = {
-        m: (torch.randn(20, r, generator=gen), torch.randn(r, 12, generator=gen))
-        for m, r in zip(MODULES, ranks, strict=True)
-    }
-    return LoraAdapter(factors=factors, head={"cls.weight": torch.randn(3, 12, generator=gen)}, metadata={"seed": seed})
 
 
 def _subspace() -> Subspace:

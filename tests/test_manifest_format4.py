@@ -15,10 +15,11 @@ import struct
 import pytest
 import torch
 from helpers import FUZZ, edit_randomly, json_paths, json_strategy
+from helpers import small_adapter as _adapter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from share import KPolicy, LoraAdapter, Subspace, TaskCoefficients, merge
+from share import KPolicy, Subspace, TaskCoefficients, merge
 from share.errors import ShareClError
 from share.merge import MODULE_DRIFT
 from subspace_store import (
@@ -39,12 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODULES = ("enc.q", "enc.v")
 POLICY = KPolicy(k=6)
-
-
-def _adapter(seed: int) -> LoraAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    factors = {m: (torch.randn(20, 2, generator=gen), torch.randn(2, 12, generator=gen)) for m in MODULES}
-    return LoraAdapter(factors=factors, head={"cls.weight": torch.randn(3, 12, generator=gen)}, metadata={"seed": seed})
 
 
 def _chain(store: SubspaceStore, tasks: int, merges: int, **publish) -> tuple[list[str], list[Subspace]]:

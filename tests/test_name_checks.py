@@ -9,23 +9,19 @@ checks every folder's names before it submits the first. Real redis-server, a re
 
 from __future__ import annotations
 
-import json
 import re
-import uuid
 from pathlib import Path
 
 import pytest
 import redis
 import torch
-from helpers import peft_folder
+from helpers import peft_folder, write_unchecked
 from safetensors.torch import load_file, save_file
 from test_stream_jams import assert_only_good_merged
 
 from coordinator import Coordinator
 from share import KPolicy, LoraAdapter, TaskUpdate
 from subspace_store import StoreError, Submission, SubmissionStream, SubspaceStore
-from subspace_store.outcomes import SubmissionKind
-from subspace_store.payloads import encode_tensors, sha256
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,29 +32,6 @@ def lora(seed: int, module: str = GOOD_MODULE, head: str = GOOD_HEAD) -> LoraAda
     g = torch.Generator().manual_seed(seed)
     factors = {module: (torch.randn(24, 2, generator=g), torch.randn(2, 16, generator=g))}
     return LoraAdapter(factors=factors, head={head: torch.ones(3, 8)})
-
-
-def write_unchecked(stream: SubmissionStream, task: str, adapter: LoraAdapter) -> str:
-    """``adapter`` as task ``task``, written straight into ``stream`` in the entry format ``submit`` writes but
-    without its name checks (what an older client could have written). Returns the entry id."""
-    tensors = {f"{part}:{m}": t for m, (B, A) in adapter.factors.items() for part, t in (("B", B), ("A", A))}
-    tensors.update({f"head:{name}": t for name, t in adapter.head.items()})
-    data = encode_tensors(tensors)
-    payload_key = stream.keys.submission_payload(uuid.uuid4().hex)
-    stream.client.set(payload_key, data)
-    stream.ensure_group()
-    entry = {
-        "task": task,
-        "base_version": "",
-        "payload_key": payload_key,
-        "sha256": sha256(data),
-        "bytes": str(len(data)),
-        "kind": SubmissionKind.ADAPTER.value,
-        "scaling": json.dumps({m: 1.0 for m in adapter.factors}),
-        "adapter_metadata": "{}",
-        "metadata": "{}",
-    }
-    return stream.client.xadd(stream.keys.stream, entry).decode()
 
 
 @pytest.fixture
