@@ -121,47 +121,45 @@ def test_a_submitted_task_run_ends_finished_when_recording_it_fails(mlflow_uri: 
 # ---------------------------------------------------------------- the job driver
 
 
-def _job(
-    tmp_path: Path,
-    namespace: str,
-    redis_client: redis.Redis,
-    redis_url: str,
-    uri: str,
-    tasks: dict[str, TaskState],
-    lines: list[str],
-) -> RunningJob:
-    """A launched job whose tasks are already where ``tasks`` says (nothing left to follow on Ray)."""
-    cfg = JobConfig(
-        tasks=[TaskConfig(name=t, train=str(tmp_path / f"{t}.parquet")) for t in tasks],
-        store=StoreConfig(redis_url=redis_url, namespace=namespace),
-        tracking=TrackingConfig(mlflow_uri=uri),
-    )
-    experiment_id = tracking.ensure_experiment(uri, namespace)
-    run = tracking.TrackedRun.start(uri, experiment_id, name="job1", tags={TAG_STATUS: "running"})
-    job = RunningJob(
-        cfg,
-        "job1",
-        {},
-        store=SubspaceStore(redis_client, namespace),
-        stream=SubmissionStream(redis_client, namespace),
-        coordinator=None,
-        run=run,
-        experiment_id=experiment_id,
-        redis_url=redis_url,
-        owns_ray=False,
-        say=lines.append,
-        started=time.time(),
-    )
-    for task, state in tasks.items():
-        job.outcomes[task].status = state
-    return job
-
-
-def test_a_merged_job_whose_mlflow_fails_at_the_end_is_reported_not_aborted(
+@pytest.fixture
+def make_job(
     tmp_path: Path, namespace: str, redis_client: redis.Redis, redis_server: str, mlflow_uri: str
-) -> None:
+) -> Callable[[dict[str, TaskState], list[str]], RunningJob]:
+    """Makes a launched job whose tasks are already where ``tasks`` says (nothing left to follow on Ray), saying
+    its lines into ``lines``."""
+
+    def make(tasks: dict[str, TaskState], lines: list[str]) -> RunningJob:
+        cfg = JobConfig(
+            tasks=[TaskConfig(name=t, train=str(tmp_path / f"{t}.parquet")) for t in tasks],
+            store=StoreConfig(redis_url=redis_server, namespace=namespace),
+            tracking=TrackingConfig(mlflow_uri=mlflow_uri),
+        )
+        experiment_id = tracking.ensure_experiment(mlflow_uri, namespace)
+        run = tracking.TrackedRun.start(mlflow_uri, experiment_id, name="job1", tags={TAG_STATUS: "running"})
+        job = RunningJob(
+            cfg,
+            "job1",
+            {},
+            store=SubspaceStore(redis_client, namespace),
+            stream=SubmissionStream(redis_client, namespace),
+            coordinator=None,
+            run=run,
+            experiment_id=experiment_id,
+            redis_url=redis_server,
+            owns_ray=False,
+            say=lines.append,
+            started=time.time(),
+        )
+        for task, state in tasks.items():
+            job.outcomes[task].status = state
+        return job
+
+    return make
+
+
+def test_a_merged_job_whose_mlflow_fails_at_the_end_is_reported_not_aborted(make_job, mlflow_uri: str) -> None:
     lines: list[str] = []
-    job = _job(tmp_path, namespace, redis_client, redis_server, mlflow_uri, {"a": TaskState.MERGED}, lines)
+    job = make_job({"a": TaskState.MERGED}, lines)
     # Every MLflow call on the job run fails from now on (at once: an outage would first be retried).
     tracking.client(mlflow_uri).delete_run(job.run.run_id)
 
@@ -172,12 +170,7 @@ def test_a_merged_job_whose_mlflow_fails_at_the_end_is_reported_not_aborted(
 
 
 def test_pins_of_unmerged_submissions_outlive_a_merge_wait_that_timed_out(
-    tmp_path: Path,
-    namespace: str,
-    redis_client: redis.Redis,
-    redis_server: str,
-    mlflow_uri: str,
-    make_adapter: Callable[..., Any],
+    make_job, namespace: str, redis_client: redis.Redis, mlflow_uri: str, make_adapter: Callable[..., Any]
 ) -> None:
     store = SubspaceStore(redis_client, namespace)
     v1 = store.publish(merge(None, {"t0": make_adapter(0)})[0], None)
@@ -193,7 +186,7 @@ def test_pins_of_unmerged_submissions_outlive_a_merge_wait_that_timed_out(
         "queued": TaskState.QUEUED,
     }
     lines: list[str] = []
-    job = _job(tmp_path, namespace, redis_client, redis_server, mlflow_uri, states, lines)
+    job = make_job(states, lines)
     job.outcomes["open"].submission_id = submission_id
 
     with pytest.raises(MergeWaitError, match="stay pinned"):
@@ -291,10 +284,10 @@ def test_gpu_tasks_each_run_in_a_fresh_worker_process(
 @pytest.mark.slow
 def test_a_failing_final_evaluation_leaves_the_scores_out_of_a_merged_job(
     gpu_ray: None,
+    make_job,
     tmp_path: Path,
     namespace: str,
     redis_client: redis.Redis,
-    redis_server: str,
     mlflow_uri: str,
     make_adapter: Callable[..., Any],
 ) -> None:
@@ -303,7 +296,7 @@ def test_a_failing_final_evaluation_leaves_the_scores_out_of_a_merged_job(
     store = SubspaceStore(redis_client, namespace)
     store.publish(merge(None, {"a": make_adapter(0)})[0], None)
     lines: list[str] = []
-    job = _job(tmp_path, namespace, redis_client, redis_server, mlflow_uri, {"a": TaskState.MERGED}, lines)
+    job = make_job({"a": TaskState.MERGED}, lines)
     job.cfg.tasks[0].eval = str(tmp_path / "gone.parquet")
     job.outcomes["a"].result = TaskSummary(
         task="a",
